@@ -1,0 +1,156 @@
+"""The `slowrun` command line: a table of subcommands, each a thin layer over an importable function.
+
+Heavy imports (torch, tokenizers) happen inside the commands, so `slowrun --help` is fast
+and importing this module does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from . import SlowrunError, __version__
+
+
+def count(text: str) -> int:
+    """A token count: 262144, 262_144, 256k, 10M or 1.5B (decimal suffixes)."""
+    t = text.strip().replace("_", "").lower()
+    mult = {"k": 10**3, "m": 10**6, "b": 10**9}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1]) * mult if mult != 1 else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r}") from None
+    if value != int(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a whole non-negative count: {text!r}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------
+# prepare / data
+
+
+def _add_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default="builtin", help="builtin (default; offline packaged prose), a .txt/.jsonl/.parquet file or directory, "
+                   "hf:DATASET[:CONFIG] (streamed; needs the hf extra and a network), a .pt tokens file, or a directory with fineweb_val.pt + fineweb_train.pt")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (exact GPT-2 BPE, offline), bpe:N (byte-level BPE trained on the training text), or a path to a tokenizer.json")
+    p.add_argument("--train-tokens", type=count, default=262_144, help="training budget in tokens, exact (default 262144; suffixes k, M, B)")
+    p.add_argument("--val-tokens", type=count, default=131_072, help="validation split in tokens (default 131072)")
+    p.add_argument("--test-tokens", type=count, default=131_072, help="test split in tokens (default 131072)")
+    p.add_argument("--out", default="data/builtin", help="output directory (default data/builtin)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (default 0)")
+    p.add_argument("--separator", default=None, help="split .txt files into documents at this string (default: one document per file); \\n escapes allowed")
+    p.add_argument("--text-field", default="text", help="text field/column of .jsonl, .parquet and hf sources (default text)")
+    p.add_argument("--data-files", nargs="+", default=None, help="hf: local data files (e.g. --source hf:parquet --data-files a.parquet)")
+    p.add_argument("--force", action="store_true", help="replace an output directory that holds a different dataset")
+    p.add_argument("--threads", type=int, default=0, help="tokenizer threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_prepare(a: argparse.Namespace) -> int:
+    import time
+
+    from .dataset import Dataset
+    from .prepare import PrepareConfig, prepare
+
+    sep = a.separator.encode().decode("unicode_escape") if a.separator else None
+    cfg = PrepareConfig(source=a.source, tokenizer=a.tokenizer, train_tokens=a.train_tokens, val_tokens=a.val_tokens,
+                        test_tokens=a.test_tokens, out=a.out, seed=a.seed, separator=sep, text_field=a.text_field,
+                        data_files=a.data_files, force=a.force, progress=not a.no_progress, threads=a.threads)
+    t0 = time.time()
+    out = prepare(cfg)
+    ds = Dataset.open(out, verify=False)
+    sp = ds.manifest["splits"]
+    print(f"prepared {out} in {time.time() - t0:.1f}s: tokenizer {ds.manifest['tokenizer']['id']}, "
+          + ", ".join(f"{s} {sp[s]['tokens']:,} tokens / {sp[s]['documents']:,} docs" for s in ("train", "val", "test")))
+    return 0
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_cmd", required=True, metavar="{info}")
+    info = sub.add_parser("info", help="print a dataset's manifest and verify every file's sha256")
+    info.add_argument("dir", help="prepared dataset directory")
+
+
+def _run_data(a: argparse.Namespace) -> int:
+    from .dataset import Dataset
+
+    ds = Dataset.open(a.dir, verify=True)
+    print(ds.describe())
+    print(f"verified  all {len(ds.manifest['files'])} files match their sha256")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    passthrough: bool = False  # accepts --section.key=value config overrides
+
+
+def _commands() -> list[Command]:
+    from . import commands  # the training-side commands live in their own module
+
+    return [
+        Command("prepare", "tokenize a source into a fixed, hashed dataset (the token budget)", _add_prepare, _run_prepare),
+        Command("data", "inspect prepared datasets (data info DIR)", _add_data, _run_data),
+        *commands.COMMANDS,
+    ]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    parser = argparse.ArgumentParser(
+        prog="slowrun",
+        description="Data-efficient language-model pretraining: a fixed token budget, unlimited compute, lowest held-out loss wins.",
+        epilog="Run `slowrun COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"slowrun {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    table = {}
+    for cmd in _commands():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_args(p)
+        table[cmd.name] = cmd
+    return parser, table
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, table = build_parser()
+    if not argv:
+        parser.print_help()
+        return 0
+    # config overrides (--section.key=value) are collected apart from the command's own flags
+    try:
+        cmd = table.get(argv[0])
+        if cmd is not None and cmd.passthrough:
+            args, rest = parser.parse_known_args(argv)
+            args.overrides = rest
+        else:
+            args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return table[args.command].run(args)
+    except SlowrunError as e:
+        print(f"slowrun {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as e:
+        print(f"slowrun {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slowrun {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

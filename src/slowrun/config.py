@@ -1,0 +1,418 @@
+"""Typed, validated run configuration: TOML recipes plus dotted command-line overrides.
+
+A run's configuration is one `RunConfig` made of one dataclass per concern (`model`,
+`optim`, `train`, `data`, `eval`, `distill`). Every field carries a one-line help text
+(shown by `slowrun train --help-config`) and is validated in `__post_init__`; an error
+names the option (`optim.weight_decay: must be >= 0, got -1`). Recipes are TOML files
+(`src/slowrun/recipes/*.toml`, or any path); overrides are `--section.key=value` where the
+value is parsed as a TOML literal. The fully resolved config is written next to every run
+and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+from . import SlowrunError
+
+
+class ConfigError(SlowrunError):
+    """A configuration value or key is wrong; the message names the option."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line help text (with units)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _check(cond: bool, name: str, msg: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, name, f"must be one of {', '.join(choices)}", value)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Every recipe feature is a flag read in `GPT.forward`."""
+
+    vocab_size: int = opt(-1, "vocabulary size in tokens; -1 = take it from the dataset")
+    seq_len: int = opt(256, "context length in tokens (training sequences and eval chunks)")
+    depth: int = opt(-1, "single size knob: sets n_layer=depth and n_embd=depth*aspect_ratio (rounded to head_dim); -1 = use n_layer/n_embd as given")
+    aspect_ratio: int = opt(64, "n_embd per layer when `depth` is used")
+    head_dim: int = opt(64, "channels per attention head when `depth` is used")
+    n_layer: int = opt(4, "number of transformer blocks")
+    n_head: int = opt(4, "attention heads per block")
+    n_embd: int = opt(256, "model width (residual stream channels)")
+    norm: str = opt("rmsnorm", "normalization: layernorm (with weights and biases) or rmsnorm (weightless)")
+    bias: bool = opt(False, "biases in linear layers (GPT-2 style)")
+    qk_norm: bool = opt(True, "RMS-normalize queries and keys (after rotary)")
+    pos: str = opt("rope", "positions: learned (absolute table) or rope")
+    rope_base: float = opt(10000.0, "RoPE base frequency")
+    mlp: str = opt("swiglu", "MLP: gelu (4x), relu2 (4x, relu squared) or swiglu (hidden 256*ceil(8d/3/256))")
+    mlp_hidden: int = opt(-1, "MLP hidden width; -1 = the default of the chosen MLP")
+    tie_embeddings: bool = opt(False, "share the input embedding and the output head")
+    embed_norm: bool = opt(True, "RMSNorm right after the embedding lookup")
+    value_proj: bool = opt(True, "value projections from x0 on alternate layers, gated by 2*sigmoid(W x[:32]) with W = 0 at init")
+    head_gate: bool = opt(True, "per-head attention output gate sigmoid(W x[:12]), W = 0 at init")
+    x0_mix: bool = opt(True, "before each block x = lambda_r*x + lambda_0*x0 (learned, init 1.0 and 0.1)")
+    unet: bool = opt(True, "U-Net skips: encoder block i's output added into decoder block n-1-i (learned weight, init 1)")
+    logit_softcap: float = opt(15.0, "logits c*tanh(z/c); -1 disables")
+    dropout: float = opt(0.1, "dropout probability on attention and MLP outputs")
+    stoch_depth: float = opt(0.0, "stochastic depth: block i is skipped with probability stoch_depth*i/(n_layer-1) in training")
+    loop_start: int = opt(-1, "first block of the looped span; -1 disables layer looping")
+    loop_end: int = opt(-1, "last block (inclusive) of the looped span")
+    loop_repeats: int = opt(1, "times the looped span runs once looping is active")
+    loop_from_epoch: int = opt(0, "epoch (0-based) from which the span is looped")
+    mtp_weight: float = opt(0.0, "weight of the multi-token-prediction auxiliary loss (predict t+2 from an extra block); 0 disables")
+    init_std: float = opt(0.02, "std of hidden-matrix init (output projections are scaled by 1/sqrt(2*n_layer))")
+    embed_init_std: float = opt(-1.0, "std of the embedding init; -1 = init_std for tied embeddings, 1.0 when embed_norm is on")
+    head_init_std: float = opt(0.001, "std of the untied output head init")
+
+    def __post_init__(self) -> None:
+        if self.depth > 0:
+            self.n_layer = self.depth
+            self.n_embd = max(self.head_dim, round(self.depth * self.aspect_ratio / self.head_dim) * self.head_dim)
+            self.n_head = self.n_embd // self.head_dim
+        _check(self.vocab_size == -1 or self.vocab_size > 1, "model.vocab_size", "must be -1 or > 1", self.vocab_size)
+        _check(self.seq_len >= 2, "model.seq_len", "must be >= 2", self.seq_len)
+        _check(self.n_layer >= 1, "model.n_layer", "must be >= 1", self.n_layer)
+        _check(self.n_head >= 1, "model.n_head", "must be >= 1", self.n_head)
+        _check(self.n_embd % self.n_head == 0, "model.n_embd", f"must be divisible by model.n_head={self.n_head}", self.n_embd)
+        _choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
+        _choice("model.pos", self.pos, ("learned", "rope"))
+        _choice("model.mlp", self.mlp, ("gelu", "relu2", "swiglu"))
+        if self.pos == "rope":
+            _check((self.n_embd // self.n_head) % 2 == 0, "model.n_head", "RoPE needs an even head dimension", self.n_head)
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
+        _check(0.0 <= self.stoch_depth < 1.0, "model.stoch_depth", "must be in [0, 1)", self.stoch_depth)
+        _check(self.logit_softcap == -1 or self.logit_softcap > 0, "model.logit_softcap", "must be -1 or > 0", self.logit_softcap)
+        _check(self.mtp_weight >= 0, "model.mtp_weight", "must be >= 0", self.mtp_weight)
+        if self.loop_start != -1:
+            _check(0 <= self.loop_start <= self.loop_end < self.n_layer, "model.loop_start",
+                   f"need 0 <= loop_start <= loop_end < n_layer={self.n_layer} (loop_end={self.loop_end})", self.loop_start)
+            _check(self.loop_repeats >= 1, "model.loop_repeats", "must be >= 1", self.loop_repeats)
+        _check(self.init_std > 0, "model.init_std", "must be > 0", self.init_std)
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden > 0:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return 256 * -(-(8 * self.n_embd // 3) // 256)
+        return 4 * self.n_embd
+
+
+@dataclass
+class OptimConfig:
+    """Optimizers, learning-rate / weight-decay / momentum schedules, EMA and SWA."""
+
+    name: str = opt("muon", "muon (Muon for 2-D hidden matrices, AdamW for the rest) or adamw (AdamW for everything)")
+    lr: float = opt(6e-4, "AdamW learning rate of hidden matrices (when name=adamw)")
+    matrix_lr: float = opt(0.02, "Muon learning rate of hidden matrices (when name=muon)")
+    embed_lr: float = opt(-1.0, "AdamW learning rate of the token/position embeddings; -1 = optim.lr")
+    head_lr: float = opt(-1.0, "AdamW learning rate of the output head; -1 = optim.lr")
+    scalar_lr: float = opt(-1.0, "AdamW learning rate of scalars, gates and norm weights; -1 = optim.lr")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    weight_decay: float = opt(0.1, "decoupled weight decay on matrices, embeddings and head (never on scalars, gates or norms)")
+    wd_embed: bool = opt(True, "apply weight_decay to embeddings and head too")
+    cautious_wd: bool = opt(False, "cautious weight decay: decay only where the update and the parameter have the same sign")
+    muon_momentum: float = opt(0.95, "Muon (Nesterov) momentum after warmup")
+    muon_momentum_start: float = opt(0.85, "Muon momentum at step 0")
+    muon_momentum_warmup_steps: int = opt(300, "steps to ramp Muon momentum from start to final")
+    muon_ns_steps: int = opt(5, "Newton-Schulz iterations")
+    muon_coeffs: str = opt("quintic", "Newton-Schulz coefficients: quintic (3.4445, -4.7750, 2.0315) or polar_express")
+    muon_eq_r: bool = opt(False, "MuonEq-R: normalize rows of the momentum before orthogonalization")
+    normuon: bool = opt(False, "NorMuon: per-row second-moment normalization after orthogonalization")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; -1 disables")
+    warmup_steps: int = opt(0, "linear LR warmup in steps")
+    warmdown_frac: float = opt(0.3, "fraction of the steps (before any SWA cycles) over which the LR decays")
+    warmdown_shape: str = opt("linear", "shape of the decay: linear, sqrt or cosine")
+    min_lr_frac: float = opt(0.0, "LR at the end of the decay as a fraction of the peak")
+    swa_epochs: int = opt(0, "SWA: the last N epochs each run a short cosine LR cycle; their end checkpoints are averaged; 0 disables")
+    swa_peak_frac: float = opt(0.3, "LR at the start of each SWA cycle as a fraction of the peak")
+    wd_end_frac: float = opt(1.0, "weight decay at the end of the LR decay as a fraction of weight_decay (held, then lowered with the LR)")
+    wd_swa_frac: float = opt(1.0, "weight decay during SWA cycles as a fraction of weight_decay, raised against the falling LR")
+    ema_decay: float = opt(-1.0, "EMA of the weights (per update, bias-corrected); -1 disables")
+    ema_every: int = opt(10, "update the EMA every N steps")
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("muon", "adamw"))
+        for n in ("lr", "matrix_lr"):
+            _check(getattr(self, n) > 0, f"optim.{n}", "must be > 0", getattr(self, n))
+        for n in ("embed_lr", "head_lr", "scalar_lr"):
+            v = getattr(self, n)
+            _check(v == -1 or v > 0, f"optim.{n}", "must be -1 or > 0", v)
+        _check(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)", self.beta1)
+        _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)", self.beta2)
+        _check(self.eps > 0, "optim.eps", "must be > 0", self.eps)
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        _check(0 <= self.muon_momentum < 1, "optim.muon_momentum", "must be in [0, 1)", self.muon_momentum)
+        _check(0 <= self.muon_momentum_start < 1, "optim.muon_momentum_start", "must be in [0, 1)", self.muon_momentum_start)
+        _check(self.muon_ns_steps >= 1, "optim.muon_ns_steps", "must be >= 1", self.muon_ns_steps)
+        _choice("optim.muon_coeffs", self.muon_coeffs, ("quintic", "polar_express"))
+        _check(self.grad_clip == -1 or self.grad_clip > 0, "optim.grad_clip", "must be -1 or > 0", self.grad_clip)
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(0 <= self.warmdown_frac <= 1, "optim.warmdown_frac", "must be in [0, 1]", self.warmdown_frac)
+        _choice("optim.warmdown_shape", self.warmdown_shape, ("linear", "sqrt", "cosine"))
+        _check(0 <= self.min_lr_frac <= 1, "optim.min_lr_frac", "must be in [0, 1]", self.min_lr_frac)
+        _check(self.swa_epochs >= 0, "optim.swa_epochs", "must be >= 0", self.swa_epochs)
+        _check(0 < self.swa_peak_frac <= 1, "optim.swa_peak_frac", "must be in (0, 1]", self.swa_peak_frac)
+        _check(self.wd_end_frac >= 0, "optim.wd_end_frac", "must be >= 0", self.wd_end_frac)
+        _check(self.wd_swa_frac >= 0, "optim.wd_swa_frac", "must be >= 0", self.wd_swa_frac)
+        _check(self.ema_decay == -1 or 0 < self.ema_decay < 1, "optim.ema_decay", "must be -1 or in (0, 1)", self.ema_decay)
+        _check(self.ema_every >= 1, "optim.ema_every", "must be >= 1", self.ema_every)
+
+    def group_lr(self, kind: str) -> float:
+        """Peak learning rate of a parameter group: matrix, embed, head or scalar."""
+        if kind == "matrix":
+            return self.matrix_lr if self.name == "muon" else self.lr
+        v = {"embed": self.embed_lr, "head": self.head_lr, "scalar": self.scalar_lr}[kind]
+        return self.lr if v == -1 else v
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, batch, precision, logging and checkpoints."""
+
+    epochs: float = opt(1.0, "passes over the training split (fractions allowed)")
+    max_steps: int = opt(-1, "optimizer steps; -1 = from epochs")
+    batch_tokens: int = opt(16384, "global batch per optimizer step in tokens (all ranks, all micro-batches)")
+    micro_batch_tokens: int = opt(-1, "tokens per forward/backward on one rank; gradient accumulation reaches batch_tokens; -1 = no accumulation")
+    seed: int = opt(0, "seed for init, dropout and the data order")
+    dtype: str = opt("bf16", "compute precision: fp32, or bf16 autocast (CPU with AVX512-BF16/AMX, or GPU)")
+    device: str = opt("auto", "auto (cuda when available), cpu or cuda")
+    compile: bool = opt(False, "torch.compile the model (helps on GPU; gave nothing on CPU)")
+    num_threads: int = opt(-1, "torch CPU threads; -1 = torch's default")
+    log_every: int = opt(1, "write a metrics line every N steps")
+    progress: bool = opt(True, "show a progress bar (rank 0, interactive terminals)")
+    checkpoint_every: int = opt(-1, "save a checkpoint every N steps (and at epoch ends); -1 = only at epoch ends")
+    keep_checkpoints: int = opt(2, "rolling checkpoints kept (SWA snapshots are kept apart)")
+    save_final: bool = opt(True, "write the final weights (model.safetensors) to the run directory")
+    wandb: bool = opt(False, "log to Weights & Biases (needs the wandb extra)")
+    tensorboard: bool = opt(False, "log to TensorBoard (needs the tensorboard extra)")
+    snapshot_cycles: int = opt(0, "snapshot ensemble: split training into N cyclic-LR cycles, each cycle end saved as a member; 0 disables")
+    snapshot_noise: float = opt(0.0, "snapshot ensemble: std of Gaussian noise added to weights at each cycle start, relative to each tensor's RMS")
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "train.epochs", "must be > 0", self.epochs)
+        _check(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 or > 0", self.max_steps)
+        _check(self.batch_tokens > 0, "train.batch_tokens", "must be > 0", self.batch_tokens)
+        _check(self.micro_batch_tokens == -1 or self.micro_batch_tokens > 0, "train.micro_batch_tokens", "must be -1 or > 0", self.micro_batch_tokens)
+        _choice("train.dtype", self.dtype, ("fp32", "bf16"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1", self.log_every)
+        _check(self.checkpoint_every == -1 or self.checkpoint_every >= 1, "train.checkpoint_every", "must be -1 or >= 1", self.checkpoint_every)
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
+        _check(self.snapshot_cycles >= 0, "train.snapshot_cycles", "must be >= 0", self.snapshot_cycles)
+        _check(self.snapshot_noise >= 0, "train.snapshot_noise", "must be >= 0", self.snapshot_noise)
+
+
+@dataclass
+class DataConfig:
+    """Which prepared dataset to train on and how to walk its training split."""
+
+    path: str = opt("", "prepared dataset directory (`slowrun prepare --out`); empty = the builtin default dataset")
+    doc_shuffle: bool = opt(True, "shuffle the document order every epoch (seed = train.seed + epoch) so chunk boundaries move")
+    seq_shuffle: bool = opt(True, "shuffle the fixed-length sequences within each epoch")
+    fitness_tokens: int = opt(0, "tokens carved from the END of the training split as a fitness slice (for ensemble member selection); never trained on")
+
+    def __post_init__(self) -> None:
+        _check(self.fitness_tokens >= 0, "data.fitness_tokens", "must be >= 0", self.fitness_tokens)
+
+
+@dataclass
+class EvalConfig:
+    """When and how held-out loss is measured."""
+
+    every_steps: int = opt(-1, "evaluate on val every N steps; -1 = only at epoch ends and at the end")
+    at_epoch_end: bool = opt(True, "evaluate on val at each epoch end")
+    max_tokens: int = opt(-1, "cap on val tokens used by periodic evals (the final eval uses the whole split); -1 = all")
+    batch_seqs: int = opt(16, "sequences per evaluation forward pass")
+    test: bool = opt(True, "evaluate the final weights, EMA and SWA averages on the test split as well")
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps == -1 or self.every_steps >= 1, "eval.every_steps", "must be -1 or >= 1", self.every_steps)
+        _check(self.max_tokens == -1 or self.max_tokens > 0, "eval.max_tokens", "must be -1 or > 0", self.max_tokens)
+        _check(self.batch_seqs >= 1, "eval.batch_seqs", "must be >= 1", self.batch_seqs)
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a teacher run (chain distillation in ensembles)."""
+
+    teacher: str = opt("", "teacher run directory or checkpoint; empty disables distillation")
+    alpha: float = opt(0.5, "loss = (1-alpha)*CE + alpha*T^2*KL(teacher/T || student/T)")
+    temperature: float = opt(1.2, "distillation temperature T")
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.alpha <= 1, "distill.alpha", "must be in [0, 1]", self.alpha)
+        _check(self.temperature > 0, "distill.temperature", "must be > 0", self.temperature)
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run depends on; written as `config.toml` next to every run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(RunConfig)}  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    """Check a TOML value against a field's declared type (ints may stand for floats)."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if typ in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if typ is int and isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return int(value)
+    if typ is str and not isinstance(value, str):
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown(name: str, candidates: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown config key '{name}'{hint}")
+
+
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from nested dicts; unknown keys are errors."""
+    sections = {}
+    for sec, value in d.items():
+        if sec not in SECTIONS:
+            raise _unknown(sec, list(SECTIONS))
+        if not isinstance(value, dict):
+            raise ConfigError(f"{sec}: expected a [{sec}] table, got {value!r}")
+        cls = SECTIONS[sec]
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for k, v in value.items():
+            if k not in hints:
+                raise _unknown(f"{sec}.{k}", [f"{sec}.{f.name}" for f in fields(cls)])
+            kwargs[k] = _coerce(f"{sec}.{k}", v, hints[k])
+        sections[sec] = cls(**kwargs)
+    return RunConfig(**sections)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_toml(cfg: RunConfig) -> str:
+    return tomli_w.dumps(config_to_dict(cfg))
+
+
+# ---------------------------------------------------------------------------------------
+# recipes and overrides
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("slowrun.recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A recipe by name (shipped in `slowrun/recipes/`) or by path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        text = path.read_text()
+    else:
+        res = resources.files("slowrun.recipes") / f"{name_or_path}.toml"
+        if not res.is_file():
+            raise ConfigError(f"unknown recipe '{name_or_path}' (shipped: {', '.join(recipe_names())}; or give a path to a .toml file)")
+        text = res.read_text()
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {name_or_path}: invalid TOML: {e}") from None
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--optim.weight_decay=1.6` / `--train.epochs 12` -> {"optim.weight_decay": 1.6, ...}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or "." not in a.split("=", 1)[0]:
+            raise ConfigError(f"unrecognized argument '{a}' (config overrides look like --section.key=value)")
+        if "=" in a:
+            key, raw = a[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{a[2:]}: missing value")
+            key, raw = a[2:], args[i + 1]
+            i += 1
+        out[key] = parse_value(raw)
+        i += 1
+    return out
+
+
+def parse_value(raw: str) -> Any:
+    """A TOML literal (1.6, true, "x", [1, 2]); anything unparsable is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in overrides.items():
+        sec, _, name = key.partition(".")
+        if sec not in SECTIONS or not name:
+            raise _unknown(key, [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in fields(c)])
+        out.setdefault(sec, {})[name] = value
+    return out
+
+
+def build_config(recipe: str | dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
+    base = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    return config_from_dict(merge_overrides(base, overrides or {}))
+
+
+def describe_options() -> str:
+    """Every config key with its default and help text, for `--help-config`."""
+    lines = []
+    for sec, cls in SECTIONS.items():
+        lines.append(f"[{sec}]  {cls.__doc__.strip().splitlines()[0]}")
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  --{sec}.{f.name}={tomli_w.dumps({'v': default})[4:].strip()}\n      {f.metadata['help']}")
+    return "\n".join(lines)
