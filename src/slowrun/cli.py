@@ -102,7 +102,7 @@ def _commands() -> list[Command]:
     return [
         Command("prepare", "tokenize a source into a fixed, hashed dataset (the token budget)", _add_prepare, _run_prepare),
         Command("data", "inspect prepared datasets (data info DIR)", _add_data, _run_data),
-        *commands.COMMANDS,
+        *commands.table(),
     ]
 
 

@@ -1,0 +1,60 @@
+"""Weight averaging: an EMA of the weights and plain averages of saved snapshots (SWA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class EMA:
+    """Exponential moving average of the parameters, updated every `every` steps.
+
+    Starts from zeros and is bias-corrected (divided by 1 - decay^updates), so early on it
+    is the plain weighted average of the weights seen, not a pull towards the init.
+    Each update counts as `every` steps of `decay`.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, every: int = 1) -> None:
+        self.decay, self.every = decay, every
+        self.shadow = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in model.state_dict().items()}
+        self.weight = 0.0  # 1 - decay^(every*updates)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        if step % self.every:
+            return
+        d = self.decay**self.every
+        for k, v in model.state_dict().items():
+            self.shadow[k].mul_(d).add_(v.float(), alpha=1 - d)
+        self.weight = 1 - (1 - self.weight) * d
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The bias-corrected average, in the model's dtypes."""
+        w = max(self.weight, 1e-12)
+        return {k: v / w for k, v in self.shadow.items()}
+
+    def raw_state(self) -> dict[str, torch.Tensor]:
+        return {**self.shadow, "__weight__": torch.tensor([self.weight], dtype=torch.float64)}
+
+    def load_raw_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.weight = float(state["__weight__"][0])
+        for k in self.shadow:
+            self.shadow[k].copy_(state[k])
+
+
+def average_weights(paths: list[Path], load) -> dict[str, torch.Tensor]:
+    """Parameter average of several weight files, streamed (one in memory at a time beside the sum)."""
+    total: dict[str, torch.Tensor] | None = None
+    for p in paths:
+        state = load(p)
+        if total is None:
+            total = {k: v.double().clone() for k, v in state.items()}
+            shapes = {k: v.shape for k, v in state.items()}
+        else:
+            if {k: v.shape for k, v in state.items()} != shapes:
+                raise ValueError(f"{p}: parameter shapes differ from {paths[0]}; parameter averaging needs identical architectures")
+            for k, v in state.items():
+                total[k] += v.double()
+    assert total is not None, "no weights to average"
+    return {k: (v / len(paths)).float() for k, v in total.items()}

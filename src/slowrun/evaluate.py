@@ -1,0 +1,98 @@
+"""Held-out loss: mean cross-entropy over every target of non-overlapping chunks, and bits per byte.
+
+As in the reference benchmark, a split is cut into non-overlapping chunks of seq_len+1
+tokens (seq_len targets each; the remainder is dropped) and the loss is the mean over all
+targets, model in eval mode. Bits per byte divides the summed loss (in bits) by the UTF-8
+bytes of the target tokens, so runs with different tokenizers compare. The per-target
+log-probabilities can be returned too: probability-averaged ensembles need nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean nats per target
+    bpb: float  # bits per UTF-8 byte of the targets
+    targets: int
+    bytes: int
+
+    def as_dict(self, prefix: str = "") -> dict:
+        return {f"{prefix}loss": self.loss, f"{prefix}bpb": self.bpb, f"{prefix}targets": self.targets}
+
+
+def num_chunks(n_tokens: int, seq_len: int, max_tokens: int = -1) -> int:
+    n = n_tokens // (seq_len + 1)
+    if max_tokens > 0:
+        n = min(n, max(1, max_tokens // (seq_len + 1)))
+    return n
+
+
+def chunk_batches(tokens: np.ndarray, seq_len: int, batch_seqs: int, max_tokens: int = -1):
+    """Yield (B, seq_len+1) int64 arrays of consecutive non-overlapping chunks."""
+    n = num_chunks(len(tokens), seq_len, max_tokens)
+    if n == 0:
+        raise ValueError(f"split of {len(tokens)} tokens is shorter than one chunk of {seq_len + 1}")
+    for i in range(0, n, batch_seqs):
+        j = min(n, i + batch_seqs)
+        yield np.asarray(tokens[i * (seq_len + 1): j * (seq_len + 1)], dtype=np.int64).reshape(j - i, seq_len + 1)
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def target_logprobs(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_seqs: int = 16,
+                    device: torch.device | str = "cpu", dtype: str = "fp32", max_tokens: int = -1) -> np.ndarray:
+    """log p(target) for every target of every chunk, float64, in order (n_chunks * seq_len,)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for chunk in chunk_batches(tokens, seq_len, batch_seqs, max_tokens):
+            x = torch.from_numpy(chunk[:, :-1]).to(device)
+            y = torch.from_numpy(chunk[:, 1:]).to(device)
+            with autocast(device, dtype):
+                logits, _ = model(x)
+            lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            out.append(lp.double().cpu().numpy().reshape(-1))
+    finally:
+        model.train(was_training)
+    return np.concatenate(out)
+
+
+def target_byte_counts(tokens: np.ndarray, seq_len: int, token_bytes: np.ndarray, max_tokens: int = -1) -> np.ndarray:
+    n = num_chunks(len(tokens), seq_len, max_tokens)
+    chunks = np.asarray(tokens[: n * (seq_len + 1)], dtype=np.int64).reshape(n, seq_len + 1)
+    return token_bytes[chunks[:, 1:]].reshape(-1)
+
+
+def summarize(logprobs: np.ndarray, target_bytes: np.ndarray) -> EvalResult:
+    nats = -float(logprobs.sum())
+    nbytes = int(target_bytes.sum())
+    return EvalResult(loss=nats / len(logprobs), bpb=nats / math.log(2) / max(1, nbytes), targets=len(logprobs), bytes=nbytes)
+
+
+def evaluate(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, token_bytes: np.ndarray, batch_seqs: int = 16,
+             device: torch.device | str = "cpu", dtype: str = "fp32", max_tokens: int = -1) -> EvalResult:
+    lp = target_logprobs(model, tokens, seq_len, batch_seqs, device, dtype, max_tokens)
+    return summarize(lp, target_byte_counts(tokens, seq_len, token_bytes, max_tokens))
+
+
+def prob_average(logprobs: list[np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
+    """log of the (weighted) mean of the members' probabilities of each target."""
+    stacked = np.stack(logprobs)  # (K, N)
+    w = np.full(len(logprobs), 1.0 / len(logprobs)) if weights is None else np.asarray(weights, dtype=np.float64)
+    m = stacked.max(axis=0)
+    return m + np.log(np.einsum("k,kn->n", w, np.exp(stacked - m)))

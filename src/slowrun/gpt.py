@@ -1,0 +1,292 @@
+"""The GPT: one model whose recipe features are flags of `ModelConfig`, read in `forward`.
+
+Baseline (nanoGPT / GPT-2): LayerNorm, learned positions, GELU MLP, tied embeddings.
+Slowrun recipe: weightless RMSNorm, RoPE + QK-norm, SwiGLU, untied embeddings with an
+RMSNorm after the lookup, value projections from x0, per-head output gates, x0 mixing,
+U-Net skips, logit softcap, dropout, stochastic depth, layer looping and a
+multi-token-prediction head. Architecture and initialization only: no training logic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .losses import linear_cross_entropy
+
+VALUE_GATE_CHANNELS = 32  # value-projection gate reads x[..., :32]
+HEAD_GATE_CHANNELS = 12  # attention head gate reads x[..., :12]
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Norm(nn.Module):
+    """LayerNorm with weight and bias (baseline) or weightless RMSNorm."""
+
+    def __init__(self, dim: int, kind: str) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(dim) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x) if self.ln is not None else rms_norm(x)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, D/2)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, H, D), rotate the two halves of each head as pairs
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, value_proj: bool) -> None:
+        super().__init__()
+        C, H = cfg.n_embd, cfg.n_head
+        self.n_head, self.head_dim = H, C // H
+        self.cfg = cfg
+        self.c_attn = nn.Linear(C, 3 * C, bias=cfg.bias)
+        self.c_proj = nn.Linear(C, C, bias=cfg.bias)
+        # value projection from x0, gated per head by 2*sigmoid(W x[:32]) (1.0 at init)
+        self.v_x0 = nn.Linear(C, C, bias=False) if value_proj else None
+        self.v_gate = nn.Linear(min(VALUE_GATE_CHANNELS, C), H, bias=False) if value_proj else None
+        # per-head output gate sigmoid(W x[:12]) (0.5 at init)
+        self.head_gate = nn.Linear(min(HEAD_GATE_CHANNELS, C), H, bias=False) if cfg.head_gate else None
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, C = x.shape
+        H, D = self.n_head, self.head_dim
+        q, k, v = self.c_attn(x).view(B, T, 3, H, D).unbind(2)  # each (B, T, H, D)
+        if self.v_x0 is not None:
+            gate = 2 * torch.sigmoid(self.v_gate(x[..., : self.v_gate.in_features]))  # (B, T, H)
+            v = v + gate.unsqueeze(-1) * self.v_x0(x0).view(B, T, H, D)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.cfg.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        y = y.transpose(1, 2)  # (B, T, H, D)
+        if self.head_gate is not None:
+            y = y * torch.sigmoid(self.head_gate(x[..., : self.head_gate.in_features])).unsqueeze(-1)
+        return self.c_proj(y.reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        C, Hd = cfg.n_embd, cfg.hidden_dim
+        self.kind = cfg.mlp
+        self.c_fc = nn.Linear(C, 2 * Hd if cfg.mlp == "swiglu" else Hd, bias=cfg.bias)  # swiglu: [W1; W3]
+        self.c_proj = nn.Linear(Hd, C, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            a, b = h.chunk(2, dim=-1)
+            h = F.silu(a) * b
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.c_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, value_proj: bool) -> None:
+        super().__init__()
+        self.norm1 = Norm(cfg.n_embd, cfg.norm)
+        self.attn = Attention(cfg, value_proj)
+        self.norm2 = Norm(cfg.n_embd, cfg.norm)
+        self.mlp = MLP(cfg)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope, scale: float = 1.0) -> torch.Tensor:
+        a = self.attn(self.norm1(x), x0, rope)
+        x = x + scale * F.dropout(a, self.dropout, self.training)
+        m = self.mlp(self.norm2(x))
+        return x + scale * F.dropout(m, self.dropout, self.training)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (it is taken from the dataset)")
+        self.cfg = cfg
+        C, L = cfg.n_embd, cfg.n_layer
+        self.wte = nn.Embedding(cfg.vocab_size, C)
+        self.wpe = nn.Embedding(cfg.seq_len, C) if cfg.pos == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg, cfg.value_proj and i % 2 == 0) for i in range(L))
+        self.norm_f = Norm(C, cfg.norm)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(C, cfg.vocab_size, bias=False)
+        # learned scalars: x0 mixing (per block) and U-Net skip weights (per encoder/decoder pair)
+        self.lambda_r = nn.Parameter(torch.ones(L)) if cfg.x0_mix else None
+        self.lambda_0 = nn.Parameter(torch.full((L,), 0.1)) if cfg.x0_mix else None
+        self.unet_w = nn.Parameter(torch.ones(L // 2)) if cfg.unet and L >= 2 else None
+        self.mtp_block = Block(cfg, False) if cfg.mtp_weight > 0 else None
+        if cfg.pos == "rope":
+            cos, sin = rotary_tables(cfg.seq_len, C // cfg.n_head, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.loop_active = False  # set by the trainer from model.loop_from_epoch
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initialize every parameter:
+
+        - wte: N(0, embed_init_std); default 1.0 with embed_norm (the lookup is normalized),
+          else init_std (GPT-2's 0.02; also when tied, since it is then the head as well)
+        - wpe: N(0, init_std)
+        - c_attn, mlp.c_fc, v_x0 (value projection from x0): N(0, init_std)
+        - attn.c_proj, mlp.c_proj: N(0, init_std / sqrt(2 * n_layer)) (GPT-2's residual scaling)
+        - lm_head (untied): N(0, head_init_std)
+        - v_gate, head_gate: 0 (gates start at 2*sigmoid(0) = 1 and sigmoid(0) = 0.5)
+        - biases: 0; LayerNorm weight 1, bias 0
+        - lambda_r: 1, lambda_0: 0.1 (x0 mixing); unet_w: 1
+        - mtp_block: like any block
+        """
+        cfg = self.cfg
+        std = cfg.init_std
+        proj_std = std / math.sqrt(2 * cfg.n_layer)
+        emb_std = cfg.embed_init_std if cfg.embed_init_std > 0 else (1.0 if cfg.embed_norm and not cfg.tie_embeddings else std)
+        for name, p in self.named_parameters():
+            if name == "wte.weight":
+                nn.init.normal_(p, 0.0, emb_std, generator=generator)
+            elif name == "wpe.weight":
+                nn.init.normal_(p, 0.0, std, generator=generator)
+            elif name == "lm_head.weight":
+                nn.init.normal_(p, 0.0, cfg.head_init_std, generator=generator)
+            elif name.endswith("gate.weight"):
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, proj_std, generator=generator)
+            elif name.endswith(".weight") and p.ndim == 2:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+            elif name.endswith("ln.weight"):
+                nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif name == "lambda_r" or name == "unet_w":
+                nn.init.ones_(p)
+            elif name == "lambda_0":
+                nn.init.constant_(p, 0.1)
+            else:
+                raise AssertionError(f"init_weights does not know parameter {name}")
+
+    # -----------------------------------------------------------------------------------
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+            if self.lm_head is None:  # tied: the matrix also serves as the head
+                n += self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 * (matmul params) + 12 * n_layer * n_embd * seq_len (attention)."""
+        cfg = self.cfg
+        layers = cfg.n_layer + (1 if self.mtp_block is not None else 0)
+        if cfg.loop_start >= 0 and self.loop_active:
+            layers += (cfg.loop_end - cfg.loop_start + 1) * (cfg.loop_repeats - 1)
+        matmul = sum(p.numel() for n, p in self.blocks.named_parameters() if p.ndim == 2) * layers / cfg.n_layer
+        matmul += cfg.vocab_size * cfg.n_embd * (2 if self.mtp_block is not None else 1)
+        return int(6 * matmul + 12 * layers * cfg.n_embd * cfg.seq_len)
+
+    def block_order(self) -> list[int]:
+        """Indices of the blocks in execution order (the looped span repeats when active)."""
+        cfg = self.cfg
+        order = list(range(cfg.n_layer))
+        if cfg.loop_start >= 0 and self.loop_active and cfg.loop_repeats > 1:
+            span = order[cfg.loop_start : cfg.loop_end + 1]
+            order = order[: cfg.loop_start] + span * cfg.loop_repeats + order[cfg.loop_end + 1 :]
+        return order
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, C) before the output norm."""
+        cfg = self.cfg
+        B, T = idx.shape
+        x = self.wte(idx)  # (B, T, C)
+        if cfg.embed_norm:
+            x = rms_norm(x)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x0 = x
+        rope = (self.rope_cos[:, :T], self.rope_sin[:, :T]) if cfg.pos == "rope" else None
+        L = cfg.n_layer
+        skips: dict[int, torch.Tensor] = {}
+        seen: set[int] = set()
+        for i in self.block_order():
+            first = i not in seen
+            seen.add(i)
+            if self.unet_w is not None and first and i >= L - L // 2:  # decoder block: add its encoder skip
+                j = L - 1 - i
+                x = x + self.unet_w[j] * skips[j]
+            if self.lambda_r is not None:
+                x = self.lambda_r[i] * x + self.lambda_0[i] * x0
+            p_skip = cfg.stoch_depth * i / max(1, L - 1) if self.training else 0.0
+            if p_skip == 0.0:
+                x = self.blocks[i](x, x0, rope)
+            elif torch.rand(()) >= p_skip:  # else the whole block is skipped (compute saved)
+                x = self.blocks[i](x, x0, rope, scale=1.0 / (1.0 - p_skip))
+            if self.unet_w is not None and first and i < L // 2:
+                skips[i] = x
+        return x
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if self.lm_head is not None else self.wte.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) hidden -> (B, T, V) float32 logits, softcapped if configured."""
+        logits = F.linear(self.norm_f(h), self.head_weight).float()
+        if self.cfg.logit_softcap > 0:
+            c = self.cfg.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        return logits
+
+    def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean CE through the fused, chunked output layer (no (B, T, V) logits kept)."""
+        C = h.size(-1)
+        return linear_cross_entropy(self.norm_f(h).reshape(-1, C), self.head_weight, targets.reshape(-1),
+                                    self.cfg.logit_softcap)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx, targets: (B, T) token ids. Returns (logits (B, T, V) float32 or None, mean loss or None).
+
+        With targets and `return_logits=False` (training), the loss goes through the fused
+        output layer and no logits are returned. In training with `mtp_weight > 0`, the
+        loss adds mtp_weight * CE of predicting the token after the target (t+2) through
+        an extra block; evaluation never includes it.
+        """
+        h = self.hidden(idx)
+        if targets is None:
+            return self.logits(h), None
+        if return_logits:
+            logits = self.logits(h)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        else:
+            logits, loss = None, self._loss(h, targets)
+        if self.mtp_block is not None and self.training and idx.size(1) > 1:
+            x0 = self.wte(idx)
+            if self.cfg.embed_norm:
+                x0 = rms_norm(x0)
+            T = idx.size(1)
+            rope = (self.rope_cos[:, :T], self.rope_sin[:, :T]) if self.cfg.pos == "rope" else None
+            h2 = self.mtp_block(h, x0, rope)[:, :-1]
+            loss = loss + self.cfg.mtp_weight * self._loss(h2, targets[:, 1:])
+        return logits, loss

@@ -1,0 +1,122 @@
+"""Multi-epoch training batches from the training split (and only from it).
+
+Each epoch: shuffle the document order (seeded by the run seed and the epoch), concatenate,
+cut the stream into sequences of seq_len+1 tokens at a stride of seq_len (the boundaries
+move every epoch, since the documents move), shuffle the sequences. Epochs follow each
+other as one stream, so every training token is used once per epoch; a batch may straddle
+an epoch boundary. The position (epoch, index) is all the state there is: the order of an
+epoch is a pure function of (seed, epoch), so a resumed run reads exactly what the
+uninterrupted one would have. Tokens stay memory-mapped: memory does not grow with the
+dataset, only with the document count (one int64 per document).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .dataset import Dataset
+
+
+def fitness_slice(dataset: Dataset, tokens: int) -> np.ndarray:
+    """The last `tokens` training tokens: held out from training for ensemble member selection."""
+    train = dataset.tokens("train")
+    if tokens <= 0:
+        return train[:0]
+    if tokens >= len(train) // 2:
+        raise ValueError(f"data.fitness_tokens={tokens:,} would take half or more of the {len(train):,} training tokens")
+    return train[len(train) - tokens:]
+
+
+@dataclass
+class _EpochPlan:
+    epoch: int
+    offsets: np.ndarray  # (n_docs + 1,) start of each shuffled document in the epoch's stream
+    doc_start: np.ndarray  # (n_docs,) where each shuffled document lives in the memmap
+    seq_order: np.ndarray  # (seqs_per_epoch,) sequence indices in the order they are served
+
+
+class TrainLoader:
+    """Yields this rank's share of each global batch as (inputs, targets), each (B, T) int64."""
+
+    def __init__(self, dataset: Dataset, seq_len: int, batch_seqs: int, seed: int = 0, doc_shuffle: bool = True,
+                 seq_shuffle: bool = True, rank: int = 0, world_size: int = 1, fitness_tokens: int = 0) -> None:
+        if batch_seqs % world_size:
+            raise ValueError(f"global batch of {batch_seqs} sequences does not split over {world_size} ranks")
+        self.tokens = dataset.tokens("train")
+        n = len(self.tokens) - len(fitness_slice(dataset, fitness_tokens))
+        starts = dataset.doc_starts("train")
+        starts = starts[starts < n]
+        self.doc_starts = starts.astype(np.int64)
+        self.doc_lens = np.diff(np.append(self.doc_starts, n))
+        self.num_tokens = n
+        self.seq_len = seq_len
+        self.seqs_per_epoch = (n - 1) // seq_len
+        if self.seqs_per_epoch < batch_seqs:
+            raise ValueError(f"the training split ({n:,} tokens) holds {self.seqs_per_epoch} sequences of {seq_len}, "
+                             f"fewer than one batch ({batch_seqs})")
+        self.batch_seqs = batch_seqs
+        self.seed, self.doc_shuffle, self.seq_shuffle = seed, doc_shuffle, seq_shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.pos = 0, 0
+        self._plan: _EpochPlan | None = None
+
+    # position -------------------------------------------------------------------------
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs consumed so far, fractional."""
+        return self.epoch + self.pos / self.seqs_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._plan = None
+
+    # the epoch's order ----------------------------------------------------------------
+
+    def plan(self, epoch: int) -> _EpochPlan:
+        if self._plan is None or self._plan.epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            n_docs = len(self.doc_starts)
+            order = rng.permutation(n_docs) if self.doc_shuffle else np.arange(n_docs)
+            offsets = np.zeros(n_docs + 1, dtype=np.int64)
+            np.cumsum(self.doc_lens[order], out=offsets[1:])
+            seqs = rng.permutation(self.seqs_per_epoch) if self.seq_shuffle else np.arange(self.seqs_per_epoch)
+            self._plan = _EpochPlan(epoch, offsets, self.doc_starts[order], seqs)
+        return self._plan
+
+    def sequence(self, epoch: int, index: int) -> np.ndarray:
+        """Sequence `index` (in serving order) of `epoch`: seq_len+1 tokens of the shuffled stream."""
+        p = self.plan(epoch)
+        a = int(p.seq_order[index]) * self.seq_len
+        b = a + self.seq_len + 1
+        out = np.empty(self.seq_len + 1, dtype=np.int64)
+        d = int(np.searchsorted(p.offsets, a, side="right")) - 1
+        filled = 0
+        while filled < len(out):
+            lo = a + filled - p.offsets[d]
+            take = min(int(p.offsets[d + 1] - p.offsets[d] - lo), b - a - filled)
+            src = p.doc_start[d] + lo
+            out[filled:filled + take] = self.tokens[src:src + take]
+            filled += take
+            d += 1
+        return out
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the next global batch; advances the position for all ranks."""
+        per_rank = self.batch_seqs // self.world_size
+        first = self.rank * per_rank
+        rows = []
+        for i in range(self.batch_seqs):
+            if first <= i < first + per_rank:
+                rows.append(self.sequence(self.epoch, self.pos))
+            self.pos += 1
+            if self.pos == self.seqs_per_epoch:
+                self.epoch, self.pos = self.epoch + 1, 0
+        batch = torch.from_numpy(np.stack(rows))
+        return batch[:, :-1], batch[:, 1:]

@@ -1,0 +1,263 @@
+"""Optimizers: AdamW and Muon, standalone, with explicit parameter groups.
+
+Parameter groups are assigned by explicit name patterns (`group_of`): embeddings, the
+output head, scalars/gates/norms, and 2-D hidden matrices; an assertion checks that every
+parameter lands in exactly one. With `optim.name = "muon"` the hidden matrices use Muon
+and everything else AdamW; with `adamw`, AdamW throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import OptimConfig
+
+QUINTIC = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS = (  # Amsel et al. 2025, per-step coefficients, used after dividing by 1.02 x ||X||_F
+    (8.157, -22.483, 15.879),
+    (4.043, -2.809, 0.500),
+    (3.892, -2.772, 0.506),
+    (3.286, -2.368, 0.464),
+    (2.347, -1.710, 0.423),
+)
+GROUP_KINDS = ("matrix", "embed", "head", "scalar")
+
+
+def group_of(name: str, p: Tensor) -> str:
+    """Which parameter group a named parameter belongs to (explicit patterns)."""
+    if name in ("wte.weight", "wpe.weight"):
+        return "embed"
+    if name == "lm_head.weight":
+        return "head"
+    if p.ndim < 2 or name.endswith("gate.weight") or name in ("lambda_r", "lambda_0", "unet_w"):
+        return "scalar"  # norms, biases, learned scalars and the small gate matrices
+    return "matrix"
+
+
+def muon_chunks(name: str) -> int:
+    """Fused matrices orthogonalized per part: q/k/v of c_attn, the two SwiGLU inputs."""
+    if name.endswith("attn.c_attn.weight"):
+        return 3
+    return 1
+
+
+# ---------------------------------------------------------------------------------------
+# Newton-Schulz orthogonalization
+
+
+def orthogonalize(G: Tensor, steps: int = 5, coeffs: str = "quintic", eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Approximate U V^T of G = U S V^T (batched over leading dims) by a quintic polynomial
+    iteration X <- aX + (bA + cA^2)X, A = X X^T, on the wide orientation.
+
+    `quintic` repeats (3.4445, -4.7750, 2.0315) after scaling to Frobenius norm <= 1 (the
+    singular values end in roughly [0.7, 1.2]); `polar_express` uses per-step coefficients
+    after dividing by 1.02 x the Frobenius norm.
+    """
+    X = G.to(dtype)
+    if X.ndim > 3:
+        return orthogonalize(G.flatten(0, -3), steps, coeffs, eps, dtype).view(G.shape)
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:
+        X = X.mT
+    norm = X.norm(dim=(-2, -1), keepdim=True)
+    if coeffs == "quintic":
+        X = X / norm.clamp(min=eps)
+        schedule = [QUINTIC] * steps
+    else:
+        X = X / (norm * 1.02 + eps)
+        schedule = [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)]
+    mm = torch.addmm if X.ndim == 2 else torch.baddbmm
+    for a, b, c in schedule:
+        A = X @ X.mT
+        B = mm(A, A, A, beta=b, alpha=c)  # bA + cA^2
+        X = mm(X, B, X, beta=a)  # aX + BX
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+def fast_bf16_available(device: torch.device) -> bool:
+    """bf16 matmuls are fast on CUDA and on CPUs with AVX512-BF16/AMX; elsewhere use fp32."""
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class AdamW(torch.optim.Optimizer):
+    """Decoupled-weight-decay Adam (Loshchilov & Hutter), numerically as torch.optim.AdamW,
+    plus optional cautious weight decay (decay only where update and parameter agree in sign)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, cautious_wd: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, cautious_wd=cautious_wd))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["step"] += 1
+                m, v, t = st["exp_avg"], st["exp_avg_sq"], st["step"]
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+                update = m / denom / (1 - b1**t)
+                if wd != 0:
+                    if group["cautious_wd"]:
+                        p.sub_(p * (update * p > 0), alpha=lr * wd)
+                    else:
+                        p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr)
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden matrices.
+
+    Per step: buf <- lerp(buf, g, 1-momentum); u = lerp(g, buf, momentum) (Nesterov);
+    optionally MuonEq-R (rows of u normalized); O = orthogonalize(u); optionally NorMuon
+    (rows of O divided by the root of their running mean square, overall norm kept);
+    p <- p * (1 - lr*wd) - lr * sqrt(max(1, rows/cols)) * O.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, coeffs: str = "quintic", eq_r: bool = False,
+                 normuon: bool = False, normuon_beta2: float = 0.95, cautious_wd: bool = False,
+                 ns_dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7) -> None:
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+                        coeffs=coeffs, eq_r=eq_r, normuon=normuon, normuon_beta2=normuon_beta2,
+                        cautious_wd=cautious_wd, ns_dtype=ns_dtype, eps=eps, chunks=1)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes 2-D matrices only, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        for group in self.param_groups:
+            lr, mom, wd, eps = group["lr"], group["momentum"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                st = self.state[p]
+                if not st:
+                    st["momentum_buffer"] = torch.zeros_like(p)
+                buf = st["momentum_buffer"]
+                buf.lerp_(g, 1 - mom)
+                u = g.lerp(buf, mom) if group["nesterov"] else buf
+                k = group["chunks"] if p.size(0) % group["chunks"] == 0 else 1
+                u = u.view(k, p.size(0) // k, p.size(1))  # fused matrices: orthogonalize each part
+                if group["eq_r"]:
+                    u = u / u.norm(dim=-1, keepdim=True).clamp(min=eps)
+                O = orthogonalize(u, group["ns_steps"], group["coeffs"], eps, group["ns_dtype"])
+                if group["normuon"]:
+                    if "row_sq" not in st:
+                        st["row_sq"] = torch.zeros(k, p.size(0) // k, 1, device=p.device, dtype=torch.float32)
+                    v = st["row_sq"]
+                    v.lerp_(O.float().square().mean(-1, keepdim=True), 1 - group["normuon_beta2"])
+                    n0 = O.norm()
+                    O = O / (v.sqrt() + eps).to(O.dtype)
+                    O = O * (n0 / O.norm().clamp(min=eps))
+                O = O.reshape(p.shape)
+                scale = math.sqrt(max(1.0, (p.size(0) / k) / p.size(1)))
+                if wd != 0:
+                    if group["cautious_wd"]:
+                        p.sub_(p * (O * p > 0), alpha=lr * wd)
+                    else:
+                        p.mul_(1 - lr * wd)
+                p.add_(O, alpha=-lr * scale)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Optimizers:
+    """The run's optimizers, driven together; each group remembers its kind and peak lr/wd."""
+
+    optimizers: list[torch.optim.Optimizer]
+
+    def groups(self):
+        for opt in self.optimizers:
+            yield from opt.param_groups
+
+    def set_schedule(self, lr_mult: float, wd_mult: float, momentum: float | None = None) -> None:
+        for g in self.groups():
+            g["lr"] = g["base_lr"] * lr_mult
+            g["weight_decay"] = g["base_wd"] * wd_mult
+            if momentum is not None and "momentum" in g:
+                g["momentum"] = momentum
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> list[dict]:
+        return [opt.state_dict() for opt in self.optimizers]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"checkpoint has {len(states)} optimizer states, this run has {len(self.optimizers)}")
+        for opt, st in zip(self.optimizers, states):
+            opt.load_state_dict(st)
+
+
+def split_params(model: torch.nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
+    """Parameters by group kind; asserts that every parameter is in exactly one group."""
+    groups: dict[str, list[tuple[str, Tensor]]] = {k: [] for k in GROUP_KINDS}
+    for name, p in model.named_parameters():
+        groups[group_of(name, p)].append((name, p))
+    seen = [id(p) for plist in groups.values() for _, p in plist]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters())), "a parameter is in no group or in two"
+    return groups
+
+
+def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.device | None = None) -> Optimizers:
+    groups = split_params(model)
+    adam_groups, muon_groups = [], []
+    for kind, plist in groups.items():
+        if not plist:
+            continue
+        wd = 0.0 if kind == "scalar" else cfg.weight_decay if (kind == "matrix" or cfg.wd_embed) else 0.0
+        lr = cfg.group_lr(kind)
+        if kind == "matrix" and cfg.name == "muon":
+            # fused matrices get their own groups so they are orthogonalized part by part
+            by_chunks: dict[int, list[Tensor]] = {}
+            for name, p in plist:
+                by_chunks.setdefault(muon_chunks(name), []).append(p)
+            for chunks, params in sorted(by_chunks.items()):
+                muon_groups.append(dict(params=params, kind=kind, base_lr=lr, base_wd=wd, lr=lr, weight_decay=wd, chunks=chunks))
+        else:
+            adam_groups.append(dict(params=[p for _, p in plist], kind=kind, base_lr=lr, base_wd=wd, lr=lr, weight_decay=wd))
+    opts: list[torch.optim.Optimizer] = []
+    if adam_groups:
+        opts.append(AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, cautious_wd=cfg.cautious_wd))
+    if muon_groups:
+        ns_dtype = torch.bfloat16 if fast_bf16_available(device or torch.device("cpu")) else torch.float32
+        opts.append(Muon(muon_groups, momentum=cfg.muon_momentum_start, ns_steps=cfg.muon_ns_steps, coeffs=cfg.muon_coeffs,
+                         eq_r=cfg.muon_eq_r, normuon=cfg.normuon, cautious_wd=cfg.cautious_wd, ns_dtype=ns_dtype))
+    return Optimizers(opts)

@@ -1,0 +1,118 @@
+"""Run logging: the header (versions, device, commit, config), one fixed-format line per
+step, a structured `metrics.jsonl`, a progress bar, and optional wandb / TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    return {"slowrun": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": device_name(device), "git_commit": git_commit(), "host": platform.node(),
+            "argv": " ".join(sys.argv)}
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class RunLogger:
+    """Rank 0 writes `log.txt` and `metrics.jsonl` (appending, so a resumed run continues them)."""
+
+    def __init__(self, run_dir: Path | None, enabled: bool = True, echo: bool = True, progress_total: int = 0,
+                 progress: bool = True, wandb: bool = False, tensorboard: bool = False, config: dict | None = None) -> None:
+        self.enabled = enabled and run_dir is not None
+        self.echo = echo and enabled
+        self.log_f = open(run_dir / "log.txt", "a") if self.enabled else None
+        self.metrics_f = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
+        self.bar = None
+        if enabled and progress and progress_total and sys.stderr.isatty():
+            self.bar = tqdm(total=progress_total, unit="step", dynamic_ncols=True, leave=False)
+        self.wandb = self.tb = None
+        if self.enabled and wandb:
+            try:
+                import wandb as _wandb
+            except ImportError:
+                raise RuntimeError("train.wandb=true needs the wandb package: pip install 'slowrun[wandb]'") from None
+            self.wandb = _wandb.init(project="slowrun", dir=str(run_dir), config=config, name=run_dir.name, resume="allow")
+        if self.enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("train.tensorboard=true needs tensorboard: pip install 'slowrun[tensorboard]'") from None
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def line(self, text: str) -> None:
+        if not self.enabled and not self.echo:
+            return
+        if self.log_f:
+            self.log_f.write(text + "\n")
+            self.log_f.flush()
+        if self.echo:
+            if self.bar is not None:
+                self.bar.write(text)
+            else:
+                print(text, flush=True)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self.metrics_f.write(json.dumps(record) + "\n")
+        self.metrics_f.flush()
+        step = record.get("step")
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+        if self.wandb is not None:
+            self.wandb.log(numeric, step=step)
+        if self.tb is not None:
+            for k, v in numeric.items():
+                self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
+
+    def progress(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        for f in (self.log_f, self.metrics_f):
+            if f:
+                f.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()

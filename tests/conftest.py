@@ -1,0 +1,51 @@
+"""Shared fixtures: small prepared datasets (made once per session) and tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _prepare(out: Path, **kw) -> Path:
+    from slowrun.prepare import PrepareConfig, prepare
+
+    args = dict(source="builtin", tokenizer="gpt2", train_tokens=20_000, val_tokens=4_000, test_tokens=4_000,
+                out=str(out), progress=False)
+    args.update(kw)
+    return prepare(PrepareConfig(**args))
+
+
+@pytest.fixture(scope="session")
+def prepare_dataset():
+    return _prepare
+
+
+@pytest.fixture(scope="session")
+def gpt2_ds(tmp_path_factory) -> Path:
+    """Builtin prose, GPT-2 tokens: 20k train, 4k val, 4k test."""
+    return _prepare(tmp_path_factory.mktemp("data") / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def bpe_ds(tmp_path_factory) -> Path:
+    """Builtin prose, a 512-token BPE trained on the training text: 40k train, 4k val, 4k test."""
+    return _prepare(tmp_path_factory.mktemp("data") / "bpe", tokenizer="bpe:512", train_tokens=40_000)
+
+
+def smoke_config(data: Path, **overrides):
+    """The smoke recipe on a test dataset, with overrides as {"section.key": value}."""
+    from slowrun.config import build_config
+
+    base = {"data.path": str(data), "eval.max_tokens": 2048}
+    base.update(overrides)
+    return build_config("smoke", base)
+
+
+@pytest.fixture
+def smoke_cfg():
+    return smoke_config

@@ -1,0 +1,81 @@
+import pytest
+
+from slowrun.config import (ConfigError, ModelConfig, RunConfig, build_config, config_from_dict, config_to_dict,
+                            config_to_toml, describe_options, load_recipe, parse_overrides, recipe_names, tomllib)
+
+
+def test_shipped_recipes_load_and_validate():
+    assert {"baseline", "slowrun", "smoke"} <= set(recipe_names())
+    for name in recipe_names():
+        cfg = build_config(name)
+        assert isinstance(cfg, RunConfig)
+    base = build_config("baseline")
+    assert (base.model.norm, base.model.pos, base.model.mlp, base.model.tie_embeddings) == ("layernorm", "learned", "gelu", True)
+    assert (base.optim.name, base.optim.lr, base.optim.weight_decay, base.train.epochs) == ("adamw", 6e-4, 0.1, 1.0)
+    slow = build_config("slowrun")
+    assert slow.optim.name == "muon" and slow.model.dropout == 0.1 and slow.train.epochs > 1
+
+
+def test_overrides_parse_as_toml_literals():
+    o = parse_overrides(["--optim.weight_decay=1.6", "--train.epochs", "12", "--model.norm=rmsnorm",
+                         "--model.qk_norm=false", "--distill.teacher=runs/a"])
+    assert o == {"optim.weight_decay": 1.6, "train.epochs": 12, "model.norm": "rmsnorm", "model.qk_norm": False,
+                 "distill.teacher": "runs/a"}
+    cfg = build_config("slowrun", o)
+    assert cfg.optim.weight_decay == 1.6 and cfg.train.epochs == 12.0 and cfg.model.qk_norm is False
+
+
+def test_unknown_keys_are_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.weight_decy' \(did you mean optim.weight_decay\?\)"):
+        build_config("slowrun", {"optim.weight_decy": 1.0})
+    with pytest.raises(ConfigError, match="unknown config key 'optimizer"):
+        build_config("slowrun", {"optimizer.lr": 1.0})
+    with pytest.raises(ConfigError, match="unrecognized argument"):
+        parse_overrides(["--epochs=3"])
+
+
+def test_validation_names_the_option():
+    with pytest.raises(ConfigError, match=r"optim.weight_decay: must be >= 0, got -1"):
+        build_config("slowrun", {"optim.weight_decay": -1})
+    with pytest.raises(ConfigError, match=r"model.n_embd: must be divisible by model.n_head=3"):
+        build_config("slowrun", {"model.n_head": 3})
+    with pytest.raises(ConfigError, match=r"model.norm: must be one of layernorm, rmsnorm"):
+        build_config("slowrun", {"model.norm": "batchnorm"})
+    with pytest.raises(ConfigError, match=r"train.epochs: expected a number"):
+        build_config("slowrun", {"train.epochs": "many"})
+    with pytest.raises(ConfigError, match=r"model.n_layer: expected an integer"):
+        build_config("slowrun", {"model.n_layer": 2.5})
+
+
+def test_resolved_config_round_trips_through_toml():
+    cfg = build_config("slowrun", {"optim.weight_decay": 1.6, "model.depth": 6})
+    again = config_from_dict(tomllib.loads(config_to_toml(cfg)))
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_depth_knob_scales_width():
+    m = ModelConfig(depth=6)
+    assert (m.n_layer, m.n_embd, m.n_head) == (6, 384, 6)
+    assert ModelConfig(n_embd=256, mlp="swiglu").hidden_dim == 768
+    assert ModelConfig(n_embd=256, mlp="gelu").hidden_dim == 1024
+
+
+def test_recipe_paths_and_errors(tmp_path):
+    p = tmp_path / "mine.toml"
+    p.write_text('[model]\nn_layer = 3\n[train]\nepochs = 2\n')
+    assert build_config(str(p)).model.n_layer == 3
+    with pytest.raises(ConfigError, match="unknown recipe 'nosuch'"):
+        load_recipe("nosuch")
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_recipe(str(bad))
+
+
+def test_every_option_is_documented():
+    text = describe_options()
+    for key in ("--model.n_layer", "--optim.weight_decay", "--train.max_steps", "--train.batch_tokens", "--train.seed",
+                "--data.doc_shuffle", "--eval.every_steps", "--distill.alpha"):
+        assert key in text

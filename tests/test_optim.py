@@ -1,0 +1,135 @@
+import copy
+
+import pytest
+import torch
+
+from slowrun.config import OptimConfig, build_config
+from slowrun.gpt import GPT
+from slowrun.optim import AdamW, Muon, build_optimizers, orthogonalize, split_params
+
+
+def _spectrum_matrix(shape, lo):
+    """A random matrix (batched over leading dims) with singular values log-spaced in [lo, 1]."""
+    *batch, m, n = shape
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(*batch, m, k))
+    V, _ = torch.linalg.qr(torch.randn(*batch, n, k))
+    s = torch.logspace(torch.log10(torch.tensor(lo)).item(), 0, k)
+    return U @ torch.diag_embed(s.expand(*batch, k)) @ V.mT
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 128), (128, 32), (96, 256), (4, 3, 48, 80)])
+@pytest.mark.parametrize("coeffs,band", [("quintic", (0.65, 1.25)), ("polar_express", (0.8, 1.2))])
+def test_orthogonalize_brings_singular_values_near_one(shape, coeffs, band):
+    torch.manual_seed(0)
+    for G in (_spectrum_matrix(shape, 1e-2), 3.0 * _spectrum_matrix(shape, 0.3)):
+        O = orthogonalize(G, steps=5, coeffs=coeffs, dtype=torch.float32)
+        s = torch.linalg.svdvals(O)
+        assert s.min() > band[0] and s.max() < band[1], (s.min(), s.max())
+        # same singular vectors as G: O = U f(S) V^T, so O^T G (or G O^T) is symmetric
+        if len(shape) == 2:
+            M = (O.mT @ G) if shape[0] >= shape[1] else (G @ O.mT)
+            assert torch.allclose(M, M.mT, atol=1e-3 * M.abs().max())
+    if shape[-2] != shape[-1]:  # rectangular Gaussian matrices are well enough conditioned
+        s = torch.linalg.svdvals(orthogonalize(torch.randn(*shape), 5, coeffs, dtype=torch.float32))
+        assert s.min() > band[0] and s.max() < band[1]
+
+
+def test_polar_express_is_tighter_than_quintic():
+    torch.manual_seed(1)
+    G = _spectrum_matrix((128, 256), 1e-2)
+    low = {c: torch.linalg.svdvals(orthogonalize(G, 5, c, dtype=torch.float32)).min() for c in ("quintic", "polar_express")}
+    assert low["polar_express"] > low["quintic"] + 0.1
+
+
+def test_muon_matches_torch_muon():
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon needs PyTorch >= 2.9")
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(48, 32))
+    ref = torch.nn.Parameter(ours.detach().clone())
+    a = Muon([ours], lr=0.02, momentum=0.9, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    b = torch.optim.Muon([ref], lr=0.02, momentum=0.9, weight_decay=0.1, nesterov=True)
+    for step in range(5):
+        g = torch.randn(48, 32)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+        assert torch.allclose(ours, ref, atol=1e-6, rtol=1e-5), step
+
+
+def test_adamw_groups_match_torch_adamw():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(3, 3))]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    groups = lambda ps: [dict(params=ps[:2], lr=1e-2, weight_decay=0.5), dict(params=ps[2:], lr=3e-3, weight_decay=0.0)]
+    ours = AdamW(groups(params), betas=(0.8, 0.95), eps=1e-10)
+    ref = torch.optim.AdamW(groups(ref_params), betas=(0.8, 0.95), eps=1e-10)
+    for _ in range(10):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(params, ref_params):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_cautious_weight_decay_only_where_signs_agree():
+    p = torch.nn.Parameter(torch.tensor([[1.0, -1.0, 1.0, -1.0]]))
+    opt = AdamW([p], lr=0.1, weight_decay=1.0, cautious_wd=True, betas=(0.0, 0.0), eps=1e-12)
+    p.grad = torch.tensor([[1.0, -1.0, -1.0, 1.0]])  # update = sign(grad)
+    opt.step()
+    # entries 0, 1: update and param agree -> decayed by lr*wd*p; entries 2, 3: not decayed
+    assert torch.allclose(p.detach(), torch.tensor([[1 - 0.1 - 0.1, -1 + 0.1 + 0.1, 1 + 0.1, -1 - 0.1]]))
+
+
+@pytest.mark.parametrize("recipe", ["baseline", "slowrun", "smoke"])
+def test_every_parameter_in_exactly_one_group(recipe):
+    cfg = build_config(recipe, {"model.vocab_size": 300, "model.mtp_weight": 0.3})
+    model = GPT(cfg.model)
+    groups = split_params(model)
+    names = [n for plist in groups.values() for n, _ in plist]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    opts = build_optimizers(model, cfg.optim)
+    in_opt = [id(p) for g in opts.groups() for p in g["params"]]
+    assert sorted(in_opt) == sorted(id(p) for p in model.parameters())
+    kinds = {g["kind"] for g in opts.groups()}
+    if cfg.optim.name == "muon":
+        assert all(isinstance(o, (AdamW, Muon)) for o in opts.optimizers)
+        assert all(g["kind"] == "matrix" for g in opts.optimizers[-1].param_groups)
+    assert "scalar" in kinds or recipe == "baseline"
+    # no weight decay on scalars, gates and norms
+    assert all(g["base_wd"] == 0 for g in opts.groups() if g["kind"] == "scalar")
+
+
+@pytest.mark.parametrize("flag", [{}, {"muon_eq_r": True}, {"normuon": True}, {"cautious_wd": True},
+                                  {"muon_coeffs": "polar_express"}])
+def test_muon_variants_reduce_a_loss(flag):
+    torch.manual_seed(0)
+    target = torch.randn(32, 16)
+    W = torch.nn.Parameter(torch.zeros(32, 16))
+    cfg = OptimConfig(**flag)
+    opt = Muon([W], lr=0.2, momentum=0.9, weight_decay=0.01, eq_r=cfg.muon_eq_r, normuon=cfg.normuon,
+               cautious_wd=cfg.cautious_wd, coeffs=cfg.muon_coeffs, ns_dtype=torch.float32)
+    losses = []
+    for _ in range(60):
+        loss = ((W - target) ** 2).mean()
+        losses.append(loss.item())
+        W.grad = None
+        loss.backward()
+        opt.step()
+    assert min(losses[-5:]) < 0.3 * losses[0], (losses[0], losses[-5:])
+
+
+def test_fused_matrices_are_orthogonalized_per_part():
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.zeros(96, 64))
+    opt = Muon([dict(params=[W], chunks=3)], lr=1.0, momentum=0.0, nesterov=False, ns_dtype=torch.float32)
+    g = torch.randn(96, 64)
+    g[32:64] *= 100  # one part much larger: a joint orthogonalization would drown the others
+    W.grad = g
+    opt.step()
+    for part in W.detach().neg().split(32):
+        s = torch.linalg.svdvals(part)
+        assert 0.65 < s.min() and s.max() < 1.25

@@ -1,0 +1,258 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from slowrun.dataset import Dataset, DatasetError
+from slowrun.prepare import PrepareConfig, PrepareError, prepare
+from slowrun.sources import builtin_corpus
+from slowrun.tokenizer import GPT2Tokenizer, TokenizerError
+
+
+def split_docs(ds: Dataset, split: str) -> list[tuple]:
+    tokens = np.asarray(ds.tokens(split))
+    starts = list(ds.doc_starts(split)) + [len(tokens)]
+    return [tuple(tokens[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def test_manifest_and_counts(gpt2_ds):
+    ds = Dataset.open(gpt2_ds)
+    m = ds.manifest
+    assert m["dtype"] == "uint16" and m["tokenizer"]["id"] == "gpt2"
+    for split, n in (("train", 20_000), ("val", 4_000), ("test", 4_000)):
+        assert ds.num_tokens(split) == n == len(ds.tokens(split))
+        # the nanoGPT layout: a flat memmap-readable array
+        assert len(np.memmap(gpt2_ds / f"{split}.bin", dtype=np.uint16, mode="r")) == n
+    assert set(m["files"]) == {"train.bin", "val.bin", "test.bin", "train.docs.npy", "val.docs.npy",
+                               "test.docs.npy", "token_bytes.npy"}
+    assert m["params"]["train_tokens"] == 20_000
+
+
+def test_read_back_matches_the_source(gpt2_ds):
+    ds = Dataset.open(gpt2_ds)
+    tok = GPT2Tokenizer()
+    docs = builtin_corpus().heldout
+    order = np.random.default_rng(0).permutation(len(docs))
+    val = split_docs(ds, "val")
+    for i, doc in enumerate(val[:-1]):  # the last document of a split may be cut
+        assert doc[0] == tok.bos_id
+        assert tok.decode(doc[1:]) == docs[order[i]]
+    # every document starts with BOS and BOS appears nowhere else
+    for split in ("train", "val", "test"):
+        tokens = np.asarray(ds.tokens(split))
+        assert np.array_equal(np.flatnonzero(tokens == tok.bos_id), ds.doc_starts(split))
+
+
+def test_splits_are_disjoint(gpt2_ds):
+    ds = Dataset.open(gpt2_ds)
+    sets = {s: set(split_docs(ds, s)) for s in ("train", "val", "test")}
+    assert not sets["train"] & sets["val"]
+    assert not sets["train"] & sets["test"]
+    assert not sets["val"] & sets["test"]
+
+
+def test_nested_budgets_and_determinism(tmp_path, prepare_dataset, gpt2_ds):
+    big = prepare_dataset(tmp_path / "big", train_tokens=50_000)
+    again = prepare_dataset(tmp_path / "again")
+    small, large = Dataset.open(gpt2_ds), Dataset.open(big)
+    assert small.manifest["files"]["val.bin"] == large.manifest["files"]["val.bin"]
+    assert small.manifest["files"]["test.bin"] == large.manifest["files"]["test.bin"]
+    assert np.array_equal(np.asarray(large.tokens("train"))[:20_000], np.asarray(small.tokens("train")))
+    assert Dataset.open(again).manifest["files"] == small.manifest["files"]
+
+
+def test_bpe_dataset_trained_on_train_text_only(bpe_ds):
+    ds = Dataset.open(bpe_ds)
+    tok = ds.manifest["tokenizer"]
+    assert tok["id"] == "bpe:512" and tok["vocab_size"] == 512 and tok["bos_id"] == 0
+    lo, hi = tok["trained_on"]["documents"]
+    n_heldout = len(ds.doc_starts("val")) + len(ds.doc_starts("test"))
+    assert lo >= n_heldout  # the BPE never saw a val/test document
+    assert (bpe_ds / "tokenizer.json").is_file()
+
+
+def test_shared_tokenizer_keeps_val_test_identical(tmp_path, prepare_dataset, bpe_ds):
+    other = prepare_dataset(tmp_path / "bpe2x", tokenizer=str(bpe_ds / "tokenizer.json"), train_tokens=80_000)
+    a, b = Dataset.open(bpe_ds), Dataset.open(other)
+    assert a.manifest["files"]["val.bin"] == b.manifest["files"]["val.bin"]
+    assert a.manifest["files"]["test.bin"] == b.manifest["files"]["test.bin"]
+    assert a.fingerprint == b.fingerprint
+    assert np.array_equal(np.asarray(b.tokens("train"))[:40_000], np.asarray(a.tokens("train")))
+
+
+def test_flipped_byte_is_caught(tmp_path, prepare_dataset):
+    out = prepare_dataset(tmp_path / "ds")
+    Dataset.open(out)
+    with open(out / "train.bin", "r+b") as f:
+        f.seek(1234)
+        b = f.read(1)
+        f.seek(1234)
+        f.write(bytes([b[0] ^ 0x01]))
+    with pytest.raises(DatasetError, match="train.bin: sha256 does not match"):
+        Dataset.open(out)
+
+
+# sources ------------------------------------------------------------------------------
+
+
+def test_txt_jsonl_sources(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("First document about cats.\n===\nSecond document about dogs.\n===\n")
+    (src / "b.jsonl").write_text(json.dumps({"text": "Third document, from jsonl."}) + "\n\n"
+                                 + json.dumps({"text": "Fourth one."}) + "\n")
+    out = prepare(PrepareConfig(source=str(src), tokenizer="gpt2", train_tokens=10, val_tokens=5, test_tokens=5,
+                                out=str(tmp_path / "ds"), separator="===", progress=False))
+    m = Dataset.open(out).manifest
+    assert m["source"]["kind"] == "local" and m["source"]["files"] == 2
+    assert sum(m["splits"][s]["documents"] for s in ("train", "val", "test")) <= 4
+
+
+def test_parquet_source(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [f"Document number {i} says something about the weather." for i in range(50)]
+    pq.write_table(pa.table({"text": texts, "id": list(range(50))}), tmp_path / "part.parquet")
+    out = prepare(PrepareConfig(source=str(tmp_path / "part.parquet"), tokenizer="gpt2", train_tokens=200,
+                                val_tokens=50, test_tokens=50, out=str(tmp_path / "ds"), progress=False))
+    ds = Dataset.open(out)
+    tok = GPT2Tokenizer()
+    every = set(texts)
+    for split in ("val", "train"):
+        docs = split_docs(ds, split)
+        assert all(tok.decode(d[1:]) in every for d in docs[:-1])
+
+
+def test_hf_streaming_path_with_local_parquet(tmp_path):
+    pytest.importorskip("datasets")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = [f"Streamed document {i}: the river ran past the old mill." for i in range(60)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "shard.parquet")
+    out = prepare(PrepareConfig(source="hf:parquet", data_files=[str(tmp_path / "shard.parquet")], tokenizer="gpt2",
+                                train_tokens=300, val_tokens=100, test_tokens=100, out=str(tmp_path / "ds"), progress=False))
+    ds = Dataset.open(out)
+    tok = GPT2Tokenizer()
+    # stream order, not shuffled: val starts with the first streamed document
+    assert tok.decode(split_docs(ds, "val")[0][1:]) == texts[0]
+    assert ds.manifest["source"]["kind"] == "hf"
+
+
+def _write_pt(path, docs, bos=50256):
+    tokens, starts = [], []
+    for d in docs:
+        starts.append(len(tokens))
+        tokens += [bos] + d
+    torch.save({"tokens": torch.tensor(tokens, dtype=torch.int32), "doc_starts": torch.tensor(starts),
+                "bos_id": bos}, path)
+
+
+def test_reference_pt_files(tmp_path):
+    rng = np.random.default_rng(0)
+    val_docs = [list(rng.integers(0, 50000, rng.integers(5, 40))) for _ in range(30)]
+    train_docs = [list(rng.integers(0, 50000, rng.integers(5, 40))) for _ in range(60)]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    _write_pt(ref / "fineweb_val.pt", val_docs)
+    _write_pt(ref / "fineweb_train.pt", train_docs)
+    out = prepare(PrepareConfig(source=str(ref), tokenizer="gpt2", train_tokens=500, val_tokens=200, test_tokens=100,
+                                out=str(tmp_path / "ds"), progress=False))
+    ds = Dataset.open(out)
+    flat_val = np.concatenate([[50256] + d for d in val_docs])
+    flat_train = np.concatenate([[50256] + d for d in train_docs])
+    assert np.array_equal(np.asarray(ds.tokens("val")), flat_val[:200])
+    # a document never straddles splits: test starts at the first document after val's (cut) last one
+    next_doc = min(i for i in np.flatnonzero(flat_val == 50256) if i >= 200)
+    assert np.array_equal(np.asarray(ds.tokens("test")), flat_val[next_doc:next_doc + 100])
+    assert np.array_equal(np.asarray(ds.tokens("train")), flat_train[:500])
+    with pytest.raises(PrepareError, match="already GPT-2 tokenized"):
+        prepare(PrepareConfig(source=str(ref), tokenizer="bpe:300", out=str(tmp_path / "x"), progress=False))
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_pt_file_is_not_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"tokens": _Exploit(marker)}, f)
+    with pytest.raises(PrepareError, match="weights_only"):
+        prepare(PrepareConfig(source=str(evil), out=str(tmp_path / "ds"), progress=False))
+    assert not marker.exists()
+
+
+# bad input ------------------------------------------------------------------------------
+
+
+def test_missing_and_empty_sources(tmp_path):
+    with pytest.raises(PrepareError, match="no such file or directory"):
+        prepare(PrepareConfig(source=str(tmp_path / "nope"), out=str(tmp_path / "ds"), progress=False))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("   \n")
+    with pytest.raises(PrepareError, match="corpus is empty"):
+        prepare(PrepareConfig(source=str(tmp_path / "empty"), out=str(tmp_path / "ds"), progress=False))
+    assert not (tmp_path / "ds").exists()
+
+
+def test_budget_larger_than_corpus(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("A small corpus of a few words only.")
+    with pytest.raises(PrepareError, match=r"more than the source can give: the source holds \d+ tokens"):
+        prepare(PrepareConfig(source=str(tmp_path / "src"), tokenizer="gpt2", train_tokens=10_000, val_tokens=3,
+                              test_tokens=3, out=str(tmp_path / "ds"), progress=False))
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.*"))
+
+
+def test_unknown_tokenizer(tmp_path):
+    with pytest.raises(TokenizerError, match="unknown tokenizer"):
+        prepare(PrepareConfig(tokenizer="wordpiece", out=str(tmp_path / "ds"), progress=False))
+
+
+def test_out_dir_with_a_different_dataset(tmp_path, prepare_dataset):
+    out = prepare_dataset(tmp_path / "ds")
+    before = (out / "manifest.json").read_text()
+    assert prepare_dataset(out) == out  # same parameters: nothing to do
+    with pytest.raises(PrepareError, match="already holds a different dataset; use --force"):
+        prepare_dataset(out, train_tokens=30_000)
+    assert (out / "manifest.json").read_text() == before
+    prepare_dataset(out, train_tokens=30_000, force=True)
+    assert Dataset.open(out).num_tokens("train") == 30_000
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(PrepareError, match="other files"):
+        prepare_dataset(tmp_path / "other")
+
+
+def test_interruption_leaves_nothing_half_written(tmp_path, prepare_dataset, monkeypatch):
+    out = prepare_dataset(tmp_path / "ds")
+    before = Dataset.open(out).manifest
+    import slowrun.prepare as prep
+
+    calls = {"n": 0}
+    real_add = prep._SplitWriter.add
+
+    def add(self, ids):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise KeyboardInterrupt
+        return real_add(self, ids)
+
+    monkeypatch.setattr(prep._SplitWriter, "add", add)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(out, train_tokens=30_000, force=True)
+    with pytest.raises(KeyboardInterrupt):
+        calls["n"] = 0
+        prepare_dataset(tmp_path / "fresh")
+    assert Dataset.open(out).manifest == before  # the old dataset is intact and verifies
+    assert not (tmp_path / "fresh").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary leftovers
