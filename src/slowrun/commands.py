@@ -65,10 +65,85 @@ def _run_train(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------
+# eval / sample
+
+
+def _open_for_model(ref: str, data: str | None, device: str):
+    """(model, config, dataset) for a run/checkpoint, refusing a dataset of another tokenizer."""
+    from .checkpoint import load_model
+    from .dataset import Dataset
+    from .distributed import resolve_device
+    from .train import TrainingError
+
+    dev = resolve_device(device)
+    model, cfg, extra = load_model(ref, dev)
+    ds = Dataset.open(data or cfg.data.path, verify=True)
+    trained_on = extra.get("dataset", {})
+    if trained_on and trained_on.get("tokenizer") != ds.fingerprint["tokenizer"]:
+        raise TrainingError(f"{ref} was trained with another tokenizer than the dataset {ds.path}")
+    return model, cfg, ds, dev
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ref", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its final weights), a checkpoint directory, or a .safetensors file")
+    p.add_argument("--split", choices=("val", "test"), default="val", help="held-out split (default val)")
+    p.add_argument("--data", default=None, help="dataset directory (default: the one the model was trained on)")
+    p.add_argument("--max-tokens", type=int, default=-1, help="evaluate only the first N tokens (default: the whole split)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="evaluation precision (default fp32)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_eval(a: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import evaluate
+
+    model, cfg, ds, dev = _open_for_model(a.ref, a.data, a.device)
+    r = evaluate(model, ds.tokens(a.split), cfg.model.seq_len, ds.token_bytes, cfg.eval.batch_seqs, dev, a.dtype, a.max_tokens)
+    if a.json:
+        print(json.dumps({"ref": a.ref, "split": a.split, "loss": r.loss, "bpb": r.bpb, "targets": r.targets}))
+    else:
+        print(f"{a.split} loss {r.loss:.4f} | {a.split} bpb {r.bpb:.4f} | {r.targets:,} targets | {a.ref}")
+    return 0
+
+
+def _add_sample(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ref", metavar="RUN_DIR|CHECKPOINT", help="a run directory, checkpoint directory or .safetensors file")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all (default 50)")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--data", default=None, help="dataset whose tokenizer to use (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def _run_sample(a: argparse.Namespace) -> int:
+    import torch
+
+    from .sample import generate
+
+    model, cfg, ds, dev = _open_for_model(a.ref, a.data, a.device)
+    tok = ds.tokenizer
+    ids = [tok.bos_id] + (tok.encode(a.prompt) if a.prompt else [])
+    g = torch.Generator().manual_seed(a.seed)
+    for i in range(a.num_samples):
+        out = generate(model, ids, a.max_new_tokens, cfg.model.seq_len, a.temperature, a.top_k, g, dev)
+        if a.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(a.prompt + tok.decode(out))
+    return 0
+
+
 def table():
     """This module's rows of the CLI's command table."""
     from .cli import Command
 
     return [
         Command("train", "train a model from a recipe (no arguments: the slowrun recipe on the builtin data)", _add_train, _run_train, passthrough=True),
+        Command("eval", "held-out loss and bits-per-byte of a run or checkpoint", _add_eval, _run_eval),
+        Command("sample", "generate text from a run or checkpoint", _add_sample, _run_sample),
     ]

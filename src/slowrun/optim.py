@@ -220,10 +220,12 @@ class Optimizers:
         return [opt.state_dict() for opt in self.optimizers]
 
     def load_state_dict(self, states: list[dict]) -> None:
+        """Per-parameter states (as saved); the groups' settings come from this run's config."""
         if len(states) != len(self.optimizers):
             raise ValueError(f"checkpoint has {len(states)} optimizer states, this run has {len(self.optimizers)}")
         for opt, st in zip(self.optimizers, states):
-            opt.load_state_dict(st)
+            st = st.get("state", st) if "param_groups" in st else st
+            opt.load_state_dict({"state": st, "param_groups": opt.state_dict()["param_groups"]})
 
 
 def split_params(model: torch.nn.Module) -> dict[str, list[tuple[str, Tensor]]]:

@@ -258,9 +258,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, echo: bool, env: distrib
         log.progress(step)
 
         cycle = sched.cycle_end(step - 1)
-        if cycle is not None and env.is_main:
-            save_weights(swa_dir / f"cycle_{cycle:03d}.safetensors", model.state_dict(), cfg,
-                         {"dataset": ds.fingerprint, "step": step, "cycle": cycle})
+        if cycle is not None:
+            if env.is_main:
+                save_weights(swa_dir / f"cycle_{cycle:03d}.safetensors", model.state_dict(), cfg,
+                             {"dataset": ds.fingerprint, "step": step, "cycle": cycle})
+            if cfg.train.snapshot_cycles and cfg.train.snapshot_noise > 0 and step < total_steps:
+                perturb(model, cfg.train.snapshot_noise, _step_seed(cfg.train.seed, 0, step))
         epoch_end = loader.epoch > epoch_before
         if epoch_end and cfg.eval.at_epoch_end and step < total_steps:
             val_eval(f"epoch {loader.epoch} end")
@@ -297,6 +300,17 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, echo: bool, env: distrib
     log.close()
     distributed.barrier(env)
     return result
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
+    """Snapshot ensembles: add N(0, (scale * rms(p))^2) noise to every matrix at a cycle start
+    (the same noise on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.ndim >= 2:
+            rms = p.float().pow(2).mean().sqrt()
+            p.add_((torch.randn(p.shape, generator=g) * scale * rms).to(p.device, p.dtype))
 
 
 def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema: EMA | None, log: RunLogger,

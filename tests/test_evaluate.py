@@ -1,0 +1,62 @@
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slowrun.evaluate import chunk_batches, evaluate, num_chunks, prob_average, target_logprobs
+
+
+class Bigram(torch.nn.Module):
+    """A model whose log-probabilities are known in closed form."""
+
+    def __init__(self, V):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Parameter(torch.randn(V, V))
+
+    def forward(self, idx, targets=None):
+        return self.table[idx], None
+
+
+def test_loss_and_bpb_computed_another_way():
+    V, T = 11, 8
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, V, 100).astype(np.uint16)
+    token_bytes = rng.integers(0, 4, V)
+    m = Bigram(V)
+    r = evaluate(m, tokens, T, token_bytes, batch_seqs=3)
+    n = len(tokens) // (T + 1)
+    assert n == num_chunks(len(tokens), T) == 11 and r.targets == n * T
+    logp = torch.log_softmax(m.table, dim=-1).detach().numpy()
+    nats, nbytes = 0.0, 0
+    for c in range(n):  # non-overlapping chunks of T+1 tokens, T targets each
+        chunk = tokens[c * (T + 1):(c + 1) * (T + 1)]
+        for a, b in zip(chunk[:-1], chunk[1:]):
+            nats -= logp[a, b]
+            nbytes += token_bytes[b]
+    assert math.isclose(r.loss, nats / (n * T), rel_tol=1e-6)
+    assert math.isclose(r.bpb, nats / math.log(2) / nbytes, rel_tol=1e-6)
+
+
+def test_chunks_are_consecutive_and_capped():
+    tokens = np.arange(1000)
+    chunks = np.concatenate(list(chunk_batches(tokens, 9, 4)))
+    assert chunks.shape == (100, 10) and np.array_equal(chunks.reshape(-1), tokens)
+    assert np.concatenate(list(chunk_batches(tokens, 9, 4, max_tokens=50))).shape == (5, 10)
+
+
+def test_target_logprobs_match_cross_entropy():
+    V, T = 13, 6
+    tokens = np.random.default_rng(1).integers(0, V, 70)
+    m = Bigram(V)
+    lp = target_logprobs(m, tokens, T, batch_seqs=2)
+    x = torch.tensor(tokens[: 10 * 7].reshape(10, 7))
+    ce = F.cross_entropy(m.table[x[:, :-1]].reshape(-1, V), x[:, 1:].reshape(-1), reduction="none")
+    assert np.allclose(-lp, ce.detach().numpy(), atol=1e-6)
+
+
+def test_probability_average():
+    a, b = np.log([0.5, 0.1]), np.log([0.1, 0.3])
+    assert np.allclose(np.exp(prob_average([a, b])), [0.3, 0.2])
+    assert np.allclose(np.exp(prob_average([a, b], np.array([0.75, 0.25]))), [0.4, 0.15])

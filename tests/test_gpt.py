@@ -1,0 +1,149 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slowrun.config import ModelConfig, build_config
+from slowrun.gpt import GPT
+from slowrun.losses import linear_cross_entropy
+
+V = 97
+
+
+def model_of(recipe="slowrun", **kw):
+    over = {"model.vocab_size": V, "model.seq_len": 16, "model.n_layer": 4, "model.n_head": 2, "model.n_embd": 32,
+            "model.dropout": 0.0}
+    over.update({f"model.{k}": v for k, v in kw.items()})
+    torch.manual_seed(0)
+    return GPT(build_config(recipe, over).model)
+
+
+def batch(B=3, T=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("recipe", ["baseline", "slowrun"])
+def test_forward_shapes_and_initial_loss(recipe):
+    m = model_of(recipe)
+    x, y = batch()
+    logits, loss = m(x, y)
+    assert logits.shape == (3, 16, V) and logits.dtype == torch.float32
+    # a fresh model is close to uniform: loss near ln(V)
+    assert abs(loss.item() - math.log(V)) < 0.5
+
+
+@pytest.mark.parametrize("recipe", ["baseline", "slowrun"])
+def test_causal(recipe):
+    m = model_of(recipe).eval()
+    x, _ = batch(1)
+    x2 = x.clone()
+    x2[0, 10:] = (x2[0, 10:] + 1) % V
+    a, _ = m(x)
+    b, _ = m(x2)
+    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-5)
+    assert not torch.allclose(a[0, 10:], b[0, 10:], atol=1e-5)
+
+
+@pytest.mark.parametrize("flag", [dict(norm="layernorm"), dict(pos="learned"), dict(mlp="gelu"), dict(mlp="relu2"),
+                                  dict(tie_embeddings=True), dict(qk_norm=False), dict(value_proj=False),
+                                  dict(head_gate=False), dict(x0_mix=False), dict(unet=False), dict(logit_softcap=-1.0),
+                                  dict(stoch_depth=0.3), dict(mtp_weight=0.3), dict(loop_start=1, loop_end=2, loop_repeats=3),
+                                  dict(dropout=0.2), dict(n_layer=3), dict(bias=True)])
+def test_each_feature_trains(flag):
+    m = model_of(**flag)
+    x, y = batch()
+    _, loss = m(x, y, return_logits=False)
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    assert math.isfinite(loss.item()) and grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_init_values():
+    m = model_of()
+    assert torch.all(m.blocks[0].attn.v_gate.weight == 0) and torch.all(m.blocks[0].attn.head_gate.weight == 0)
+    assert m.blocks[1].attn.v_x0 is None  # value projections on alternate layers
+    assert torch.all(m.lambda_r == 1) and torch.allclose(m.lambda_0, torch.full((4,), 0.1))
+    assert torch.all(m.unet_w == 1) and m.unet_w.numel() == 2
+    assert abs(m.lm_head.weight.std().item() - 0.001) < 3e-4
+    assert abs(m.wte.weight.std().item() - 1.0) < 0.05
+    base = model_of("baseline")
+    assert abs(base.wte.weight.std().item() - 0.02) < 0.003 and base.lm_head is None
+
+
+def test_fused_loss_matches_logits_loss():
+    for cap in (-1.0, 15.0):
+        m = model_of(logit_softcap=cap)
+        x, y = batch()
+        _, ref = m(x, y, return_logits=True)
+        ref.backward()
+        g_ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+        m.zero_grad()
+        _, fused = m(x, y, return_logits=False)
+        fused.backward()
+        assert torch.allclose(ref, fused, atol=1e-5)
+        for n, p in m.named_parameters():
+            assert torch.allclose(p.grad, g_ref[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_linear_cross_entropy_against_plain_torch():
+    torch.manual_seed(0)
+    h = torch.randn(300, 24, requires_grad=True)
+    W = torch.randn(50, 24, requires_grad=True)
+    y = torch.randint(0, 50, (300,))
+    ref = F.cross_entropy(7 * torch.tanh(h @ W.T / 7), y)
+    gh, gw = torch.autograd.grad(ref, (h, W))
+    ours = linear_cross_entropy(h, W, y, softcap=7.0, chunk=64)
+    oh, ow = torch.autograd.grad(ours * 3.0, (h, W))  # upstream gradient other than 1 is applied
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert torch.allclose(oh, 3 * gh, atol=1e-6) and torch.allclose(ow, 3 * gw, atol=1e-6)
+
+
+def test_layer_looping_order():
+    m = model_of(n_layer=6, loop_start=2, loop_end=3, loop_repeats=3, loop_from_epoch=1)
+    assert m.block_order() == [0, 1, 2, 3, 4, 5]
+    f0 = m.flops_per_token()
+    m.loop_active = True
+    assert m.block_order() == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]
+    assert m.flops_per_token() > f0
+    x, y = batch()
+    _, loss = m(x, y)
+    assert math.isfinite(loss.item())
+
+
+def test_mtp_only_in_training():
+    m = model_of(mtp_weight=0.5)
+    x, y = batch()
+    m.eval()
+    _, eval_loss = m(x, y)
+    m.train()
+    _, train_loss = m(x, y)
+    assert train_loss.item() > eval_loss.item() + 0.5 * 3  # the auxiliary CE (~ln 97) is added
+
+
+def test_stochastic_depth_is_off_in_eval_and_random_in_training():
+    m = model_of(stoch_depth=0.9)
+    x, _ = batch()
+    m.eval()
+    a, _ = m(x)
+    b, _ = m(x)
+    assert torch.equal(a, b)
+    m.train()
+    outs = {tuple(m(x)[0][0, 0, :3].tolist()) for _ in range(8)}
+    assert len(outs) > 1
+
+
+def test_param_count_and_flops():
+    m = model_of("baseline")
+    C, L = 32, 4
+    per_block = 4 * C * C + 4 * C + 2 * (4 * C * C) + 4 * C + C + 4 * C  # attn + mlp weights/biases + 2 LN
+    expected = V * C + 16 * C + L * per_block + 2 * C
+    assert m.num_params() == expected
+    assert m.flops_per_token() == 6 * (L * 12 * C * C + V * C) + 12 * L * C * 16
+
+
+def test_depth_knob():
+    cfg = ModelConfig(vocab_size=V, depth=2, head_dim=16, aspect_ratio=32)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (2, 64, 4)
+    assert GPT(cfg).num_params() > 0

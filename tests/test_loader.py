@@ -1,0 +1,89 @@
+import inspect
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from slowrun.dataset import Dataset
+from slowrun.loader import TrainLoader, fitness_slice
+
+
+def epoch_sequences(loader, epoch):
+    return [loader.sequence(epoch, i) for i in range(loader.seqs_per_epoch)]
+
+
+def test_each_epoch_uses_every_token_once(gpt2_ds):
+    ds = Dataset.open(gpt2_ds)
+    T = 64
+    loader = TrainLoader(ds, T, batch_seqs=8, seed=3)
+    train = np.asarray(ds.tokens("train"))
+    # the documents, as token multisets
+    for epoch in (0, 1):
+        seqs = epoch_sequences(loader, epoch)
+        # consecutive sequences of the stream overlap by exactly one token (the last target)
+        stream_len = loader.seqs_per_epoch * T
+        inputs = Counter(np.concatenate([s[:-1] for s in seqs]).tolist())
+        assert sum(inputs.values()) == stream_len <= len(train)
+        assert not inputs - Counter(train.tolist())  # never a token that is not in the training split
+
+
+def test_boundaries_move_between_epochs(gpt2_ds):
+    ds = Dataset.open(gpt2_ds)
+    loader = TrainLoader(ds, 64, batch_seqs=8, seed=0)
+    a = {tuple(s) for s in epoch_sequences(loader, 0)}
+    b = {tuple(s) for s in epoch_sequences(loader, 1)}
+    assert len(a & b) < 0.05 * len(a)
+    fixed = TrainLoader(ds, 64, batch_seqs=8, seed=0, doc_shuffle=False, seq_shuffle=False)
+    first = fixed.sequence(0, 0)
+    assert np.array_equal(first, np.asarray(ds.tokens("train"))[:65])  # in file order, from the start
+    assert {tuple(s) for s in epoch_sequences(fixed, 0)} == {tuple(s) for s in epoch_sequences(fixed, 1)}
+
+
+def test_deterministic_and_resumable(gpt2_ds):
+    ds = Dataset.open(gpt2_ds)
+    a = TrainLoader(ds, 32, batch_seqs=16, seed=5)
+    batches = [a.next_batch() for _ in range(80)]  # crosses several epochs
+    assert a.epoch >= 2
+    b = TrainLoader(ds, 32, batch_seqs=16, seed=5)
+    for _ in range(20):
+        b.next_batch()
+    state = b.state_dict()
+    c = TrainLoader(ds, 32, batch_seqs=16, seed=5)
+    c.load_state_dict(state)
+    for i in range(20, 80):
+        x, y = c.next_batch()
+        assert np.array_equal(x, batches[i][0]) and np.array_equal(y, batches[i][1])
+    x, y = batches[0]
+    assert np.array_equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+    other = TrainLoader(ds, 32, batch_seqs=16, seed=6).next_batch()[0]
+    assert not np.array_equal(other, batches[0][0])
+
+
+def test_ranks_split_the_global_batch(gpt2_ds):
+    ds = Dataset.open(gpt2_ds)
+    whole = TrainLoader(ds, 32, batch_seqs=12, seed=1)
+    parts = [TrainLoader(ds, 32, batch_seqs=12, seed=1, rank=r, world_size=3) for r in range(3)]
+    for _ in range(5):
+        x, _ = whole.next_batch()
+        xs = [p.next_batch()[0] for p in parts]
+        assert np.array_equal(np.concatenate(xs), x)
+    with pytest.raises(ValueError, match="does not split"):
+        TrainLoader(ds, 32, batch_seqs=10, world_size=3)
+
+
+def test_reads_only_the_training_split(gpt2_ds):
+    ds = Dataset.open(gpt2_ds)
+    assert "split" not in inspect.signature(TrainLoader).parameters
+    loader = TrainLoader(ds, 32, batch_seqs=4)
+    assert isinstance(loader.tokens, np.memmap) and str(loader.tokens.filename).endswith("train.bin")
+
+
+def test_fitness_slice_is_never_trained_on(gpt2_ds):
+    ds = Dataset.open(gpt2_ds)
+    loader = TrainLoader(ds, 32, batch_seqs=4, fitness_tokens=3000)
+    assert loader.num_tokens == 17_000
+    fit = fitness_slice(ds, 3000)
+    assert len(fit) == 3000 and np.array_equal(fit, np.asarray(ds.tokens("train"))[17_000:])
+    assert max(loader.doc_starts[-1] + loader.doc_lens[-1], 0) <= 17_000
+    with pytest.raises(ValueError, match="half or more"):
+        fitness_slice(ds, 15_000)

@@ -1,0 +1,128 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slowrun.checkpoint import list_checkpoints, load_checkpoint, load_model, read_weights
+from slowrun.config import config_from_dict, tomllib
+from slowrun.dataset import Dataset
+from slowrun.evaluate import evaluate
+from slowrun.gpt import GPT
+from slowrun.train import TrainingError, train
+from tests.conftest import smoke_config
+
+
+def losses(run_dir):
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            out[rec["step"]] = rec["loss"]  # a resumed run overwrites the steps it redoes
+    return out
+
+
+def test_cli_training_writes_a_complete_run(bpe_ds, tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--recipe", "smoke", "--data", str(bpe_ds),
+                        "--run-dir", str(run), "--train.max_steps=12", "--optim.swa_epochs=1", "--train.epochs=0.7",
+                        "--eval.every_steps=5"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "val loss" in r.stdout and "test loss" in r.stdout  # the closing table
+    for name in ("config.toml", "log.txt", "metrics.jsonl", "result.json", "model.safetensors", "ema.safetensors"):
+        assert (run / name).is_file(), name
+    log = (run / "log.txt").read_text().splitlines()
+    assert log[0].startswith("# slowrun: ") and log[1].startswith("# torch: ") and any("git_commit" in l for l in log[:8])
+    assert any(l.startswith("step     12/12 | epoch") and "tok/s" in l and "ETA" in l for l in log)
+    result = json.loads((run / "result.json").read_text())
+    assert set(result["variants"]) == {"final", "ema", "swa_params"}
+    for v in result["variants"].values():
+        assert {"val_loss", "val_bpb", "test_loss", "test_bpb"} <= set(v)
+    for key in ("tokens_seen", "unique_tokens", "epochs", "wall_s", "tokens_per_s", "peak_rss_mb", "params"):
+        assert key in result
+    assert result["tokens_seen"] == 12 * 1024 and result["unique_tokens"] == 40_000
+    cfg = config_from_dict(tomllib.loads((run / "config.toml").read_text()))
+    assert cfg.model.vocab_size == 512 and cfg.data.path == str(bpe_ds)
+    kinds = [json.loads(l)["kind"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("train") == 12 and kinds.count("eval") >= 2
+    # the reported final loss is what the saved weights give
+    model, wcfg, extra = load_model(run)
+    ds = Dataset.open(bpe_ds)
+    again = evaluate(model, ds.tokens("val"), wcfg.model.seq_len, ds.token_bytes)
+    assert again.loss == pytest.approx(result["variants"]["final"]["val_loss"], rel=1e-5)
+    assert extra["dataset"]["tokenizer"] == ds.fingerprint["tokenizer"]
+
+
+def test_training_reduces_loss_and_beats_unigram(bpe_ds, tmp_path):
+    cfg = smoke_config(bpe_ds, **{"train.max_steps": 60, "optim.matrix_lr": 0.05, "optim.lr": 0.02})
+    result = train(cfg, tmp_path / "run", echo=False)
+    steps = losses(tmp_path / "run")
+    assert steps[60] < steps[1] - 1.0
+    ds = Dataset.open(bpe_ds)
+    counts = torch.bincount(torch.from_numpy(ds.tokens("train").astype("int64")), minlength=ds.vocab_size).double() + 1
+    p = counts / counts.sum()
+    val = torch.from_numpy(ds.tokens("val").astype("int64"))
+    unigram = -p.log()[val].mean().item()
+    assert result["variants"]["final"]["val_loss"] < unigram
+
+
+def test_refuses_to_overwrite_a_run(bpe_ds, tmp_path):
+    cfg = smoke_config(bpe_ds, **{"train.max_steps": 2})
+    train(cfg, tmp_path / "run", echo=False)
+    before = (tmp_path / "run" / "result.json").read_text()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(cfg, tmp_path / "run", echo=False)
+    assert (tmp_path / "run" / "result.json").read_text() == before
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(bpe_ds, tmp_path, monkeypatch):
+    cfg = smoke_config(bpe_ds, **{"train.max_steps": 10, "train.checkpoint_every": 2})
+    real = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **kw):
+        logits, loss = real(self, *a, **kw)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5 .*last good checkpoint is .*step_0000004"):
+        train(cfg, tmp_path / "run", echo=False)
+    ck = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    assert ck.step == 4 and all(torch.isfinite(v).all() for v in ck.model.values())
+    assert "stopping: loss is nan at step 5" in (tmp_path / "run" / "log.txt").read_text()
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_snapshot_ensemble_and_distillation(bpe_ds, tmp_path):
+    cfg = smoke_config(bpe_ds, **{"train.max_steps": 12, "train.snapshot_cycles": 3, "train.snapshot_noise": 0.01})
+    result = train(cfg, tmp_path / "snap", echo=False)
+    assert len(list((tmp_path / "snap" / "swa").glob("cycle_*.safetensors"))) == 3
+    assert {"snapshot_probs", "snapshot_params"} <= set(result["variants"])
+    student = smoke_config(bpe_ds, **{"train.max_steps": 6, "distill.teacher": str(tmp_path / "snap"),
+                                       "distill.alpha": 0.5})
+    r2 = train(student, tmp_path / "student", echo=False)
+    assert math.isfinite(r2["val_loss"])
+
+
+def test_eval_and_sample_commands(bpe_ds, tmp_path):
+    cfg = smoke_config(bpe_ds, **{"train.max_steps": 4})
+    result = train(cfg, tmp_path / "run", echo=False)
+    r = subprocess.run([sys.executable, "-m", "slowrun", "eval", str(tmp_path / "run"), "--split", "test", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["loss"] == pytest.approx(result["variants"]["final"]["test_loss"], rel=1e-5)
+    ck = list_checkpoints(tmp_path / "run")[-1]
+    r = subprocess.run([sys.executable, "-m", "slowrun", "eval", str(ck)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("val loss")
+    r = subprocess.run([sys.executable, "-m", "slowrun", "sample", str(tmp_path / "run"), "--prompt", "The king",
+                        "--max-new-tokens", "12", "--num-samples", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("The king") == 2 and "--- sample 2" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "slowrun", "eval", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no such run" in r.stderr
