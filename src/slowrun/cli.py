@@ -35,7 +35,7 @@ def count(text: str) -> int:
 def _add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="builtin", help="builtin (default; offline packaged prose), a .txt/.jsonl/.parquet file or directory, "
                    "hf:DATASET[:CONFIG] (streamed; needs the hf extra and a network), a .pt tokens file, or a directory with fineweb_val.pt + fineweb_train.pt")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (exact GPT-2 BPE, offline), bpe:N (byte-level BPE trained on the training text), or a path to a tokenizer.json")
+    p.add_argument("--tokenizer", default="bpe:8192", help="bpe:N (byte-level BPE with N tokens trained on the training text; default bpe:8192), gpt2 (the exact GPT-2 BPE, offline), or a path to a tokenizer.json (to share one tokenizer between datasets)")
     p.add_argument("--train-tokens", type=count, default=262_144, help="training budget in tokens, exact (default 262144; suffixes k, M, B)")
     p.add_argument("--val-tokens", type=count, default=131_072, help="validation split in tokens (default 131072)")
     p.add_argument("--test-tokens", type=count, default=131_072, help="test split in tokens (default 131072)")

@@ -138,6 +138,85 @@ def _run_sample(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------
+# sweep / efficiency
+
+
+def _grid_arg(text: str) -> tuple[str, list]:
+    from .config import ConfigError, parse_value
+
+    key, sep, values = text.partition("=")
+    if not sep or "." not in key or not values:
+        raise ConfigError(f"--grid {text}: expected section.key=v1,v2,...")
+    return key, [parse_value(v) for v in values.split(",")]
+
+
+def _add_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="baseline", help="recipe to sweep (default baseline)")
+    p.add_argument("--data", required=True, help="the 1x dataset; larger budgets are prepared from its manifest (same source, val, test, tokenizer)")
+    p.add_argument("--out", required=True, help="sweep directory (datasets, runs, curve.json); rerunning continues it")
+    p.add_argument("--budgets", nargs="+", type=float, default=[1.0], help="multiples of the dataset's training tokens (e.g. 1 2 4 8 16)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis, e.g. --grid optim.lr=3e-4,6e-4,1.2e-3 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every point (repeatable)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process (default 1)")
+    p.add_argument("--threads", type=int, default=-1, help="torch threads per run (default: torch's choice)")
+    p.add_argument("--fit-params", action="store_true", help="fit L(N) = A/N^alpha + E over model sizes and report E")
+    p.add_argument("--name", default="", help="curve name (default RECIPE-sweep)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_sweep(a: argparse.Namespace) -> int:
+    from .config import parse_value
+    from .sweep import SweepConfig, describe, sweep
+
+    grid = dict(_grid_arg(g) for g in a.grid)
+    fixed = {}
+    for item in a.set:
+        key, _, value = item.partition("=")
+        fixed[key] = parse_value(value)
+    curve = sweep(SweepConfig(a.recipe, a.data, a.out, a.budgets, grid, fixed, a.jobs, a.threads, a.fit_params, a.name,
+                              not a.no_progress))
+    print(describe(curve))
+    print(f"wrote {Path(a.out) / 'curve.json'}")
+    return 0
+
+
+def _add_efficiency(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve", default="fineweb", help="fineweb (the reference benchmark's published curve) or a curve.json / sweep directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--loss", type=float, help="a loss to place on the curve")
+    src.add_argument("--run", help="a run or ensemble directory (its result.json)")
+    p.add_argument("--metric", choices=("val", "test"), default=None, help="which loss (default: test if the curve has it, else val)")
+    p.add_argument("--variant", default=None, help="a run's variant (final, ema, swa_params, ...; default: its best on val)")
+    p.add_argument("--budget", type=int, default=None, help="the budget the efficiency is relative to (default: the curve's)")
+    p.add_argument("--extrapolate", action="store_true", help="outside the curve, use a fitted power law L(D) = A/D^alpha + E")
+    p.add_argument("--json", action="store_true")
+
+
+def _run_efficiency(a: argparse.Namespace) -> int:
+    import json
+
+    from .efficiency import Curve, check_same_data, place, run_loss
+
+    curve = Curve.load(a.curve)
+    metric = curve.metric(a.metric)
+    if a.run:
+        loss, dataset, _ = run_loss(a.run, metric, a.variant)
+        check_same_data(curve, dataset)
+    else:
+        loss = a.loss
+    pl = place(curve, loss, metric, a.extrapolate, a.budget)
+    if a.json:
+        out = {"efficiency": pl.efficiency, "tokens": pl.tokens, "loss": pl.loss, "metric": pl.metric,
+               "extrapolated": pl.extrapolated, "curve": curve.name}
+        if pl.fit:
+            out["fit"] = {"A": pl.fit.A, "alpha": pl.fit.alpha, "E": pl.fit.E}
+        print(json.dumps(out))
+    else:
+        print(pl.describe())
+    return 0
+
+
 def table():
     """This module's rows of the CLI's command table."""
     from .cli import Command
@@ -146,4 +225,6 @@ def table():
         Command("train", "train a model from a recipe (no arguments: the slowrun recipe on the builtin data)", _add_train, _run_train, passthrough=True),
         Command("eval", "held-out loss and bits-per-byte of a run or checkpoint", _add_eval, _run_eval),
         Command("sample", "generate text from a run or checkpoint", _add_sample, _run_sample),
+        Command("sweep", "a recipe over a config grid at nested budgets: a tuned baseline curve (curve.json)", _add_sweep, _run_sweep),
+        Command("efficiency", "data efficiency of a loss or run on a baseline curve (e.g. 6.12x)", _add_efficiency, _run_efficiency),
     ]

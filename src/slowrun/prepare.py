@@ -46,7 +46,7 @@ class PrepareConfig:
     """Options of `slowrun prepare` (the command-line flags carry the same names)."""
 
     source: str = "builtin"  # builtin, a file/directory of .txt/.jsonl/.parquet, hf:DATASET[:CONFIG], or .pt file(s)
-    tokenizer: str = "gpt2"  # gpt2, bpe:N (trained on the training text), or a path to a tokenizer.json
+    tokenizer: str = "bpe:8192"  # gpt2, bpe:N (trained on the training text), or a path to a tokenizer.json
     train_tokens: int = 262_144  # the training budget, in tokens (exact)
     val_tokens: int = 131_072  # validation split size, in tokens (exact)
     test_tokens: int = 131_072  # test split size, in tokens (exact)

@@ -1,0 +1,181 @@
+"""Data efficiency: place a loss on a baseline curve "best loss at D training tokens".
+
+The curve is piecewise-linear in tokens (the reference benchmark's method): a loss L
+between the curve's points D_i and D_i+1 maps to the D where the line through them meets
+L, and efficiency = D / budget (6.1 means the baseline needs 6.1x the data for that loss).
+The curve is made monotone first (best loss at <= D tokens). Outside the curve's range
+the answer is refused unless asked to extrapolate with a power law L(D) = A / D^alpha + E
+fitted to the curve, and then it is marked as extrapolated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from . import SlowrunError
+
+
+class EfficiencyError(SlowrunError):
+    pass
+
+
+@dataclass
+class Curve:
+    name: str
+    budget: int  # the budget efficiencies are relative to, in tokens
+    tokens: list[int]
+    losses: dict[str, list[float]]  # metric ("val"/"test") -> best loss at each budget
+    dataset: dict | None = None  # tokenizer / val / test fingerprints; None = an external curve
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, ref: str) -> "Curve":
+        """`fineweb` (the reference benchmark's published curve) or a curve JSON file."""
+        if ref == "fineweb":
+            data = json.loads((resources.files("slowrun.curves") / "fineweb.json").read_text())
+        else:
+            path = Path(ref)
+            if path.is_dir():
+                path = path / "curve.json"
+            if not path.is_file():
+                raise EfficiencyError(f"curve not found: {ref} (use fineweb or a curve.json from `slowrun sweep`)")
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise EfficiencyError(f"{path}: not valid JSON ({e})") from None
+        try:
+            curve = cls(data["name"], int(data["budget"]), [int(t) for t in data["tokens"]],
+                        {k: [float(x) for x in v] for k, v in data["losses"].items()}, data.get("dataset"),
+                        {k: v for k, v in data.items() if k not in ("name", "budget", "tokens", "losses", "dataset")})
+        except (KeyError, TypeError, ValueError) as e:
+            raise EfficiencyError(f"{ref}: not a curve file ({e})") from None
+        if len(curve.tokens) < 2:
+            raise EfficiencyError(f"{ref}: a curve needs at least two points, it has {len(curve.tokens)}")
+        if sorted(curve.tokens) != curve.tokens or len(set(curve.tokens)) != len(curve.tokens):
+            raise EfficiencyError(f"{ref}: curve tokens must be strictly increasing")
+        for metric, ls in curve.losses.items():
+            if len(ls) != len(curve.tokens):
+                raise EfficiencyError(f"{ref}: {metric} has {len(ls)} losses for {len(curve.tokens)} budgets")
+        return curve
+
+    def metric(self, preferred: str | None = None) -> str:
+        if preferred:
+            if preferred not in self.losses:
+                raise EfficiencyError(f"curve {self.name} has no {preferred} losses (it has: {', '.join(self.losses)})")
+            return preferred
+        return "test" if "test" in self.losses else "val"
+
+    def envelope(self, metric: str) -> np.ndarray:
+        """Best loss at <= D tokens (a larger budget can always use less data)."""
+        return np.minimum.accumulate(np.asarray(self.losses[metric]))
+
+
+@dataclass
+class PowerLaw:
+    A: float
+    alpha: float
+    E: float
+
+    def __call__(self, D: float) -> float:
+        return self.A / D**self.alpha + self.E
+
+    def inverse(self, loss: float) -> float:
+        if loss <= self.E:
+            return math.inf
+        return (self.A / (loss - self.E)) ** (1 / self.alpha)
+
+
+def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
+    """Least-squares fit of y = A / x^alpha + E (E scanned on a fine grid below min(y);
+    for each E, log(y - E) is linear in log x)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3:
+        raise EfficiencyError(f"a power-law fit needs at least 3 points, got {len(x)}")
+    best = None
+    lo = y.min()
+    span = max(y.max() - lo, 1e-6)
+    for E in np.concatenate([lo - span * np.geomspace(1e-3, 50, 400), [0.0]]):
+        if E >= lo:
+            continue
+        slope, icpt = np.polyfit(np.log(x), np.log(y - E), 1)
+        pred = np.exp(icpt) * x**slope + E
+        err = float(((pred - y) ** 2).sum())
+        if -slope > 0 and (best is None or err < best[0]):
+            best = (err, PowerLaw(float(np.exp(icpt)), float(-slope), float(E)))
+    if best is None:
+        raise EfficiencyError("no decreasing power law fits these points")
+    return best[1]
+
+
+@dataclass
+class Placement:
+    loss: float
+    tokens: float  # equivalent baseline tokens
+    efficiency: float  # tokens / budget
+    metric: str
+    extrapolated: bool = False
+    fit: PowerLaw | None = None
+
+    def describe(self) -> str:
+        s = f"{self.efficiency:.2f}x ({self.metric} loss {self.loss:.4f} = the baseline's at {self.tokens:,.0f} tokens)"
+        if self.extrapolated:
+            f = self.fit
+            s += f" [EXTRAPOLATED: L(D) = {f.A:.4g} / D^{f.alpha:.4f} + {f.E:.4f}]"
+        return s
+
+
+def place(curve: Curve, loss: float, metric: str | None = None, extrapolate: bool = False,
+          budget: int | None = None) -> Placement:
+    metric = curve.metric(metric)
+    budget = budget or curve.budget
+    L = curve.envelope(metric)
+    D = np.asarray(curve.tokens, float)
+    if L[-1] <= loss <= L[0]:
+        for i in range(len(D) - 1):
+            a, b = L[i], L[i + 1]
+            if b <= loss <= a:
+                if a == b:
+                    tokens = D[i]
+                else:
+                    tokens = D[i] + (a - loss) / (a - b) * (D[i + 1] - D[i])
+                return Placement(loss, tokens, tokens / budget, metric)
+    if not extrapolate:
+        side = "below" if loss < L[-1] else "above"
+        raise EfficiencyError(f"{metric} loss {loss:.4f} is {side} the curve's range [{L[-1]:.4f}, {L[0]:.4f}] "
+                              f"({D[0]:,.0f}-{D[-1]:,.0f} tokens); pass --extrapolate to use a fitted power law")
+    fit = fit_power_law(D, np.asarray(curve.losses[metric]))
+    tokens = fit.inverse(loss)
+    if not math.isfinite(tokens):
+        raise EfficiencyError(f"{metric} loss {loss:.4f} is below the fitted asymptote E = {fit.E:.4f}: no finite amount of baseline data reaches it")
+    return Placement(loss, tokens, tokens / budget, metric, extrapolated=True, fit=fit)
+
+
+def check_same_data(curve: Curve, run_dataset: dict) -> None:
+    """Refuse a run and a curve whose tokenizer or val/test files differ."""
+    for key in ("tokenizer", "val", "test"):
+        a, b = (curve.dataset or {}).get(key), run_dataset.get(key)
+        if a is not None and a != b:
+            raise EfficiencyError(f"the run and the curve differ in {key} ({b} vs {a}): losses are not comparable")
+
+
+def run_loss(run: str | Path, metric: str, variant: str | None = None) -> tuple[float, dict, dict]:
+    """(loss, dataset fingerprint, result) of a run's result.json (its best-on-val variant by default)."""
+    path = Path(run)
+    path = path / "result.json" if path.is_dir() else path
+    if not path.is_file():
+        raise EfficiencyError(f"no result.json in {run} (is the run finished?)")
+    result = json.loads(path.read_text())
+    if "variants" in result:
+        v = result["variants"][variant or result["best"]]
+        key = f"{metric}_loss"
+    else:  # an ensemble result
+        v, key = result, f"{metric}_loss"
+    if key not in v:
+        raise EfficiencyError(f"{path}: no {key}")
+    return float(v[key]), result.get("dataset", {}), result

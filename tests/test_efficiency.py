@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from slowrun.efficiency import Curve, EfficiencyError, check_same_data, fit_power_law, place
+
+
+@pytest.mark.parametrize("loss,expected", [(3.195, 6.1), (2.987, 13.8), (3.402, 3.8)])
+def test_fineweb_curve_matches_the_reference_figures(loss, expected):
+    assert place(Curve.load("fineweb"), loss).efficiency == pytest.approx(expected, abs=0.05)
+
+
+def test_piecewise_linear_in_tokens():
+    c = Curve("t", 100, [100, 200, 400], {"val": [4.0, 3.0, 2.0]})
+    assert place(c, 4.0).efficiency == 1.0
+    assert place(c, 3.5).tokens == pytest.approx(150)
+    assert place(c, 2.5).tokens == pytest.approx(300) and place(c, 2.5).efficiency == pytest.approx(3.0)
+    # a non-monotone (noisy) curve is read as "best loss at <= D tokens"
+    noisy = Curve("n", 100, [100, 200, 400], {"val": [4.0, 4.1, 3.0]})
+    assert place(noisy, 3.5).tokens == pytest.approx(300)
+
+
+def test_outside_the_curve_needs_extrapolate():
+    c = Curve.load("fineweb")
+    with pytest.raises(EfficiencyError, match="below the curve's range.*--extrapolate"):
+        place(c, 2.8)
+    with pytest.raises(EfficiencyError, match="above the curve's range"):
+        place(c, 3.9)
+    p = place(c, 2.85, extrapolate=True)
+    assert p.extrapolated and p.efficiency > 20 and "EXTRAPOLATED" in p.describe()
+
+
+def test_power_law_fit_recovers_parameters():
+    D = np.array([1e5, 2e5, 4e5, 8e5, 1.6e6])
+    y = 50.0 / D**0.3 + 2.5
+    f = fit_power_law(D, y)
+    assert f.alpha == pytest.approx(0.3, rel=0.05) and f.E == pytest.approx(2.5, abs=0.02)
+    assert f.inverse(f(3e5)) == pytest.approx(3e5, rel=1e-6)
+
+
+def test_bad_curves(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"name": "x", "budget": 10, "tokens": [10], "losses": {"val": [3.0]}}))
+    with pytest.raises(EfficiencyError, match="at least two points"):
+        Curve.load(str(p))
+    with pytest.raises(EfficiencyError, match="curve not found"):
+        Curve.load(str(tmp_path / "missing.json"))
+
+
+def test_refuses_runs_on_other_data():
+    c = Curve("t", 100, [100, 200], {"val": [4.0, 3.0]}, dataset={"tokenizer": "a", "val": "v1", "test": "t1"})
+    check_same_data(c, {"tokenizer": "a", "val": "v1", "test": "t1"})
+    with pytest.raises(EfficiencyError, match="differ in val"):
+        check_same_data(c, {"tokenizer": "a", "val": "v2", "test": "t1"})
+    with pytest.raises(EfficiencyError, match="differ in tokenizer"):
+        check_same_data(Curve.load("fineweb"), {"tokenizer": "sha256:abc"})
+
+
+def test_cli_prints_the_efficiency():
+    r = subprocess.run([sys.executable, "-m", "slowrun", "efficiency", "--curve", "fineweb", "--loss", "3.195"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("6.13x")
+    r = subprocess.run([sys.executable, "-m", "slowrun", "efficiency", "--loss", "2.5"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--extrapolate" in r.stderr and r.stderr.count("\n") == 1
