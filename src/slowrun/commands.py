@@ -217,6 +217,52 @@ def _run_efficiency(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------
+# ensemble
+
+
+def _add_ensemble(p: argparse.ArgumentParser) -> None:
+    config_args(p)
+    p.add_argument("--members", type=int, default=4, help="ensemble size K (default 4); member k uses seed train.seed + k")
+    p.add_argument("--run-dir", default=None, help="ensemble directory: member_0 ... member_{K-1} and result.json")
+    p.add_argument("--distill", action="store_true", help="chain distillation: member k learns from member k-1")
+    p.add_argument("--alpha", type=float, default=0.5, help="distillation weight a in (1-a)*CE + a*T^2*KL (default 0.5)")
+    p.add_argument("--temperature", type=float, default=1.2, help="distillation temperature T (default 1.2)")
+    p.add_argument("--jobs", type=int, default=1, help="members trained at a time without --distill (default 1)")
+    p.add_argument("--threads", type=int, default=-1, help="torch threads per member (default: torch's choice)")
+    p.add_argument("--fitness-tokens", type=int, default=0, help="carve this many tokens from the end of the training split for member selection (never trained on)")
+    p.add_argument("--select", type=int, default=0, help="keep the K' members with the largest fitted mixture weights (default: all)")
+    p.add_argument("--eval", nargs="+", default=None, metavar="REF", help="only evaluate these runs/checkpoints/weight files as an ensemble")
+    p.add_argument("--out", default=None, help="with --eval: write the JSON result here")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_ensemble(a: argparse.Namespace) -> int:
+    if a.help_config:
+        return _print_config_help()
+    from .config import parse_overrides
+    from .ensemble import describe, evaluate_ensemble, train_ensemble
+    from .storage import atomic_write_json
+
+    if a.eval:
+        result = evaluate_ensemble(a.eval, a.data, fitness_tokens=a.fitness_tokens, select=a.select)
+        print(describe(result))
+        if a.out:
+            atomic_write_json(a.out, result)
+            print(f"wrote {a.out}")
+        return 0
+    from .train import default_dataset
+
+    data = a.data or str(default_dataset())
+    run_dir = a.run_dir or _run_dir_default(a.recipe) + f"-ens{a.members}"
+    result = train_ensemble(a.recipe, data, a.members, run_dir, parse_overrides(getattr(a, "overrides", []) or []),
+                            a.distill, a.alpha, a.temperature, a.jobs, a.threads, a.fitness_tokens, a.select,
+                            not a.no_progress)
+    print(describe(result))
+    print(f"wrote {Path(run_dir) / 'result.json'}")
+    return 0
+
+
 def table():
     """This module's rows of the CLI's command table."""
     from .cli import Command
@@ -225,6 +271,7 @@ def table():
         Command("train", "train a model from a recipe (no arguments: the slowrun recipe on the builtin data)", _add_train, _run_train, passthrough=True),
         Command("eval", "held-out loss and bits-per-byte of a run or checkpoint", _add_eval, _run_eval),
         Command("sample", "generate text from a run or checkpoint", _add_sample, _run_sample),
+        Command("ensemble", "train K members (optionally chain-distilled) and evaluate them together; or --eval any runs", _add_ensemble, _run_ensemble, passthrough=True),
         Command("sweep", "a recipe over a config grid at nested budgets: a tuned baseline curve (curve.json)", _add_sweep, _run_sweep),
         Command("efficiency", "data efficiency of a loss or run on a baseline curve (e.g. 6.12x)", _add_efficiency, _run_efficiency),
     ]

@@ -16,21 +16,16 @@ import hashlib
 import itertools
 import json
 import math
-import subprocess
-import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from . import SlowrunError
 from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import fit_power_law
+from .jobs import TrainJob, run_jobs
 from .prepare import PrepareConfig, prepare
 from .storage import atomic_write_json
 
@@ -87,30 +82,7 @@ def point_id(point: dict[str, Any], full_config: dict) -> str:
     return f"{human}-{digest}".replace("/", "_")
 
 
-@dataclass
-class Job:
-    budget: float
-    point: dict[str, Any]
-    run_dir: Path
-    data: Path
-    overrides: dict[str, Any]
-
-    def done(self) -> bool:
-        return (self.run_dir / "result.json").is_file()
-
-    def command(self, recipe: str, threads: int) -> list[str]:
-        if (self.run_dir / "config.toml").is_file():  # interrupted earlier: continue it
-            return [sys.executable, "-m", "slowrun", "train", "--resume", str(self.run_dir), "--quiet"]
-        cmd = [sys.executable, "-m", "slowrun", "train", "--recipe", recipe, "--data", str(self.data),
-               "--run-dir", str(self.run_dir), "--quiet"]
-        over = dict(self.overrides)
-        if threads > 0:
-            over["train.num_threads"] = threads
-        over["train.progress"] = False
-        return cmd + [f"--{k}={json.dumps(v)}" for k, v in over.items()]
-
-
-def plan(cfg: SweepConfig) -> tuple[list[Job], Dataset]:
+def plan(cfg: SweepConfig) -> tuple[list[TrainJob], Dataset]:
     out = Path(cfg.out)
     base = Dataset.open(cfg.data)
     jobs = []
@@ -123,42 +95,18 @@ def plan(cfg: SweepConfig) -> tuple[list[Job], Dataset]:
             resolved = build_config(cfg.recipe, {**overrides, "data.path": str(ds.path)})  # validates every key
             full = {"config": config_to_dict(resolved), "dataset": ds.manifest["files"]}
             run_dir = out / "runs" / budget_name(b) / point_id(point, full)
-            jobs.append(Job(b, point, run_dir, ds.path, overrides))
+            jobs.append(TrainJob(run_dir, cfg.recipe, ds.path, overrides, {"budget": b, "point": point}))
     return jobs, base
 
 
-def run_jobs(jobs: list[Job], cfg: SweepConfig) -> dict[Path, str]:
-    """Train every unfinished job, `cfg.jobs` at a time; returns failures (run dir -> last error line)."""
-    todo = [j for j in jobs if not j.done()]
-    failures: dict[Path, str] = {}
-    if not todo:
-        return failures
-    lock = threading.Lock()
-    bar = tqdm(total=len(todo), unit="run", desc="sweep", disable=not cfg.progress, dynamic_ncols=True)
-
-    def work(job: Job) -> None:
-        job.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(job.command(cfg.recipe, cfg.threads), capture_output=True, text=True)
-        with lock:
-            if r.returncode != 0:
-                lines = (r.stderr or r.stdout).strip().splitlines()
-                failures[job.run_dir] = lines[-1] if lines else f"exit code {r.returncode}"
-                bar.write(f"failed: {job.run_dir}: {failures[job.run_dir]}")
-            bar.update(1)
-
-    with ThreadPoolExecutor(max_workers=max(1, cfg.jobs)) as pool:
-        list(pool.map(work, todo))
-    bar.close()
-    return failures
-
-
-def collect(jobs: list[Job], base: Dataset, cfg: SweepConfig, failures: dict[Path, str]) -> dict:
+def collect(jobs: list[TrainJob], base: Dataset, cfg: SweepConfig, failures: dict[Path, str]) -> dict:
     points = []
     for j in jobs:
-        rec = {"budget": j.budget, "tokens": int(round(base.num_tokens("train") * j.budget)), "point": j.point,
+        b = j.tag["budget"]
+        rec = {"budget": b, "tokens": int(round(base.num_tokens("train") * b)), "point": j.tag["point"],
                "run_dir": str(j.run_dir), "overrides": j.overrides}
         if j.done():
-            res = json.loads((j.run_dir / "result.json").read_text())
+            res = j.result()
             best = res["variants"][res["best"]]
             rec.update({"variant": res["best"], "val_loss": best["val_loss"], "test_loss": best.get("test_loss"),
                         "val_bpb": best["val_bpb"], "test_bpb": best.get("test_bpb"), "params": res["params"],
@@ -215,7 +163,7 @@ def sweep(cfg: SweepConfig) -> dict:
     done = sum(j.done() for j in jobs)
     print(f"sweep: {len(jobs)} runs ({done} already finished) over {len(cfg.budgets)} budget(s) x "
           f"{len(jobs) // len(cfg.budgets)} grid point(s) in {cfg.out}", flush=True)
-    failures = run_jobs(jobs, cfg)
+    failures = run_jobs(jobs, cfg.jobs, cfg.threads, cfg.progress, desc="sweep")
     curve = collect(jobs, base, cfg, failures)
     curve["wall_s"] = round(time.time() - t0, 1)
     atomic_write_json(Path(cfg.out) / "curve.json", curve)

@@ -1,0 +1,308 @@
+"""Ensembles: K members of a recipe, chain distillation, and ensemble evaluation.
+
+Training: member k is a normal run directory (seed = train.seed + k); with `distill`,
+member k >= 1 is trained on (1-a)*CE + a*T^2*KL with member k-1 as its teacher (one
+teacher in memory at a time, whatever K is). An interrupted ensemble continues with the
+member it was on.
+
+Evaluation (of any runs, checkpoints or weight files sharing tokenizer and val/test):
+probability averaging, logit averaging and parameter averaging (when shapes match), a
+per-member table and a per-K table (the first k members, k = 1..K). Probability
+averaging needs only each member's log-probability of every target, so members are
+evaluated one at a time; logit averaging accumulates the members' logits block by
+block. Gradient-based member selection fits softmax mixture weights on a fitness slice
+carved from the end of the *training* split (never val/test), which the members must
+not have trained on (`data.fitness_tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import SlowrunError
+from .averaging import average_weights
+from .checkpoint import load_model, read_weights, weights_path
+from .dataset import Dataset
+from .distributed import resolve_device
+from .evaluate import autocast, chunk_batches, prob_average, summarize, target_byte_counts, target_logprobs
+from .gpt import GPT
+from .jobs import TrainJob, run_jobs
+from .loader import fitness_slice
+from .storage import atomic_write_json
+
+VARIANT_FILES = {"final": "model.safetensors", "ema": "ema.safetensors", "swa_params": "swa_avg.safetensors",
+                 "snapshot_params": "snapshot_avg.safetensors"}
+
+
+class EnsembleError(SlowrunError):
+    pass
+
+
+def best_weights(run_dir: str | Path) -> Path:
+    """The weights file of a run's best single-model variant (by val loss)."""
+    run_dir = Path(run_dir)
+    res_path = run_dir / "result.json"
+    if not res_path.is_file():
+        return weights_path(run_dir)
+    variants = json.loads(res_path.read_text())["variants"]
+    for name in sorted(variants, key=lambda k: variants[k]["val_loss"]):
+        if name in VARIANT_FILES and (run_dir / VARIANT_FILES[name]).is_file():
+            return run_dir / VARIANT_FILES[name]
+    return weights_path(run_dir)
+
+
+@dataclass
+class Member:
+    label: str
+    path: Path  # a weights file
+    seq_len: int
+    dataset: dict  # tokenizer / val / test fingerprint recorded in the weights
+    nbytes: int
+
+
+def open_members(refs: list[str]) -> list[Member]:
+    members = []
+    for ref in refs:
+        p = Path(ref)
+        path = best_weights(p) if p.is_dir() and (p / "result.json").is_file() else weights_path(p)
+        state, cfg, extra = read_weights(path)
+        members.append(Member(str(ref), path, cfg.model.seq_len, extra.get("dataset", {}),
+                              sum(v.numel() * v.element_size() for v in state.values())))
+    if not members:
+        raise EnsembleError("an ensemble needs at least one member")
+    first = members[0]
+    for m in members[1:]:
+        for key in ("tokenizer", "val", "test"):
+            if m.dataset.get(key) != first.dataset.get(key):
+                raise EnsembleError(f"members {first.label} and {m.label} were trained on different {key} "
+                                    "(different tokenizers or datasets cannot be ensembled)")
+        if m.seq_len != first.seq_len:
+            raise EnsembleError(f"members {first.label} and {m.label} have different model.seq_len ({first.seq_len} vs {m.seq_len})")
+    return members
+
+
+class _ModelCache:
+    """Members' models, kept loaded while they fit in `budget_bytes`, else reloaded on use."""
+
+    def __init__(self, members: list[Member], device: torch.device, budget_bytes: int) -> None:
+        self.members, self.device = members, device
+        self.keep = sum(m.nbytes for m in members) <= budget_bytes
+        self.cache: dict[int, GPT] = {}
+
+    def get(self, i: int) -> GPT:
+        if i in self.cache:
+            return self.cache[i]
+        model, _, _ = load_model(self.members[i].path, self.device)
+        if self.keep:
+            self.cache[i] = model
+        return model
+
+
+def _split_result(lp: np.ndarray, tb: np.ndarray) -> dict:
+    r = summarize(lp, tb)
+    return {"loss": r.loss, "bpb": r.bpb}
+
+
+def evaluate_ensemble(refs: list[str], data: str | Path | None = None, splits: tuple[str, ...] = ("val", "test"),
+                      device: str = "auto", dtype: str = "fp32", batch_seqs: int = 8, logits: bool = True,
+                      params: bool = True, fitness_tokens: int = 0, select: int = 0,
+                      memory_budget_gb: float = 4.0, log=print) -> dict:
+    members = open_members(refs)
+    dev = resolve_device(device)
+    if data is None:
+        _, cfg, _ = read_weights(members[0].path)
+        data = cfg.data.path
+    ds = Dataset.open(data)
+    fp = ds.fingerprint
+    if members[0].dataset and any(members[0].dataset.get(k) != fp[k] for k in fp):
+        raise EnsembleError(f"the dataset {ds.path} is not the one the members were trained on (tokenizer/val/test differ)")
+    T = members[0].seq_len
+    splits = tuple(s for s in splits if ds.num_tokens(s) > T + 1)
+    K = len(members)
+    tb = {s: target_byte_counts(ds.tokens(s), T, ds.token_bytes) for s in splits}
+
+    # per-member log-probabilities, one member in memory at a time
+    lps: dict[str, list[np.ndarray]] = {s: [] for s in splits}
+    per_member = []
+    for i, m in enumerate(members):
+        model, _, _ = load_model(m.path, dev)
+        row = {"member": i, "label": m.label, "weights": str(m.path)}
+        for s in splits:
+            lp = target_logprobs(model, ds.tokens(s), T, batch_seqs, dev, dtype)
+            lps[s].append(lp)
+            r = _split_result(lp, tb[s])
+            row.update({f"{s}_loss": r["loss"], f"{s}_bpb": r["bpb"]})
+        per_member.append(row)
+        log(f"member {i}: " + " | ".join(f"{s} loss {row[f'{s}_loss']:.4f}" for s in splits) + f"  ({m.label})")
+        del model
+
+    per_k = [{"k": k} for k in range(1, K + 1)]
+    for s in splits:
+        for k in range(1, K + 1):
+            r = _split_result(prob_average(lps[s][:k]), tb[s])
+            per_k[k - 1].update({f"probs_{s}_loss": r["loss"], f"probs_{s}_bpb": r["bpb"]})
+    methods: dict[str, dict] = {"probs": {f"{s}_{q}": per_k[-1][f"probs_{s}_{q}"] for s in splits for q in ("loss", "bpb")}}
+
+    if logits and K > 1:
+        cache = _ModelCache(members, dev, int(memory_budget_gb * 2**30))
+        for s in splits:
+            nats = np.zeros(K)
+            for chunk in chunk_batches(ds.tokens(s), T, batch_seqs):
+                x = torch.from_numpy(chunk[:, :-1]).to(dev)
+                y = torch.from_numpy(chunk[:, 1:]).to(dev).reshape(-1)
+                total = None
+                for i in range(K):
+                    with torch.no_grad(), autocast(dev, dtype):
+                        out, _ = cache.get(i)(x)
+                    total = out.float() if total is None else total + out.float()
+                    nats[i] += F.cross_entropy((total / (i + 1)).reshape(-1, total.size(-1)), y, reduction="sum").item()
+            n, nbytes = len(tb[s]), int(tb[s].sum())
+            for k in range(1, K + 1):
+                per_k[k - 1].update({f"logits_{s}_loss": nats[k - 1] / n, f"logits_{s}_bpb": nats[k - 1] / math.log(2) / nbytes})
+        methods["logits"] = {f"{s}_{q}": per_k[-1][f"logits_{s}_{q}"] for s in splits for q in ("loss", "bpb")}
+
+    if params and K > 1:
+        try:
+            avg = average_weights([m.path for m in members], lambda p: read_weights(p)[0])
+            model, _, _ = load_model(members[0].path, dev)
+            model.load_state_dict(avg)
+            methods["params"] = {}
+            for s in splits:
+                r = _split_result(target_logprobs(model, ds.tokens(s), T, batch_seqs, dev, dtype), tb[s])
+                methods["params"].update({f"{s}_loss": r["loss"], f"{s}_bpb": r["bpb"]})
+        except (ValueError, RuntimeError) as e:
+            methods["params"] = {"skipped": str(e).splitlines()[0]}
+
+    result = {"kind": "ensemble", "members": [m.label for m in members], "per_member": per_member, "per_k": per_k,
+              "methods": methods, "dataset": {"path": str(ds.path), **fp}, "seq_len": T}
+    if fitness_tokens > 0:
+        result["selection"] = select_members(members, ds, fitness_tokens, select or K, lps, tb, dev, dtype, batch_seqs)
+    return result
+
+
+def fit_mixture(logprobs: np.ndarray, steps: int = 300) -> np.ndarray:
+    """Softmax mixture weights maximizing mean log sum_k w_k p_k(target); logprobs (K, N)."""
+    lp = torch.from_numpy(logprobs).double()
+    theta = torch.zeros(lp.size(0), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=0.1)
+    for _ in range(steps):
+        loss = -torch.logsumexp(lp + torch.log_softmax(theta, 0)[:, None], dim=0).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.softmax(theta.detach(), 0).numpy()
+
+
+def select_members(members: list[Member], ds: Dataset, fitness_tokens: int, keep: int, lps: dict, tb: dict,
+                   dev: torch.device, dtype: str, batch_seqs: int) -> dict:
+    """Gradient-based selection: mixture weights fitted on the fitness slice (carved from the end of
+    the training split); the `keep` heaviest members, reweighted, are evaluated on val/test."""
+    for m in members:
+        _, cfg, _ = read_weights(m.path)
+        if cfg.data.fitness_tokens < fitness_tokens:
+            raise EnsembleError(f"member {m.label} trained on the last {fitness_tokens:,} training tokens "
+                                f"(its data.fitness_tokens is {cfg.data.fitness_tokens}); it cannot be selected on them")
+    fit_tokens = fitness_slice(ds, fitness_tokens)
+    T = members[0].seq_len
+    fit_lps = []
+    for m in members:
+        model, _, _ = load_model(m.path, dev)
+        fit_lps.append(target_logprobs(model, fit_tokens, T, batch_seqs, dev, dtype))
+        del model
+    w = fit_mixture(np.stack(fit_lps))
+    order = np.argsort(-w)[:keep]
+    sel_w = w[order] / w[order].sum()
+    out = {"fitness_slice": {"source": "training split", "tokens": fitness_tokens,
+                             "offset": ds.num_tokens("train") - fitness_tokens, "note": "carved from the training budget; members never trained on it"},
+           "weights": {members[i].label: float(w[i]) for i in range(len(members))},
+           "selected": [members[i].label for i in order], "selected_weights": [float(x) for x in sel_w]}
+    for s in lps:
+        r = _split_result(prob_average([lps[s][i] for i in order], sel_w), tb[s])
+        out.update({f"{s}_loss": r["loss"], f"{s}_bpb": r["bpb"]})
+    return out
+
+
+def describe(result: dict) -> str:
+    splits = [s for s in ("val", "test") if f"{s}_loss" in result["per_member"][0]]
+    lines = ["member  " + "".join(f"{s + ' loss':>11}" for s in splits) + "  label"]
+    for r in result["per_member"]:
+        lines.append(f"{r['member']:>6}  " + "".join(f"{r[f'{s}_loss']:>11.4f}" for s in splits) + f"  {r['label']}")
+    has_logits = "logits" in result["methods"]
+    lines.append("")
+    lines.append("k  " + "".join(f"{'probs ' + s:>12}" for s in splits) + ("".join(f"{'logits ' + s:>13}" for s in splits) if has_logits else ""))
+    for r in result["per_k"]:
+        row = f"{r['k']:<3}" + "".join(f"{r[f'probs_{s}_loss']:>12.4f}" for s in splits)
+        if has_logits and f"logits_{splits[0]}_loss" in r:
+            row += "".join(f"{r[f'logits_{s}_loss']:>13.4f}" for s in splits)
+        lines.append(row)
+    for name, m in result["methods"].items():
+        if "skipped" in m:
+            lines.append(f"{name} averaging: skipped ({m['skipped']})")
+        else:
+            lines.append(f"{name} averaging: " + " | ".join(f"{s} loss {m[f'{s}_loss']:.4f}" for s in splits))
+    if "selection" in result:
+        sel = result["selection"]
+        lines.append("selection on the fitness slice: " + ", ".join(f"{l} ({w:.2f})" for l, w in zip(sel["selected"], sel["selected_weights"]))
+                     + " -> " + " | ".join(f"{s} loss {sel[f'{s}_loss']:.4f}" for s in splits))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, overrides: dict | None = None,
+                   distill: bool = False, alpha: float = 0.5, temperature: float = 1.2, parallel: int = 1,
+                   threads: int = -1, fitness_tokens: int = 0, select: int = 0, progress: bool = True,
+                   log=print) -> dict:
+    """Train (or continue) K members, then evaluate the ensemble; writes run_dir/result.json."""
+    from .config import build_config
+
+    if members < 1:
+        raise EnsembleError(f"--members must be >= 1, got {members}")
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    over = dict(overrides or {})
+    base_cfg = build_config(recipe, {**over, "data.path": data})  # validates the overrides once
+    if fitness_tokens:
+        over["data.fitness_tokens"] = fitness_tokens
+    jobs = []
+    for k in range(members):
+        o = {**over, "train.seed": base_cfg.train.seed + k}
+        jobs.append(TrainJob(run_dir / f"member_{k}", recipe, data, o, {"k": k}))
+    if distill:
+        for k, job in enumerate(jobs):
+            if k > 0:
+                job.overrides.update({"distill.teacher": str(best_weights(jobs[k - 1].run_dir)),
+                                      "distill.alpha": alpha, "distill.temperature": temperature})
+            failures = run_jobs([job], 1, threads, progress, desc=f"member {k}")
+            if failures:
+                raise EnsembleError(f"member {k} failed: {failures[job.run_dir]}")
+    else:
+        failures = run_jobs(jobs, parallel, threads, progress, desc="members")
+        if failures:
+            raise EnsembleError("members failed: " + "; ".join(f"{p.name}: {e}" for p, e in failures.items()))
+    t_eval = time.time()
+    result = evaluate_ensemble([str(j.run_dir) for j in jobs], data, fitness_tokens=fitness_tokens, select=select, log=log)
+    eval_wall = time.time() - t_eval
+    member_results = [j.result() for j in jobs]
+    probs = result["methods"]["probs"]
+    result.update({
+        "recipe": recipe, "overrides": overrides or {}, "distill": {"enabled": distill, "alpha": alpha, "temperature": temperature},
+        **{f"{k}": v for k, v in probs.items()},
+        "wall_s": round(sum(r["wall_s"] for r in member_results) + eval_wall, 2),
+        "tokens_seen": sum(r["tokens_seen"] for r in member_results),
+        "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in member_results])),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in member_results),
+        "config": member_results[0]["config"], "seeds": [r["seed"] for r in member_results],
+        "eval_wall_s": round(eval_wall, 2), "command_wall_s": round(time.time() - t0, 2),
+    })
+    atomic_write_json(run_dir / "result.json", result)
+    return result
