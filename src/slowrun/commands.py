@@ -263,6 +263,63 @@ def _run_ensemble(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------
+# record / report
+
+
+def _add_record(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="runs (or ensembles) of one recipe with distinct seeds; at least 3")
+    p.add_argument("--track", default="cpu", help="track name (default cpu)")
+    p.add_argument("--name", default=None, help="record name (default: the recipe name)")
+    p.add_argument("--records", default="records", help="records directory (default records/)")
+    p.add_argument("--curve", default=None, help="baseline curve for the data efficiency (curve.json)")
+    p.add_argument("--notes", default="", help="free text kept with the record")
+    p.add_argument("--check", action="store_true", help="only say whether the runs beat the track's record at p < 0.05")
+    p.add_argument("--force", action="store_true", help="replace a record file of the same date and name")
+
+
+def _run_record(a: argparse.Namespace) -> int:
+    from .records import ALPHA, check, make_record
+
+    if a.check:
+        c = check(a.runs, a.track, a.records)
+        if c["record"] is None:
+            print(f"{c['note']}: the candidate (mean test loss {c['candidate_mean']:.4f}) would be the first record")
+        else:
+            verdict = "beats" if c["beats"] else "does not beat"
+            print(f"candidate mean test loss {c['candidate_mean']:.4f} {verdict} record {c['record']} ({c['record_mean']:.4f}): "
+                  f"one-sided Welch p = {c['p_value']:.4f} (threshold {ALPHA})")
+        return 0
+    name = a.name or Path(a.runs[0]).resolve().name
+    rec, path = make_record(a.runs, a.track, name, a.records, a.curve, a.notes, a.force)
+    tl = rec["test_loss"]
+    print(f"record {rec['name']} ({a.track}): test loss {tl['mean']:.4f} +- {tl['std']:.4f} over seeds {rec['seeds']}")
+    if rec.get("efficiency", {}).get("value"):
+        print(f"data efficiency {rec['efficiency']['value']:.2f}x")
+    if rec["vs_best"]:
+        v = rec["vs_best"]
+        print(f"vs {v['record']}: one-sided Welch p = {v['p_value']:.4f} ({'beats' if v['beats'] else 'does not beat'} it at p < 0.05)")
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished runs and/or ensembles")
+    p.add_argument("--out", required=True, help="output directory (index.html and PNGs)")
+    p.add_argument("--curve", default=None, help="a baseline curve (curve.json, or fineweb) to place the runs on")
+    p.add_argument("--records", default=None, help="records directory, for the records table")
+    p.add_argument("--track", default="cpu", help="records track (default cpu)")
+    p.add_argument("--title", default="slowrun report")
+
+
+def _run_report(a: argparse.Namespace) -> int:
+    from .report import build_report
+
+    page = build_report(a.runs, a.out, a.curve, a.records, a.track if a.records else None, a.title)
+    print(f"wrote {page}")
+    return 0
+
+
 def table():
     """This module's rows of the CLI's command table."""
     from .cli import Command
@@ -273,5 +330,7 @@ def table():
         Command("sample", "generate text from a run or checkpoint", _add_sample, _run_sample),
         Command("ensemble", "train K members (optionally chain-distilled) and evaluate them together; or --eval any runs", _add_ensemble, _run_ensemble, passthrough=True),
         Command("sweep", "a recipe over a config grid at nested budgets: a tuned baseline curve (curve.json)", _add_sweep, _run_sweep),
+        Command("record", "make a record (>= 3 seeds, Welch t-test vs the track's best) or --check a candidate", _add_record, _run_record),
+        Command("report", "a static HTML report with plots of runs, ensembles, curves and records", _add_report, _run_report),
         Command("efficiency", "data efficiency of a loss or run on a baseline curve (e.g. 6.12x)", _add_efficiency, _run_efficiency),
     ]

@@ -1,0 +1,228 @@
+"""`slowrun report`: a static HTML page with PNG plots, readable from disk with no server.
+
+Plots: train/val loss of each run by step and by epoch; the baseline curve with the runs
+placed on it (their data efficiency shown); the per-K curve of each ensemble; and a
+records table. Every number in the page's tables is taken from the JSON files it cites.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from . import SlowrunError
+from .efficiency import Curve, EfficiencyError, place
+from .records import track_records
+from .storage import atomic_write_text
+
+
+class ReportError(SlowrunError):
+    pass
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    train, evals = [], []
+    f = run / "metrics.jsonl"
+    if f.is_file():
+        seen: dict[tuple, dict] = {}
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            seen[(rec.get("kind"), rec.get("step"), rec.get("at"))] = rec  # a resumed run's repeats: keep the last
+        for (kind, _, _), rec in sorted(seen.items(), key=lambda kv: kv[1].get("step", 0)):
+            (train if kind == "train" else evals).append(rec)
+    return train, evals
+
+
+def _fmt(x, digits=4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return html.escape(str(x))
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _smooth(ys: list[float], k: int = 10) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc = y if i == 0 else acc + (y - acc) / min(i + 1, k)
+        out.append(acc)
+    return out
+
+
+def loss_curves(runs: list[Path], out: Path) -> list[str]:
+    """Two PNGs: loss by step, and val loss by epoch."""
+    plt = _plt()
+    files = []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for run in runs:
+        train, evals = _metrics(run)
+        if train:
+            line, = ax.plot([r["step"] for r in train], _smooth([r["loss"] for r in train]), lw=1, label=f"{run.name} train")
+            if evals:
+                ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o--", color=line.get_color(), ms=3,
+                        label=f"{run.name} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("training loss (smoothed) and val loss by step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_by_step.png", dpi=110)
+    plt.close(fig)
+    files.append("loss_by_step.png")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for run in runs:
+        _, evals = _metrics(run)
+        if evals:
+            ax.plot([r["epoch"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label=run.name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val loss")
+    ax.set_title("val loss by epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "val_by_epoch.png", dpi=110)
+    plt.close(fig)
+    files.append("val_by_epoch.png")
+    return files
+
+
+def _run_loss(result: dict, metric: str) -> float | None:
+    if "variants" in result:
+        return result["variants"][result["best"]].get(f"{metric}_loss")
+    return result.get(f"{metric}_loss")
+
+
+def curve_plot(curve: Curve, placed: list[tuple[str, float, float | None]], out: Path, metric: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(curve.tokens, curve.losses[metric], "o-", color="black", label=f"baseline curve ({curve.name}, {metric})")
+    for label, loss, eff in placed:
+        ax.axhline(loss, ls=":", lw=1, color="tab:blue")
+        if eff is not None:
+            ax.plot([eff * curve.budget], [loss], "s", color="tab:red")
+            ax.annotate(f"{label}: {eff:.2f}x", (eff * curve.budget, loss), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        else:
+            ax.annotate(f"{label} (off the curve)", (curve.tokens[0], loss), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axvline(curve.budget, color="gray", lw=1, ls="--", label=f"budget {curve.budget:,} tokens")
+    ax.set_xscale("log")
+    ax.set_xlabel("baseline training tokens")
+    ax.set_ylabel(f"{metric} loss")
+    ax.set_title("runs placed on the baseline curve (data efficiency)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "efficiency.png", dpi=110)
+    plt.close(fig)
+    return "efficiency.png"
+
+
+def per_k_plot(ensembles: list[tuple[str, dict]], out: Path, metric: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, res in ensembles:
+        ks = [r["k"] for r in res["per_k"]]
+        ax.plot(ks, [r[f"probs_{metric}_loss"] for r in res["per_k"]], "o-", label=f"{label} (prob avg)")
+        if f"logits_{metric}_loss" in res["per_k"][0]:
+            ax.plot(ks, [r[f"logits_{metric}_loss"] for r in res["per_k"]], "s--", label=f"{label} (logit avg)")
+    ax.set_xlabel("members k")
+    ax.set_ylabel(f"{metric} loss of the first k members")
+    ax.set_title("ensemble size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ensemble_per_k.png", dpi=110)
+    plt.close(fig)
+    return "ensemble_per_k.png"
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}"""
+
+
+def build_report(runs: list[str], out: str | Path, curve: str | None = None, records_dir: str | Path | None = None,
+                 track: str | None = None, title: str = "slowrun report") -> Path:
+    out = Path(out)
+    paths = [Path(r) for r in runs]
+    for p in paths:
+        if not (p / "result.json").is_file():
+            raise ReportError(f"{p}: not a finished run or ensemble (no result.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    results = {p: json.loads((p / "result.json").read_text()) for p in paths}
+    sections = [f"<h1>{html.escape(title)}</h1>"]
+
+    singles = [p for p in paths if results[p].get("kind") != "ensemble"]
+    ensembles = [p for p in paths if results[p].get("kind") == "ensemble"]
+    metric = "test"
+    rows = []
+    for p in paths:
+        r = results[p]
+        rows.append([p.name, r.get("best", "probs avg" if r.get("kind") == "ensemble" else "-"), _run_loss(r, "val"),
+                     _run_loss(r, "test"), r.get("tokens_seen"), r.get("wall_s")])
+    sections.append("<h2>Runs</h2>" + _table(["run", "variant", "val loss", "test loss", "tokens seen", "wall s"], rows)
+                    + "<p>Sources: " + ", ".join(f"<code>{html.escape(str(p / 'result.json'))}</code>" for p in paths) + "</p>")
+
+    if singles:
+        for f in loss_curves(singles, out):
+            sections.append(f'<img src="{f}" alt="{f}">')
+        for p in singles:
+            r = results[p]
+            vrows = [[name, v.get("val_loss"), v.get("val_bpb"), v.get("test_loss"), v.get("test_bpb")] for name, v in r["variants"].items()]
+            sections.append(f"<h3>{html.escape(p.name)}</h3>" + _table(["variant", "val loss", "val bpb", "test loss", "test bpb"], vrows))
+
+    if curve:
+        cv = Curve.load(curve)
+        metric = "test" if "test" in cv.losses else "val"
+        placed, erows = [], []
+        for p in paths:
+            loss = _run_loss(results[p], metric)
+            try:
+                eff = place(cv, loss, metric).efficiency if loss is not None else None
+            except EfficiencyError:
+                eff = None
+            placed.append((p.name, loss, eff))
+            erows.append([p.name, loss, f"{eff:.2f}x" if eff is not None else "off the curve"])
+        sections.append("<h2>Data efficiency</h2>" + f'<img src="{curve_plot(cv, placed, out, metric)}" alt="efficiency">'
+                        + _table(["run", f"{metric} loss", "efficiency"], erows)
+                        + _table(["budget tokens", f"baseline {metric} loss"], [[t, l] for t, l in zip(cv.tokens, cv.losses[metric])]))
+
+    if ensembles:
+        sections.append("<h2>Ensembles</h2>" + f'<img src="{per_k_plot([(p.name, results[p]) for p in ensembles], out, "test")}" alt="per-K">')
+        for p in ensembles:
+            r = results[p]
+            krows = [[k["k"], k.get("probs_val_loss"), k.get("probs_test_loss"), k.get("logits_val_loss"), k.get("logits_test_loss")]
+                     for k in r["per_k"]]
+            sections.append(f"<h3>{html.escape(p.name)}</h3>" + _table(["k", "probs val", "probs test", "logits val", "logits test"], krows))
+
+    if records_dir and track:
+        recs = track_records(records_dir, track)
+        rrows = [[r["name"], r["date"], r["members"], len(r["seeds"]), r["test_loss"]["mean"], r["test_loss"]["std"],
+                  (r.get("efficiency") or {}).get("value"), (r.get("vs_best") or {}).get("p_value")] for r in recs]
+        sections.append(f"<h2>Records: {html.escape(track)} track</h2>"
+                        + _table(["name", "date", "members", "seeds", "test loss mean", "std", "efficiency", "p vs previous"], rrows))
+
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>" \
+           + "\n".join(sections) + "</body></html>\n"
+    atomic_write_text(out / "index.html", page)
+    return out / "index.html"
