@@ -320,6 +320,37 @@ def _run_report(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------
+# bench
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    from .speed import add_args
+
+    sub = p.add_subparsers(dest="bench", required=True, metavar="{cpu-track,throughput}")
+    track = sub.add_parser("cpu-track", help="the CPU track: baseline curve, single and ensemble entries, speed, memory")
+    track.add_argument("--work", default="benchmarks/work/cpu-track", help="runs and datasets (cached; rerunning continues)")
+    track.add_argument("--out", default="benchmarks/results/cpu_track.json", help="results JSON")
+    track.add_argument("--report", default="benchmarks/results/cpu_track", help="report directory (index.html + PNGs)")
+    track.add_argument("--parts", nargs="+", default=["curve", "single", "ensemble", "throughput", "memory"],
+                       choices=["curve", "single", "ensemble", "throughput", "memory"], help="what to (re)compute")
+    track.add_argument("--jobs", type=int, default=2, help="runs at a time for the curve and independent members (default 2)")
+    track.add_argument("--threads", type=int, default=1, help="torch threads per run when --jobs > 1 (default 1)")
+    add_args(sub.add_parser("throughput", help="tokens/s, MFU and peak RSS of recipes vs a minimal loop, fp32 and bf16"))
+
+
+def _run_bench(a: argparse.Namespace) -> int:
+    if a.bench == "throughput":
+        from .speed import run
+
+        run(a)
+        return 0
+    from .track import TRACK, run_track
+
+    run_track(TRACK, a.work, a.out, a.report, tuple(a.parts), a.jobs, a.threads)
+    return 0
+
+
 def table():
     """This module's rows of the CLI's command table."""
     from .cli import Command
@@ -332,5 +363,6 @@ def table():
         Command("sweep", "a recipe over a config grid at nested budgets: a tuned baseline curve (curve.json)", _add_sweep, _run_sweep),
         Command("record", "make a record (>= 3 seeds, Welch t-test vs the track's best) or --check a candidate", _add_record, _run_record),
         Command("report", "a static HTML report with plots of runs, ensembles, curves and records", _add_report, _run_report),
+        Command("bench", "benchmarks: the CPU track, and training throughput", _add_bench, _run_bench),
         Command("efficiency", "data efficiency of a loss or run on a baseline curve (e.g. 6.12x)", _add_efficiency, _run_efficiency),
     ]

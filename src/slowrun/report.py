@@ -99,7 +99,8 @@ def loss_curves(runs: list[Path], out: Path) -> list[str]:
     ax.set_ylabel("val loss")
     ax.set_title("val loss by epoch")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "val_by_epoch.png", dpi=110)
     plt.close(fig)

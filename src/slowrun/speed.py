@@ -1,0 +1,200 @@
+"""Training throughput: tokens/s, MFU and peak RSS of recipes, plus a plain minimal GPT loop.
+
+    slowrun bench throughput                              # minimal, baseline, slowrun; fp32 + bf16
+    slowrun bench throughput --recipes slowrun --dtypes bf16 --steps 5
+
+Each measurement runs in its own process (so peak RSS is that configuration's alone) on
+real batches of the builtin dataset, times `--steps` optimizer steps after `--warmup`
+steps, and reports tokens/s, MFU against the peak matmul rate measured on this machine
+(fp32 and bf16 separately), and peak RSS. The `minimal` entry is a self-contained
+nanoGPT-style model and AdamW loop at the same size and vocabulary as the `baseline`
+recipe: what a step costs without the framework. Writes benchmarks/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+
+def peak_matmul_flops(dtype: torch.dtype, sizes=(512, 1024, 2048), reps: int = 10) -> float:
+    """Best observed dense matmul rate (FLOP/s) over square sizes: the peak MFU is taken against."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+# ---------------------------------------------------------------------------------------
+# the plain minimal GPT (what one would write without a framework)
+
+
+class MinimalBlock(nn.Module):
+    def __init__(self, C: int, H: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.fc, self.out = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+        self.H = H
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.H, C // self.H).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C))
+        return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+
+class MinimalGPT(nn.Module):
+    def __init__(self, V: int, T: int, L: int, C: int, H: int) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
+        self.blocks = nn.ModuleList(MinimalBlock(C, H) for _ in range(L))
+        self.ln_f = nn.LayerNorm(C)
+        for p in self.parameters():
+            if p.ndim == 2:
+                nn.init.normal_(p, 0, 0.02)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
+        for b in self.blocks:
+            x = b(x)
+        logits = F.linear(self.ln_f(x), self.wte.weight)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def measure_one(recipe: str, dtype: str, steps: int, warmup: int, data: str, overrides: list[str]) -> dict:
+    from .config import build_config, parse_overrides
+    from .dataset import Dataset
+    from .evaluate import autocast
+    from .gpt import GPT
+    from .loader import TrainLoader
+    from .optim import build_optimizers
+
+    torch.set_flush_denormal(True)
+    ds = Dataset.open(data)
+    name = "baseline" if recipe == "minimal" else recipe
+    cfg = build_config(name, {**parse_overrides(overrides), "model.vocab_size": ds.vocab_size, "train.dtype": dtype})
+    T, B = cfg.model.seq_len, cfg.train.batch_tokens // cfg.model.seq_len
+    loader = TrainLoader(ds, T, B, seed=0)
+    torch.manual_seed(0)
+    dev = torch.device("cpu")
+    if recipe == "minimal":
+        m = cfg.model
+        model = MinimalGPT(ds.vocab_size, T, m.n_layer, m.n_embd, m.n_head)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                weight_decay=cfg.optim.weight_decay)
+        flops = GPT(cfg.model).flops_per_token()  # same architecture and size as the baseline recipe
+
+        def step(x, y):
+            with autocast(dev, dtype):
+                loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+    else:
+        model = GPT(cfg.model)
+        opts = build_optimizers(model, cfg.optim, dev)
+        flops = model.flops_per_token()
+
+        def step(x, y):
+            with autocast(dev, dtype):
+                _, loss = model(x, y, return_logits=False)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opts.step()
+            opts.zero_grad()
+            return loss
+
+    model.train()
+    times = []
+    for i in range(warmup + steps):
+        x, y = loader.next_batch()
+        t = time.perf_counter()
+        loss = step(x, y)
+        loss.item()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    dt = sorted(times)[len(times) // 2]  # median step time
+    tok_s = B * T / dt
+    return {"recipe": recipe, "dtype": dtype, "params": sum(p.numel() for p in model.parameters()),
+            "flops_per_token": flops, "batch_tokens": B * T, "step_s_median": round(dt, 4), "tokens_per_s": round(tok_s, 1),
+            "achieved_tflops": round(flops * tok_s / 1e12, 4),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--recipes", nargs="+", default=["minimal", "baseline", "slowrun"],
+                    help="recipes to time; 'minimal' is the plain nanoGPT-style loop at the baseline's size")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    ap.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--data", default="data/builtin", help="prepared dataset (default: the builtin one, prepared if absent)")
+    ap.add_argument("--out", default="benchmarks/results/throughput.json", help="JSON output")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every recipe (repeatable)")
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Measure every (recipe, dtype) in its own process; print a table; write the JSON."""
+    from .train import default_dataset
+
+    if a.data == "data/builtin":
+        default_dataset(progress=False)
+    overrides = [f"--{kv}" for kv in a.set]
+    peaks = {"fp32": peak_matmul_flops(torch.float32), "bf16": peak_matmul_flops(torch.bfloat16)}
+    print(f"peak matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    rows = []
+    for recipe in a.recipes:
+        for dtype in a.dtypes:
+            cmd = [sys.executable, "-m", "slowrun.speed", recipe, dtype, str(a.steps), str(a.warmup), a.data, *overrides]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            row["mfu"] = round(row["flops_per_token"] * row["tokens_per_s"] / peaks[dtype], 4)
+            rows.append(row)
+            print(f"{recipe:>9} {dtype}: {row['tokens_per_s']:>9,.0f} tok/s | MFU {row['mfu']:6.1%} | "
+                  f"{row['achieved_tflops'] * 1000:6.1f} GFLOP/s | step {row['step_s_median']:.3f}s | peak RSS {row['peak_rss_mb']:,.0f} MB")
+    by = {(r["recipe"], r["dtype"]): r["tokens_per_s"] for r in rows}
+    ratios = {}
+    for dtype in a.dtypes:
+        if ("baseline", dtype) in by and ("minimal", dtype) in by:
+            ratios[f"baseline_vs_minimal_{dtype}"] = round(by[("baseline", dtype)] / by[("minimal", dtype)], 3)
+    for recipe in a.recipes:
+        if (recipe, "bf16") in by and (recipe, "fp32") in by:
+            ratios[f"{recipe}_bf16_vs_fp32"] = round(by[(recipe, "bf16")] / by[(recipe, "fp32")], 3)
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    result = {"machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "peak_fp32_flops": peaks["fp32"], "peak_bf16_flops": peaks["bf16"]},
+              "rows": rows, "ratios": ratios, "overrides": overrides}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {a.out}")
+    return result
+
+
+if __name__ == "__main__":  # one measurement, in its own process: RECIPE DTYPE STEPS WARMUP DATA [--overrides]
+    r, d, n, w, data, *over = sys.argv[1:]
+    print(json.dumps(measure_one(r, d, int(n), int(w), data, over)))

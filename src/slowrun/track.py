@@ -1,0 +1,224 @@
+"""The CPU track: the benchmark at a scale that runs on two cores, offline.
+
+Rules (also in the README):
+- data: the builtin corpus; tokenizer bpe:8192 trained on the 1x training text and shared
+  by every budget; val 131,072 and test 131,072 tokens; budget 262,144 training tokens;
+- baseline curve: the `baseline` recipe (one epoch) at 1x, 2x, 4x, 8x and 16x the budget
+  (nested datasets sharing val/test), tuned at every budget over a grid of model sizes x
+  learning rates x batch sizes, the point chosen by val loss;
+- metric: test loss (val only for selection and tuning), bits per byte beside it, and
+  data efficiency on the measured baseline curve;
+- compute: unlimited in principle; the reference entries are a single model in at most
+  30 minutes and an ensemble in at most 2 hours on 2 cores.
+
+`run_track` runs (resumably; finished runs are cached by config and dataset hash) the
+baseline curve, the single-model entry and the ensemble entry, measures throughput and
+memory, writes `benchmarks/results/cpu_track.json` and renders the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import SlowrunError
+from .config import build_config, config_to_dict
+from .dataset import Dataset
+from .efficiency import Curve, EfficiencyError, place
+from .prepare import PrepareConfig, prepare
+
+
+class TrackError(SlowrunError):
+    pass
+
+
+@dataclass
+class Entry:
+    recipe: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    members: int = 1
+    distill: bool = False
+    alpha: float = 0.5
+    temperature: float = 1.2
+    limit_s: int = 1800  # the track's wall-time allowance for this kind of entry
+
+
+@dataclass
+class TrackDef:
+    name: str = "cpu"
+    source: str = "builtin"
+    tokenizer: str = "bpe:8192"
+    budget: int = 262_144
+    val_tokens: int = 131_072
+    test_tokens: int = 131_072
+    budgets: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    baseline_grid: dict[str, list] = field(default_factory=lambda: {
+        "model.depth": [2, 3, 4],
+        "optim.lr": [1.2e-3, 2.4e-3, 4.8e-3],
+        "train.batch_tokens": [2048, 8192],
+    })
+    baseline_fixed: dict[str, Any] = field(default_factory=dict)
+    single: Entry = field(default_factory=lambda: Entry("cpu-single", limit_s=1800))
+    ensemble: Entry = field(default_factory=lambda: Entry("cpu-ensemble", members=4, limit_s=7200))
+
+
+TRACK = TrackDef()
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def track_data(t: TrackDef, work: Path) -> Dataset:
+    cfg = PrepareConfig(source=t.source, tokenizer=t.tokenizer, train_tokens=t.budget, val_tokens=t.val_tokens,
+                        test_tokens=t.test_tokens, out=str(work / "data" / "1x"), progress=False)
+    return Dataset.open(prepare(cfg))
+
+
+def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int) -> dict:
+    from .sweep import SweepConfig, describe, sweep
+
+    cfg = SweepConfig("baseline", str(data.path), str(work / "baseline-curve"), t.budgets, t.baseline_grid,
+                      t.baseline_fixed, jobs, threads, name=f"{t.name}-track baseline")
+    curve = sweep(cfg)
+    print(describe(curve), flush=True)
+    return curve
+
+
+def _entry_dir(work: Path, kind: str, e: Entry, data: Dataset) -> Path:
+    resolved = config_to_dict(build_config(e.recipe, {**e.overrides, "data.path": str(data.path)}))
+    key = {"entry": asdict(e), "config": resolved, "dataset": data.manifest["files"]}
+    return work / kind / f"{Path(e.recipe).stem}-{_hash(key)}"
+
+
+def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads: int) -> tuple[Path, dict]:
+    from .ensemble import train_ensemble
+    from .jobs import TrainJob, run_jobs
+
+    run_dir = _entry_dir(work, kind, e, data)
+    if e.members == 1:
+        job = TrainJob(run_dir, e.recipe, data.path, e.overrides)
+        failures = run_jobs([job], 1, -1, desc=kind)
+        if failures:
+            raise TrackError(f"{kind} entry failed: {failures[run_dir]}")
+        return run_dir, job.result()
+    result = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").is_file() else \
+        train_ensemble(e.recipe, str(data.path), e.members, run_dir, e.overrides, e.distill, e.alpha, e.temperature,
+                       jobs if not e.distill else 1, threads if not e.distill else -1)
+    return run_dir, result
+
+
+def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict, curve: Curve) -> dict:
+    if result.get("kind") == "ensemble":
+        best = result["methods"]["probs"]
+        member_walls = result["wall_s"]
+        members = len(result["members"])
+        variant = "probability average"
+    else:
+        best = result["variants"][result["best"]]
+        member_walls = result["wall_s"]
+        members = 1
+        variant = result["best"]
+    out = {"run_dir": str(run_dir), "recipe": e.recipe, "overrides": e.overrides, "members": members,
+           "distill": e.distill, "variant": variant, "test_loss": best["test_loss"], "test_bpb": best["test_bpb"],
+           "val_loss": best["val_loss"], "val_bpb": best["val_bpb"], "wall_s": member_walls,
+           "within_limit": member_walls <= e.limit_s, "limit_s": e.limit_s,
+           "tokens_per_s": result.get("tokens_per_s"), "peak_rss_mb": result.get("peak_rss_mb"),
+           "tokens_seen": result.get("tokens_seen"), "resolved_recipe": result["config"]}
+    if result.get("kind") == "ensemble":
+        out["per_k"] = result["per_k"]
+        out["methods"] = result["methods"]
+    try:
+        pl = place(curve, out["test_loss"], "test")
+    except EfficiencyError:
+        pl = place(curve, out["test_loss"], "test", extrapolate=True)
+    out["efficiency"] = pl.efficiency
+    out["efficiency_tokens"] = pl.tokens
+    out["efficiency_extrapolated"] = pl.extrapolated
+    if pl.fit:
+        out["efficiency_fit"] = {"A": pl.fit.A, "alpha": pl.fit.alpha, "E": pl.fit.E}
+    return out
+
+
+def _rss_of(cmd: list[str]) -> float:
+    """Peak RSS (MB) of a command run in a child process."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def memory(t: TrackDef, work: Path, data: Dataset) -> dict:
+    """Peak RSS of prepare and of a short training run at 1x and at the largest budget."""
+    big = max(t.budgets)
+    out: dict[str, Any] = {"budgets": [1, big]}
+    tmp = work / "memory"
+    for b in (1, big):
+        ddir = tmp / f"data-{b:g}x"
+        tok = str(data.path / "tokenizer.json") if b != 1 else t.tokenizer
+        cmd = [sys.executable, "-m", "slowrun", "prepare", "--source", t.source, "--tokenizer", tok,
+               "--train-tokens", str(int(t.budget * b)), "--val-tokens", str(t.val_tokens), "--test-tokens",
+               str(t.test_tokens), "--out", str(ddir), "--no-progress", "--force"]
+        out[f"prepare_{b:g}x_mb"] = round(_rss_of(cmd), 1)
+        run = tmp / f"train-{b:g}x-{int(time.time())}"
+        cmd = [sys.executable, "-m", "slowrun", "train", "--recipe", "baseline", "--data", str(ddir), "--run-dir", str(run),
+               "--quiet", "--train.max_steps=30", "--eval.test=false", "--eval.max_tokens=8192", "--train.save_final=false"]
+        out[f"train_{b:g}x_mb"] = round(_rss_of(cmd), 1)
+        out[f"train_tokens_{b:g}x"] = int(t.budget * b)
+    return out
+
+
+def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track",
+              out_json: str | Path = "benchmarks/results/cpu_track.json", report_dir: str | Path = "benchmarks/results/cpu_track",
+              parts: tuple[str, ...] = ("curve", "single", "ensemble", "throughput", "memory"), jobs: int = 2,
+              threads: int = 1) -> dict:
+    import torch
+
+    from .report import build_report
+    from .runlog import git_commit
+    from .storage import atomic_write_json
+
+    work = Path(work)
+    t0 = time.time()
+    out_path = Path(out_json)
+    results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    data = track_data(t, work)
+    results["track"] = {**asdict(t), "rules": __doc__.split("Rules (also in the README):")[1].split("`run_track`")[0].strip()}
+    results["machine"] = {"processor": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
+                          "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit()}
+    curve_dict = baseline_curve(t, work, data, jobs, threads) if "curve" in parts or not (work / "baseline-curve" / "curve.json").is_file() \
+        else json.loads((work / "baseline-curve" / "curve.json").read_text())
+    results["baseline_curve"] = {k: curve_dict[k] for k in ("tokens", "losses", "budget", "grid", "chosen", "dataset", "budgets")}
+    results["baseline_curve"]["points"] = [{k: p.get(k) for k in ("budget", "point", "val_loss", "test_loss", "params", "run_dir")}
+                                           for p in curve_dict["points"]]
+    curve = Curve.load(str(work / "baseline-curve" / "curve.json"))
+    runs = []
+    for kind, entry in (("single", t.single), ("ensemble", t.ensemble)):
+        if kind in parts or kind not in results:
+            run_dir, res = run_entry(kind, entry, work, data, jobs, threads)
+            results[kind] = summarize_entry(kind, entry, run_dir, res, curve)
+            s = results[kind]
+            print(f"{kind}: test loss {s['test_loss']:.4f} (bpb {s['test_bpb']:.4f}), efficiency {s['efficiency']:.2f}x"
+                  f"{' (extrapolated)' if s['efficiency_extrapolated'] else ''}, {s['wall_s'] / 60:.1f} min", flush=True)
+        runs.append(results[kind]["run_dir"])
+    if "throughput" in parts:
+        from .speed import run as speed_run
+
+        ns = argparse.Namespace(recipes=["minimal", "baseline", "slowrun"], dtypes=["fp32", "bf16"], steps=6, warmup=2,
+                                data=str(data.path), out=None, set=[])
+        results["throughput"] = speed_run(ns)
+    if "memory" in parts:
+        results["memory"] = memory(t, work, data)
+    results["wall_s_this_invocation"] = round(time.time() - t0, 1)
+    atomic_write_json(out_path, results)
+    build_report(runs, report_dir, str(work / "baseline-curve" / "curve.json"), title="slowrun CPU track")
+    print(f"wrote {out_path} and {Path(report_dir) / 'index.html'}")
+    return results
