@@ -137,9 +137,13 @@ def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict, curve: Cur
         out["per_k"] = result["per_k"]
         out["methods"] = result["methods"]
     try:
-        pl = place(curve, out["test_loss"], "test")
-    except EfficiencyError:
-        pl = place(curve, out["test_loss"], "test", extrapolate=True)
+        try:
+            pl = place(curve, out["test_loss"], "test")
+        except EfficiencyError:
+            pl = place(curve, out["test_loss"], "test", extrapolate=True)
+    except EfficiencyError as e:
+        out.update({"efficiency": None, "efficiency_error": str(e)})
+        return out
     out["efficiency"] = pl.efficiency
     out["efficiency_tokens"] = pl.tokens
     out["efficiency_extrapolated"] = pl.extrapolated
@@ -206,8 +210,10 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
             run_dir, res = run_entry(kind, entry, work, data, jobs, threads)
             results[kind] = summarize_entry(kind, entry, run_dir, res, curve)
             s = results[kind]
-            print(f"{kind}: test loss {s['test_loss']:.4f} (bpb {s['test_bpb']:.4f}), efficiency {s['efficiency']:.2f}x"
-                  f"{' (extrapolated)' if s['efficiency_extrapolated'] else ''}, {s['wall_s'] / 60:.1f} min", flush=True)
+            eff = (f"{s['efficiency']:.2f}x" + (" (extrapolated)" if s["efficiency_extrapolated"] else "")
+                   if s["efficiency"] is not None else s["efficiency_error"])
+            print(f"{kind}: test loss {s['test_loss']:.4f} (bpb {s['test_bpb']:.4f}), efficiency {eff}, "
+                  f"{s['wall_s'] / 60:.1f} min", flush=True)
         runs.append(results[kind]["run_dir"])
     if "throughput" in parts:
         from .speed import run as speed_run
