@@ -259,7 +259,11 @@ class GPT(nn.Module):
         return logits
 
     def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean CE through the fused, chunked output layer (no (B, T, V) logits kept)."""
+        """Mean CE. On CPU through the fused, chunked output layer (no (B, T, V) logits kept, each
+        chunk handled while in cache); on GPU the plain path, which torch.compile fuses."""
+        if h.device.type != "cpu":
+            logits = self.logits(h)
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         C = h.size(-1)
         return linear_cross_entropy(self.norm_f(h).reshape(-1, C), self.head_weight, targets.reshape(-1),
                                     self.cfg.logit_softcap)

@@ -237,9 +237,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, echo: bool, env: distrib
             log.line(f"stopping: loss is {train_loss} at step {step + 1}; {where}")
             log.close()
             raise TrainingError(f"loss became {train_loss} at step {step + 1} (lower optim lr or check the data); {where}")
-        gnorm = float("nan")
-        if cfg.optim.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf))
         opt.step()
         opt.zero_grad()
         step += 1

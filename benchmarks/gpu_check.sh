@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU check of the CUDA path: the slowrun recipe at a GPU size (~110M parameters: depth 12,
+# n_embd 768, bpe:8192, sequence 1024) for a few hundred steps on the builtin data, bf16
+# autocast and torch.compile; prints tokens/s and MFU against the H100's ~990 TFLOP/s bf16
+# dense peak and writes benchmarks/results/gpu_check.json.
+#
+#   bash benchmarks/gpu_check.sh            # STEPS=300 PEAK_TFLOPS=990 by default
+#
+# Needs slowrun installed (pip install -e .) and one CUDA device.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS="${STEPS:-300}"
+PEAK_TFLOPS="${PEAK_TFLOPS:-990}"
+OUT="${OUT:-benchmarks/results}"
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)"
+slowrun prepare --source builtin --tokenizer bpe:8192 --train-tokens 4M --out data/gpu-check --no-progress
+RUN="runs/gpu-check-$(date +%Y%m%d-%H%M%S)"
+slowrun train --recipe slowrun --data data/gpu-check --run-dir "$RUN" --quiet \
+  --model.depth=12 --model.seq_len=1024 --train.batch_tokens=262144 --train.micro_batch_tokens=65536 \
+  --train.max_steps="$STEPS" --train.epochs=100 --train.compile=true --train.dtype=bf16 --train.device=cuda \
+  --optim.swa_epochs=0 --eval.at_epoch_end=false --eval.max_tokens=262144 --train.log_every=10
+mkdir -p "$OUT"
+python - "$RUN" "$PEAK_TFLOPS" "$OUT/gpu_check.json" <<'PY'
+import json, sys
+run, peak, out = sys.argv[1], float(sys.argv[2]) * 1e12, sys.argv[3]
+r = json.load(open(f"{run}/result.json"))
+steps = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if '"kind": "train"' in l]
+# steady-state speed: skip the first steps (compilation), median of the rest
+rates = sorted(s["tokens_per_s"] for s in steps[len(steps) // 5:])
+tok_s = rates[len(rates) // 2]
+mfu = r["flops_per_token"] * tok_s / peak
+res = {"device": r["environment"]["device"], "params": r["params"], "flops_per_token": r["flops_per_token"],
+       "tokens_per_s": tok_s, "mfu": mfu, "peak_tflops": peak / 1e12, "steps": r["steps"],
+       "val_loss": r["val_loss"], "peak_gpu_mb": r["peak_gpu_mb"], "run_dir": run}
+json.dump(res, open(out, "w"), indent=2)
+print(f"{res['device']}: {r['params'] / 1e6:.0f}M params, {tok_s:,.0f} tok/s, MFU {mfu:.1%} (target >= 40%)")
+PY
