@@ -25,9 +25,9 @@ import json, sys
 run, peak, out = sys.argv[1], float(sys.argv[2]) * 1e12, sys.argv[3]
 r = json.load(open(f"{run}/result.json"))
 steps = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if '"kind": "train"' in l]
-# steady-state speed: skip the first steps (compilation), median of the rest
-rates = sorted(s["tokens_per_s"] for s in steps[len(steps) // 5:])
-tok_s = rates[len(rates) // 2]
+# steady-state speed: skip the first fifth of the steps (compilation), median step time of the rest
+times = sorted(s["step_s"] for s in steps[len(steps) // 5:])
+tok_s = r["config"]["train"]["batch_tokens"] / times[len(times) // 2]
 mfu = r["flops_per_token"] * tok_s / peak
 res = {"device": r["environment"]["device"], "params": r["params"], "flops_per_token": r["flops_per_token"],
        "tokens_per_s": tok_s, "mfu": mfu, "peak_tflops": peak / 1e12, "steps": r["steps"],

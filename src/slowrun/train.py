@@ -244,15 +244,16 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, echo: bool, env: distrib
         if ema is not None:
             ema.update(model, step)
         dt = time.time() - t0
-        steps_timed, time_in_steps = steps_timed + 1, time_in_steps + dt
-        tok_s = tokens_per_step * steps_timed / time_in_steps
+        if step > 1 or total_steps == 1:  # the first step (allocation, compilation) is not representative
+            steps_timed, time_in_steps = steps_timed + 1, time_in_steps + dt
+        tok_s = tokens_per_step * steps_timed / time_in_steps if steps_timed else tokens_per_step / dt
         if step % cfg.train.log_every == 0 or step == total_steps:
-            eta = (total_steps - step) * time_in_steps / steps_timed
+            eta = (total_steps - step) * (time_in_steps / steps_timed if steps_timed else dt)
             log.line(f"step {step:>6}/{total_steps} | epoch {loader.epochs_done:6.2f} | loss {train_loss:.4f} | "
                      f"lr {lr_mult:.3f} | gnorm {gnorm:.3f} | {tok_s:,.0f} tok/s | "
                      f"elapsed {fmt_time(elapsed_before + time.time() - t_loop)} | ETA {fmt_time(eta)}")
             log.metrics({"kind": "train", "step": step, "epoch": loader.epochs_done, "loss": train_loss, "lr_mult": lr_mult,
-                         "wd_mult": wd_mult, "grad_norm": gnorm, "tokens_per_s": tok_s, "tokens": step * tokens_per_step})
+                         "wd_mult": wd_mult, "grad_norm": gnorm, "tokens_per_s": tok_s, "step_s": dt, "tokens": step * tokens_per_step})
         log.progress(step)
 
         cycle = sched.cycle_end(step - 1)
