@@ -12,10 +12,11 @@ from slowrun.sweep import SweepConfig, sweep
 def test_sweep_makes_a_resumable_curve(bpe_ds, tmp_path):
     cfg = SweepConfig("smoke", str(bpe_ds), str(tmp_path / "sw"), budgets=[1, 2],
                       grid={"optim.lr": [0.003, 0.01], "model.n_embd": [32, 64]},
-                      fixed={"train.max_steps": -1, "train.epochs": 0.2, "eval.max_tokens": 512}, jobs=2, threads=1,
-                      progress=False)
+                      fixed={"train.max_steps": -1, "train.epochs": 0.2, "eval.max_tokens": 512},
+                      grid_by_budget={2: {"optim.lr": [0.005]}}, jobs=2, threads=1, progress=False)
     curve = sweep(cfg)
-    assert curve["tokens"] == [40_000, 80_000] and len(curve["points"]) == 8
+    assert curve["tokens"] == [40_000, 80_000] and len(curve["points"]) == 6
+    assert {p["point"]["optim.lr"] for p in curve["points"] if p["budget"] == 2} == {0.005}
     assert all(p["val_loss"] is not None for p in curve["points"])
     for b, chosen in zip((1, 2), curve["chosen"]):
         best = min(p["val_loss"] for p in curve["points"] if p["budget"] == b)

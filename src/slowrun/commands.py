@@ -157,6 +157,8 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="sweep directory (datasets, runs, curve.json); rerunning continues it")
     p.add_argument("--budgets", nargs="+", type=float, default=[1.0], help="multiples of the dataset's training tokens (e.g. 1 2 4 8 16)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis, e.g. --grid optim.lr=3e-4,6e-4,1.2e-3 (repeatable)")
+    p.add_argument("--budget-grid", action="append", default=[], metavar="B:KEY=V1,V2",
+                   help="replace a grid axis at budget B only, e.g. --budget-grid 16:optim.lr=3e-4,6e-4,1.2e-3 (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every point (repeatable)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process (default 1)")
     p.add_argument("--threads", type=int, default=-1, help="torch threads per run (default: torch's choice)")
@@ -170,12 +172,22 @@ def _run_sweep(a: argparse.Namespace) -> int:
     from .sweep import SweepConfig, describe, sweep
 
     grid = dict(_grid_arg(g) for g in a.grid)
+    by_budget: dict[float, dict] = {}
+    for item in a.budget_grid:
+        b, _, axis = item.partition(":")
+        try:
+            key, values = _grid_arg(axis)
+            by_budget.setdefault(float(b), {})[key] = values
+        except ValueError:
+            from .config import ConfigError
+
+            raise ConfigError(f"--budget-grid {item}: expected B:section.key=v1,v2") from None
     fixed = {}
     for item in a.set:
         key, _, value = item.partition("=")
         fixed[key] = parse_value(value)
-    curve = sweep(SweepConfig(a.recipe, a.data, a.out, a.budgets, grid, fixed, a.jobs, a.threads, a.fit_params, a.name,
-                              not a.no_progress))
+    curve = sweep(SweepConfig(a.recipe, a.data, a.out, a.budgets, grid, fixed, by_budget, a.jobs, a.threads, a.fit_params,
+                              a.name, not a.no_progress))
     print(describe(curve))
     print(f"wrote {Path(a.out) / 'curve.json'}")
     return 0

@@ -42,6 +42,7 @@ class SweepConfig:
     budgets: list[float] = field(default_factory=lambda: [1.0])
     grid: dict[str, list] = field(default_factory=dict)
     fixed: dict[str, Any] = field(default_factory=dict)
+    grid_by_budget: dict[float, dict[str, list]] = field(default_factory=dict)  # axes replaced at some budgets
     jobs: int = 1  # runs at a time (each its own process)
     threads: int = -1  # torch threads per run; -1 = torch's default
     fit_params: bool = False
@@ -90,7 +91,7 @@ def plan(cfg: SweepConfig) -> tuple[list[TrainJob], Dataset]:
         if b <= 0:
             raise SweepError(f"--budgets: {b} is not a positive multiple")
         ds = nested_dataset(base, b, out / "data" / budget_name(b), progress=cfg.progress)
-        for point in grid_points(cfg.grid):
+        for point in grid_points({**cfg.grid, **cfg.grid_by_budget.get(b, {})}):
             overrides = {**cfg.fixed, **point}
             resolved = build_config(cfg.recipe, {**overrides, "data.path": str(ds.path)})  # validates every key
             full = {"config": config_to_dict(resolved), "dataset": ds.manifest["files"]}
@@ -129,6 +130,7 @@ def collect(jobs: list[TrainJob], base: Dataset, cfg: SweepConfig, failures: dic
                    **({"test": [c["test_loss"] for c in chosen]} if all(c["test_loss"] is not None for c in chosen) else {})},
         "dataset": base.fingerprint,
         "recipe": cfg.recipe, "grid": cfg.grid, "fixed": cfg.fixed, "budgets": cfg.budgets,
+        "grid_by_budget": {budget_name(b): g for b, g in cfg.grid_by_budget.items()},
         "chosen": [{k: c[k] for k in ("budget", "point", "run_dir", "val_loss", "test_loss", "params")} for c in chosen],
         "points": points,
         "datasets": {budget_name(b): str(Path(cfg.out) / "data" / budget_name(b)) if b != 1 else str(base.path)
@@ -161,8 +163,7 @@ def sweep(cfg: SweepConfig) -> dict:
     t0 = time.time()
     jobs, base = plan(cfg)
     done = sum(j.done() for j in jobs)
-    print(f"sweep: {len(jobs)} runs ({done} already finished) over {len(cfg.budgets)} budget(s) x "
-          f"{len(jobs) // len(cfg.budgets)} grid point(s) in {cfg.out}", flush=True)
+    print(f"sweep: {len(jobs)} runs ({done} already finished) over {len(cfg.budgets)} budget(s) in {cfg.out}", flush=True)
     failures = run_jobs(jobs, cfg.jobs, cfg.threads, cfg.progress, desc="sweep")
     curve = collect(jobs, base, cfg, failures)
     curve["wall_s"] = round(time.time() - t0, 1)

@@ -66,6 +66,7 @@ class TrackDef:
         "train.batch_tokens": [2048, 8192],
     })
     baseline_fixed: dict[str, Any] = field(default_factory=dict)
+    baseline_grid_by_budget: dict[float, dict[str, list]] = field(default_factory=dict)
     single: Entry = field(default_factory=lambda: Entry("cpu-single", limit_s=1800))
     ensemble: Entry = field(default_factory=lambda: Entry("cpu-ensemble", members=4, limit_s=7200))
 
@@ -87,7 +88,7 @@ def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: i
     from .sweep import SweepConfig, describe, sweep
 
     cfg = SweepConfig("baseline", str(data.path), str(work / "baseline-curve"), t.budgets, t.baseline_grid,
-                      t.baseline_fixed, jobs, threads, name=f"{t.name}-track baseline")
+                      t.baseline_fixed, t.baseline_grid_by_budget, jobs, threads, name=f"{t.name}-track baseline")
     curve = sweep(cfg)
     print(describe(curve), flush=True)
     return curve
@@ -200,7 +201,8 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
                           "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit()}
     curve_dict = baseline_curve(t, work, data, jobs, threads) if "curve" in parts or not (work / "baseline-curve" / "curve.json").is_file() \
         else json.loads((work / "baseline-curve" / "curve.json").read_text())
-    results["baseline_curve"] = {k: curve_dict[k] for k in ("tokens", "losses", "budget", "grid", "chosen", "dataset", "budgets")}
+    results["baseline_curve"] = {k: curve_dict.get(k) for k in ("tokens", "losses", "budget", "grid", "grid_by_budget", "fixed",
+                                                                 "chosen", "dataset", "budgets")}
     results["baseline_curve"]["points"] = [{k: p.get(k) for k in ("budget", "point", "val_loss", "test_loss", "params", "run_dir")}
                                            for p in curve_dict["points"]]
     curve = Curve.load(str(work / "baseline-curve" / "curve.json"))
