@@ -61,9 +61,9 @@ class TrackDef:
     test_tokens: int = 131_072
     budgets: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     baseline_grid: dict[str, list] = field(default_factory=lambda: {
-        "model.depth": [2, 3, 4],
-        "optim.lr": [1.2e-3, 2.4e-3, 4.8e-3],
-        "train.batch_tokens": [2048, 8192],
+        "model.depth": [2, 3, 4],  # 2x128, 3x192, 4x256 (layers x width)
+        "optim.lr": [6e-4, 1.2e-3, 2.4e-3],
+        "train.batch_tokens": [1024, 2048],
     })
     baseline_fixed: dict[str, Any] = field(default_factory=dict)
     baseline_grid_by_budget: dict[float, dict[str, list]] = field(default_factory=dict)
