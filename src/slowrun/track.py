@@ -208,7 +208,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
     curve = Curve.load(str(work / "baseline-curve" / "curve.json"))
     runs = []
     for kind, entry in (("single", t.single), ("ensemble", t.ensemble)):
-        if kind in parts or kind not in results:
+        if kind in parts:
             run_dir, res = run_entry(kind, entry, work, data, jobs, threads)
             results[kind] = summarize_entry(kind, entry, run_dir, res, curve)
             s = results[kind]
@@ -216,7 +216,8 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
                    if s["efficiency"] is not None else s["efficiency_error"])
             print(f"{kind}: test loss {s['test_loss']:.4f} (bpb {s['test_bpb']:.4f}), efficiency {eff}, "
                   f"{s['wall_s'] / 60:.1f} min", flush=True)
-        runs.append(results[kind]["run_dir"])
+        if kind in results:
+            runs.append(results[kind]["run_dir"])
     if "throughput" in parts:
         from .speed import run as speed_run
 
@@ -227,6 +228,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
         results["memory"] = memory(t, work, data)
     results["wall_s_this_invocation"] = round(time.time() - t0, 1)
     atomic_write_json(out_path, results)
-    build_report(runs, report_dir, str(work / "baseline-curve" / "curve.json"), title="slowrun CPU track")
+    if runs:
+        build_report(runs, report_dir, str(work / "baseline-curve" / "curve.json"), title="slowrun CPU track")
     print(f"wrote {out_path} and {Path(report_dir) / 'index.html'}")
     return results
