@@ -9,11 +9,9 @@ import sys
 import time
 
 import pytest
-import torch
 
-from slowrun.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, read_weights, weights_path
+from slowrun.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, read_weights
 from slowrun.train import train
-from tests.conftest import smoke_config
 from tests.test_train import losses
 
 ARGS = ["--recipe", "smoke", "--train.max_steps=40", "--train.checkpoint_every=3", "--train.keep_checkpoints=3",

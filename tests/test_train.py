@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from slowrun.checkpoint import list_checkpoints, load_checkpoint, load_model, read_weights
+from slowrun.checkpoint import list_checkpoints, load_checkpoint, load_model
 from slowrun.config import config_from_dict, tomllib
 from slowrun.dataset import Dataset
 from slowrun.evaluate import evaluate
