@@ -126,3 +126,14 @@ def test_eval_and_sample_commands(bpe_ds, tmp_path):
     assert r.stdout.count("The king") == 2 and "--- sample 2" in r.stdout
     r = subprocess.run([sys.executable, "-m", "slowrun", "eval", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such run" in r.stderr
+
+
+def test_gradient_accumulation_matches_one_big_batch(bpe_ds, tmp_path):
+    common = {"train.max_steps": 4, "train.batch_tokens": 2048, "eval.test": False}
+    a = train(smoke_config(bpe_ds, **common), tmp_path / "a", echo=False)
+    b = train(smoke_config(bpe_ds, **common, **{"train.micro_batch_tokens": 512}), tmp_path / "b", echo=False)
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], abs=1e-5)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+    assert "4 micro-batches of 16 x 32" in (tmp_path / "b" / "log.txt").read_text()
