@@ -75,13 +75,12 @@ class RunLogger:
                 raise RuntimeError("train.tensorboard=true needs tensorboard: pip install 'slowrun[tensorboard]'") from None
             self.tb = SummaryWriter(str(run_dir / "tb"))
 
-    def line(self, text: str) -> None:
-        if not self.enabled and not self.echo:
-            return
+    def line(self, text: str, echo: bool = True) -> None:
+        """Append to log.txt; also print it (rank 0, unless quiet) when `echo`."""
         if self.log_f:
             self.log_f.write(text + "\n")
             self.log_f.flush()
-        if self.echo:
+        if self.echo and echo:
             if self.bar is not None:
                 self.bar.write(text)
             else:

@@ -170,14 +170,14 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, echo: bool, env: distrib
     env_info = environment(device)
     if step == 0:
         for k, v in env_info.items():
-            log.line(f"# {k}: {v}")
+            log.line(f"# {k}: {v}", echo=k in ("device", "git_commit"))
         log.line(f"# dataset: {ds.path} ({ds.num_tokens('train'):,} train tokens, tokenizer {ds.manifest['tokenizer']['id']})")
         log.line(f"# model: {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} without "
                  f"embeddings), {model.flops_per_token():,} FLOPs/token")
         log.line(f"# steps: {total_steps} x {cfg.train.batch_tokens:,} tokens ({steps_per_epoch:.2f} steps/epoch, "
                  f"{accum} micro-batches of {micro} x {T} per rank, {env.world_size} rank(s))")
         for text in config_to_toml(cfg).splitlines():
-            log.line(f"# {text}" if text else "#")
+            log.line(f"# {text}" if text else "#", echo=False)
 
     swa_dir = run_dir / "swa"
     params = [p for p in model.parameters()]
