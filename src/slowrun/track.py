@@ -61,12 +61,14 @@ class TrackDef:
     test_tokens: int = 131_072
     budgets: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     baseline_grid: dict[str, list] = field(default_factory=lambda: {
-        "model.depth": [2, 3, 4],  # 2x128, 3x192, 4x256 (layers x width)
+        "model.depth": [3, 4, 5],  # 3x192, 4x256, 5x320 (layers x width)
         "optim.lr": [6e-4, 1.2e-3, 2.4e-3],
-        "train.batch_tokens": [1024, 2048],
+        "train.batch_tokens": [512, 1024],
     })
     baseline_fixed: dict[str, Any] = field(default_factory=dict)
-    baseline_grid_by_budget: dict[float, dict[str, list]] = field(default_factory=dict)
+    # larger budgets: larger batches (the 1x/2x pilot favoured the smallest batch; with 4x+ the data allows more)
+    baseline_grid_by_budget: dict[float, dict[str, list]] = field(default_factory=lambda: {
+        b: {"train.batch_tokens": [1024, 2048]} for b in (4, 8, 16)})
     single: Entry = field(default_factory=lambda: Entry("cpu-single", limit_s=1800))
     ensemble: Entry = field(default_factory=lambda: Entry("cpu-ensemble", members=4, limit_s=7200))
 
