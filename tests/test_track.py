@@ -1,16 +1,17 @@
 """The CPU track runner end to end, on a miniature track definition."""
 
 import json
+from pathlib import Path
 
 from slowrun.track import Entry, TrackDef, run_track
 
 
 def test_track_pipeline_end_to_end(tmp_path):
     t = TrackDef(name="mini", tokenizer="bpe:400", budget=20_000, val_tokens=4_000, test_tokens=4_000, budgets=[1, 2, 3],
-                 baseline_grid={"model.n_embd": [32, 64], "optim.lr": [0.003]},
+                 baseline_grid={"model.n_embd": [32, 64], "optim.lr": [0.003]}, baseline_grid_by_budget={},
                  baseline_fixed={"model.seq_len": 32, "model.n_layer": 1, "model.n_head": 2, "train.batch_tokens": 1024,
                                  "eval.max_tokens": 512},
-                 single=Entry("smoke", {"train.max_steps": 12, "eval.max_tokens": 512}),
+                 single=Entry("smoke", {"train.max_steps": 6, "eval.max_tokens": 512}),
                  ensemble=Entry("smoke", {"train.max_steps": 6, "eval.max_tokens": 512}, members=2))
     out = tmp_path / "cpu_track.json"
     res = run_track(t, tmp_path / "work", out, tmp_path / "report", parts=("curve", "single", "ensemble"), jobs=2, threads=1)
@@ -25,6 +26,12 @@ def test_track_pipeline_end_to_end(tmp_path):
             assert key in s, (kind, key)
         assert isinstance(s["efficiency"], float) and s["efficiency"] > 0
     assert saved["ensemble"]["members"] == 2 and len(saved["ensemble"]["per_k"]) == 2
+    # the single entry has the ensemble's recipe and overrides, so it is the ensemble's first member, not a rerun
+    assert saved["single"]["run_dir"] == str(tmp_path / "work" / "ensemble" / Path(saved["ensemble"]["run_dir"]).name /
+                                             "member_0")
+    first = json.loads((Path(saved["single"]["run_dir"]) / "result.json").read_text())
+    assert saved["single"]["test_loss"] == first["test_loss"]
+    assert not (tmp_path / "work" / "single").exists()
     assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report" / "efficiency.png").is_file()
     # cached: a second invocation trains nothing new and gives the same numbers
     again = run_track(t, tmp_path / "work", out, tmp_path / "report", parts=("single",), jobs=2, threads=1)
