@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from slowrun.track import Entry, TrackDef, run_track
 
 
@@ -12,9 +14,11 @@ def test_track_pipeline_end_to_end(tmp_path):
                  baseline_fixed={"model.seq_len": 32, "model.n_layer": 1, "model.n_head": 2, "train.batch_tokens": 1024,
                                  "eval.max_tokens": 512},
                  single=Entry("smoke", {"train.max_steps": 6, "eval.max_tokens": 512}),
-                 ensemble=Entry("smoke", {"train.max_steps": 6, "eval.max_tokens": 512}, members=2))
+                 ensemble=Entry("smoke", {"train.max_steps": 6, "eval.max_tokens": 512}, members=2),
+                 distill=Entry("smoke", {"train.max_steps": 6, "eval.max_tokens": 512}, members=2, distill=True))
     out = tmp_path / "cpu_track.json"
-    res = run_track(t, tmp_path / "work", out, tmp_path / "report", parts=("curve", "single", "ensemble"), jobs=2, threads=1)
+    res = run_track(t, tmp_path / "work", out, tmp_path / "report", parts=("curve", "single", "ensemble", "distill"), jobs=2,
+                    threads=1)
     saved = json.loads(out.read_text())
     assert {"baseline_curve", "single", "ensemble", "machine", "track"} <= set(saved)
     assert saved["baseline_curve"]["tokens"] == [20_000, 40_000, 60_000]
@@ -32,6 +36,12 @@ def test_track_pipeline_end_to_end(tmp_path):
     first = json.loads((Path(saved["single"]["run_dir"]) / "result.json").read_text())
     assert saved["single"]["test_loss"] == first["test_loss"]
     assert not (tmp_path / "work" / "single").exists()
+    # the distilled chain starts from that same teacherless first member; its second member learns from it
+    d = saved["distill"]
+    assert d["distill"] and d["members"] == 2
+    assert d["per_k"][0]["probs_test_loss"] == pytest.approx(saved["ensemble"]["per_k"][0]["probs_test_loss"])
+    second = json.loads((Path(d["run_dir"]) / "member_1" / "result.json").read_text())
+    assert second["config"]["distill"]["teacher"].startswith(str(Path(d["run_dir"]) / "member_0"))
     assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report" / "efficiency.png").is_file()
     # cached: a second invocation trains nothing new and gives the same numbers
     again = run_track(t, tmp_path / "work", out, tmp_path / "report", parts=("single",), jobs=2, threads=1)

@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -73,13 +74,16 @@ class TrackDef:
     baseline_grid_by_budget: dict[float, dict[str, list]] = field(default_factory=lambda: {
         2: {"optim.lr": [6e-4, 1.2e-3]},
         4: {"model.depth": [3, 4], "optim.lr": [6e-4, 1.2e-3], "train.batch_tokens": [1024]},
-        8: {"model.depth": [4], "optim.lr": [6e-4, 1.2e-3], "train.batch_tokens": [1024, 2048]},
+        8: {"model.depth": [4], "optim.lr": [6e-4, 1.2e-3], "train.batch_tokens": [1024]},
         16: {"model.depth": [4], "optim.lr": [6e-4, 1.2e-3], "train.batch_tokens": [2048]},
     })
     # periodic evals on 32k val tokens only; the final eval always reads the whole split
     single: Entry = field(default_factory=lambda: Entry("slowrun", {"eval.max_tokens": 32768}, limit_s=1800))
     ensemble: Entry = field(default_factory=lambda: Entry("slowrun", {"eval.max_tokens": 32768}, members=4,
                                                           limit_s=7200))
+    # the same K members, each (after the first) distilled from the one before it
+    distill: Entry = field(default_factory=lambda: Entry("slowrun", {"eval.max_tokens": 32768}, members=4, distill=True,
+                                                         limit_s=7200))
 
 
 TRACK = TrackDef()
@@ -114,7 +118,9 @@ def _entry_dir(work: Path, kind: str, e: Entry, data: Dataset) -> Path:
 def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads: int,
               shared: Path | None = None) -> tuple[Path, dict]:
     """Train (or reuse) an entry. A single-model entry whose recipe and overrides equal the
-    ensemble's is the ensemble's first member (`shared`): same config, same seed, one run."""
+    ensemble's is the ensemble's first member (`shared`): same config, same seed, one run.
+    Likewise a chain-distilled ensemble's first member has no teacher, so it is copied from
+    the plain ensemble's first member when that one is finished."""
     from .ensemble import train_ensemble
     from .jobs import TrainJob, run_jobs
 
@@ -127,9 +133,14 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
         if failures:
             raise TrackError(f"{kind} entry failed: {failures[run_dir]}")
         return run_dir, job.result()
+    if e.distill and shared is not None and (shared / "result.json").is_file() and not (run_dir / "member_0").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir / "member_0.tmp", ignore_errors=True)  # left by an interrupted copy
+        shutil.copytree(shared, run_dir / "member_0.tmp")
+        (run_dir / "member_0.tmp").rename(run_dir / "member_0")
     result = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").is_file() else \
         train_ensemble(e.recipe, str(data.path), e.members, run_dir, e.overrides, e.distill, e.alpha, e.temperature,
-                       jobs if not e.distill else 1, threads if not e.distill else -1)
+                       jobs if not e.distill else 1, threads if not e.distill or jobs == 1 else -1)
     return run_dir, result
 
 
@@ -199,7 +210,7 @@ def memory(t: TrackDef, work: Path, data: Dataset) -> dict:
 
 def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track",
               out_json: str | Path = "benchmarks/results/cpu_track.json", report_dir: str | Path = "benchmarks/results/cpu_track",
-              parts: tuple[str, ...] = ("curve", "single", "ensemble", "throughput", "memory"), jobs: int = 2,
+              parts: tuple[str, ...] = ("curve", "single", "ensemble", "distill", "throughput", "memory"), jobs: int = 2,
               threads: int = 1) -> dict:
     import torch
 
@@ -223,11 +234,12 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
                                            for p in curve_dict["points"]]
     curve = Curve.load(str(work / "baseline-curve" / "curve.json"))
     runs = []
-    same = (t.single.recipe, t.single.overrides) == (t.ensemble.recipe, t.ensemble.overrides)
-    first_member = _entry_dir(work, "ensemble", t.ensemble, data) / "member_0" if same else None
-    for kind, entry in (("ensemble", t.ensemble), ("single", t.single)):
+    first_member = _entry_dir(work, "ensemble", t.ensemble, data) / "member_0"
+    for kind, entry in (("ensemble", t.ensemble), ("single", t.single), ("distill", t.distill)):
+        same = (entry.recipe, entry.overrides) == (t.ensemble.recipe, t.ensemble.overrides)
         if kind in parts:
-            run_dir, res = run_entry(kind, entry, work, data, jobs, threads, first_member if kind == "single" else None)
+            run_dir, res = run_entry(kind, entry, work, data, jobs, threads,
+                                     first_member if same and kind != "ensemble" else None)
             results[kind] = summarize_entry(kind, entry, run_dir, res, curve)
             s = results[kind]
             eff = (f"{s['efficiency']:.2f}x" + (" (extrapolated)" if s["efficiency_extrapolated"] else "")
