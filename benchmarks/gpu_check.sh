@@ -4,7 +4,7 @@
 # autocast and torch.compile; prints tokens/s and MFU against the H100's ~990 TFLOP/s bf16
 # dense peak and writes benchmarks/results/gpu_check.json.
 #
-#   bash benchmarks/gpu_check.sh            # STEPS=300 PEAK_TFLOPS=990 COMPILE=true by default
+#   bash benchmarks/gpu_check.sh            # STEPS=300 PEAK_TFLOPS=990 COMPILE=true MICRO=65536 by default
 #
 # Needs one CUDA device and slowrun installed (pip install -e .), or its source tree on a
 # machine whose Python already has the dependencies (then it runs `python3 -m slowrun` with
@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 STEPS="${STEPS:-300}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-990}"
 COMPILE="${COMPILE:-true}"
+MICRO="${MICRO:-65536}"  # tokens per forward/backward; H200, 101M params: 65,536 -> 36.0% MFU and 33 GB, 131,072 -> 36.7% and 64 GB, 262,144 -> 37.5% and 125 GB (an H100 holds 80 GB)
+# EXTRA: more --section.key=value overrides, e.g. EXTRA="--optim.ema_decay=-1"
 OUT="${OUT:-benchmarks/results}"
 if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)"
@@ -22,9 +24,9 @@ python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pr
   "${SLOWRUN[@]}" prepare --source builtin --tokenizer bpe:8192 --train-tokens 4M --out data/gpu-check --no-progress
 RUN="runs/gpu-check-$(date +%Y%m%d-%H%M%S)"
 "${SLOWRUN[@]}" train --recipe slowrun --data data/gpu-check --run-dir "$RUN" --quiet \
-  --model.depth=12 --model.seq_len=1024 --train.batch_tokens=262144 --train.micro_batch_tokens=65536 \
+  --model.depth=12 --model.seq_len=1024 --train.batch_tokens=262144 --train.micro_batch_tokens="$MICRO" \
   --train.max_steps="$STEPS" --train.epochs=100 --train.compile="$COMPILE" --train.dtype=bf16 --train.device=cuda \
-  --optim.swa_epochs=0 --eval.at_epoch_end=false --eval.max_tokens=262144 --train.log_every=10
+  --optim.swa_epochs=0 --eval.at_epoch_end=false --eval.max_tokens=262144 --train.log_every=10 ${EXTRA:-}
 mkdir -p "$OUT"
 python3 - "$RUN" "$PEAK_TFLOPS" "$OUT/gpu_check.json" "$COMPILE" <<'PY'
 import json, sys
