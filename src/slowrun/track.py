@@ -255,8 +255,9 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
     if "throughput" in parts:
         from .speed import run as speed_run
 
+        # one batch size for every recipe (the recipes' own differ), so that tokens/s compare steps of equal work
         ns = argparse.Namespace(recipes=["minimal", "baseline", "slowrun"], dtypes=["fp32", "bf16"], steps=6, warmup=2,
-                                data=str(data.path), out=None, set=[])
+                                data=str(data.path), out=None, set=["train.batch_tokens=16384"])
         results["throughput"] = speed_run(ns)
     if "memory" in parts:
         results["memory"] = memory(t, work, data)
