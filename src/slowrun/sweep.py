@@ -164,7 +164,9 @@ def sweep(cfg: SweepConfig) -> dict:
     jobs, base = plan(cfg)
     done = sum(j.done() for j in jobs)
     print(f"sweep: {len(jobs)} runs ({done} already finished) over {len(cfg.budgets)} budget(s) in {cfg.out}", flush=True)
-    failures = run_jobs(jobs, cfg.jobs, cfg.threads, cfg.progress, desc="sweep")
+    # largest budget first: the longest runs start early, so parallel slots do not idle at the end
+    order = sorted(jobs, key=lambda j: -j.tag["budget"])
+    failures = run_jobs(order, cfg.jobs, cfg.threads, cfg.progress, desc="sweep")
     curve = collect(jobs, base, cfg, failures)
     curve["wall_s"] = round(time.time() - t0, 1)
     atomic_write_json(Path(cfg.out) / "curve.json", curve)
