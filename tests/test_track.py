@@ -30,6 +30,10 @@ def test_track_pipeline_end_to_end(tmp_path):
             assert key in s, (kind, key)
         assert isinstance(s["efficiency"], float) and s["efficiency"] > 0
     assert saved["ensemble"]["members"] == 2 and len(saved["ensemble"]["per_k"]) == 2
+    # each averaging method is placed on the curve; the probability average is the entry's own number
+    by_method = saved["ensemble"]["efficiency_by_method"]
+    assert set(by_method) >= {"probs", "logits"} and by_method["probs"]["efficiency"] == saved["ensemble"]["efficiency"]
+    assert saved["ensemble"]["efficiency_by_k"][-1]["efficiency"] == saved["ensemble"]["efficiency"]
     # the single entry has the ensemble's recipe and overrides, so it is the ensemble's first member, not a rerun
     assert saved["single"]["run_dir"] == str(tmp_path / "work" / "ensemble" / Path(saved["ensemble"]["run_dir"]).name /
                                              "member_0")

@@ -171,17 +171,24 @@ def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict, curve: Cur
     if result.get("kind") == "ensemble":
         out["per_k"] = result["per_k"]
         out["methods"] = result["methods"]
+        # every averaging method, and the probability average of the first k members, on the curve too
+        out["efficiency_by_method"] = {name: efficiency_on(curve, m["test_loss"]) for name, m in result["methods"].items()
+                                       if "test_loss" in m}
+        out["efficiency_by_k"] = [efficiency_on(curve, row["probs_test_loss"]) for row in result["per_k"]]
+    out.update(efficiency_on(curve, out["test_loss"]))
+    return out
+
+
+def efficiency_on(curve: Curve, test_loss: float) -> dict:
+    """Data efficiency of a test loss on the curve: interpolated, else extrapolated (and marked so)."""
     try:
         try:
-            pl = place(curve, out["test_loss"], "test")
+            pl = place(curve, test_loss, "test")
         except EfficiencyError:
-            pl = place(curve, out["test_loss"], "test", extrapolate=True)
+            pl = place(curve, test_loss, "test", extrapolate=True)
     except EfficiencyError as e:
-        out.update({"efficiency": None, "efficiency_error": str(e)})
-        return out
-    out["efficiency"] = pl.efficiency
-    out["efficiency_tokens"] = pl.tokens
-    out["efficiency_extrapolated"] = pl.extrapolated
+        return {"efficiency": None, "efficiency_error": str(e)}
+    out = {"efficiency": pl.efficiency, "efficiency_tokens": pl.tokens, "efficiency_extrapolated": pl.extrapolated}
     if pl.fit:
         out["efficiency_fit"] = {"A": pl.fit.A, "alpha": pl.fit.alpha, "E": pl.fit.E}
     return out
