@@ -11,11 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def eff(e: dict) -> str:
-    if e.get("efficiency") is None:
-        return "n/a"
-    return f"{e['efficiency']:.2f}x" + (" (extrapolated)" if e.get("efficiency_extrapolated") else "")
+from slowrun.track import describe_efficiency as eff
 
 
 def main(path: str = "benchmarks/results/cpu_track.json") -> None:

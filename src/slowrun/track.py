@@ -194,6 +194,13 @@ def efficiency_on(curve: Curve, test_loss: float) -> dict:
     return out
 
 
+def describe_efficiency(e: dict) -> str:
+    """`12.75x`, `0.16x (extrapolated)`, or why there is no number: for what `efficiency_on` returned."""
+    if e.get("efficiency") is None:
+        return e.get("efficiency_error", "n/a")
+    return f"{e['efficiency']:.2f}x" + (" (extrapolated)" if e.get("efficiency_extrapolated") else "")
+
+
 def _rss_of(cmd: list[str]) -> float:
     """Peak RSS (MB) of a command run in a child process."""
     code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
@@ -256,10 +263,8 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
                                      first_member if same and kind != "ensemble" else None)
             results[kind] = summarize_entry(kind, entry, run_dir, res, curve)
             s = results[kind]
-            eff = (f"{s['efficiency']:.2f}x" + (" (extrapolated)" if s["efficiency_extrapolated"] else "")
-                   if s["efficiency"] is not None else s["efficiency_error"])
-            print(f"{kind}: test loss {s['test_loss']:.4f} (bpb {s['test_bpb']:.4f}), efficiency {eff}, "
-                  f"{s['wall_s'] / 60:.1f} min", flush=True)
+            print(f"{kind}: test loss {s['test_loss']:.4f} (bpb {s['test_bpb']:.4f}), "
+                  f"efficiency {describe_efficiency(s)}, {s['wall_s'] / 60:.1f} min", flush=True)
         if kind in results:
             runs.append(results[kind]["run_dir"])
     if "throughput" in parts:
