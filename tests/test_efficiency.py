@@ -65,3 +65,17 @@ def test_cli_prints_the_efficiency():
     assert r.returncode == 0 and r.stdout.startswith("6.13x")
     r = subprocess.run([sys.executable, "-m", "slowrun", "efficiency", "--loss", "2.5"], capture_output=True, text=True)
     assert r.returncode == 2 and "--extrapolate" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_power_law_fit_reports_its_bound_and_residuals():
+    D = np.array([1e5, 2e5, 4e5, 8e5, 1.6e6])
+    f = fit_power_law(D, 50.0 / D**0.3 + 2.5)
+    assert not f.at_bound and f.as_dict()["status"] == "ok" and len(f.residuals) == 5 and f.rms_residual < 1e-3
+    # drops that grow with tokens (not convex in log D): the best E runs to a bound and there is no estimate
+    bent = np.array([6.12, 5.79, 5.56, 5.34, 4.89])
+    g = fit_power_law(D, bent)
+    assert g.at_bound and g.as_dict()["status"].startswith("hit its bound") and "E" not in g.as_dict()
+    assert g.E >= 0  # never below zero
+    c = Curve("bent", 100_000, [int(d) for d in D], {"test": list(bent)})
+    with pytest.raises(EfficiencyError, match="hit its bound"):
+        place(c, 4.5, extrapolate=True)

@@ -12,7 +12,7 @@ V = 97
 
 
 def model_of(recipe="slowrun", **kw):
-    over = {"model.vocab_size": V, "model.seq_len": 16, "model.n_layer": 4, "model.n_head": 2, "model.n_embd": 32,
+    over = {"model.vocab_size": V, "model.depth": -1, "model.seq_len": 16, "model.n_layer": 4, "model.n_head": 2, "model.n_embd": 32,
             "model.dropout": 0.0}
     over.update({f"model.{k}": v for k, v in kw.items()})
     torch.manual_seed(0)
@@ -24,7 +24,7 @@ def batch(B=3, T=16):
     return torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
 
 
-@pytest.mark.parametrize("recipe", ["baseline", "slowrun"])
+@pytest.mark.parametrize("recipe", ["baseline", "slowrun", "nanochat"])
 def test_forward_shapes_and_initial_loss(recipe):
     m = model_of(recipe)
     x, y = batch()
@@ -147,3 +147,17 @@ def test_depth_knob():
     cfg = ModelConfig(vocab_size=V, depth=2, head_dim=16, aspect_ratio=32)
     assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (2, 64, 4)
     assert GPT(cfg).num_params() > 0
+
+
+def test_nanochat_init():
+    m = model_of("nanochat", n_embd=64)
+    C = 64
+    for blk in m.blocks:
+        assert torch.all(blk.attn.c_proj.weight == 0) and torch.all(blk.mlp.c_proj.weight == 0)  # blocks start as identity
+        for w in (blk.attn.c_attn.weight, blk.mlp.c_fc.weight):
+            assert w.abs().max() <= math.sqrt(3 / C) + 1e-7  # uniform, bounded: no outliers
+            assert w.std().item() == pytest.approx(1 / math.sqrt(C), rel=0.05)
+    assert abs(m.wte.weight.std().item() - 1.0) < 0.05 and abs(m.lm_head.weight.std().item() - 0.001) < 3e-4
+    x, _ = batch()
+    h = m.hidden(x)  # identity blocks: the output is the normalized embedding itself
+    assert torch.allclose(h, F.rms_norm(m.wte(x), (C,)), atol=1e-6)

@@ -83,7 +83,7 @@ def test_cautious_weight_decay_only_where_signs_agree():
     assert torch.allclose(p.detach(), torch.tensor([[1 - 0.1 - 0.1, -1 + 0.1 + 0.1, 1 + 0.1, -1 - 0.1]]))
 
 
-@pytest.mark.parametrize("recipe", ["baseline", "slowrun", "smoke"])
+@pytest.mark.parametrize("recipe", ["baseline", "slowrun", "smoke", "nanochat"])
 def test_every_parameter_in_exactly_one_group(recipe):
     cfg = build_config(recipe, {"model.vocab_size": 300, "model.mtp_weight": 0.3})
     model = GPT(cfg.model)
@@ -97,7 +97,7 @@ def test_every_parameter_in_exactly_one_group(recipe):
     if cfg.optim.name == "muon":
         assert all(isinstance(o, (AdamW, Muon)) for o in opts.optimizers)
         assert all(g["kind"] == "matrix" for g in opts.optimizers[-1].param_groups)
-    assert "scalar" in kinds or recipe == "baseline"
+    assert "scalar" in kinds or recipe in ("baseline", "nanochat")
     # no weight decay on scalars, gates and norms
     assert all(g["base_wd"] == 0 for g in opts.groups() if g["kind"] == "scalar")
 
@@ -132,3 +132,17 @@ def test_fused_matrices_are_orthogonalized_per_part():
     for part in W.detach().neg().split(32):
         s = torch.linalg.svdvals(part)
         assert 0.65 < s.min() and s.max() < 1.25
+
+
+def test_group_learning_rates_scale_with_lr_scale_and_width():
+    """nanochat's rates: AdamW groups x (n_embd / 768)^-0.5, Muon's matrices unscaled; lr_scale multiplies all."""
+    for width, scale in ((256, 2.0), (768, 1.0)):
+        cfg = build_config("nanochat", {"model.vocab_size": 300, "model.depth": -1, "model.n_layer": 1,
+                                        "model.n_embd": width, "model.n_head": 4, "optim.lr_scale": scale})
+        opts = build_optimizers(GPT(cfg.model), cfg.optim)
+        lr = {g["kind"]: g["base_lr"] for g in opts.groups()}
+        wd = {g["kind"]: g["base_wd"] for g in opts.groups()}
+        w = (width / 768) ** -0.5
+        assert lr["matrix"] == pytest.approx(0.02 * scale)
+        assert lr["embed"] == pytest.approx(0.3 * w * scale) and lr["head"] == pytest.approx(0.008 * w * scale)
+        assert wd == {"matrix": 0.28, "embed": 0.0, "head": 0.0}  # weight decay on Muon's matrices only

@@ -54,3 +54,19 @@ def test_snapshot_cycles():
 def test_muon_momentum_warmup():
     s = Schedule(1000, 10.0, OptimConfig(muon_momentum_start=0.85, muon_momentum=0.95, muon_momentum_warmup_steps=300))
     assert s.momentum(0) == 0.85 and s.momentum(150) == pytest.approx(0.90) and s.momentum(999) == 0.95
+
+
+def test_nanochat_schedules():
+    """The nanochat recipe's schedules at named steps: warmup 40, warmdown over the last 65% to 5%,
+    momentum 0.85 -> 0.97 over 400 steps then -> 0.90 over the warmdown, weight decay cosine to 0."""
+    from slowrun.config import build_config
+
+    s = Schedule(1000, 1000.0, build_config("nanochat").optim)
+    assert s.lr(0) == pytest.approx(1 / 40) and s.lr(39) == 1.0 and s.lr(349) == 1.0
+    assert s.lr(350) == pytest.approx(0.05 + 0.95 * (1 - 1 / 650)) and s.lr(999) == pytest.approx(0.05)
+    assert s.momentum(0) == 0.85 and s.momentum(200) == pytest.approx(0.91) and s.momentum(399) < 0.97
+    assert s.momentum(400) == pytest.approx(0.97 + (0.90 - 0.97) * 51 / 650)  # past warmup, inside the warmdown
+    assert s.momentum(999) == pytest.approx(0.90)
+    assert s.wd(0) == 1.0 and s.wd(500) == pytest.approx(0.5) and s.wd(999) == pytest.approx(0.0, abs=1e-4)
+    held = Schedule(1000, 1000.0, OptimConfig(warmdown_frac=0.5, muon_momentum_warmup_steps=0))
+    assert held.momentum(999) == held.cfg.muon_momentum  # muon_momentum_end = -1: held

@@ -164,7 +164,26 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=-1, help="torch threads per run (default: torch's choice)")
     p.add_argument("--fit-params", action="store_true", help="fit L(N) = A/N^alpha + E over model sizes and report E")
     p.add_argument("--name", default="", help="curve name (default RECIPE-sweep)")
+    p.add_argument("--ledger", default="", metavar="FILE",
+                   help="JSON Lines file of finished runs: runs found there are not trained again (on any machine), "
+                        "each finished run is appended as it ends")
+    p.add_argument("--expand", default="", metavar="KEY",
+                   help="an integer grid axis (e.g. model.depth) extended while a budget's best point is at its edge")
+    p.add_argument("--refine", action="append", default=[], metavar="B:KEY=F1,F2",
+                   help="at budget B also run the chosen point with KEY times each factor, e.g. 16:optim.lr_scale=0.5,2")
+    p.add_argument("--seeds", type=int, default=1, help="seeds of each budget's chosen point; the curve uses their mean (default 1)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _budget_axis(flag: str, item: str) -> tuple[float, str, list]:
+    from .config import ConfigError
+
+    b, _, axis = item.partition(":")
+    try:
+        key, values = _grid_arg(axis)
+        return float(b), key, values
+    except ValueError:
+        raise ConfigError(f"{flag} {item}: expected B:section.key=v1,v2") from None
 
 
 def _run_sweep(a: argparse.Namespace) -> int:
@@ -174,20 +193,22 @@ def _run_sweep(a: argparse.Namespace) -> int:
     grid = dict(_grid_arg(g) for g in a.grid)
     by_budget: dict[float, dict] = {}
     for item in a.budget_grid:
-        b, _, axis = item.partition(":")
-        try:
-            key, values = _grid_arg(axis)
-            by_budget.setdefault(float(b), {})[key] = values
-        except ValueError:
-            from .config import ConfigError
-
-            raise ConfigError(f"--budget-grid {item}: expected B:section.key=v1,v2") from None
+        b, key, values = _budget_axis("--budget-grid", item)
+        by_budget.setdefault(b, {})[key] = values
+    refine: dict[float, dict] = {}
+    for item in a.refine:
+        b, key, values = _budget_axis("--refine", item)
+        refine.setdefault(b, {})[key] = [float(v) for v in values]
     fixed = {}
     for item in a.set:
         key, _, value = item.partition("=")
         fixed[key] = parse_value(value)
+    if a.seeds < 1:
+        from .config import ConfigError
+
+        raise ConfigError(f"--seeds: must be >= 1, got {a.seeds}")
     curve = sweep(SweepConfig(a.recipe, a.data, a.out, a.budgets, grid, fixed, by_budget, a.jobs, a.threads, a.fit_params,
-                              a.name, not a.no_progress))
+                              a.name, not a.no_progress, a.ledger, a.expand, refine=refine, seeds=a.seeds))
     print(describe(curve))
     print(f"wrote {Path(a.out) / 'curve.json'}")
     return 0
@@ -222,7 +243,7 @@ def _run_efficiency(a: argparse.Namespace) -> int:
         out = {"efficiency": pl.efficiency, "tokens": pl.tokens, "loss": pl.loss, "metric": pl.metric,
                "extrapolated": pl.extrapolated, "curve": curve.name}
         if pl.fit:
-            out["fit"] = {"A": pl.fit.A, "alpha": pl.fit.alpha, "E": pl.fit.E}
+            out["fit"] = pl.fit.as_dict()
         print(json.dumps(out))
     else:
         print(pl.describe())

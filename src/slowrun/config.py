@@ -85,6 +85,7 @@ class ModelConfig:
     init_std: float = opt(0.02, "std of hidden-matrix init (output projections are scaled by 1/sqrt(2*n_layer))")
     embed_init_std: float = opt(-1.0, "std of the embedding init; -1 = init_std for tied embeddings, 1.0 when embed_norm is on")
     head_init_std: float = opt(0.001, "std of the untied output head init")
+    init: str = opt("gpt2", "hidden-matrix init: gpt2 (N(0, init_std), output projections / sqrt(2*n_layer)) or nanochat (uniform with std 1/sqrt(n_embd), output projections zero)")
 
     def __post_init__(self) -> None:
         if self.depth > 0:
@@ -110,6 +111,7 @@ class ModelConfig:
                    f"need 0 <= loop_start <= loop_end < n_layer={self.n_layer} (loop_end={self.loop_end})", self.loop_start)
             _check(self.loop_repeats >= 1, "model.loop_repeats", "must be >= 1", self.loop_repeats)
         _check(self.init_std > 0, "model.init_std", "must be > 0", self.init_std)
+        _choice("model.init", self.init, ("gpt2", "nanochat"))
 
     @property
     def hidden_dim(self) -> int:
@@ -130,6 +132,8 @@ class OptimConfig:
     embed_lr: float = opt(-1.0, "AdamW learning rate of the token/position embeddings; -1 = optim.lr")
     head_lr: float = opt(-1.0, "AdamW learning rate of the output head; -1 = optim.lr")
     scalar_lr: float = opt(-1.0, "AdamW learning rate of scalars, gates and norm weights; -1 = optim.lr")
+    lr_scale: float = opt(1.0, "multiplier of every group's peak learning rate (one knob to tune them together)")
+    adamw_width_ref: int = opt(-1, "AdamW learning rates (embeddings, head, scalars) scale by (n_embd / adamw_width_ref)^-0.5, as nanochat's (ref 768); -1 disables")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     eps: float = opt(1e-8, "AdamW epsilon")
@@ -139,6 +143,7 @@ class OptimConfig:
     muon_momentum: float = opt(0.95, "Muon (Nesterov) momentum after warmup")
     muon_momentum_start: float = opt(0.85, "Muon momentum at step 0")
     muon_momentum_warmup_steps: int = opt(300, "steps to ramp Muon momentum from start to final")
+    muon_momentum_end: float = opt(-1.0, "Muon momentum at the end of the LR warmdown, reached linearly from muon_momentum over it (nanochat: 0.90); -1 = held")
     muon_ns_steps: int = opt(5, "Newton-Schulz iterations")
     muon_coeffs: str = opt("quintic", "Newton-Schulz coefficients: quintic (3.4445, -4.7750, 2.0315) or polar_express")
     muon_eq_r: bool = opt(False, "MuonEq-R: normalize rows of the momentum before orthogonalization")
@@ -150,6 +155,7 @@ class OptimConfig:
     min_lr_frac: float = opt(0.0, "LR at the end of the decay as a fraction of the peak")
     swa_epochs: int = opt(0, "SWA: the last N epochs each run a short cosine LR cycle; their end checkpoints are averaged; 0 disables")
     swa_peak_frac: float = opt(0.3, "LR at the start of each SWA cycle as a fraction of the peak")
+    wd_shape: str = opt("hold", "weight decay over the main phase: hold (held, then lowered with the LR to wd_end_frac) or cosine (from weight_decay to 0 over the whole run, as nanochat)")
     wd_end_frac: float = opt(1.0, "weight decay at the end of the LR decay as a fraction of weight_decay (held, then lowered with the LR)")
     wd_swa_frac: float = opt(1.0, "weight decay during SWA cycles as a fraction of weight_decay, raised against the falling LR")
     ema_decay: float = opt(-1.0, "EMA of the weights (per update, bias-corrected); -1 disables")
@@ -162,6 +168,10 @@ class OptimConfig:
         for n in ("embed_lr", "head_lr", "scalar_lr"):
             v = getattr(self, n)
             _check(v == -1 or v > 0, f"optim.{n}", "must be -1 or > 0", v)
+        _check(self.lr_scale > 0, "optim.lr_scale", "must be > 0", self.lr_scale)
+        _check(self.adamw_width_ref == -1 or self.adamw_width_ref > 0, "optim.adamw_width_ref", "must be -1 or > 0", self.adamw_width_ref)
+        _check(self.muon_momentum_end == -1 or 0 <= self.muon_momentum_end < 1, "optim.muon_momentum_end", "must be -1 or in [0, 1)", self.muon_momentum_end)
+        _choice("optim.wd_shape", self.wd_shape, ("hold", "cosine"))
         _check(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)", self.beta1)
         _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)", self.beta2)
         _check(self.eps > 0, "optim.eps", "must be > 0", self.eps)
@@ -182,12 +192,17 @@ class OptimConfig:
         _check(self.ema_decay == -1 or 0 < self.ema_decay < 1, "optim.ema_decay", "must be -1 or in (0, 1)", self.ema_decay)
         _check(self.ema_every >= 1, "optim.ema_every", "must be >= 1", self.ema_every)
 
-    def group_lr(self, kind: str) -> float:
-        """Peak learning rate of a parameter group: matrix, embed, head or scalar."""
-        if kind == "matrix":
-            return self.matrix_lr if self.name == "muon" else self.lr
-        v = {"embed": self.embed_lr, "head": self.head_lr, "scalar": self.scalar_lr}[kind]
-        return self.lr if v == -1 else v
+    def group_lr(self, kind: str, n_embd: int) -> float:
+        """Peak learning rate of a parameter group (matrix, embed, head or scalar) in a model
+        of width `n_embd`: the group's own rate, times `lr_scale`, times the width scaling of
+        AdamW rates when `adamw_width_ref` is set (Muon's matrices are scaled by their shape)."""
+        if kind == "matrix" and self.name == "muon":
+            return self.matrix_lr * self.lr_scale
+        v = {"matrix": -1, "embed": self.embed_lr, "head": self.head_lr, "scalar": self.scalar_lr}[kind]
+        lr = (self.lr if v == -1 else v) * self.lr_scale
+        if self.adamw_width_ref > 0:
+            lr *= (n_embd / self.adamw_width_ref) ** -0.5
+        return lr
 
 
 @dataclass

@@ -78,9 +78,14 @@ class Curve:
 
 @dataclass
 class PowerLaw:
+    """L(D) = A / D^alpha + E, fitted with E in [0, min loss); `at_bound` names a bound the
+    best fit sits on (then the fit is no estimate of anything and is reported without a number)."""
+
     A: float
     alpha: float
     E: float
+    residuals: list[float] = field(default_factory=list)  # fitted minus measured, per point
+    at_bound: str = ""  # "" or which bound the best fit hit: "E = 0" or "E = min(loss)"
 
     def __call__(self, D: float) -> float:
         return self.A / D**self.alpha + self.E
@@ -90,27 +95,53 @@ class PowerLaw:
             return math.inf
         return (self.A / (loss - self.E)) ** (1 / self.alpha)
 
+    @property
+    def rms_residual(self) -> float:
+        return float(np.sqrt(np.mean(np.square(self.residuals)))) if self.residuals else 0.0
 
-def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
-    """Least-squares fit of y = A / x^alpha + E (E scanned on a fine grid below min(y);
-    for each E, log(y - E) is linear in log x)."""
+    def as_dict(self) -> dict:
+        out = {"form": "L = A / x^alpha + E", "residuals": self.residuals, "rms_residual": self.rms_residual}
+        if self.at_bound:
+            return {**out, "status": f"hit its bound {self.at_bound}: no estimate"}
+        return {**out, "status": "ok", "A": self.A, "alpha": self.alpha, "E": self.E}
+
+    def describe(self) -> str:
+        if self.at_bound:
+            return f"power-law fit hit its bound {self.at_bound} (rms residual {self.rms_residual:.4f}): no estimate"
+        return f"L = {self.A:.4g} / x^{self.alpha:.4f} + {self.E:.4f} (rms residual {self.rms_residual:.4f})"
+
+
+def fit_power_law(x, y) -> PowerLaw:
+    """Least-squares fit of y = A / x^alpha + E with 0 <= E < min(y) and alpha > 0.
+
+    For a fixed E, log(y - E) is linear in log x; E is scanned over [0, min(y)) (dense near
+    min(y)) and the E with the smallest squared error in y is kept. When that E is 0 or the
+    scan's closest value to min(y), the fit sits on a bound: `at_bound` says which, and
+    callers must not report its numbers as estimates.
+    """
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < 3:
         raise EfficiencyError(f"a power-law fit needs at least 3 points, got {len(x)}")
+    lo = float(y.min())
+    if lo <= 0:
+        raise EfficiencyError("a power-law fit with E >= 0 needs positive losses")
+    gaps = np.geomspace(1e-4 * lo, lo, 600)  # E = lo - gap: from just below min(y) down to 0
+    candidates = np.unique(np.concatenate([lo - gaps, [0.0]]))
+    candidates = candidates[(candidates >= 0) & (candidates < lo)]
     best = None
-    lo = y.min()
-    span = max(y.max() - lo, 1e-6)
-    for E in np.concatenate([lo - span * np.geomspace(1e-3, 50, 400), [0.0]]):
-        if E >= lo:
-            continue
+    for E in candidates:
         slope, icpt = np.polyfit(np.log(x), np.log(y - E), 1)
+        if -slope <= 0:
+            continue
         pred = np.exp(icpt) * x**slope + E
         err = float(((pred - y) ** 2).sum())
-        if -slope > 0 and (best is None or err < best[0]):
-            best = (err, PowerLaw(float(np.exp(icpt)), float(-slope), float(E)))
+        if best is None or err < best[0]:
+            best = (err, float(E), float(np.exp(icpt)), float(-slope), pred)
     if best is None:
         raise EfficiencyError("no decreasing power law fits these points")
-    return best[1]
+    _, E, A, alpha, pred = best
+    bound = "E = 0" if E == 0.0 else "E = min(loss)" if E == candidates.max() else ""
+    return PowerLaw(A, alpha, E, [float(r) for r in pred - y], bound)
 
 
 @dataclass
@@ -126,7 +157,7 @@ class Placement:
         s = f"{self.efficiency:.2f}x ({self.metric} loss {self.loss:.4f} = the baseline's at {self.tokens:,.0f} tokens)"
         if self.extrapolated:
             f = self.fit
-            s += f" [EXTRAPOLATED: L(D) = {f.A:.4g} / D^{f.alpha:.4f} + {f.E:.4f}]"
+            s += f" [EXTRAPOLATED: L(D) = {f.A:.4g} / D^{f.alpha:.4f} + {f.E:.4f}, rms residual {f.rms_residual:.4f}]"
         return s
 
 
@@ -150,6 +181,8 @@ def place(curve: Curve, loss: float, metric: str | None = None, extrapolate: boo
         raise EfficiencyError(f"{metric} loss {loss:.4f} is {side} the curve's range [{L[-1]:.4f}, {L[0]:.4f}] "
                               f"({D[0]:,.0f}-{D[-1]:,.0f} tokens); pass --extrapolate to use a fitted power law")
     fit = fit_power_law(D, np.asarray(curve.losses[metric]))
+    if fit.at_bound:
+        raise EfficiencyError(f"{metric} loss {loss:.4f} is outside the curve's range and its {fit.describe()}")
     tokens = fit.inverse(loss)
     if not math.isfinite(tokens):
         raise EfficiencyError(f"{metric} loss {loss:.4f} is below the fitted asymptote E = {fit.E:.4f}: no finite amount of baseline data reaches it")

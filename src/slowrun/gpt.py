@@ -150,8 +150,10 @@ class GPT(nn.Module):
         - wte: N(0, embed_init_std); default 1.0 with embed_norm (the lookup is normalized),
           else init_std (GPT-2's 0.02; also when tied, since it is then the head as well)
         - wpe: N(0, init_std)
-        - c_attn, mlp.c_fc, v_x0 (value projection from x0): N(0, init_std)
-        - attn.c_proj, mlp.c_proj: N(0, init_std / sqrt(2 * n_layer)) (GPT-2's residual scaling)
+        - c_attn, mlp.c_fc, v_x0 (value projection from x0): N(0, init_std); with
+          `init = "nanochat"` uniform with std 1/sqrt(n_embd) (bound sqrt(3/n_embd): no outliers)
+        - attn.c_proj, mlp.c_proj: N(0, init_std / sqrt(2 * n_layer)) (GPT-2's residual scaling);
+          with `init = "nanochat"` zero (every block starts as the identity)
         - lm_head (untied): N(0, head_init_std)
         - v_gate, head_gate: 0 (gates start at 2*sigmoid(0) = 1 and sigmoid(0) = 0.5)
         - biases: 0; LayerNorm weight 1, bias 0
@@ -161,6 +163,8 @@ class GPT(nn.Module):
         cfg = self.cfg
         std = cfg.init_std
         proj_std = std / math.sqrt(2 * cfg.n_layer)
+        nanochat = cfg.init == "nanochat"
+        bound = math.sqrt(3.0 / cfg.n_embd)  # uniform(-b, b) has std b / sqrt(3) = 1 / sqrt(n_embd)
         emb_std = cfg.embed_init_std if cfg.embed_init_std > 0 else (1.0 if cfg.embed_norm and not cfg.tie_embeddings else std)
         for name, p in self.named_parameters():
             if name == "wte.weight":
@@ -172,9 +176,15 @@ class GPT(nn.Module):
             elif name.endswith("gate.weight"):
                 nn.init.zeros_(p)
             elif name.endswith("c_proj.weight"):
-                nn.init.normal_(p, 0.0, proj_std, generator=generator)
+                if nanochat:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, 0.0, proj_std, generator=generator)
             elif name.endswith(".weight") and p.ndim == 2:
-                nn.init.normal_(p, 0.0, std, generator=generator)
+                if nanochat:
+                    nn.init.uniform_(p, -bound, bound, generator=generator)
+                else:
+                    nn.init.normal_(p, 0.0, std, generator=generator)
             elif name.endswith("ln.weight"):
                 nn.init.ones_(p)
             elif name.endswith("bias"):

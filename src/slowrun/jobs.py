@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -44,8 +44,9 @@ class TrainJob:
 
 
 def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progress: bool = True,
-             desc: str = "runs") -> dict[Path, str]:
-    """Train every unfinished job, `parallel` at a time; returns failures (run dir -> last error line)."""
+             desc: str = "runs", on_done: Callable[[TrainJob], None] | None = None) -> dict[Path, str]:
+    """Train every unfinished job, `parallel` at a time; returns failures (run dir -> last error line).
+    `on_done(job)` is called (one at a time) as soon as each job has finished, e.g. to record it."""
     todo = [j for j in jobs if not j.done()]
     failures: dict[Path, str] = {}
     if not todo:
@@ -61,6 +62,8 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
                 lines = (r.stderr or r.stdout).strip().splitlines()
                 failures[job.run_dir] = lines[-1] if lines else f"exit code {r.returncode}"
                 bar.write(f"failed: {job.run_dir}: {failures[job.run_dir]}")
+            elif on_done is not None:
+                on_done(job)
             bar.update(1)
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:

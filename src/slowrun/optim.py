@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .config import OptimConfig
+
+if TYPE_CHECKING:
+    from .gpt import GPT
 
 QUINTIC = (3.4445, -4.7750, 2.0315)
 POLAR_EXPRESS = (  # Amsel et al. 2025, per-step coefficients, used after dividing by 1.02 x ||X||_F
@@ -238,14 +242,15 @@ def split_params(model: torch.nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
     return groups
 
 
-def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.device | None = None) -> Optimizers:
+def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device | None = None) -> Optimizers:
     groups = split_params(model)
+    width = model.cfg.n_embd  # the GPT's width, for the width scaling of AdamW rates
     adam_groups, muon_groups = [], []
     for kind, plist in groups.items():
         if not plist:
             continue
         wd = 0.0 if kind == "scalar" else cfg.weight_decay if (kind == "matrix" or cfg.wd_embed) else 0.0
-        lr = cfg.group_lr(kind)
+        lr = cfg.group_lr(kind, width)
         if kind == "matrix" and cfg.name == "muon":
             # fused matrices get their own groups so they are orthogonalized part by part
             by_chunks: dict[int, list[Tensor]] = {}

@@ -8,8 +8,11 @@ The run is split into a main phase and, optionally, SWA cycles or snapshot cycle
                     to `min_lr_frac * swa_peak_frac`; their end checkpoints are averaged
     snapshot cycles the whole run is N cosine cycles (1 -> min_lr_frac); each end is a member
 
-Weight decay is held, lowered with the LR over the warmdown to `wd_end_frac`, and during
-SWA cycles raised against the falling LR (from `wd_swa_frac` to twice that at a cycle's end).
+Weight decay (`wd_shape = "hold"`) is held, lowered with the LR over the warmdown to
+`wd_end_frac`, and during SWA cycles raised against the falling LR (from `wd_swa_frac` to
+twice that at a cycle's end); `wd_shape = "cosine"` decays it from 1 to 0 over the whole run
+(nanochat). Muon momentum ramps from `muon_momentum_start` to `muon_momentum` over
+`muon_momentum_warmup_steps`, then optionally down to `muon_momentum_end` over the warmdown.
 """
 
 from __future__ import annotations
@@ -75,9 +78,19 @@ class Schedule:
             return 1.0
         return self._decay((step - start + 1) / warmdown)
 
+    def _warmdown_progress(self, step: int) -> float | None:
+        """Progress in (0, 1] of a main-phase step inside the LR warmdown; None outside it."""
+        warmdown = round(self.cfg.warmdown_frac * self.main_steps)
+        start = self.main_steps - warmdown
+        if warmdown == 0 or step < start or step >= self.main_steps or self.snapshot_cycles:
+            return None
+        return (step - start + 1) / warmdown
+
     def wd(self, step: int) -> float:
         """Weight-decay multiplier of `optim.weight_decay` at `step`."""
         c = self.cfg
+        if c.wd_shape == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
         cyc = self._cycle(step)
         if cyc is not None and not self.snapshot_cycles:
             _, t = cyc
@@ -90,11 +103,15 @@ class Schedule:
         return 1.0 + (c.wd_end_frac - 1.0) * frac
 
     def momentum(self, step: int) -> float:
+        """Muon momentum at `step`; the warmup ramp takes precedence over the warmdown one (as nanochat)."""
         c = self.cfg
-        if c.muon_momentum_warmup_steps <= 0:
-            return c.muon_momentum
-        frac = min(1.0, step / c.muon_momentum_warmup_steps)
-        return c.muon_momentum_start + (c.muon_momentum - c.muon_momentum_start) * frac
+        if step < c.muon_momentum_warmup_steps:
+            frac = step / c.muon_momentum_warmup_steps
+            return c.muon_momentum_start + (c.muon_momentum - c.muon_momentum_start) * frac
+        down = self._warmdown_progress(step) if c.muon_momentum_end != -1 else None
+        if down is not None:
+            return c.muon_momentum + (c.muon_momentum_end - c.muon_momentum) * down
+        return c.muon_momentum
 
     def cycle_end(self, step: int) -> int | None:
         """If `step` is the last step of an SWA/snapshot cycle, that cycle's index."""

@@ -8,6 +8,17 @@ for each budget, the point chosen by *val* loss with its test loss, every point 
 run directory and config, the grid, and the dataset hashes. That file is a baseline curve
 for `slowrun efficiency`. With `--fit-params`, the best loss per model size is fitted with
 L(N) = A / N^alpha + E, E being the recipe's estimated loss at infinite compute.
+
+Tuning the way the reference benchmark tunes its baseline, and a bit stricter:
+- `expand`: an integer axis (model.depth) is extended while a budget's best point sits at
+  the edge of the values tried there, so the chosen size is never the smallest or largest;
+- `refine`: at the given budgets the chosen point is also run with a key scaled by factors
+  (the learning rate at 0.5x and 2x); a better one on val is chosen instead, and said;
+- `seeds`: the chosen point of every budget is run with more seeds; the curve uses the
+  mean of their losses and reports the spread.
+With `ledger`, every finished run is appended to a JSON Lines file (`slowrun.ledger`) and a
+run found there is done on any machine: a sweep stopped at any moment loses only the runs
+in flight.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import fit_power_law
 from .jobs import TrainJob, run_jobs
+from .ledger import Ledger, config_key, dataset_identity, entry_from_result
 from .prepare import PrepareConfig, prepare
 from .storage import atomic_write_json
 
@@ -48,6 +60,11 @@ class SweepConfig:
     fit_params: bool = False
     name: str = ""
     progress: bool = True
+    ledger: str = ""  # JSON Lines file of finished runs shared by every machine; "" = none
+    expand: str = ""  # integer grid axis extended while a budget's best point is at its edge; "" = none
+    expand_min: int = 1  # smallest value the expanded axis may take
+    refine: dict[float, dict[str, list[float]]] = field(default_factory=dict)  # budget -> {key: factors} for the chosen point
+    seeds: int = 1  # seeds of the chosen point at every budget (seed 0 is the tuning run)
 
 
 def budget_name(b: float) -> str:
@@ -83,58 +100,200 @@ def point_id(point: dict[str, Any], full_config: dict) -> str:
     return f"{human}-{digest}".replace("/", "_")
 
 
-def plan(cfg: SweepConfig) -> tuple[list[TrainJob], Dataset]:
-    out = Path(cfg.out)
-    base = Dataset.open(cfg.data)
-    jobs = []
+class Runs:
+    """The sweep's runs: datasets per budget, jobs by point, finished results (from the ledger
+    or the run directories), and the ledger they are appended to as they finish."""
+
+    def __init__(self, cfg: SweepConfig) -> None:
+        from .train import resolve
+
+        self._resolve = resolve
+        self.cfg = cfg
+        self.base = Dataset.open(cfg.data)
+        self.ledger = Ledger.open(cfg.ledger) if cfg.ledger else None
+        self.datasets: dict[float, Dataset] = {}
+        for b in cfg.budgets:
+            if b <= 0:
+                raise SweepError(f"--budgets: {b} is not a positive multiple")
+            self.datasets[b] = nested_dataset(self.base, b, Path(cfg.out) / "data" / budget_name(b), progress=cfg.progress)
+        self.jobs: list[TrainJob] = []
+        self.results: dict[Path, dict] = {}  # run_dir -> ledger entry of a finished run
+        self.failures: dict[Path, str] = {}
+        self.from_ledger = 0
+
+    def job(self, budget: float, point: dict[str, Any], phase: str = "grid") -> TrainJob:
+        """The job of a point at a budget (the same object when asked twice); `phase` says
+        which step of the tuning asked for it first (grid, expand, refine, seeds)."""
+        for j in self.jobs:
+            if j.tag["budget"] == budget and j.tag["point"] == point:
+                return j
+        ds = self.datasets[budget]
+        overrides = {**self.cfg.fixed, **point}
+        resolved = self._resolve(build_config(self.cfg.recipe, {**overrides, "data.path": str(ds.path)}), ds)  # validates
+        full = {"config": config_to_dict(resolved), "dataset": ds.manifest["files"]}
+        run_dir = Path(self.cfg.out) / "runs" / budget_name(budget) / point_id(point, full)
+        job = TrainJob(run_dir, self.cfg.recipe, ds.path, overrides,
+                       {"budget": budget, "point": point, "phase": phase, "key": config_key(config_to_dict(resolved)),
+                        "dataset": dataset_identity(ds.manifest)})
+        self.jobs.append(job)
+        self._lookup(job)
+        return job
+
+    def _lookup(self, job: TrainJob) -> None:
+        entry = self.ledger.find(job.tag["key"], job.tag["dataset"]) if self.ledger is not None else None
+        if entry is not None:
+            self.results[job.run_dir] = entry
+            self.from_ledger += 1
+        elif job.done():  # finished here before it reached a ledger: record it now
+            self._finished(job)
+
+    def _finished(self, job: TrainJob) -> None:
+        result = job.result()
+        if result["dataset"].get("train") is None:  # written before results carried the train hash: the run
+            result["dataset"]["train"] = job.tag["dataset"]["train"]  # directory's name pins this job's dataset
+        entry = entry_from_result(result, {"budget": job.tag["budget"], "point": job.tag["point"],
+                                           "recipe": self.cfg.recipe, "sweep": self.cfg.name})
+        if entry["key"] != job.tag["key"] or entry["dataset"] != job.tag["dataset"]:
+            raise SweepError(f"{job.run_dir}: its result.json is of another config or dataset than the sweep plans")
+        if self.ledger is not None:
+            self.ledger.append(entry)
+        self.results[job.run_dir] = entry
+
+    def run(self, jobs: list[TrainJob], desc: str) -> None:
+        todo = [j for j in jobs if j.run_dir not in self.results]
+        # largest budget first: the longest runs start early, so parallel slots do not idle at the end
+        todo.sort(key=lambda j: -j.tag["budget"])
+        if todo:
+            print(f"{desc}: {len(todo)} run(s) to train", flush=True)
+        self.failures.update(run_jobs(todo, self.cfg.jobs, self.cfg.threads, self.cfg.progress, desc=desc,
+                                      on_done=self._finished))
+
+    def loss(self, job: TrainJob, split: str = "val") -> float | None:
+        e = self.results.get(job.run_dir)
+        if e is None:
+            return None
+        v = e["variants"][e["best"]].get(f"{split}_loss")
+        return v if v is not None and math.isfinite(v) else None
+
+    def tuning(self, budget: float) -> list[TrainJob]:
+        """The finished seed-0 points of a budget (the candidates for its chosen point)."""
+        return [j for j in self.jobs if j.tag["budget"] == budget and "train.seed" not in j.tag["point"]
+                and self.loss(j) is not None]
+
+    def best(self, budget: float, before_refine: bool = False) -> TrainJob:
+        ok = [j for j in self.tuning(budget) if not (before_refine and j.tag["phase"] == "refine")]
+        if not ok:
+            raise SweepError(f"budget {budget_name(budget)}: no grid point finished")
+        return min(ok, key=self.loss)
+
+    def value(self, job: TrainJob, key: str) -> Any:
+        sec, _, name = key.partition(".")
+        return self.results[job.run_dir]["config"][sec][name]
+
+
+def expansions(runs: Runs) -> list[TrainJob]:
+    """Points that move a budget's best off the edge of the expanded axis."""
+    axis, out = runs.cfg.expand, []
+    for b in runs.cfg.budgets:
+        best = runs.best(b)
+        v = runs.value(best, axis)
+        tried = {runs.value(j, axis) for j in runs.tuning(b)}
+        for nxt in ((v + 1,) if v == max(tried) else ()) + ((v - 1,) if v == min(tried) and v - 1 >= runs.cfg.expand_min else ()):
+            job = runs.job(b, {**best.tag["point"], axis: nxt}, "expand")
+            if job.run_dir not in runs.failures:
+                out.append(job)
+    return [j for j in out if j.run_dir not in runs.results]
+
+
+def refinements(runs: Runs) -> list[TrainJob]:
+    out = []
+    for b, keys in runs.cfg.refine.items():
+        if b not in runs.datasets:
+            raise SweepError(f"refine: budget {budget_name(b)} is not one of the sweep's budgets")
+        best = runs.best(b)
+        for key, factors in keys.items():
+            for f in factors:
+                out.append(runs.job(b, {**best.tag["point"], key: runs.value(best, key) * f}, "refine"))
+    return out
+
+
+def sweep(cfg: SweepConfig) -> dict:
+    t0 = time.time()
+    runs = Runs(cfg)
     for b in cfg.budgets:
-        if b <= 0:
-            raise SweepError(f"--budgets: {b} is not a positive multiple")
-        ds = nested_dataset(base, b, out / "data" / budget_name(b), progress=cfg.progress)
         for point in grid_points({**cfg.grid, **cfg.grid_by_budget.get(b, {})}):
-            overrides = {**cfg.fixed, **point}
-            resolved = build_config(cfg.recipe, {**overrides, "data.path": str(ds.path)})  # validates every key
-            full = {"config": config_to_dict(resolved), "dataset": ds.manifest["files"]}
-            run_dir = out / "runs" / budget_name(b) / point_id(point, full)
-            jobs.append(TrainJob(run_dir, cfg.recipe, ds.path, overrides, {"budget": b, "point": point}))
-    return jobs, base
+            runs.job(b, point)
+    print(f"sweep: {len(runs.jobs)} grid runs ({len(runs.results)} already finished, {runs.from_ledger} of them found in "
+          f"the ledger) over {len(cfg.budgets)} budget(s) in {cfg.out}", flush=True)
+    runs.run(list(runs.jobs), "grid")
+    if cfg.expand:
+        for _ in range(8):  # each round moves every edge-bound budget by one value
+            extra = expansions(runs)
+            if not extra:
+                break
+            runs.run(extra, f"expand {cfg.expand}")
+    if cfg.refine:
+        runs.run(refinements(runs), "refine")
+    if cfg.seeds > 1:
+        runs.run([runs.job(b, {**runs.best(b).tag["point"], "train.seed": s}, "seeds") for b in cfg.budgets
+                  for s in range(1, cfg.seeds)], "seeds")
+    curve = collect(runs)
+    curve["wall_s"] = round(time.time() - t0, 1)
+    atomic_write_json(Path(cfg.out) / "curve.json", curve)
+    return curve
 
 
-def collect(jobs: list[TrainJob], base: Dataset, cfg: SweepConfig, failures: dict[Path, str]) -> dict:
+def collect(runs: Runs) -> dict:
+    cfg, base = runs.cfg, runs.base
     points = []
-    for j in jobs:
+    for j in runs.jobs:
         b = j.tag["budget"]
         rec = {"budget": b, "tokens": int(round(base.num_tokens("train") * b)), "point": j.tag["point"],
-               "run_dir": str(j.run_dir), "overrides": j.overrides}
-        if j.done():
-            res = j.result()
-            best = res["variants"][res["best"]]
-            rec.update({"variant": res["best"], "val_loss": best["val_loss"], "test_loss": best.get("test_loss"),
-                        "val_bpb": best["val_bpb"], "test_bpb": best.get("test_bpb"), "params": res["params"],
-                        "wall_s": res["wall_s"], "config": res["config"]})
+               "phase": j.tag["phase"], "run_dir": str(j.run_dir), "overrides": j.overrides, "key": j.tag["key"]}
+        e = runs.results.get(j.run_dir)
+        if e is not None:
+            best = e["variants"][e["best"]]
+            rec.update({"variant": e["best"], "val_loss": best["val_loss"], "test_loss": best.get("test_loss"),
+                        "val_bpb": best["val_bpb"], "test_bpb": best.get("test_bpb"), "params": e["params"],
+                        "wall_s": e["wall_s"], "device": e.get("device"), "config": e["config"]})
         else:
-            rec.update({"val_loss": None, "error": failures.get(j.run_dir, "not run")})
+            rec.update({"val_loss": None, "error": runs.failures.get(j.run_dir, "not run")})
         points.append(rec)
     chosen = []
     for b in cfg.budgets:
-        ok = [p for p in points if p["budget"] == b and p.get("val_loss") is not None and math.isfinite(p["val_loss"])]
-        if not ok:
-            raise SweepError(f"budget {budget_name(b)}: no grid point finished")
-        chosen.append(min(ok, key=lambda p: p["val_loss"]))
+        best = runs.best(b)
+        seeds = [best] + [j for j in runs.jobs if j.tag["budget"] == b and runs.loss(j) is not None
+                          and j.tag["point"].get("train.seed", 0) != 0
+                          and {k: v for k, v in j.tag["point"].items() if k != "train.seed"} == best.tag["point"]]
+        c = {"budget": b, "point": best.tag["point"], "run_dir": str(best.run_dir), "params": runs.results[best.run_dir]["params"],
+             "seeds": len(seeds)}
+        for split in ("val", "test"):
+            vals = [runs.loss(j, split) for j in seeds]
+            if any(v is None for v in vals):
+                c[f"{split}_loss"] = None
+                continue
+            c[f"{split}_loss"] = sum(vals) / len(vals)  # the curve's point: the mean over seeds
+            c[f"{split}_losses"] = vals
+            c[f"{split}_spread"] = max(vals) - min(vals)
+        grid_best = runs.best(b, before_refine=True)
+        if grid_best is not best:
+            c["refined_from"] = grid_best.tag["point"]  # a refinement beat the grid's best on val: said, not hidden
+        chosen.append(c)
     curve = {
         "name": cfg.name or f"{Path(cfg.recipe).stem}-sweep",
-        "description": f"best-on-val {cfg.recipe} over the grid at each budget (test loss of the chosen point)",
+        "description": f"best-on-val {cfg.recipe} over the grid at each budget (mean over {cfg.seeds} seed(s) of the "
+                       f"chosen point; test loss of the chosen point)",
         "budget": base.num_tokens("train"),
-        "tokens": [c["tokens"] for c in chosen],
+        "tokens": [int(round(base.num_tokens("train") * c["budget"])) for c in chosen],
         "losses": {"val": [c["val_loss"] for c in chosen],
                    **({"test": [c["test_loss"] for c in chosen]} if all(c["test_loss"] is not None for c in chosen) else {})},
         "dataset": base.fingerprint,
         "recipe": cfg.recipe, "grid": cfg.grid, "fixed": cfg.fixed, "budgets": cfg.budgets,
         "grid_by_budget": {budget_name(b): g for b, g in cfg.grid_by_budget.items()},
-        "chosen": [{k: c[k] for k in ("budget", "point", "run_dir", "val_loss", "test_loss", "params")} for c in chosen],
+        "expand": cfg.expand, "refine": {budget_name(b): r for b, r in cfg.refine.items()}, "seeds": cfg.seeds,
+        "chosen": chosen,
         "points": points,
-        "datasets": {budget_name(b): str(Path(cfg.out) / "data" / budget_name(b)) if b != 1 else str(base.path)
-                     for b in cfg.budgets},
+        "datasets": {budget_name(b): str(ds.path) for b, ds in runs.datasets.items()},
     }
     if cfg.fit_params:
         curve["scaling"] = fit_scaling(points)
@@ -155,32 +314,24 @@ def fit_scaling(points: list[dict]) -> dict:
     out: dict[str, Any] = {"points": rows}
     if len(ns) >= 3:
         fit = fit_power_law([float(n) for n in ns], [by_n[n]["val_loss"] for n in ns])
-        out["fit"] = {"A": fit.A, "alpha": fit.alpha, "E": fit.E, "form": "L(N) = A / N^alpha + E (val loss)"}
+        out["fit"] = fit.as_dict()
     return out
-
-
-def sweep(cfg: SweepConfig) -> dict:
-    t0 = time.time()
-    jobs, base = plan(cfg)
-    done = sum(j.done() for j in jobs)
-    print(f"sweep: {len(jobs)} runs ({done} already finished) over {len(cfg.budgets)} budget(s) in {cfg.out}", flush=True)
-    # largest budget first: the longest runs start early, so parallel slots do not idle at the end
-    order = sorted(jobs, key=lambda j: -j.tag["budget"])
-    failures = run_jobs(order, cfg.jobs, cfg.threads, cfg.progress, desc="sweep")
-    curve = collect(jobs, base, cfg, failures)
-    curve["wall_s"] = round(time.time() - t0, 1)
-    atomic_write_json(Path(cfg.out) / "curve.json", curve)
-    return curve
 
 
 def describe(curve: dict) -> str:
     metric = "test" if "test" in curve["losses"] else "val"
     lines = [f"{'budget':>8} {'tokens':>12} {'val loss':>9} {metric + ' loss':>10}  chosen point"]
     for c in curve["chosen"]:
+        spread = f" ({c['seeds']} seeds, spread {c['test_spread']:.4f})" if c.get("seeds", 1) > 1 and "test_spread" in c else ""
         lines.append(f"{budget_name(c['budget']):>8} {int(round(c['budget'] * curve['budget'])):>12,} {c['val_loss']:>9.4f} "
                      f"{(c['test_loss'] if c['test_loss'] is not None else float('nan')):>10.4f}  "
-                     + ", ".join(f"{k}={v}" for k, v in c["point"].items()))
+                     + ", ".join(f"{k}={v}" for k, v in c["point"].items()) + spread
+                     + (f" [refined from {c['refined_from']}]" if "refined_from" in c else ""))
     if "scaling" in curve and "fit" in curve["scaling"]:
         f = curve["scaling"]["fit"]
-        lines.append(f"L(N) = {f['A']:.4g} / N^{f['alpha']:.4f} + {f['E']:.4f}: estimated loss at infinite compute E = {f['E']:.4f}")
+        if f["status"] == "ok":
+            lines.append(f"L(N) = {f['A']:.4g} / N^{f['alpha']:.4f} + {f['E']:.4f} (rms residual {f['rms_residual']:.4f}): "
+                         f"estimated loss at infinite compute E = {f['E']:.4f}")
+        else:
+            lines.append(f"L(N) = A / N^alpha + E: the fit {f['status']} (rms residual {f['rms_residual']:.4f})")
     return "\n".join(lines)

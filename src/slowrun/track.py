@@ -190,7 +190,7 @@ def efficiency_on(curve: Curve, test_loss: float) -> dict:
         return {"efficiency": None, "efficiency_error": str(e)}
     out = {"efficiency": pl.efficiency, "efficiency_tokens": pl.tokens, "efficiency_extrapolated": pl.extrapolated}
     if pl.fit:
-        out["efficiency_fit"] = {"A": pl.fit.A, "alpha": pl.fit.alpha, "E": pl.fit.E}
+        out["efficiency_fit"] = pl.fit.as_dict()
     return out
 
 

@@ -290,7 +290,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, echo: bool, env: distrib
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
             "params": model.num_params(), "flops_per_token": model.flops_per_token(), "world_size": env.world_size,
-            "dataset": {"path": str(ds.path), **ds.fingerprint, "train_tokens": ds.num_tokens("train"),
+            "dataset": {"path": str(ds.path), **ds.fingerprint, "train": ds.manifest["files"].get("train.bin"),
+                        "train_tokens": ds.num_tokens("train"),
                         "fitness_tokens": cfg.data.fitness_tokens},
             "seed": cfg.train.seed, "environment": env_info, "config": config_to_dict(cfg),
         })

@@ -1,0 +1,130 @@
+"""The results ledger: finished training runs as JSON Lines, kept in the repository.
+
+A sweep or the CPU track can take days of CPU time over several machines. Every finished
+run is appended to the ledger (one JSON object per line) as soon as it ends, so a run
+found there is never trained again on any machine. A line holds the run's key (a hash of
+its resolved config without what cannot change the result: paths, threads, logging), the
+dataset it trained on (tokenizer, val, test and train hashes), every weights variant's
+val/test loss and bits per byte, steps, wall time, device, torch version and commit.
+
+A line is appended with one `write` under an exclusive `flock`, so two sweeps writing the
+same ledger at once never interleave or lose a line. A line that is not valid JSON stops
+the reader with its line number: the ledger is data others build on, never guessed at.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import SlowrunError
+
+FORMAT = "slowrun-ledger/1"
+# config keys that cannot change a run's losses: paths, parallelism, logging and saving
+NON_RESULT_KEYS = {
+    "data": ("path",),
+    "train": ("num_threads", "progress", "log_every", "wandb", "tensorboard", "checkpoint_every", "keep_checkpoints",
+              "save_final", "device", "compile"),
+}
+DATASET_KEYS = ("tokenizer", "val", "test", "train", "train_tokens")
+
+
+class LedgerError(SlowrunError):
+    pass
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """The run's identity: sha256 of its resolved config without the keys in NON_RESULT_KEYS."""
+    pruned = {sec: {k: v for k, v in vals.items() if k not in NON_RESULT_KEYS.get(sec, ())}
+              for sec, vals in config.items()}
+    return hashlib.sha256(json.dumps(pruned, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dataset_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a ledger line's dataset must equal: tokenizer, val, test and train contents."""
+    files = manifest["files"]
+    return {"tokenizer": manifest["tokenizer"]["fingerprint"], "val": files.get("val.bin"), "test": files.get("test.bin"),
+            "train": files.get("train.bin"), "train_tokens": int(manifest["splits"]["train"]["tokens"])}
+
+
+def entry_from_result(result: dict[str, Any], tag: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ledger line from a finished run's result.json."""
+    env = result.get("environment", {})
+    ds = result["dataset"]
+    return {
+        "format": FORMAT, "key": config_key(result["config"]), "tag": tag or {},
+        "dataset": {k: ds.get(k) for k in DATASET_KEYS},
+        "variants": result["variants"], "best": result["best"],
+        "params": result["params"], "steps": result["steps"], "tokens_seen": result["tokens_seen"],
+        "wall_s": result["wall_s"], "train_wall_s": result.get("train_wall_s"), "tokens_per_s": result.get("tokens_per_s"),
+        "device": env.get("device"), "torch": env.get("torch"), "commit": env.get("git_commit"),
+        "threads": result["config"]["train"].get("num_threads"), "seed": result.get("seed"),
+        "run_dir": result.get("run_dir"), "config": result["config"],
+    }
+
+
+@dataclass
+class Ledger:
+    path: Path
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Ledger":
+        """Read every line (a missing file is an empty ledger); a corrupt line is an error naming it."""
+        path = Path(path)
+        led = cls(path)
+        if not path.is_file():
+            return led
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise LedgerError(f"{path}:{n}: corrupt ledger line ({err.msg}); fix or remove that line") from None
+                if not isinstance(e, dict) or e.get("format") != FORMAT or "key" not in e or "dataset" not in e:
+                    raise LedgerError(f"{path}:{n}: not a {FORMAT} entry; fix or remove that line")
+                e["_line"] = n
+                led.entries.append(e)
+        return led
+
+    def find(self, key: str, dataset: dict[str, Any], warn=print) -> dict[str, Any] | None:
+        """The entry for this config on exactly this dataset. An entry of the same config and
+        budget whose tokenizer or val/test/train hashes differ is ignored with one line."""
+        for e in self.entries:
+            if e["key"] != key:
+                continue
+            if e["dataset"] == {k: dataset.get(k) for k in DATASET_KEYS}:
+                return e
+            if e["dataset"].get("train_tokens") == dataset.get("train_tokens"):
+                diff = [k for k in DATASET_KEYS if e["dataset"].get(k) != dataset.get(k)]
+                warn(f"ledger: ignoring {self.path}:{e['_line']} (same config, but its dataset differs in "
+                     f"{', '.join(diff)})")
+        return None
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Append one line atomically (O_APPEND, one write, under an exclusive lock)."""
+        line = (json.dumps({k: v for k, v in entry.items() if k != "_line"}, sort_keys=True) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_size:  # a previous writer killed mid-line must not glue two lines together
+                    with open(self.path, "rb") as f:
+                        f.seek(-1, os.SEEK_END)
+                        if f.read(1) != b"\n":
+                            line = b"\n" + line
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        self.entries.append({**entry, "_line": None})

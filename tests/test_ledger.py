@@ -1,0 +1,75 @@
+"""The results ledger: keys, lookup, refusal of foreign datasets, corrupt lines, concurrent writers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from slowrun.ledger import FORMAT, Ledger, LedgerError, config_key
+
+DS = {"tokenizer": "sha256:t", "val": "v", "test": "t", "train": "tr", "train_tokens": 100}
+
+
+def entry(key="k1", **ds):
+    return {"format": FORMAT, "key": key, "dataset": {**DS, **ds}, "variants": {"final": {"val_loss": 5.0}},
+            "best": "final"}
+
+
+def test_config_key_ignores_paths_threads_and_logging_only():
+    cfg = {"model": {"n_layer": 2}, "train": {"seed": 0, "num_threads": 1, "progress": True}, "data": {"path": "/a"}}
+    same = {"model": {"n_layer": 2}, "train": {"seed": 0, "num_threads": 2, "progress": False}, "data": {"path": "/b/c"}}
+    assert config_key(cfg) == config_key(same)
+    assert config_key(cfg) != config_key({**cfg, "train": {**cfg["train"], "seed": 1}})
+    assert config_key(cfg) != config_key({**cfg, "model": {"n_layer": 3}})
+
+
+def test_append_and_find_round_trip(tmp_path):
+    led = Ledger.open(tmp_path / "l.jsonl")
+    assert led.entries == []
+    led.append(entry())
+    led.append(entry("k2"))
+    again = Ledger.open(tmp_path / "l.jsonl")
+    assert [e["key"] for e in again.entries] == ["k1", "k2"] and again.entries[1]["_line"] == 2
+    assert again.find("k1", DS)["variants"]["final"]["val_loss"] == 5.0
+    assert again.find("k3", DS) is None
+    assert again.find("k1", {**DS, "train": "other", "train_tokens": 200}) is None  # another budget: silently no match
+
+
+def test_foreign_dataset_is_ignored_with_one_line(tmp_path):
+    led = Ledger(tmp_path / "l.jsonl")
+    led.append(entry(val="other-val"))
+    said = []
+    assert Ledger.open(led.path).find("k1", DS, warn=said.append) is None
+    assert len(said) == 1 and "l.jsonl:1" in said[0] and "differs in val" in said[0]
+
+
+def test_corrupt_line_names_its_number(tmp_path):
+    p = tmp_path / "l.jsonl"
+    p.write_text(json.dumps(entry()) + "\n" + '{"format": "slowrun-ledger/1", "key": \n')
+    with pytest.raises(LedgerError, match=r"l.jsonl:2: corrupt ledger line"):
+        Ledger.open(p)
+    p.write_text(json.dumps({"hello": 1}) + "\n")
+    with pytest.raises(LedgerError, match=r"l.jsonl:1: not a slowrun-ledger/1 entry"):
+        Ledger.open(p)
+
+
+def test_a_torn_last_line_does_not_swallow_the_next(tmp_path):
+    p = tmp_path / "l.jsonl"
+    p.write_text(json.dumps(entry()) + "\n" + '{"format": "slowrun-led')  # a writer killed mid-line
+    Ledger(p).append(entry("k2"))
+    lines = p.read_text().splitlines()
+    assert json.loads(lines[2])["key"] == "k2"  # the new line stands on its own; the torn one is reported by line
+    with pytest.raises(LedgerError, match=":2: corrupt"):
+        Ledger.open(p)
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    p = tmp_path / "l.jsonl"
+    code = ("import sys; from slowrun.ledger import Ledger, FORMAT; led = Ledger(__import__('pathlib').Path(sys.argv[1]))\n"
+            "for i in range(200): led.append({'format': FORMAT, 'key': sys.argv[2] + str(i), 'dataset': {}, "
+            "'pad': 'x' * 5000})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(p), w]) for w in ("a", "b", "c")]
+    assert all(pr.wait() == 0 for pr in procs)
+    keys = [e["key"] for e in Ledger.open(p).entries]
+    assert len(keys) == 600 and set(keys) == {f"{w}{i}" for w in "abc" for i in range(200)}
