@@ -9,26 +9,40 @@ from slowrun.track import Entry, TrackDef, run_track
 
 
 def test_track_pipeline_end_to_end(tmp_path):
+    gpt2 = tmp_path / "gpt2_curve.json"  # a second comparator, as the committed GPT-2 curve is
+    gpt2.write_text(json.dumps({"name": "mini gpt2", "budget": 20_000, "tokens": [20_000, 40_000, 60_000],
+                                "losses": {"test": [9.0, 8.0, 7.5]}}))
     t = TrackDef(name="mini", tokenizer="bpe:400", budget=20_000, val_tokens=4_000, test_tokens=4_000, budgets=[1, 2, 3],
-                 baseline_grid={"model.n_embd": [32, 64], "optim.lr": [0.003]}, baseline_grid_by_budget={},
-                 baseline_fixed={"model.seq_len": 32, "model.n_layer": 1, "model.n_head": 2, "train.batch_tokens": 1024,
-                                 "eval.max_tokens": 512},
+                 curve_recipe="nanochat", curve_grid={"model.depth": [1, 2]}, curve_grid_by_budget={},
+                 curve_expand="",  # expansion is covered by the sweep's test; here a fixed grid keeps the test short
+                 curve_fixed={"model.seq_len": 32, "model.aspect_ratio": 16, "model.head_dim": 16,
+                              "train.batch_tokens": 1024, "eval.max_tokens": 512},
+                 curve_refine={3: {"optim.lr_scale": [2.0]}}, curve_seeds=2, gpt2_curve=str(gpt2),
                  single=Entry("smoke", {"train.max_steps": 6, "eval.max_tokens": 512}),
                  ensemble=Entry("smoke", {"train.max_steps": 6, "eval.max_tokens": 512}, members=2),
                  distill=Entry("smoke", {"train.max_steps": 6, "eval.max_tokens": 512}, members=2, distill=True))
     out = tmp_path / "cpu_track.json"
-    res = run_track(t, tmp_path / "work", out, tmp_path / "report", parts=("curve", "single", "ensemble", "distill"), jobs=2,
-                    threads=1)
+    res = run_track(t, tmp_path / "work", out, tmp_path / "report", parts=("baseline", "single", "ensemble", "distill"),
+                    jobs=2, threads=1)
     saved = json.loads(out.read_text())
-    assert {"baseline_curve", "single", "ensemble", "machine", "track"} <= set(saved)
-    assert saved["baseline_curve"]["tokens"] == [20_000, 40_000, 60_000]
-    assert len(saved["baseline_curve"]["points"]) == 6
+    assert {"baseline_curve", "gpt2_curve", "single", "ensemble", "machine", "track"} <= set(saved)
+    bc = saved["baseline_curve"]
+    assert bc["tokens"] == [20_000, 40_000, 60_000] and bc["recipe"] == "nanochat"
+    for c in bc["chosen"]:  # each curve point is the mean of 2 seeds
+        assert c["seeds"] == 2 and c["test_loss"] == pytest.approx(sum(c["test_losses"]) / 2)
+    assert any(p["phase"] == "refine" and p["budget"] == 3 for p in bc["points"])
+    committed = json.loads((tmp_path / "curves" / "cpu_nanochat.json").read_text())
+    assert committed["losses"] == bc["losses"] and "run_dir" not in json.dumps(committed)
+    ledger = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    assert len(ledger) == sum(p["val_loss"] is not None for p in bc["points"])
     for kind in ("single", "ensemble"):
         s = saved[kind]
         for key in ("test_loss", "test_bpb", "val_loss", "efficiency", "members", "wall_s", "tokens_per_s", "peak_rss_mb",
                     "resolved_recipe"):
             assert key in s, (kind, key)
-        assert isinstance(s["efficiency"], float) and s["efficiency"] > 0
+        # placed on the curve, or (outside its range with a fit on its bound) refused with the reason, never clamped
+        assert (isinstance(s["efficiency"], float) and s["efficiency"] > 0) or "hit its bound" in s["efficiency_error"]
+        assert s["efficiency_second"]["curve"] == "mini gpt2" and "efficiency" in s["efficiency_second"]
     assert saved["ensemble"]["members"] == 2 and len(saved["ensemble"]["per_k"]) == 2
     # each averaging method is placed on the curve; the probability average is the entry's own number
     by_method = saved["ensemble"]["efficiency_by_method"]
@@ -50,3 +64,14 @@ def test_track_pipeline_end_to_end(tmp_path):
     # cached: a second invocation trains nothing new and gives the same numbers
     again = run_track(t, tmp_path / "work", out, tmp_path / "report", parts=("single",), jobs=2, threads=1)
     assert again["single"]["test_loss"] == res["single"]["test_loss"]
+    # a fresh clone: a new work directory, the committed ledger beside the results -> the curve trains nothing
+    fresh = run_track(t, tmp_path / "fresh-work", out, tmp_path / "report", parts=("baseline",), jobs=2, threads=1)
+    assert not (tmp_path / "fresh-work" / "nanochat-curve" / "runs").exists()
+    assert fresh["baseline_curve"]["losses"] == bc["losses"]
+    assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == len(ledger)
+    # entries are placed again on a changed curve from their stored losses, without retraining
+    shifted = {**committed, "losses": {k: [x - 5 for x in v] for k, v in committed["losses"].items()}}
+    (tmp_path / "curves" / "cpu_nanochat.json").write_text(json.dumps(shifted))
+    moved = run_track(t, tmp_path / "fresh-work", out, tmp_path / "report", parts=(), jobs=2, threads=1)
+    assert moved["single"]["efficiency"] is None or moved["single"]["efficiency_extrapolated"]
+    assert moved["single"]["test_loss"] == res["single"]["test_loss"]

@@ -365,8 +365,10 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     track.add_argument("--work", default="benchmarks/work/cpu-track", help="runs and datasets (cached; rerunning continues)")
     track.add_argument("--out", default="benchmarks/results/cpu_track.json", help="results JSON")
     track.add_argument("--report", default="benchmarks/results/cpu_track", help="report directory (index.html + PNGs)")
-    parts = ["curve", "single", "ensemble", "distill", "throughput", "memory"]
-    track.add_argument("--parts", nargs="+", default=parts, choices=parts, help="what to (re)compute")
+    parts = ["baseline", "single", "ensemble", "distill", "throughput", "memory"]
+    track.add_argument("--parts", nargs="+", default=parts, choices=parts + ["curve"],
+                       help="what to (re)compute (curve = baseline); entries not recomputed are placed again on the "
+                            "current curves from their stored losses")
     track.add_argument("--jobs", type=int, default=2, help="runs at a time for the curve and independent members (default 2)")
     track.add_argument("--threads", type=int, default=1, help="torch threads per run when --jobs > 1 (default 1)")
     add_args(sub.add_parser("throughput", help="tokens/s, MFU and peak RSS of recipes vs a minimal loop, fp32 and bf16"))

@@ -275,6 +275,10 @@ def collect(runs: Runs) -> dict:
             c[f"{split}_loss"] = sum(vals) / len(vals)  # the curve's point: the mean over seeds
             c[f"{split}_losses"] = vals
             c[f"{split}_spread"] = max(vals) - min(vals)
+        if cfg.expand:  # still at an edge after the expansion rounds (or a failed neighbour): said, not hidden
+            v, tried = runs.value(best, cfg.expand), {runs.value(j, cfg.expand) for j in runs.tuning(b)}
+            if v == max(tried) or (v == min(tried) and v > cfg.expand_min):
+                c["at_edge"] = f"{cfg.expand}={v} is the {'largest' if v == max(tried) else 'smallest'} value tried"
         grid_best = runs.best(b, before_refine=True)
         if grid_best is not best:
             c["refined_from"] = grid_best.tag["point"]  # a refinement beat the grid's best on val: said, not hidden
@@ -326,7 +330,8 @@ def describe(curve: dict) -> str:
         lines.append(f"{budget_name(c['budget']):>8} {int(round(c['budget'] * curve['budget'])):>12,} {c['val_loss']:>9.4f} "
                      f"{(c['test_loss'] if c['test_loss'] is not None else float('nan')):>10.4f}  "
                      + ", ".join(f"{k}={v}" for k, v in c["point"].items()) + spread
-                     + (f" [refined from {c['refined_from']}]" if "refined_from" in c else ""))
+                     + (f" [refined from {c['refined_from']}]" if "refined_from" in c else "")
+                     + (f" [AT THE EDGE: {c['at_edge']}]" if "at_edge" in c else ""))
     if "scaling" in curve and "fit" in curve["scaling"]:
         f = curve["scaling"]["fit"]
         if f["status"] == "ok":

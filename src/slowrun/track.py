@@ -3,17 +3,23 @@
 Rules (also in the README):
 - data: the builtin corpus; tokenizer bpe:8192 trained on the 1x training text and shared
   by every budget; val 131,072 and test 131,072 tokens; budget 262,144 training tokens;
-- baseline curve: the `baseline` recipe (one epoch) at 1x, 2x, 4x, 8x and 16x the budget
-  (nested datasets sharing val/test), tuned at every budget over a grid of model sizes x
-  learning rates x batch sizes, the point chosen by val loss;
+- baseline curve, measured the way the reference benchmark measures its own: the `nanochat`
+  recipe (nanochat's defaults at CPU scale), one epoch, at 1x, 2x, 4x, 8x and 16x the budget
+  (nested datasets sharing val/test); at every budget the best on val of at least four model
+  sizes, the chosen size never the smallest or largest tried (the next size is added until
+  it is not); learning rate and batch tuned once at 1x (3 x 2 values around nanochat's
+  defaults) and then fixed; at 16x the chosen size also at 0.5x and 2x that learning rate;
+  each chosen point run with 2 seeds, the curve being their mean;
 - metric: test loss (val only for selection and tuning), bits per byte beside it, and
-  data efficiency on the measured baseline curve;
+  data efficiency on the measured `nanochat` curve; the earlier GPT-2-style curve
+  (`benchmarks/results/curves/cpu_gpt2.json`) is kept as a second comparator;
 - compute: unlimited in principle; the reference entries are a single model in at most
   30 minutes and an ensemble in at most 2 hours on 2 cores.
 
-`run_track` runs (resumably; finished runs are cached by config and dataset hash) the
-baseline curve, the single-model entry and the ensemble entry, measures throughput and
-memory, writes `benchmarks/results/cpu_track.json` and renders the report.
+`run_track` runs (resumably: every finished curve run is in the committed ledger
+`benchmarks/results/ledger.jsonl`, entries are cached by config and dataset hash) the
+baseline curve, the single-model and ensemble entries, measures throughput and memory,
+writes `benchmarks/results/cpu_track.json` and renders the report.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ class Entry:
 
 
 ENTRY_OVERRIDES = {"eval.max_tokens": 32768, "train.batch_tokens": 4096}
+# what won the nanochat curve's 1x tuning grid (dev/LOG.md), held fixed at 2x-16x
+CURVE_LR_SCALE = 1.0
+CURVE_BATCH = 1024
 
 
 @dataclass
@@ -64,22 +73,23 @@ class TrackDef:
     val_tokens: int = 131_072
     test_tokens: int = 131_072
     budgets: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    baseline_grid: dict[str, list] = field(default_factory=lambda: {
-        "model.depth": [3, 4, 5],  # 3x192, 4x256, 5x320 (layers x width)
-        "optim.lr": [6e-4, 1.2e-3, 2.4e-3],
-        "train.batch_tokens": [512, 1024],
+    curve_recipe: str = "nanochat"
+    # 1x: four sizes x lr_scale x batch around nanochat's defaults (the lr and batch are tuned here once)
+    curve_grid: dict[str, list] = field(default_factory=lambda: {
+        "model.depth": [2, 3, 4, 5],  # 2x128, 3x192, 4x256, 5x320 (layers x width)
+        "optim.lr_scale": [0.5, 1.0, 2.0],
+        "train.batch_tokens": [1024, 2048],
     })
-    baseline_fixed: dict[str, Any] = field(default_factory=dict)
-    # Coarse to fine, because a run at 16x costs 16 runs at 1x: the full 3x3x2 grid at 1x;
-    # lr 2.4e-3 was never best there, so 2x drops it; 4x keeps the depths and lrs that won
-    # at 1x-2x (depth 4, lr 1.2e-3, batch 1024 won both), 8x two lrs, 16x the lr that won 1x-4x.
-    # Depth 5 was never best at 1x-2x; the cut grids are named in the results and the README.
-    baseline_grid_by_budget: dict[float, dict[str, list]] = field(default_factory=lambda: {
-        2: {"optim.lr": [6e-4, 1.2e-3]},
-        4: {"model.depth": [3, 4], "optim.lr": [6e-4, 1.2e-3], "train.batch_tokens": [1024]},
-        8: {"model.depth": [4], "optim.lr": [6e-4, 1.2e-3], "train.batch_tokens": [1024]},
-        16: {"model.depth": [4], "optim.lr": [1.2e-3], "train.batch_tokens": [2048]},  # lr 1.2e-3 won at 1x, 2x, 4x
-    })
+    curve_fixed: dict[str, Any] = field(default_factory=dict)
+    # 2x-16x: lr and batch held at what won at 1x; four sizes each, centred where the size is expected to win
+    curve_grid_by_budget: dict[float, dict[str, list]] = field(default_factory=lambda: {
+        b: {"model.depth": depths, "optim.lr_scale": [CURVE_LR_SCALE], "train.batch_tokens": [CURVE_BATCH]}
+        for b, depths in ((2, [2, 3, 4, 5]), (4, [3, 4, 5, 6]), (8, [3, 4, 5, 6]), (16, [4, 5, 6, 7]))})
+    curve_expand: str = "model.depth"
+    curve_refine: dict[float, dict[str, list[float]]] = field(default_factory=lambda: {16: {"optim.lr_scale": [0.5, 2.0]}})
+    curve_seeds: int = 2
+    # the GPT-2-style curve of 2026-11-26 (committed data; its runs are not redone)
+    gpt2_curve: str = "benchmarks/results/curves/cpu_gpt2.json"
     # Periodic evals on 32k val tokens only (the final eval always reads the whole split).
     # Batch 4096, not the recipe's 2048: the 2048 result (-0.11 test loss at 1x, one seed, ~1.4x the
     # time per token) came in after these entries had been trained; see dev/LOG.md.
@@ -106,11 +116,12 @@ def track_data(t: TrackDef, work: Path) -> Dataset:
     return Dataset.open(prepare(cfg))
 
 
-def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int) -> dict:
+def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int, ledger: str = "") -> dict:
     from .sweep import SweepConfig, describe, sweep
 
-    cfg = SweepConfig("baseline", str(data.path), str(work / "baseline-curve"), t.budgets, t.baseline_grid,
-                      t.baseline_fixed, t.baseline_grid_by_budget, jobs, threads, name=f"{t.name}-track baseline")
+    cfg = SweepConfig(t.curve_recipe, str(data.path), str(work / f"{t.curve_recipe}-curve"), t.budgets, t.curve_grid,
+                      t.curve_fixed, t.curve_grid_by_budget, jobs, threads, name=f"{t.name}-track {t.curve_recipe}",
+                      ledger=ledger, expand=t.curve_expand, refine=t.curve_refine, seeds=t.curve_seeds)
     curve = sweep(cfg)
     print(describe(curve), flush=True)
     return curve
@@ -151,7 +162,7 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
     return run_dir, result
 
 
-def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict, curve: Curve) -> dict:
+def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict) -> dict:
     if result.get("kind") == "ensemble":
         best = result["methods"]["probs"]
         member_walls = result["wall_s"]
@@ -171,11 +182,34 @@ def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict, curve: Cur
     if result.get("kind") == "ensemble":
         out["per_k"] = result["per_k"]
         out["methods"] = result["methods"]
-        # every averaging method, and the probability average of the first k members, on the curve too
-        out["efficiency_by_method"] = {name: efficiency_on(curve, m["test_loss"]) for name, m in result["methods"].items()
-                                       if "test_loss" in m}
-        out["efficiency_by_k"] = [efficiency_on(curve, row["probs_test_loss"]) for row in result["per_k"]]
-    out.update(efficiency_on(curve, out["test_loss"]))
+    return out
+
+
+def place_entry(s: dict, curve: Curve, second: Curve | None = None) -> dict:
+    """Data efficiency of an entry (and of each averaging method and each K of an ensemble) on
+    the track's curve, and on a second comparator curve under `second` (`efficiency_gpt2`...).
+    Only stored test losses are read: an entry is placed again on a new curve without retraining."""
+    for key in [k for k in s if k.startswith("efficiency")]:
+        del s[key]
+    s.update(efficiency_on(curve, s["test_loss"]))
+    if "methods" in s:
+        s["efficiency_by_method"] = {name: efficiency_on(curve, m["test_loss"]) for name, m in s["methods"].items()
+                                     if "test_loss" in m}
+        s["efficiency_by_k"] = [efficiency_on(curve, row["probs_test_loss"]) for row in s["per_k"]]
+    if second is not None:
+        s["efficiency_second"] = {"curve": second.name, **efficiency_on(second, s["test_loss"])}
+        if "methods" in s:
+            s["efficiency_second"]["by_method"] = {name: efficiency_on(second, m["test_loss"])
+                                                   for name, m in s["methods"].items() if "test_loss" in m}
+            s["efficiency_second"]["by_k"] = [efficiency_on(second, row["probs_test_loss"]) for row in s["per_k"]]
+    return s
+
+
+def committed_curve(curve: dict) -> dict:
+    """A sweep's curve.json without machine-local paths: the form committed under results/curves/."""
+    out = {k: v for k, v in curve.items() if k not in ("datasets", "wall_s")}
+    out["points"] = [{k: v for k, v in p.items() if k not in ("run_dir", "overrides", "config")} for p in curve["points"]]
+    out["chosen"] = [{k: v for k, v in c.items() if k != "run_dir"} for c in curve["chosen"]]
     return out
 
 
@@ -231,7 +265,7 @@ def memory(t: TrackDef, work: Path, data: Dataset) -> dict:
 
 def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track",
               out_json: str | Path = "benchmarks/results/cpu_track.json", report_dir: str | Path = "benchmarks/results/cpu_track",
-              parts: tuple[str, ...] = ("curve", "single", "ensemble", "distill", "throughput", "memory"), jobs: int = 2,
+              parts: tuple[str, ...] = ("baseline", "single", "ensemble", "distill", "throughput", "memory"), jobs: int = 2,
               threads: int = 1) -> dict:
     import torch
 
@@ -247,13 +281,22 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
     results["track"] = {**asdict(t), "rules": __doc__.split("Rules (also in the README):")[1].split("`run_track`")[0].strip()}
     results["machine"] = {"processor": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
                           "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit()}
-    curve_dict = baseline_curve(t, work, data, jobs, threads) if "curve" in parts or not (work / "baseline-curve" / "curve.json").is_file() \
-        else json.loads((work / "baseline-curve" / "curve.json").read_text())
-    results["baseline_curve"] = {k: curve_dict.get(k) for k in ("tokens", "losses", "budget", "grid", "grid_by_budget", "fixed",
-                                                                 "chosen", "dataset", "budgets")}
-    results["baseline_curve"]["points"] = [{k: p.get(k) for k in ("budget", "point", "val_loss", "test_loss", "params", "run_dir")}
-                                           for p in curve_dict["points"]]
-    curve = Curve.load(str(work / "baseline-curve" / "curve.json"))
+    curve_file = out_path.parent / "curves" / f"cpu_{t.curve_recipe}.json"
+    if "baseline" in parts or "curve" in parts:
+        curve_dict = baseline_curve(t, work, data, jobs, threads, str(out_path.parent / "ledger.jsonl"))
+        atomic_write_json(curve_file, committed_curve(curve_dict))
+    elif curve_file.is_file():
+        curve_dict = json.loads(curve_file.read_text())
+    else:
+        raise TrackError(f"no baseline curve yet ({curve_file}): run `slowrun bench cpu-track --parts baseline` first")
+    results["baseline_curve"] = {k: curve_dict.get(k) for k in ("name", "recipe", "tokens", "losses", "budget", "grid",
+                                                                 "grid_by_budget", "fixed", "expand", "refine", "seeds",
+                                                                 "chosen", "dataset", "budgets", "points")}
+    results.pop("gpt2_curve", None)
+    curve = Curve.load(str(curve_file))
+    second = Curve.load(t.gpt2_curve) if t.gpt2_curve and Path(t.gpt2_curve).is_file() else None
+    if second is not None:
+        results["gpt2_curve"] = {"file": t.gpt2_curve, "name": second.name, "tokens": second.tokens, "losses": second.losses}
     runs = []
     first_member = _entry_dir(work, "ensemble", t.ensemble, data) / "member_0"
     for kind, entry in (("ensemble", t.ensemble), ("single", t.single), ("distill", t.distill)):
@@ -261,12 +304,14 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
         if kind in parts:
             run_dir, res = run_entry(kind, entry, work, data, jobs, threads,
                                      first_member if same and kind != "ensemble" else None)
-            results[kind] = summarize_entry(kind, entry, run_dir, res, curve)
-            s = results[kind]
+            results[kind] = summarize_entry(kind, entry, run_dir, res)
+        if kind in results:  # trained now or earlier: placed on the current curves from its stored losses
+            s = place_entry(results[kind], curve, second)
+            second_eff = f", {describe_efficiency(s['efficiency_second'])} on {second.name}" if second else ""
             print(f"{kind}: test loss {s['test_loss']:.4f} (bpb {s['test_bpb']:.4f}), "
-                  f"efficiency {describe_efficiency(s)}, {s['wall_s'] / 60:.1f} min", flush=True)
-        if kind in results:
-            runs.append(results[kind]["run_dir"])
+                  f"efficiency {describe_efficiency(s)}{second_eff}, {s['wall_s'] / 60:.1f} min", flush=True)
+            if Path(s["run_dir"]).is_dir():
+                runs.append(s["run_dir"])
     if "throughput" in parts:
         from .speed import run as speed_run
 
@@ -279,6 +324,6 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
     results["wall_s_this_invocation"] = round(time.time() - t0, 1)
     atomic_write_json(out_path, results)
     if runs:
-        build_report(runs, report_dir, str(work / "baseline-curve" / "curve.json"), title="slowrun CPU track")
+        build_report(runs, report_dir, str(curve_file), title="slowrun CPU track")
     print(f"wrote {out_path} and {Path(report_dir) / 'index.html'}")
     return results
