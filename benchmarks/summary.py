@@ -14,21 +14,40 @@ from pathlib import Path
 from slowrun.track import describe_efficiency as eff
 
 
+def _point(p: dict) -> str:
+    return ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in p.items())
+
+
 def main(path: str = "benchmarks/results/cpu_track.json") -> None:
     r = json.loads(Path(path).read_text())
     c = r["baseline_curve"]
-    print("Baseline curve (`baseline` recipe, one epoch, chosen by val loss):\n")
-    print("| budget | train tokens | runs in grid | chosen point | val loss | test loss |")
-    print("|---|---|---|---|---|---|")
-    for b, tokens in zip(c["budgets"], c["tokens"]):
-        pts = [p for p in c["points"] if p["budget"] == b]
-        done = [p for p in pts if p.get("val_loss") is not None]
-        best = min(done, key=lambda p: p["val_loss"])
-        point = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in best["point"].items())
-        print(f"| {b:g}x | {tokens:,} | {len(done)} | {point} | {best['val_loss']:.3f} | {best['test_loss']:.3f} |")
-    print("\nEntries (test loss of the variant chosen on val; efficiency on the curve above):\n")
-    print("| entry | members | test loss | test bpb | val loss | efficiency | wall (min) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"Baseline curve (`{c.get('recipe', 'baseline')}` recipe, one epoch, chosen by val loss; "
+          f"the curve's loss is the mean over the chosen point's seeds):\n")
+    print("| budget | train tokens | sizes run (depth) | chosen point | params | seeds | val loss | test loss | test spread |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for ch, tokens in zip(c["chosen"], c["tokens"]):
+        pts = [p for p in c["points"] if p["budget"] == ch["budget"] and p.get("val_loss") is not None]
+        depths = sorted({p["point"]["model.depth"] for p in pts if "model.depth" in p["point"]})
+        spread = f"{ch['test_spread']:.4f}" if ch.get("seeds", 1) > 1 else "-"
+        notes = (" (refined)" if "refined_from" in ch else "") + (" (AT EDGE)" if "at_edge" in ch else "")
+        print(f"| {ch['budget']:g}x | {tokens:,} | {', '.join(map(str, depths))} | {_point(ch['point'])}{notes} | "
+              f"{ch['params']:,} | {ch.get('seeds', 1)} | {ch['val_loss']:.4f} | {ch['test_loss']:.4f} | {spread} |")
+    print("\nEvery point (val / test loss):\n")
+    print("| budget | point | phase | params | val loss | test loss | device | wall (min) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for p in sorted(c["points"], key=lambda p: (p["budget"], p.get("params") or 0, json.dumps(p["point"]))):
+        if p.get("val_loss") is None:
+            print(f"| {p['budget']:g}x | {_point(p['point'])} | {p.get('phase', 'grid')} | - | not run | | | |")
+            continue
+        print(f"| {p['budget']:g}x | {_point(p['point'])} | {p.get('phase', 'grid')} | {p['params']:,} | "
+              f"{p['val_loss']:.4f} | {p['test_loss']:.4f} | {p.get('device') or '-'} | {p['wall_s'] / 60:.1f} |")
+    if "gpt2_curve" in r:
+        g = r["gpt2_curve"]
+        print(f"\nSecond comparator: {g['name']} ({g['file']}), test loss "
+              + ", ".join(f"{t:,}: {x:.3f}" for t, x in zip(g["tokens"], g["losses"]["test"])))
+    print("\nEntries (test loss of the variant chosen on val; efficiency on the curve above, and on the GPT-2 curve):\n")
+    print("| entry | members | test loss | test bpb | val loss | efficiency | on GPT-2 curve | wall (min) |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind in ("single", "ensemble", "distill"):
         if kind not in r:
             continue
@@ -36,21 +55,24 @@ def main(path: str = "benchmarks/results/cpu_track.json") -> None:
         name = {"single": "single model", "ensemble": "ensemble, prob. average",
                 "distill": "chain-distilled ensemble, prob. average"}[kind]
         print(f"| {name} | {s['members']} | {s['test_loss']:.4f} | {s['test_bpb']:.4f} | {s['val_loss']:.4f} | "
-              f"{eff(s)} | {s['wall_s'] / 60:.1f} |")
+              f"{eff(s)} | {eff(s.get('efficiency_second', {}))} | {s['wall_s'] / 60:.1f} |")
     for kind in ("ensemble", "distill"):
         if kind not in r:
             continue
         s = r[kind]
         print(f"\n{kind}: per K (probability average of the first k members) and per method:\n")
-        print("| k | test loss | efficiency |")
-        print("|---|---|---|")
-        for row, e in zip(s["per_k"], s.get("efficiency_by_k", [{}] * len(s["per_k"]))):
-            print(f"| {row['k']} | {row['probs_test_loss']:.4f} | {eff(e)} |")
-        print("\n| method | test loss | efficiency |")
-        print("|---|---|---|")
+        second = s.get("efficiency_second", {})
+        print("| k | test loss | efficiency | on GPT-2 curve |")
+        print("|---|---|---|---|")
+        for i, row in enumerate(s["per_k"]):
+            e, e2 = s.get("efficiency_by_k", [{}] * (i + 1))[i], second.get("by_k", [{}] * (i + 1))[i]
+            print(f"| {row['k']} | {row['probs_test_loss']:.4f} | {eff(e)} | {eff(e2)} |")
+        print("\n| method | test loss | efficiency | on GPT-2 curve |")
+        print("|---|---|---|---|")
         for name, m in s["methods"].items():
             if "test_loss" in m:
-                print(f"| {name} | {m['test_loss']:.4f} | {eff(s.get('efficiency_by_method', {}).get(name, {}))} |")
+                print(f"| {name} | {m['test_loss']:.4f} | {eff(s.get('efficiency_by_method', {}).get(name, {}))} | "
+                      f"{eff(second.get('by_method', {}).get(name, {}))} |")
     if "throughput" in r:
         t = r["throughput"]
         print("\nThroughput (batch of 16,384 tokens for every recipe; median step):\n")

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from slowrun.dataset import Dataset
-from slowrun.efficiency import Curve, place
+from slowrun.efficiency import Curve, EfficiencyError, place
 from slowrun.sweep import SweepConfig, sweep
 
 
@@ -33,8 +33,12 @@ def test_sweep_makes_a_resumable_curve(bpe_ds, tmp_path):
     assert all((tmp_path / d / "result.json").stat().st_mtime == t for d, t in mtimes.items())
     # the curve works with `slowrun efficiency`
     c = Curve.load(str(tmp_path / "sw" / "curve.json"))
-    lo, hi = sorted(c.losses["test"])
-    assert place(c, (lo + hi) / 2).efficiency == pytest.approx(1.5, abs=0.51)
+    l1, l2 = c.losses["test"]
+    if l2 < l1:  # halfway in loss between the 1x and 2x points is halfway in tokens: 1.5x, exactly
+        assert place(c, (l1 + l2) / 2).efficiency == pytest.approx(1.5, rel=1e-9)
+    else:  # 2x was no better: the envelope is flat and nothing below 1x's loss is on the curve
+        with pytest.raises(EfficiencyError, match="below the curve's range"):
+            place(c, l1 - 0.01)
 
 
 def test_parameter_scaling_fit(bpe_ds, tmp_path):

@@ -59,8 +59,8 @@ class Entry:
 
 
 ENTRY_OVERRIDES = {"eval.max_tokens": 32768, "train.batch_tokens": 4096}
-# what won the nanochat curve's 1x tuning grid (dev/LOG.md), held fixed at 2x-16x
-CURVE_LR_SCALE = 1.0
+# what won the nanochat curve's 1x tuning grid at depths 3, 4 and 5 (dev/LOG.md), held fixed at 2x-16x
+CURVE_LR_SCALE = 0.5
 CURVE_BATCH = 1024
 
 
@@ -81,12 +81,16 @@ class TrackDef:
         "train.batch_tokens": [1024, 2048],
     })
     curve_fixed: dict[str, Any] = field(default_factory=dict)
-    # 2x-16x: lr and batch held at what won at 1x; four sizes each, centred where the size is expected to win
+    # 2x-16x: lr and batch held at what won at 1x; four sizes each, around where the size is expected to win
+    # (at 1x the largest of depth 2-5 won, so the sets start at 4 and move up with the data)
     curve_grid_by_budget: dict[float, dict[str, list]] = field(default_factory=lambda: {
         b: {"model.depth": depths, "optim.lr_scale": [CURVE_LR_SCALE], "train.batch_tokens": [CURVE_BATCH]}
-        for b, depths in ((2, [2, 3, 4, 5]), (4, [3, 4, 5, 6]), (8, [3, 4, 5, 6]), (16, [4, 5, 6, 7]))})
+        for b, depths in ((2, [4, 5, 6, 7]), (4, [4, 5, 6, 7]), (8, [5, 6, 7, 8]), (16, [5, 6, 7, 8]))})
     curve_expand: str = "model.depth"
-    curve_refine: dict[float, dict[str, list[float]]] = field(default_factory=lambda: {16: {"optim.lr_scale": [0.5, 2.0]}})
+    # 1x: the winner's lr and batch each halved once more, in case the best sits at the grid's low edge;
+    # 16x: the chosen size at 0.5x and 2x the fixed lr (the check that one lr serves every budget)
+    curve_refine: dict[float, dict[str, list[float]]] = field(default_factory=lambda: {
+        1: {"optim.lr_scale": [0.5], "train.batch_tokens": [0.5]}, 16: {"optim.lr_scale": [0.5, 2.0]}})
     curve_seeds: int = 2
     # the GPT-2-style curve of 2026-11-26 (committed data; its runs are not redone)
     gpt2_curve: str = "benchmarks/results/curves/cpu_gpt2.json"
