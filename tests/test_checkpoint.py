@@ -139,3 +139,183 @@ def test_two_gloo_processes_equal_one(bpe_ds, tmp_path):
     ra = json.loads((tmp_path / "one" / "result.json").read_text())
     rb = json.loads((tmp_path / "two" / "result.json").read_text())
     assert rb["world_size"] == 2 and rb["val_loss"] == pytest.approx(ra["val_loss"], abs=2e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# tampered weights, state and config; concurrent resume; interrupts
+
+
+@pytest.fixture(scope="module")
+def short_run(bpe_ds, tmp_path_factory):
+    """6 steps, checkpoints at 2, 4 and 6, finished."""
+    from tests.conftest import smoke_config
+
+    run = tmp_path_factory.mktemp("short") / "run"
+    cfg = smoke_config(bpe_ds, **{"train.max_steps": 6, "train.checkpoint_every": 2, "train.keep_checkpoints": 3,
+                                  "eval.max_tokens": 512})
+    train(cfg, run, echo=False)
+    return run
+
+
+def _copy(run, tmp_path, unfinished=True):
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    if unfinished:
+        (dst / "result.json").unlink()  # as if stopped after its last checkpoint
+    return dst
+
+
+def _flip_byte(path, offset_from_end=10):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _one_line_error(r, *words):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_flipped_byte_in_weights_is_refused_everywhere(short_run, bpe_ds, tmp_path):
+    from slowrun.checkpoint import load_model
+    from tests.conftest import smoke_config
+
+    run = _copy(short_run, tmp_path, unfinished=False)
+    for f in run.rglob("*.safetensors"):
+        _flip_byte(f)
+    for ref in (run, list_checkpoints(run)[-1], run / "ema.safetensors"):
+        r = subprocess.run([sys.executable, "-m", "slowrun", "eval", str(ref)], capture_output=True, text=True)
+        _one_line_error(r, "corrupt", "sha256")
+    r = subprocess.run([sys.executable, "-m", "slowrun", "sample", str(run), "--max-new-tokens", "2"],
+                       capture_output=True, text=True)
+    _one_line_error(r, "corrupt")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(run)
+    student = smoke_config(bpe_ds, **{"train.max_steps": 1, "distill.teacher": str(run)})
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(student, tmp_path / "student", echo=False)
+    assert not (tmp_path / "student" / "config.toml").exists()  # a failed start leaves the directory reusable
+
+
+def test_weights_without_their_sidecar_are_refused(short_run, tmp_path):
+    run = _copy(short_run, tmp_path, unfinished=False)
+    state, _, _ = read_weights(run / "model.safetensors")  # intact: loads
+    assert state
+    (run / "model.safetensors.sha256").unlink()
+    with pytest.raises(CheckpointError, match="cannot be verified"):
+        read_weights(run / "model.safetensors")
+
+
+def test_edited_state_json_is_refused_and_resume_falls_back(short_run, tmp_path):
+    run = _copy(short_run, tmp_path)
+    newest = list_checkpoints(run)[-1]
+    state = json.loads((newest / "state.json").read_text())
+    assert state["step"] == 6
+    state["step"] = 5  # still valid JSON, still the right files
+    (newest / "state.json").write_text(json.dumps(state, indent=1))
+    with pytest.raises(CheckpointError, match="edited or corrupt"):
+        load_checkpoint(newest)
+    train(None, run, resume=True, echo=False)
+    log = (run / "log.txt").read_text()
+    assert "warning: skipping checkpoint" in log and "resumed from" in log and "step_0000004 at step 4" in log
+    assert sorted(losses(run)) == list(range(1, 7))
+
+
+def test_resume_refuses_to_restart_when_no_checkpoint_verifies(short_run, tmp_path):
+    from slowrun.train import TrainingError
+
+    run = _copy(short_run, tmp_path)
+    for ck in list_checkpoints(run):
+        loader = json.loads((ck / "state.json").read_text())
+        loader["extra"]["loader"]["pos"] += 1
+        (ck / "state.json").write_text(json.dumps(loader))
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(TrainingError, match="none of its checkpoints verifies"):
+        train(None, run, resume=True, echo=False)
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_edited_config_is_refused_unless_forced(short_run, tmp_path):
+    run = _copy(short_run, tmp_path)
+    toml = (run / "config.toml").read_text()
+    assert "matrix_lr = 0.02\n" in toml
+    (run / "config.toml").write_text(toml.replace("matrix_lr = 0.02\n", "matrix_lr = 0.03\n"))
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--resume", str(run)], capture_output=True, text=True)
+    _one_line_error(r, "optim.matrix_lr 0.02 -> 0.03", "--force")
+    assert not (run / "result.json").exists()
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--resume", str(run), "--force", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "--force: continuing with the edited config.toml (optim.matrix_lr" in (run / "log.txt").read_text()
+    (run / "config.toml").write_text("[optim\nmatrix_lr = ")  # corrupt TOML: one line, no traceback
+    (run / "result.json").unlink()
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--resume", str(run)], capture_output=True, text=True)
+    _one_line_error(r, "not valid TOML")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_writes_a_checkpoint_and_prints_the_resume_command(bpe_ds, tmp_path, capsys, sig, code):
+    from slowrun import cli
+
+    run = tmp_path / "run"
+    p = slowrun("train", "--data", str(bpe_ds), "--run-dir", str(run), "--recipe", "smoke", "--train.max_steps=30",
+                "--eval.max_tokens=512", "--eval.test=false", "--quiet")
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and max(losses(run) or {0: 0}) >= 3):
+        time.sleep(0.02)
+    # a second writer of the same run is refused while the first holds it
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"run directory {run} is in use by another slowrun process (pid {p.pid})" in err[0]
+    os.kill(p.pid, sig)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == code, err
+    line = err.strip().splitlines()[-1]
+    assert f"resume with: slowrun train --resume {run}" in line and "stopped at step" in line
+    stopped = int(line.split("stopped at step ")[1].split("/")[0])
+    assert [c.name for c in list_checkpoints(run)] == [f"step_{stopped:07d}"] and stopped < 30
+    assert max(losses(run)) == stopped
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--resume", str(run), "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(losses(run)) == list(range(1, 31)) and (run / "result.json").is_file()
+    assert f"at step {stopped}" in (run / "log.txt").read_text()
+
+
+def test_disk_full_while_checkpointing_is_one_error_and_keeps_the_last_checkpoint(bpe_ds, tmp_path, monkeypatch):
+    import slowrun.checkpoint as checkpoint
+    from safetensors import SafetensorError
+    from tests.conftest import smoke_config
+
+    real, calls = checkpoint.save_file, {"n": 0}
+
+    def full_disk(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the model file of the second checkpoint
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                  "message: \"No space left on device\" })")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="could not write .*model.safetensors: .*No space left on device"):
+        train(smoke_config(bpe_ds, **{"train.max_steps": 6, "train.checkpoint_every": 2}), run, echo=False)
+    assert [c.name for c in list_checkpoints(run)] == ["step_0000002"]
+    assert load_checkpoint(list_checkpoints(run)[0]).step == 2
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no partial directory
+
+
+def test_corrupt_result_json_on_resume_is_one_line(short_run, tmp_path, capsys):
+    from slowrun import cli
+
+    run = _copy(short_run, tmp_path, unfinished=False)
+    (run / "result.json").write_text('{"variants": ')
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "result.json: corrupt" in err[0]
+    assert (run / "result.json").read_text() == '{"variants": '  # left for the user to look at

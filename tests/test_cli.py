@@ -1,3 +1,4 @@
+import argparse
 import subprocess
 import sys
 
@@ -29,6 +30,12 @@ def test_each_command_has_help(cmd, capsys):
 def test_token_counts():
     assert count("262144") == 262_144 and count("256k") == 256_000 and count("1.5M") == 1_500_000
     assert count("10_000") == 10_000
+    assert count("1.001k") == 1001 and count("0.000001B") == 1000  # exact decimals, not floats
+    with pytest.raises(argparse.ArgumentTypeError, match="1000.1 tokens, not a whole number"):
+        count("1.0001k")
+    for bad in ("-5", "nan", "12q"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            count(bad)
 
 
 def test_errors_are_one_line(tmp_path):
@@ -38,7 +45,45 @@ def test_errors_are_one_line(tmp_path):
     r = run("data", "info", str(tmp_path))
     assert r.returncode == 2 and "not a prepared dataset" in r.stderr and r.stderr.strip().count("\n") == 0
     r = run("train", "--recipe", "smoke", "--optim.wd=3")
-    assert r.returncode == 2 and "did you mean optim.wd_embed" in r.stderr or "unknown config key 'optim.wd'" in r.stderr
+    assert r.returncode == 2 and "unknown config key 'optim.wd'" in r.stderr and r.stderr.count("\n") == 1
+
+
+def _one_line(r, *needles):
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "usage:" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    _one_line(run("prepare", "--train-tokens", "-5", "--out", str(tmp_path / "ds")), "--train-tokens", "'-5'")
+    _one_line(run("prepare", "--train-tokens", "1.0001k", "--out", str(tmp_path / "ds")), "not a whole number")
+    _one_line(run("prepare", "--test-tokens", "0", "--out", str(tmp_path / "ds")), "--test-tokens: must be > 0")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_missing_source_is_the_error_even_when_the_default_out_is_taken(tmp_path):
+    taken = tmp_path / "data" / "builtin"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("someone else's files")
+    r = run("prepare", "--source", str(tmp_path / "nonexistent"), cwd=tmp_path)
+    _one_line(r, "nonexistent: no such file or directory")
+    assert (taken / "notes.txt").read_text() == "someone else's files"
+
+
+def test_paths_that_are_files_are_named(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("keep me")
+    _one_line(run("train", "--recipe", "smoke", "--run-dir", str(f)), f"--run-dir {f}: exists and is not a directory")
+    _one_line(run("ensemble", "--recipe", "smoke", "--run-dir", str(f), "--data", str(tmp_path)), "not a directory")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text("")
+    _one_line(run("report", str(tmp_path / "r"), "--out", str(f)), f"--out {f}: exists and is not a directory")
+    assert f.read_text() == "keep me"
+
+
+def test_eval_max_tokens_zero_is_refused(tmp_path):
+    _one_line(run("eval", str(tmp_path), "--max-tokens", "0"), "--max-tokens: must be -1 (the whole split) or > 0")
 
 
 def test_prepare_and_info_from_the_cli(tmp_path):
@@ -49,3 +94,11 @@ def test_prepare_and_info_from_the_cli(tmp_path):
     assert "train 5,000 tokens" in r.stdout
     r = run("data", "info", str(out))
     assert r.returncode == 0 and "verified" in r.stdout and "train.bin" in r.stdout
+
+
+def test_quiet_still_prints_the_results_table(bpe_ds, tmp_path):
+    r = run("train", "--recipe", "smoke", "--data", str(bpe_ds), "--run-dir", str(tmp_path / "q"), "--train.max_steps=2",
+            "--eval.max_tokens=512", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "(* = best on val)" in r.stdout and "val loss" in r.stdout
+    assert not any(line.startswith("step ") for line in r.stdout.splitlines())  # the per-step lines stay hidden

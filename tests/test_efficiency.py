@@ -5,7 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-from slowrun.efficiency import Curve, EfficiencyError, check_same_data, fit_power_law, place
+from slowrun.dataset import COMPARABLE, DatasetError, require_comparable
+from slowrun.efficiency import Curve, EfficiencyError, check_same_data, fit_power_law, place, run_loss
+from slowrun.results import ResultError
 
 
 @pytest.mark.parametrize("loss,expected", [(3.195, 6.1), (2.987, 13.8), (3.402, 3.8)])
@@ -52,11 +54,44 @@ def test_bad_curves(tmp_path):
 
 def test_refuses_runs_on_other_data():
     c = Curve("t", 100, [100, 200], {"val": [4.0, 3.0]}, dataset={"tokenizer": "a", "val": "v1", "test": "t1"})
-    check_same_data(c, {"tokenizer": "a", "val": "v1", "test": "t1"})
-    with pytest.raises(EfficiencyError, match="differ in val"):
+    check_same_data(c, {"tokenizer": "a", "val": "v1", "test": "t1", "train": "x"})  # a curve spans many train splits
+    with pytest.raises(DatasetError, match="different val"):
         check_same_data(c, {"tokenizer": "a", "val": "v2", "test": "t1"})
-    with pytest.raises(EfficiencyError, match="differ in tokenizer"):
+    with pytest.raises(DatasetError, match="different tokenizer"):
         check_same_data(Curve.load("fineweb"), {"tokenizer": "sha256:abc"})
+    with pytest.raises(DatasetError, match="records no tokenizer"):
+        check_same_data(c, {})
+    check_same_data(Curve("ext", 100, [100, 200], {"val": [4.0, 3.0]}), {"tokenizer": "sha256:abc"})  # external: as given
+
+
+def test_require_comparable_keys():
+    a = {"tokenizer": "t", "val": "v", "test": "s", "train": "1x"}
+    require_comparable(a, {**a, "train": "2x"}, "x")  # losses compare across training splits
+    with pytest.raises(DatasetError, match="x: different train"):
+        require_comparable(a, {**a, "train": "2x"}, "x", COMPARABLE + ("train",))
+    with pytest.raises(DatasetError, match="different seq_len"):
+        require_comparable({**a, "seq_len": 32}, {**a, "seq_len": 64}, "x", COMPARABLE + ("seq_len",))
+
+
+def _result(tmp_path, text):
+    (tmp_path / "result.json").write_text(text)
+    return tmp_path
+
+
+def test_run_loss_of_bad_results(tmp_path):
+    v = {"val_loss": 4.0, "test_loss": 4.1}
+    run = _result(tmp_path, json.dumps({"variants": {"final": v, "ema": {"val_loss": 3.9, "test_loss": 3.95}}, "best": "ema"}))
+    assert run_loss(run, "test")[0] == 3.95 and run_loss(run, "test", "final")[0] == 4.1
+    with pytest.raises(ResultError, match="no variant 'swa'"):
+        run_loss(run, "test", "swa")
+    _result(tmp_path, json.dumps({"variants": {"final": v}, "best": "ema"}))
+    with pytest.raises(ResultError, match="no variant 'ema'"):
+        run_loss(run, "test")
+    _result(tmp_path, '{"variants": ')
+    with pytest.raises(ResultError, match="corrupt"):
+        run_loss(run, "test")
+    r = subprocess.run([sys.executable, "-m", "slowrun", "efficiency", "--run", str(run)], capture_output=True, text=True)
+    assert r.returncode == 2 and "corrupt" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_cli_prints_the_efficiency():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from slowrun.dataset import Dataset
+from slowrun.dataset import Dataset, DatasetError
 from slowrun.ensemble import EnsembleError, evaluate_ensemble, fit_mixture, train_ensemble
 from slowrun.evaluate import evaluate
 from slowrun.checkpoint import load_model
@@ -82,19 +82,22 @@ def test_chain_distillation(bpe_ds, tmp_path):
     assert result["distill"]["enabled"]
 
 
-def test_bad_inputs(ensemble_run, prepare_dataset, tmp_path):
+def test_bad_inputs(ensemble_run, prepare_dataset, bpe_ds, tmp_path):
     from slowrun.train import train
 
     run, _ = ensemble_run
     other_ds = prepare_dataset(tmp_path / "ds", tokenizer="bpe:300")
     train(smoke_config(other_ds, **{"train.max_steps": 2}), tmp_path / "other", echo=False)
-    with pytest.raises(EnsembleError, match="different tokenizer"):
+    with pytest.raises(DatasetError, match="cannot be ensembled.*different tokenizer"):
         evaluate_ensemble([str(run / "member_0"), str(tmp_path / "other")])
     r = subprocess.run([sys.executable, "-m", "slowrun", "ensemble", "--eval", str(run / "member_0"), str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no such run" in r.stderr
     with pytest.raises(EnsembleError, match="cannot be selected"):
         evaluate_ensemble([str(tmp_path / "other")], fitness_tokens=1000)
+    # a distillation teacher passes the same check as an ensemble member
+    with pytest.raises(DatasetError, match="distill.teacher .* different tokenizer"):
+        train(smoke_config(bpe_ds, **{"distill.teacher": str(tmp_path / "other")}), tmp_path / "student", echo=False)
 
 
 def test_mixture_fit_prefers_the_better_member():
@@ -103,3 +106,18 @@ def test_mixture_fit_prefers_the_better_member():
     bad = np.log(rng.uniform(0.01, 0.2, 4000))
     w = fit_mixture(np.stack([bad, good]))
     assert w[1] > 0.9
+
+
+def test_members_trained_on_more_data_cannot_be_selected_on_its_fitness_slice(bpe_ds, prepare_dataset, tmp_path):
+    """A 2x member has trained on the tokens at the end of the 1x training split: selecting it on
+    that slice (--data 1x) would score it on its own training data."""
+    from slowrun.train import train
+
+    double = prepare_dataset(tmp_path / "bpe2x", tokenizer=str(bpe_ds / "tokenizer.json"), train_tokens=80_000)
+    train(smoke_config(double, **{"train.max_steps": 2, "data.fitness_tokens": 2000}), tmp_path / "m2x", echo=False)
+    train(smoke_config(bpe_ds, **{"train.max_steps": 2, "data.fitness_tokens": 2000}), tmp_path / "m1x", echo=False)
+    with pytest.raises(EnsembleError, match="different train.*cannot be selected"):
+        evaluate_ensemble([str(tmp_path / "m1x"), str(tmp_path / "m2x")], str(bpe_ds), fitness_tokens=1000, select=1)
+    # each on its own training split's slice is fine, and the 2x member still evaluates on 1x val/test
+    assert evaluate_ensemble([str(tmp_path / "m1x")], str(bpe_ds), fitness_tokens=1000, select=1)["selection"]
+    assert evaluate_ensemble([str(tmp_path / "m2x")], str(bpe_ds), log=lambda *_: None)["per_member"]

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slowrun.evaluate import chunk_batches, evaluate, num_chunks, prob_average, target_logprobs
+from slowrun.evaluate import (chunk_batches, evaluate, evaluate_averaged, num_chunks, prob_average, summarize,
+                              target_byte_counts, target_logprobs)
 
 
 class Bigram(torch.nn.Module):
@@ -60,3 +61,16 @@ def test_probability_average():
     a, b = np.log([0.5, 0.1]), np.log([0.1, 0.3])
     assert np.allclose(np.exp(prob_average([a, b])), [0.3, 0.2])
     assert np.allclose(np.exp(prob_average([a, b], np.array([0.75, 0.25]))), [0.4, 0.15])
+
+
+def test_evaluate_averaged_is_the_probability_average():
+    V, T = 11, 8
+    rng = np.random.default_rng(2)
+    tokens, token_bytes = rng.integers(0, V, 200), rng.integers(1, 4, V)
+    a, b = Bigram(V), Bigram(V)
+    with torch.no_grad():
+        b.table.mul_(-1)
+    assert evaluate_averaged(iter([a]), tokens, T, token_bytes) == evaluate(a, tokens, T, token_bytes)
+    both = evaluate_averaged(iter([a, b]), tokens, T, token_bytes, max_tokens=90)
+    lp = prob_average([target_logprobs(m, tokens, T, max_tokens=90) for m in (a, b)])
+    assert both == summarize(lp, target_byte_counts(tokens, T, token_bytes, max_tokens=90)) and both.targets == 10 * T

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from slowrun.config import ModelConfig, build_config
 from slowrun.gpt import GPT
-from slowrun.losses import linear_cross_entropy
+from slowrun.losses import DistillTarget, distill_loss, hidden_cross_entropy, linear_cross_entropy
 
 V = 97
 
@@ -58,6 +58,16 @@ def test_each_feature_trains(flag):
     loss.backward()
     grads = [p.grad for p in m.parameters() if p.grad is not None]
     assert math.isfinite(loss.item()) and grads and all(torch.isfinite(g).all() for g in grads)
+    # the flag is read: with the same seed and batch, the logits or the training loss differ from the
+    # default model's (the head is scaled up so that output-side flags like the softcap show)
+    outputs = []
+    for model in (model_of(**flag), model_of()):
+        with torch.no_grad():
+            model.head_weight.mul_(100)
+        torch.manual_seed(3)
+        outputs.append(model(x, y, loop_active=True))  # a no-op without a looped span
+    (a_logits, a_loss), (b_logits, b_loss) = outputs
+    assert not (torch.equal(a_logits, b_logits) and a_loss.item() == b_loss.item()), flag
 
 
 def test_init_values():
@@ -103,13 +113,13 @@ def test_linear_cross_entropy_against_plain_torch():
 def test_layer_looping_order():
     m = model_of(n_layer=6, loop_start=2, loop_end=3, loop_repeats=3, loop_from_epoch=1)
     assert m.block_order() == [0, 1, 2, 3, 4, 5]
-    f0 = m.flops_per_token()
-    m.loop_active = True
-    assert m.block_order() == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]
-    assert m.flops_per_token() > f0
+    assert m.block_order(loop_active=True) == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]
+    assert m.flops_per_token(loop_active=True) > m.flops_per_token()
     x, y = batch()
-    _, loss = m(x, y)
-    assert math.isfinite(loss.item())
+    plain = m.hidden(x, loop_active=False)
+    looped = m.hidden(x, loop_active=True)  # the argument reaches the blocks: a different function
+    assert torch.isfinite(looped).all() and (looped - plain).abs().max().item() > 1e-3
+    assert torch.equal(m.eval().hidden(x), looped)  # evaluation runs the trained (looped) architecture
 
 
 def test_mtp_only_in_training():
@@ -161,3 +171,19 @@ def test_nanochat_init():
     x, _ = batch()
     h = m.hidden(x)  # identity blocks: the output is the normalized embedding itself
     assert torch.allclose(h, F.rms_norm(m.wte(x), (C,)), atol=1e-6)
+
+
+def test_distillation_keeps_the_mtp_term():
+    """With a teacher and an MTP head, the loss is the distillation loss plus mtp_weight * the MTP CE."""
+    m = model_of(mtp_weight=0.5)
+    x, y = batch()
+    teacher_logits = torch.randn(3, 16, V, generator=torch.Generator().manual_seed(2))
+    _, loss = m(x, y, distill=DistillTarget(teacher_logits, 0.5, 2.0))
+    h = m.hidden(x)
+    distill = distill_loss(m.logits(h), teacher_logits, y, 0.5, 2.0)
+    mtp = hidden_cross_entropy(m, m.mtp_hidden(h, x), y[:, 1:])
+    assert mtp.item() > 3  # about ln(97) at init: dropping it would show
+    assert loss.item() == pytest.approx(distill.item() + 0.5 * mtp.item(), rel=1e-5)
+    m.eval()
+    _, eval_loss = m(x, y, distill=DistillTarget(teacher_logits, 0.5, 2.0))
+    assert eval_loss.item() == pytest.approx(distill.item(), rel=1e-5)  # evaluation never adds MTP

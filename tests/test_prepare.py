@@ -1,5 +1,8 @@
 import json
 import pickle
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -256,3 +259,62 @@ def test_interruption_leaves_nothing_half_written(tmp_path, prepare_dataset, mon
     assert Dataset.open(out).manifest == before  # the old dataset is intact and verifies
     assert not (tmp_path / "fresh").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary leftovers
+
+
+def test_two_prepares_into_one_out_one_wins(tmp_path):
+    """Run at once (different seeds): one succeeds, the other is refused in one line; nothing is replaced."""
+    out = tmp_path / "data"
+    args = ["--tokenizer", "gpt2", "--train-tokens", "20000", "--val-tokens", "4000", "--test-tokens", "4000",
+            "--out", str(out), "--no-progress"]
+    procs = {seed: subprocess.Popen([sys.executable, "-m", "slowrun", "prepare", *args, "--seed", str(seed)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)}
+    results = {seed: (p.wait(timeout=300), p.stderr.read()) for seed, p in procs.items()}
+    winners = [seed for seed, (rc, _) in results.items() if rc == 0]
+    assert len(winners) == 1, results
+    loser_rc, loser_err = results[3 - winners[0]]
+    assert loser_rc == 2 and len(loser_err.strip().splitlines()) == 1 and "Traceback" not in loser_err
+    assert Dataset.open(out).manifest["params"]["seed"] == winners[0]
+
+
+def test_a_held_lock_refuses_prepare(tmp_path):
+    from slowrun.storage import BusyError, exclusive_lock
+
+    out = tmp_path / "data"
+    with exclusive_lock(tmp_path / ".data.lock", f"--out {out}"):
+        with pytest.raises(BusyError, match="in use by another slowrun process"):
+            prepare(PrepareConfig(source="builtin", tokenizer="gpt2", train_tokens=1000, val_tokens=1000,
+                                  test_tokens=1000, out=str(out), progress=False))
+    assert not out.exists()
+
+
+def _edit_manifest(ds, edit, rehash=False):
+    import hashlib
+    import json
+
+    mf = ds / "manifest.json"
+    m = json.loads(mf.read_text())
+    edit(m)
+    if rehash:  # an edit that also fixes the manifest's own hash still has to agree with the files
+        body = {k: v for k, v in m.items() if k != "sha256"}
+        m["sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    mf.write_text(json.dumps(m, indent=2))
+
+
+@pytest.mark.parametrize("edit, rehash_message", [
+    (lambda m: m["tokenizer"].update(vocab_size=m["tokenizer"]["vocab_size"] + 1), "does not match the"),
+    (lambda m: m["tokenizer"].update(vocab_size=1000), "does not match the"),
+    (lambda m: m.update(dtype="uint32"), "holds"),
+    (lambda m: m.update(dtype="float64"), "is not one of uint16, uint32"),
+    (lambda m: m["splits"]["train"].update(tokens=19_000), "listed as 19,000 tokens"),
+])
+def test_edited_manifest_is_refused_in_one_line(tmp_path, gpt2_ds, edit, rehash_message):
+    ds = tmp_path / "ds"
+    shutil.copytree(gpt2_ds, ds)
+    _edit_manifest(ds, edit)
+    with pytest.raises(DatasetError, match="edited or corrupt"):
+        Dataset.open(ds, verify=False)
+    _edit_manifest(ds, lambda m: None, rehash=True)
+    with pytest.raises(DatasetError, match=rehash_message):
+        Dataset.open(ds, verify=False)
+    r = subprocess.run([sys.executable, "-m", "slowrun", "data", "info", str(ds)], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -1,13 +1,17 @@
 import json
 import re
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
 from slowrun.records import RecordError, check, make_record, welch_one_sided
-from slowrun.report import ReportError, build_report
+from slowrun.report import ReportError, build_report, val_by_epoch
+from slowrun.results import ResultError
+from slowrun.runlog import fmt_time
 from slowrun.train import train
 from tests.conftest import smoke_config
 
@@ -47,16 +51,33 @@ def test_records_and_check(seeds, tmp_path):
     rec, path = make_record(weak, "cpu", "weak", tmp_path)
     assert path.parent == tmp_path / "cpu" and re.fullmatch(r"\d{4}-\d{2}-\d{2}_weak\.json", path.name)
     assert rec["seeds"] == [0, 1, 2] and len(rec["test_loss"]["per_seed"]) == 3 and rec["vs_best"] is None
-    per_seed = [json.loads(open(f"{r}/result.json").read())["variants"]["final"]["test_loss"] for r in weak]
+    per_seed = [_res(r)["variants"]["final"]["test_loss"] for r in weak]
     assert rec["test_loss"]["per_seed"] == per_seed
     c = check(strong, "cpu", tmp_path)
     assert c["beats"] and c["p_value"] < 0.05
+    # decided on val (test is only reported beside it): a check run in a loop never tunes on test
+    strong_val = [_res(r)["val_loss"] for r in strong]
+    assert c["split"] == "val" and c["candidate_mean"] == pytest.approx(sum(strong_val) / 3)
+    assert c["p_value"] == pytest.approx(welch_one_sided(strong_val, rec["val_loss"]["per_seed"]))
+    assert c["candidate_test_mean"] == pytest.approx(sum(_test_losses(strong)) / 3)
     rec2, _ = make_record(strong, "cpu", "strong", tmp_path)
     assert rec2["vs_best"]["record"] == "weak" and rec2["vs_best"]["beats"]
     assert not check(weak, "cpu", tmp_path)["beats"]  # now the strong one is the record
     r = subprocess.run([sys.executable, "-m", "slowrun", "record", "--check", *weak, "--records", str(tmp_path)],
                        capture_output=True, text=True)
-    assert r.returncode == 0 and "does not beat record strong" in r.stdout
+    assert r.returncode == 0 and "on val:" in r.stdout and "does not beat record strong" in r.stdout and "test beside it" in r.stdout
+
+
+def _res(run) -> dict:
+    return json.loads((Path(run) / "result.json").read_text())
+
+
+def _test_losses(runs):
+    out = []
+    for r in runs:
+        res = _res(r)
+        out.append(res["variants"][res["best"]]["test_loss"])
+    return out
 
 
 def test_record_bad_inputs(seeds, tmp_path):
@@ -65,7 +86,7 @@ def test_record_bad_inputs(seeds, tmp_path):
         make_record(weak[:2], "cpu", "x", tmp_path)
     with pytest.raises(RecordError, match="differs from"):
         make_record([weak[0], weak[1], strong[2]], "cpu", "x", tmp_path)
-    with pytest.raises(RecordError, match="no result.json"):
+    with pytest.raises(ResultError, match="no result.json"):
         make_record([*weak[:2], str(tmp_path / "missing")], "cpu", "x", tmp_path)
     make_record(weak, "cpu", "dup", tmp_path)
     with pytest.raises(RecordError, match="already exists"):
@@ -93,7 +114,7 @@ def test_report(seeds, tmp_path):
     weak, strong = seeds
     make_record(weak, "cpu", "weak", tmp_path / "records")
     curve = tmp_path / "curve.json"
-    losses = [json.loads(open(f"{r}/result.json").read())["variants"]["final"]["test_loss"] for r in weak]
+    losses = [_res(r)["variants"]["final"]["test_loss"] for r in weak]
     curve.write_text(json.dumps({"name": "t", "budget": 40000, "tokens": [40000, 80000, 160000],
                                  "losses": {"test": [max(losses) + 0.5, max(losses) + 0.2, min(losses) - 1.0]}}))
     page = build_report([weak[0], strong[0]], tmp_path / "rep", str(curve), tmp_path / "records", "cpu")
@@ -102,11 +123,49 @@ def test_report(seeds, tmp_path):
     assert parser.images and all((tmp_path / "rep" / img).is_file() for img in parser.images)
     # every loss in the tables is the one in the JSON it came from
     for run in (weak[0], strong[0]):
-        res = json.loads(open(f"{run}/result.json").read())
+        res = _res(run)
         for v in res["variants"].values():
             assert f"{v['val_loss']:.4f}" in parser.cells and f"{v['test_loss']:.4f}" in parser.cells
     rec = json.loads(next((tmp_path / "records" / "cpu").glob("*.json")).read_text())
     assert f"{rec['test_loss']['mean']:.4f}" in parser.cells
     assert any(c.endswith("x") for c in parser.cells)  # an efficiency figure
-    with pytest.raises(ReportError, match="no result.json"):
+    with pytest.raises(ReportError, match="not a run or ensemble"):
         build_report([str(tmp_path / "nothing")], tmp_path / "rep2")
+    # wall time as a duration, not seconds
+    wall = _res(weak[0])["wall_s"]
+    assert fmt_time(wall) in parser.cells and f"{wall:.4f}" not in parser.cells
+
+
+def test_val_by_epoch_ends_with_the_final_evaluation(seeds):
+    run = Path(seeds[0][0])
+    res = json.loads((run / "result.json").read_text())
+    epochs, losses, final = val_by_epoch(run, res)
+    assert final == res["best"] and epochs[-1] == res["epochs"] and losses[-1] == res["variants"][res["best"]]["val_loss"]
+    assert val_by_epoch(run, None)[2] is None and len(val_by_epoch(run, None)[0]) == len(epochs) - 1
+
+
+def test_fmt_time():
+    assert fmt_time(5970.02) == "1h39m30s" and fmt_time(83) == "1m23s" and fmt_time(0) == "0m00s"
+
+
+def test_report_of_a_run_in_progress(seeds, tmp_path):
+    run = tmp_path / "live"
+    shutil.copytree(seeds[0][0], run)
+    (run / "result.json").unlink()
+    page = build_report([str(run)], tmp_path / "rep")
+    text = page.read_text()
+    assert "in progress" in text and (tmp_path / "rep" / "loss_by_step.png").is_file()
+
+
+def test_report_refuses_bad_results_in_one_line(seeds, tmp_path):
+    run = tmp_path / "bad"
+    shutil.copytree(seeds[0][0], run)
+    res = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text(json.dumps({**res, "best": "swa_probs"}))
+    with pytest.raises(ResultError, match="no variant 'swa_probs'"):
+        build_report([str(run)], tmp_path / "rep")
+    (run / "result.json").write_text(json.dumps(res)[:50])
+    r = subprocess.run([sys.executable, "-m", "slowrun", "report", str(run), "--out", str(tmp_path / "rep")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "corrupt" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "rep").exists()  # nothing is written for a report that cannot be made

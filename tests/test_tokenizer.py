@@ -59,3 +59,9 @@ def test_tokenizer_specs(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(TokenizerError, match="cannot read tokenizer"):
         HFTokenizer.from_file(bad)
+
+
+def test_bpe_is_named_by_the_size_it_came_out_at():
+    tok = HFTokenizer.train(iter(["a tiny text, a tiny text"] * 3), 999_999)
+    assert tok.vocab_size < 1000 and tok.name == f"bpe:{tok.vocab_size}"
+    assert HFTokenizer.train(iter(_corpus()), 600).name == "bpe:600"  # a text big enough keeps the size asked

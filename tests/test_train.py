@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from slowrun.checkpoint import list_checkpoints, load_checkpoint, load_model
-from slowrun.config import config_from_dict, tomllib
+from slowrun import SlowrunError
+from slowrun.config import ConfigError, config_from_dict, tomllib
 from slowrun.dataset import Dataset
 from slowrun.evaluate import evaluate
 from slowrun.gpt import GPT
@@ -36,6 +37,9 @@ def test_cli_training_writes_a_complete_run(bpe_ds, tmp_path):
     log = (run / "log.txt").read_text().splitlines()
     assert log[0].startswith("# slowrun: ") and log[1].startswith("# torch: ") and any("git_commit" in l for l in log[:8])
     assert any(l.startswith("step     12/12 | epoch") and "tok/s" in l and "ETA" in l for l in log)
+    # the final evaluation says what it is doing, one line per pass, before the table
+    assert "final evaluation 1/3: final weights on val and test" in r.stdout
+    assert "final evaluation 3/3: the snapshots' parameter average" in r.stdout  # final, ema, swa_params
     result = json.loads((run / "result.json").read_text())
     assert set(result["variants"]) == {"final", "ema", "swa_params"}
     for v in result["variants"].values():
@@ -110,6 +114,22 @@ def test_snapshot_ensemble_and_distillation(bpe_ds, tmp_path):
     assert math.isfinite(r2["val_loss"])
 
 
+def test_distillation_is_used_and_keeps_the_mtp_term(bpe_ds, tmp_path):
+    """The first step's loss (from the same initial weights) shows whether the teacher and the MTP head count."""
+    teacher = train(smoke_config(bpe_ds, **{"train.max_steps": 20, "eval.test": False}), tmp_path / "teacher", echo=False)
+    assert teacher["val_loss"] < 6.0
+    first = {}
+    for name, over in {"plain": {}, "distill": {"distill.teacher": str(tmp_path / "teacher"), "distill.alpha": 0.9},
+                       "distill+mtp": {"distill.teacher": str(tmp_path / "teacher"), "distill.alpha": 0.9,
+                                       "model.mtp_weight": 0.5}}.items():
+        train(smoke_config(bpe_ds, **{"train.max_steps": 1, "eval.test": False, **over}), tmp_path / name, echo=False)
+        first[name] = losses(tmp_path / name)[1]
+    # at init CE is about ln(512) = 6.2; KL from a trained teacher is smaller, so the mix is lower
+    assert first["distill"] < first["plain"] - 0.5
+    # the MTP term (0.5 x about 6.2) is added on top of the distillation loss, not dropped
+    assert first["distill+mtp"] > first["distill"] + 2.0
+
+
 def test_eval_and_sample_commands(bpe_ds, tmp_path):
     cfg = smoke_config(bpe_ds, **{"train.max_steps": 4})
     result = train(cfg, tmp_path / "run", echo=False)
@@ -137,3 +157,36 @@ def test_gradient_accumulation_matches_one_big_batch(bpe_ds, tmp_path):
         assert lb[step] == pytest.approx(la[step], abs=1e-5)
     assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
     assert "4 micro-batches of 16 x 32" in (tmp_path / "b" / "log.txt").read_text()
+
+
+def test_depth_zero_is_refused(bpe_ds):
+    with pytest.raises(ConfigError, match="model.depth: must be -1"):
+        smoke_config(bpe_ds, **{"model.depth": 0})
+
+
+def test_failed_start_leaves_the_run_dir_reusable(bpe_ds, tmp_path):
+    run = tmp_path / "run"
+    bad = smoke_config(bpe_ds, **{"train.max_steps": 1, "distill.teacher": str(tmp_path / "no-such-teacher")})
+    with pytest.raises(SlowrunError, match="no-such-teacher"):
+        train(bad, run, echo=False)
+    assert not (run / "config.toml").exists()
+    train(smoke_config(bpe_ds, **{"train.max_steps": 1, "eval.test": False}), run, echo=False)
+    assert (run / "result.json").is_file() and not (run / ".lock").exists()
+
+
+def test_relative_data_path_is_stored_absolute(bpe_ds, tmp_path, monkeypatch):
+    monkeypatch.chdir(bpe_ds.parent)
+    train(smoke_config(bpe_ds.name, **{"train.max_steps": 1, "eval.test": False}), tmp_path / "run", echo=False)
+    cfg = config_from_dict(tomllib.loads((tmp_path / "run" / "config.toml").read_text()))
+    assert cfg.data.path == str(bpe_ds.resolve())
+
+
+def test_run_dir_with_other_files_is_refused(bpe_ds, tmp_path):
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "notes.txt").write_text("keep me")
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--recipe", "smoke", "--data", str(bpe_ds),
+                        "--run-dir", str(run), "--train.max_steps=1"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "not empty and not a slowrun run (holds notes.txt)" in r.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"] and (run / "notes.txt").read_text() == "keep me"

@@ -2,15 +2,21 @@
 
 A training checkpoint is a directory `checkpoints/step_0000123/` holding
 
-    model.safetensors   the weights (the resolved config in the file's metadata)
-    optim.safetensors   optimizer moments, RNG states, EMA weights
+    model.safetensors   the weights (the resolved config in the file's metadata), and its
+                        sidecar model.safetensors.sha256
+    optim.safetensors   optimizer moments and EMA weights
     state.json          step, loader position, scalar optimizer state, the config, extras,
-                        and the sha256 of both tensor files
+                        the sha256 of both tensor files, and a sha256 of its own content
 
 It is written under a temporary name and renamed, and the last `keep` are kept. Loading
-checks every hash, so a truncated or garbled checkpoint is refused with a clear error and
-resume falls back to the previous good one. Standalone weight files (`model.safetensors`,
-`ema.safetensors`, SWA snapshots) carry their config in the safetensors metadata.
+checks every hash, so a truncated, garbled or edited checkpoint is refused with a clear
+error and resume falls back to the previous good one.
+
+Every weights file (a checkpoint's, `model.safetensors`, `ema.safetensors`, SWA snapshots)
+carries its config in the safetensors metadata and has a sidecar `NAME.sha256` in
+`sha256sum` format (a file cannot hold the hash of itself); `read_weights` refuses a file
+whose bytes do not match it, so `eval`, `sample`, ensembles and distillation teachers never
+run on corrupt weights.
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ from safetensors.torch import load_file, save_file
 
 from . import SlowrunError
 from .config import RunConfig, config_from_dict, config_to_dict
-from .storage import atomic_directory, atomic_write_text, sha256_file
+from .storage import atomic_directory, atomic_write_text, sha256_file, sha256_json
 
 CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
+CKPT_FORMAT = "slowrun-checkpoint/2"  # /2: state.json holds a sha256 of its own content
 
 
 class CheckpointError(SlowrunError):
@@ -42,16 +49,48 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+def sidecar(path: Path) -> Path:
+    """Where the sha256 of a weights file lives: NAME.sha256 beside it."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_weights_file(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """Write tensors + metadata to a temp file, rename it into place, then its sidecar; returns the sha256.
+
+    A crash between the two renames leaves a file that does not match its sidecar, which
+    `read_weights` refuses: the failure is loud, never a silent wrong load.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(_contiguous(state), str(tmp), metadata=meta)
+        digest = sha256_file(tmp)
+        tmp.replace(path)
+        atomic_write_text(sidecar(path), f"{digest}  {path.name}\n")
+    except (SafetensorError, OSError) as e:  # e.g. the disk is full: say so in one line, leave no temp file
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {str(e).splitlines()[0][:160]}") from None
+    return digest
+
+
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], cfg: RunConfig, extra: dict | None = None) -> None:
-    """Weights + resolved config (metadata), written to a temp file and renamed."""
+    """Weights + resolved config (metadata) + the sidecar sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     meta = {"format": "slowrun-weights/1", "config": json.dumps(config_to_dict(cfg))}
     if extra:
         meta["extra"] = json.dumps(extra)
-    save_file(_contiguous(state), str(tmp), metadata=meta)
-    tmp.replace(path)
+    _write_weights_file(path, state, meta)
+
+
+def verify_weights(path: Path) -> None:
+    """Refuse a weights file whose sha256 is not the one in its sidecar (or that has none)."""
+    side = sidecar(path)
+    if not side.is_file():
+        raise CheckpointError(f"{path}: no {side.name} beside it, so it cannot be verified (written by an older "
+                              f"slowrun?); if you trust it: (cd {path.parent} && sha256sum {path.name} > {side.name})")
+    words = side.read_text().split()  # sha256sum format: "HEX  NAME"
+    if sha256_file(path) != (words[0] if words else ""):
+        raise CheckpointError(f"{path}: corrupt (sha256 does not match {side.name}; truncated or modified)")
 
 
 def _safe_load(path: Path) -> dict[str, torch.Tensor]:
@@ -77,6 +116,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], RunConfig, 
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
     if "config" not in meta:
         raise CheckpointError(f"{path}: no slowrun config in its metadata")
+    verify_weights(path)
     state = _safe_load(path)
     cfg = config_from_dict(json.loads(meta["config"]))
     return state, cfg, json.loads(meta.get("extra", "{}"))
@@ -115,11 +155,7 @@ class Checkpoint:
     step: int
     state: dict  # state.json
     model: dict[str, torch.Tensor]
-    extra_tensors: dict[str, torch.Tensor]  # optimizer moments, rng, ema
-
-    @property
-    def config(self) -> RunConfig:
-        return config_from_dict(self.state["config"])
+    extra_tensors: dict[str, torch.Tensor]  # optimizer moments, ema
 
     def optimizer_states(self, n: int) -> list[dict]:
         return _unflatten_optim(self.extra_tensors, self.state["optim_scalars"], n)
@@ -130,22 +166,30 @@ class Checkpoint:
 
 
 def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model_state: dict[str, torch.Tensor],
-                    optim_states: list[dict], extra: dict, rng: dict[str, torch.Tensor],
-                    ema: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
+                    optim_states: list[dict], extra: dict, ema: dict[str, torch.Tensor] | None = None,
+                    keep: int = 2) -> Path:
+    """Write checkpoints/step_NNNNNNN atomically and keep the newest `keep`.
+
+    No random state is saved: the trainer reseeds every step from (seed, rank, step).
+    """
     ckdir = Path(run_dir) / CKPT_DIR
     final = ckdir / f"step_{step:07d}"
     opt_tensors, opt_scalars = _flatten_optim(optim_states)
-    extra_tensors = {**opt_tensors, **{f"rng.{k}": v for k, v in rng.items()}}
+    extra_tensors = dict(opt_tensors)
     if ema is not None:
         extra_tensors.update({f"ema.{k}": v for k, v in ema.items()})
     with atomic_directory(final, force=True) as tmp:
-        save_file(_contiguous(model_state), str(tmp / "model.safetensors"),
-                  metadata={"format": "slowrun-weights/1", "config": json.dumps(config_to_dict(cfg))})
-        save_file(_contiguous(extra_tensors), str(tmp / "optim.safetensors"))
-        state = {"format": "slowrun-checkpoint/1", "step": step, "config": config_to_dict(cfg),
-                 "optim_scalars": opt_scalars, "extra": extra,
-                 "files": {n: sha256_file(tmp / n) for n in ("model.safetensors", "optim.safetensors")}}
-        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1) + "\n")
+        model_digest = _write_weights_file(tmp / "model.safetensors", model_state,
+                                           {"format": "slowrun-weights/1", "config": json.dumps(config_to_dict(cfg))})
+        try:
+            save_file(_contiguous(extra_tensors), str(tmp / "optim.safetensors"))
+            state = {"format": CKPT_FORMAT, "step": step, "config": config_to_dict(cfg),
+                     "optim_scalars": opt_scalars, "extra": extra,
+                     "files": {"model.safetensors": model_digest, "optim.safetensors": sha256_file(tmp / "optim.safetensors")}}
+            state["sha256"] = sha256_json(state)  # an edited step or loader position no longer matches
+            atomic_write_text(tmp / "state.json", json.dumps(state, indent=1) + "\n")
+        except (SafetensorError, OSError) as e:  # e.g. the disk is full (atomic_directory removes the partial one)
+            raise CheckpointError(f"could not write a checkpoint in {ckdir}: {str(e).splitlines()[0][:160]}") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -170,8 +214,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
         state = json.loads(sj.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{sj}: corrupt (not valid JSON)") from None
-    if state.get("format") != "slowrun-checkpoint/1":
-        raise CheckpointError(f"{sj}: unknown checkpoint format {state.get('format')!r}")
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        fmt = state.get("format") if isinstance(state, dict) else None
+        why = " (written by an older slowrun: no hash of its own)" if fmt == "slowrun-checkpoint/1" else ""
+        raise CheckpointError(f"{sj}: unknown checkpoint format {fmt!r}{why}")
+    body = {k: v for k, v in state.items() if k != "sha256"}
+    if state.get("sha256") != sha256_json(body):
+        raise CheckpointError(f"{sj}: edited or corrupt (its sha256 does not match its content)")
     for name, digest in state["files"].items():
         f = path / name
         if not f.is_file():

@@ -10,22 +10,37 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Callable
 
 from . import SlowrunError, __version__
 
 
+_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9}
+
+
 def count(text: str) -> int:
-    """A token count: 262144, 262_144, 256k, 10M or 1.5B (decimal suffixes)."""
+    """A token count: 262144, 262_144, 256k, 1.001k, 10M or 1.5B (decimal suffixes, exact)."""
     t = text.strip().replace("_", "").lower()
-    mult = {"k": 10**3, "m": 10**6, "b": 10**9}.get(t[-1:], 1)
+    mult = _SUFFIXES.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in _SUFFIXES else t
     try:
-        value = float(t[:-1]) * mult if mult != 1 else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a token count: {text!r}") from None
-    if value != int(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"not a whole non-negative count: {text!r}")
+        value = Decimal(digits) * mult  # exact: 1.001k is 1001, where a float gives 1000.9999...
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 262144, 256k, 10M, 1.5B)") from None
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError(f"not a non-negative token count: {text!r}")
+    if value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"{text!r} is {value.normalize():f} tokens, not a whole number")
     return int(value)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (a bad flag value, a missing argument) in one line, exit 2: the usage block
+    is one `--help` away."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------------------------------
@@ -38,7 +53,7 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="bpe:8192", help="bpe:N (byte-level BPE with N tokens trained on the training text; default bpe:8192), gpt2 (the exact GPT-2 BPE, offline), or a path to a tokenizer.json (to share one tokenizer between datasets)")
     p.add_argument("--train-tokens", type=count, default=262_144, help="training budget in tokens, exact (default 262144; suffixes k, M, B)")
     p.add_argument("--val-tokens", type=count, default=131_072, help="validation split in tokens (default 131072)")
-    p.add_argument("--test-tokens", type=count, default=131_072, help="test split in tokens (default 131072)")
+    p.add_argument("--test-tokens", type=count, default=131_072, help="test split in tokens, > 0 (default 131072)")
     p.add_argument("--out", default="data/builtin", help="output directory (default data/builtin)")
     p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (default 0)")
     p.add_argument("--separator", default=None, help="split .txt files into documents at this string (default: one document per file); \\n escapes allowed")
@@ -53,8 +68,13 @@ def _run_prepare(a: argparse.Namespace) -> int:
     import time
 
     from .dataset import Dataset
-    from .prepare import PrepareConfig, prepare
+    from .prepare import PrepareConfig, PrepareError, prepare
+    from .sources import require_source
+    from .tokenizer import parse_tokenizer_spec
 
+    if a.test_tokens == 0:  # a run on it would print nan test losses, and records are scored on test
+        raise PrepareError("--test-tokens: must be > 0")
+    require_source(a.source)  # before --out is looked at: a missing source is the error to report
     sep = a.separator.encode().decode("unicode_escape") if a.separator else None
     cfg = PrepareConfig(source=a.source, tokenizer=a.tokenizer, train_tokens=a.train_tokens, val_tokens=a.val_tokens,
                         test_tokens=a.test_tokens, out=a.out, seed=a.seed, separator=sep, text_field=a.text_field,
@@ -65,6 +85,10 @@ def _run_prepare(a: argparse.Namespace) -> int:
     sp = ds.manifest["splits"]
     print(f"prepared {out} in {time.time() - t0:.1f}s: tokenizer {ds.manifest['tokenizer']['id']}, "
           + ", ".join(f"{s} {sp[s]['tokens']:,} tokens / {sp[s]['documents']:,} docs" for s in ("train", "val", "test")))
+    kind, asked = parse_tokenizer_spec(a.tokenizer)
+    if kind == "bpe" and ds.vocab_size < asked:
+        print(f"note: --tokenizer {a.tokenizer} asked for {asked:,} tokens; the training text gave only {ds.vocab_size:,} "
+              f"(the tokenizer is recorded as {ds.manifest['tokenizer']['id']})")
     return 0
 
 
@@ -107,7 +131,7 @@ def _commands() -> list[Command]:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="slowrun",
         description="Data-efficient language-model pretraining: a fixed token budget, unlimited compute, lowest held-out loss wins.",
         epilog="Run `slowrun COMMAND --help` for a command's options.",
@@ -146,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as e:
         print(f"slowrun {argv[0]}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"slowrun {argv[0]}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # train's Interrupted carries the resume command and 128 + the signal number
+        print(f"slowrun {argv[0]}: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,16 @@ import time
 from pathlib import Path
 
 
+def _run_dir(path: str) -> str:
+    """An ensemble's --run-dir that names an existing file is refused here, in one line
+    (`train` refuses its own)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        from .config import ConfigError
+
+        raise ConfigError(f"--run-dir {path}: exists and is not a directory")
+    return path
+
+
 def _run_dir_default(recipe: str) -> str:
     name = Path(recipe).stem if recipe.endswith(".toml") else recipe
     return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -45,7 +55,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     config_args(p)
     p.add_argument("--run-dir", default=None, help="run directory (default runs/RECIPE-TIMESTAMP)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run exactly from its last good checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no per-step lines on stdout (log.txt still gets them)")
+    p.add_argument("--quiet", action="store_true", help="no per-step lines on stdout (log.txt still gets them); the final table is still printed")
+    p.add_argument("--force", action="store_true", help="with --resume: continue although config.toml differs from the checkpoint's config")
 
 
 def _run_train(a: argparse.Namespace) -> int:
@@ -58,10 +69,13 @@ def _run_train(a: argparse.Namespace) -> int:
             from .config import ConfigError
 
             raise ConfigError("--resume takes the run's own config.toml; config overrides are not allowed")
-        train(None, a.resume, resume=True, echo=not a.quiet)
-        return 0
-    cfg = build_run_config(a)
-    train(cfg, a.run_dir or _run_dir_default(a.recipe), echo=not a.quiet)
+        result = train(None, a.resume, resume=True, echo=not a.quiet, force=a.force)
+    else:
+        result = train(build_run_config(a), a.run_dir or _run_dir_default(a.recipe), echo=not a.quiet)
+    if a.quiet and result:  # quiet hides the per-step lines, never the answer
+        from .train import result_table
+
+        print(result_table(result))
     return 0
 
 
@@ -69,43 +83,79 @@ def _run_train(a: argparse.Namespace) -> int:
 # eval / sample
 
 
-def _open_for_model(ref: str, data: str | None, device: str):
-    """(model, config, dataset) for a run/checkpoint, refusing a dataset of another tokenizer."""
-    from .checkpoint import load_model
-    from .dataset import Dataset
-    from .distributed import resolve_device
-    from .train import TrainingError
+def _open_dataset(weights_extra: dict, cfg, data: str | None, ref: str):
+    """The dataset to score on (default: the one the model was trained on), refusing one whose
+    tokenizer or val/test differ from those the weights were trained with."""
+    from .dataset import Dataset, require_comparable
 
-    dev = resolve_device(device)
-    model, cfg, extra = load_model(ref, dev)
     ds = Dataset.open(data or cfg.data.path, verify=True)
-    trained_on = extra.get("dataset", {})
-    if trained_on and trained_on.get("tokenizer") != ds.fingerprint["tokenizer"]:
-        raise TrainingError(f"{ref} was trained with another tokenizer than the dataset {ds.path}")
-    return model, cfg, ds, dev
+    trained_on = weights_extra.get("dataset", {})
+    if trained_on:
+        require_comparable(trained_on, ds.fingerprint, f"{ref} and the dataset {ds.path}")
+    return ds
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ref", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its final weights), a checkpoint directory, or a .safetensors file")
+    p.add_argument("ref", metavar="RUN_DIR|CHECKPOINT", help="a finished run directory (the variant it chose on val), a checkpoint directory, or a .safetensors file")
+    p.add_argument("--variant", default=None, help="a finished run's variant: final, ema, swa_params, swa_probs, snapshot_params, "
+                   "snapshot_probs (the *_probs ones average the probabilities of the swa/cycle_* snapshots); default: result.json's best")
     p.add_argument("--split", choices=("val", "test"), default="val", help="held-out split (default val)")
     p.add_argument("--data", default=None, help="dataset directory (default: the one the model was trained on)")
-    p.add_argument("--max-tokens", type=int, default=-1, help="evaluate only the first N tokens (default: the whole split)")
+    p.add_argument("--max-tokens", type=int, default=-1, help="evaluate only the first N tokens (> 0); -1 = the whole split (default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="evaluation precision (default fp32)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="evaluation precision (default: the run's train.dtype)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _eval_target(ref: str, variant: str | None) -> tuple[list[Path], str]:
+    """(weights files, what is scored): a finished run's variant (default: its best on val),
+    or the single weights of a checkpoint, a weights file or a run still in progress."""
+    from .checkpoint import weights_path
+    from .results import RESULT_FILE, chosen, read_result, variant_weights
+
+    run = Path(ref)
+    if run.is_dir() and (run / RESULT_FILE).is_file():
+        name, _ = chosen(read_result(run), variant)
+        return variant_weights(run, name), f"variant {name}" + ("" if variant else " (the run's best on val)")
+    if variant:
+        from .results import ResultError
+
+        raise ResultError(f"--variant {variant}: {ref} is not a finished run directory (no {RESULT_FILE})")
+    path = weights_path(ref)
+    return [path], str(path)
 
 
 def _run_eval(a: argparse.Namespace) -> int:
     import json
 
-    from .evaluate import evaluate
+    from .checkpoint import load_model
+    from .config import ConfigError
+    from .distributed import resolve_device
+    from .evaluate import evaluate_averaged
 
-    model, cfg, ds, dev = _open_for_model(a.ref, a.data, a.device)
-    r = evaluate(model, ds.tokens(a.split), cfg.model.seq_len, ds.token_bytes, cfg.eval.batch_seqs, dev, a.dtype, a.max_tokens)
+    if a.max_tokens != -1 and a.max_tokens <= 0:
+        raise ConfigError(f"--max-tokens: must be -1 (the whole split) or > 0, got {a.max_tokens}")
+    paths, scored = _eval_target(a.ref, a.variant)
+    dev = resolve_device(a.device)
+    model, cfg, extra = load_model(paths[0], dev)
+    ds = _open_dataset(extra, cfg, a.data, a.ref)
+    T = cfg.model.seq_len
+    if ds.num_tokens(a.split) < T + 1:
+        raise ConfigError(f"--split {a.split}: the dataset {ds.path} holds {ds.num_tokens(a.split):,} {a.split} tokens, "
+                          f"fewer than one chunk of {T + 1}")
+    dtype = a.dtype or cfg.train.dtype
+
+    def models():
+        yield model
+        for p in paths[1:]:
+            yield load_model(p, dev)[0]
+
+    r = evaluate_averaged(models(), ds.tokens(a.split), T, ds.token_bytes, cfg.eval.batch_seqs, dev, dtype, a.max_tokens)
     if a.json:
-        print(json.dumps({"ref": a.ref, "split": a.split, "loss": r.loss, "bpb": r.bpb, "targets": r.targets}))
+        print(json.dumps({"ref": a.ref, "scored": scored, "weights": [str(p) for p in paths], "split": a.split, "dtype": dtype,
+                          "loss": r.loss, "bpb": r.bpb, "targets": r.targets}))
     else:
-        print(f"{a.split} loss {r.loss:.4f} | {a.split} bpb {r.bpb:.4f} | {r.targets:,} targets | {a.ref}")
+        print(f"{a.split} loss {r.loss:.4f} | {a.split} bpb {r.bpb:.4f} | {r.targets:,} targets | {dtype} | {a.ref}: {scored}")
     return 0
 
 
@@ -126,7 +176,12 @@ def _run_sample(a: argparse.Namespace) -> int:
 
     from .sample import generate
 
-    model, cfg, ds, dev = _open_for_model(a.ref, a.data, a.device)
+    from .checkpoint import load_model
+    from .distributed import resolve_device
+
+    dev = resolve_device(a.device)
+    model, cfg, extra = load_model(a.ref, dev)
+    ds = _open_dataset(extra, cfg, a.data, a.ref)
     tok = ds.tokenizer
     ids = [tok.bos_id] + (tok.encode(a.prompt) if a.prompt else [])
     g = torch.Generator().manual_seed(a.seed)
@@ -287,7 +342,7 @@ def _run_ensemble(a: argparse.Namespace) -> int:
     from .train import default_dataset
 
     data = a.data or str(default_dataset())
-    run_dir = a.run_dir or _run_dir_default(a.recipe) + f"-ens{a.members}"
+    run_dir = _run_dir(a.run_dir or _run_dir_default(a.recipe) + f"-ens{a.members}")
     result = train_ensemble(a.recipe, data, a.members, run_dir, parse_overrides(getattr(a, "overrides", []) or []),
                             a.distill, a.alpha, a.temperature, a.jobs, a.threads, a.fitness_tokens, a.select,
                             not a.no_progress)
@@ -307,7 +362,7 @@ def _add_record(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", default="records", help="records directory (default records/)")
     p.add_argument("--curve", default=None, help="baseline curve for the data efficiency (curve.json)")
     p.add_argument("--notes", default="", help="free text kept with the record")
-    p.add_argument("--check", action="store_true", help="only say whether the runs beat the track's record at p < 0.05")
+    p.add_argument("--check", action="store_true", help="only say whether the runs beat the track's record at p < 0.05 on val (test shown beside it)")
     p.add_argument("--force", action="store_true", help="replace a record file of the same date and name")
 
 
@@ -317,11 +372,13 @@ def _run_record(a: argparse.Namespace) -> int:
     if a.check:
         c = check(a.runs, a.track, a.records)
         if c["record"] is None:
-            print(f"{c['note']}: the candidate (mean test loss {c['candidate_mean']:.4f}) would be the first record")
+            print(f"{c['note']}: the candidate (mean val loss {c['candidate_mean']:.4f}, test {c['candidate_test_mean']:.4f}) "
+                  "would be the first record")
         else:
             verdict = "beats" if c["beats"] else "does not beat"
-            print(f"candidate mean test loss {c['candidate_mean']:.4f} {verdict} record {c['record']} ({c['record_mean']:.4f}): "
-                  f"one-sided Welch p = {c['p_value']:.4f} (threshold {ALPHA})")
+            print(f"on val: candidate mean loss {c['candidate_mean']:.4f} {verdict} record {c['record']} ({c['record_mean']:.4f}): "
+                  f"one-sided Welch p = {c['p_value']:.4f} (threshold {ALPHA}); "
+                  f"test beside it: {c['candidate_test_mean']:.4f} vs {c['record_test_mean']:.4f}")
         return 0
     name = a.name or Path(a.runs[0]).resolve().name
     rec, path = make_record(a.runs, a.track, name, a.records, a.curve, a.notes, a.force)

@@ -88,6 +88,7 @@ class ModelConfig:
     init: str = opt("gpt2", "hidden-matrix init: gpt2 (N(0, init_std), output projections / sqrt(2*n_layer)) or nanochat (uniform with std 1/sqrt(n_embd), output projections zero)")
 
     def __post_init__(self) -> None:
+        _check(self.depth == -1 or self.depth >= 1, "model.depth", "must be -1 (off) or >= 1", self.depth)
         if self.depth > 0:
             self.n_layer = self.depth
             self.n_embd = max(self.head_dim, round(self.depth * self.aspect_ratio / self.head_dim) * self.head_dim)

@@ -1,4 +1,11 @@
-"""Reading a prepared dataset: the manifest, hash verification and memory-mapped splits."""
+"""Reading a prepared dataset: the manifest, hash verification and memory-mapped splits.
+
+The manifest's own fields are checked too, not only the files it lists: it carries a
+sha256 of its content, and its vocabulary size, dtype and token counts must agree with
+the files (token_bytes.npy has one entry per token id; a split's .bin holds exactly its
+token count at its dtype). An edited manifest is refused in one line instead of training a
+different model under the same dataset fingerprint.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import numpy as np
 
 from . import SlowrunError
 from .prepare import FORMAT, SPLITS
-from .storage import sha256_file
+from .storage import sha256_file, sha256_json
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -30,9 +37,41 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{mf}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise DatasetError(f"{mf}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DatasetError(f"{mf}: unknown format {fmt!r} (expected {FORMAT})")
+    try:
+        _check_manifest(path, manifest)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{mf}: malformed manifest ({type(e).__name__}: {e})") from None
     return manifest
+
+
+ALLOWED_DTYPES = ("uint16", "uint32")
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    """The manifest's semantic fields agree with its own hash and with the files (cheap: no file is read whole)."""
+    mf = path / "manifest.json"
+    if "sha256" in manifest:  # datasets prepared before the hash existed are checked against the files only
+        if manifest["sha256"] != sha256_json({k: v for k, v in manifest.items() if k != "sha256"}):
+            raise DatasetError(f"{mf}: edited or corrupt (its sha256 does not match its content)")
+    dtype = manifest["dtype"]
+    if dtype not in ALLOWED_DTYPES:
+        raise DatasetError(f"{mf}: dtype {dtype!r} is not one of {', '.join(ALLOWED_DTYPES)}")
+    itemsize = np.dtype(dtype).itemsize
+    for split in SPLITS:
+        f = path / f"{split}.bin"
+        tokens = int(manifest["splits"][split]["tokens"])
+        if f.is_file() and f.stat().st_size != tokens * itemsize:
+            raise DatasetError(f"{mf}: the {split} split is listed as {tokens:,} tokens of {dtype}, but {f.name} "
+                               f"holds {f.stat().st_size:,} bytes")
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    tb = path / "token_bytes.npy"
+    if tb.is_file():
+        n = len(np.load(tb, mmap_mode="r", allow_pickle=False))
+        if n != vocab:
+            raise DatasetError(f"{mf}: vocab_size {vocab:,} does not match the {n:,} tokens of token_bytes.npy")
 
 
 def verify_dataset(path: str | Path, manifest: dict | None = None) -> dict:
@@ -92,11 +131,11 @@ class Dataset:
         return np.memmap(self.path / f"{split}.bin", dtype=self.dtype, mode="r")
 
     def doc_starts(self, split: str) -> np.ndarray:
-        return np.load(self.path / f"{split}.docs.npy", allow_pickle=False)
+        return load_array(self.path / f"{split}.docs.npy")
 
     @cached_property
     def token_bytes(self) -> np.ndarray:
-        return np.load(self.path / "token_bytes.npy", allow_pickle=False)
+        return load_array(self.path / "token_bytes.npy")
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -116,3 +155,42 @@ class Dataset:
         for name, digest in m["files"].items():
             lines.append(f"  {name:<18} {digest}")
         return "\n".join(lines)
+
+
+def training_fingerprint(ds: Dataset) -> dict:
+    """The fingerprint plus the training split's sha256: what tells which training tokens a run saw."""
+    return {**ds.fingerprint, "train": ds.manifest["files"].get("train.bin")}
+
+
+COMPARABLE = ("tokenizer", "val", "test")
+
+
+def require_comparable(a: dict, b: dict, what: str, keys: tuple[str, ...] = COMPARABLE) -> None:
+    """Refuse two dataset fingerprints that differ in any of `keys`.
+
+    A fingerprint is `Dataset.fingerprint`, a result.json's `dataset` (which also carries
+    `train`, the training split's sha256), a curve's `dataset` or a weights file's; callers
+    may add `seq_len`. Losses compare only on the same tokenizer and val/test; a fitness
+    slice carved from the training split needs the same `train` too. A key that one side
+    does not record (an older result, an external curve) is not compared, except that a
+    side with no tokenizer at all cannot be checked and is refused.
+    """
+    for key in keys:
+        x, y = a.get(key), b.get(key)
+        if key == "tokenizer" and (x is None) != (y is None):
+            raise DatasetError(f"{what}: one side records no tokenizer; cannot tell whether they are comparable")
+        if x is not None and y is not None and x != y:
+            raise DatasetError(f"{what}: different {key} ({_short(x)} vs {_short(y)}); not comparable")
+
+
+def _short(value) -> str:
+    s = str(value)
+    return s[:19] + "..." if len(s) > 22 else s
+
+
+def load_array(path: Path) -> np.ndarray:
+    """A numeric .npy file, never unpickled: an object array (a pickle inside) is refused in one line."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:  # numpy's "Object arrays cannot be loaded when allow_pickle=False", or a bad header
+        raise DatasetError(f"{path}: not a plain numeric array ({str(e).splitlines()[0]})") from None

@@ -74,15 +74,6 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, env: DistEnv) -> bool:
-    """Rank 0's decision, shared (e.g. stop on a non-finite loss)."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=env.device if env.device.type == "cuda" else "cpu")
-    dist.broadcast(t, 0)
-    return bool(t.item())
-
-
 def shutdown(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -190,25 +190,21 @@ def place(curve: Curve, loss: float, metric: str | None = None, extrapolate: boo
 
 
 def check_same_data(curve: Curve, run_dataset: dict) -> None:
-    """Refuse a run and a curve whose tokenizer or val/test files differ."""
-    for key in ("tokenizer", "val", "test"):
-        a, b = (curve.dataset or {}).get(key), run_dataset.get(key)
-        if a is not None and a != b:
-            raise EfficiencyError(f"the run and the curve differ in {key} ({b} vs {a}): losses are not comparable")
+    """Refuse a run and a curve whose tokenizer or val/test files differ (an external curve
+    that records no dataset is taken as given)."""
+    from .dataset import require_comparable
+
+    if curve.dataset:
+        require_comparable(run_dataset, curve.dataset, f"the run and the curve {curve.name}")
 
 
 def run_loss(run: str | Path, metric: str, variant: str | None = None) -> tuple[float, dict, dict]:
     """(loss, dataset fingerprint, result) of a run's result.json (its best-on-val variant by default)."""
-    path = Path(run)
-    path = path / "result.json" if path.is_dir() else path
-    if not path.is_file():
-        raise EfficiencyError(f"no result.json in {run} (is the run finished?)")
-    result = json.loads(path.read_text())
-    if "variants" in result:
-        v = result["variants"][variant or result["best"]]
-        key = f"{metric}_loss"
-    else:  # an ensemble result
-        v, key = result, f"{metric}_loss"
-    if key not in v:
-        raise EfficiencyError(f"{path}: no {key}")
-    return float(v[key]), result.get("dataset", {}), result
+    from .results import chosen, read_result
+
+    result = read_result(run)
+    name, losses = chosen(result, variant)
+    key = f"{metric}_loss"
+    if key not in losses:
+        raise EfficiencyError(f"{run}: variant {name} has no {key}")
+    return float(losses[key]), result.get("dataset", {}), result

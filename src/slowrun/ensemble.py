@@ -17,7 +17,6 @@ not have trained on (`data.fitness_tokens`).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -30,16 +29,14 @@ import torch.nn.functional as F
 from . import SlowrunError
 from .averaging import average_weights
 from .checkpoint import load_model, read_weights, weights_path
-from .dataset import Dataset
+from .dataset import COMPARABLE, Dataset, DatasetError, read_manifest, require_comparable, training_fingerprint
 from .distributed import resolve_device
 from .evaluate import autocast, chunk_batches, prob_average, summarize, target_byte_counts, target_logprobs
 from .gpt import GPT
 from .jobs import TrainJob, run_jobs
 from .loader import fitness_slice
+from .results import RESULT_FILE, VARIANT_FILES, is_ensemble, read_result
 from .storage import atomic_write_json
-
-VARIANT_FILES = {"final": "model.safetensors", "ema": "ema.safetensors", "swa_params": "swa_avg.safetensors",
-                 "snapshot_params": "snapshot_avg.safetensors"}
 
 
 class EnsembleError(SlowrunError):
@@ -49,14 +46,28 @@ class EnsembleError(SlowrunError):
 def best_weights(run_dir: str | Path) -> Path:
     """The weights file of a run's best single-model variant (by val loss)."""
     run_dir = Path(run_dir)
-    res_path = run_dir / "result.json"
-    if not res_path.is_file():
+    if not (run_dir / RESULT_FILE).is_file():
         return weights_path(run_dir)
-    variants = json.loads(res_path.read_text())["variants"]
+    variants = read_result(run_dir)["variants"]
     for name in sorted(variants, key=lambda k: variants[k]["val_loss"]):
         if name in VARIANT_FILES and (run_dir / VARIANT_FILES[name]).is_file():
             return run_dir / VARIANT_FILES[name]
     return weights_path(run_dir)
+
+
+def _training_split_hash(weights: Path, data_path: str) -> str | None:
+    """sha256 of the training split a weights file was trained on: from its run's result.json
+    (run/model.safetensors, run/swa/*, run/checkpoints/step_N/*), else from the manifest of
+    the dataset its config names; None when neither is there."""
+    for run in weights.parents[:3]:
+        if (run / RESULT_FILE).is_file():
+            result = read_result(run)
+            if not is_ensemble(result):
+                return result.get("dataset", {}).get("train")
+    try:
+        return read_manifest(data_path)["files"].get("train.bin")
+    except DatasetError:
+        return None
 
 
 @dataclass
@@ -65,6 +76,8 @@ class Member:
     path: Path  # a weights file
     seq_len: int
     dataset: dict  # tokenizer / val / test fingerprint recorded in the weights
+    train: str | None  # sha256 of the training split it was trained on (None: unknown)
+    fitness_tokens: int  # training tokens it held out at the end of its training split
     nbytes: int
 
 
@@ -72,20 +85,17 @@ def open_members(refs: list[str]) -> list[Member]:
     members = []
     for ref in refs:
         p = Path(ref)
-        path = best_weights(p) if p.is_dir() and (p / "result.json").is_file() else weights_path(p)
+        path = best_weights(p) if p.is_dir() and (p / RESULT_FILE).is_file() else weights_path(p)
         state, cfg, extra = read_weights(path)
         members.append(Member(str(ref), path, cfg.model.seq_len, extra.get("dataset", {}),
+                              _training_split_hash(path, cfg.data.path), cfg.data.fitness_tokens,
                               sum(v.numel() * v.element_size() for v in state.values())))
     if not members:
         raise EnsembleError("an ensemble needs at least one member")
     first = members[0]
     for m in members[1:]:
-        for key in ("tokenizer", "val", "test"):
-            if m.dataset.get(key) != first.dataset.get(key):
-                raise EnsembleError(f"members {first.label} and {m.label} were trained on different {key} "
-                                    "(different tokenizers or datasets cannot be ensembled)")
-        if m.seq_len != first.seq_len:
-            raise EnsembleError(f"members {first.label} and {m.label} have different model.seq_len ({first.seq_len} vs {m.seq_len})")
+        require_comparable({**m.dataset, "seq_len": m.seq_len}, {**first.dataset, "seq_len": first.seq_len},
+                           f"members {first.label} and {m.label} (cannot be ensembled)", COMPARABLE + ("seq_len",))
     return members
 
 
@@ -122,8 +132,8 @@ def evaluate_ensemble(refs: list[str], data: str | Path | None = None, splits: t
         data = cfg.data.path
     ds = Dataset.open(data)
     fp = ds.fingerprint
-    if members[0].dataset and any(members[0].dataset.get(k) != fp[k] for k in fp):
-        raise EnsembleError(f"the dataset {ds.path} is not the one the members were trained on (tokenizer/val/test differ)")
+    if members[0].dataset:
+        require_comparable(members[0].dataset, fp, f"the members and the dataset {ds.path}")
     T = members[0].seq_len
     splits = tuple(s for s in splits if ds.num_tokens(s) > T + 1)
     K = len(members)
@@ -205,11 +215,19 @@ def select_members(members: list[Member], ds: Dataset, fitness_tokens: int, keep
                    dev: torch.device, dtype: str, batch_seqs: int) -> dict:
     """Gradient-based selection: mixture weights fitted on the fitness slice (carved from the end of
     the training split); the `keep` heaviest members, reweighted, are evaluated on val/test."""
+    here = training_fingerprint(ds)
     for m in members:
-        _, cfg, _ = read_weights(m.path)
-        if cfg.data.fitness_tokens < fitness_tokens:
+        if m.train is None:
+            raise EnsembleError(f"member {m.label}: cannot tell which training split it saw (no result.json beside its "
+                                "weights, its dataset is gone); it cannot be selected on a fitness slice")
+        try:
+            require_comparable({**m.dataset, "train": m.train}, here, f"member {m.label} and the dataset {ds.path}",
+                               COMPARABLE + ("train",))
+        except DatasetError as e:
+            raise EnsembleError(f"{e}: the fitness slice would hold tokens it trained on; it cannot be selected on them") from None
+        if m.fitness_tokens < fitness_tokens:
             raise EnsembleError(f"member {m.label} trained on the last {fitness_tokens:,} training tokens "
-                                f"(its data.fitness_tokens is {cfg.data.fitness_tokens}); it cannot be selected on them")
+                                f"(its data.fitness_tokens is {m.fitness_tokens}); it cannot be selected on them")
     fit_tokens = fitness_slice(ds, fitness_tokens)
     T = members[0].seq_len
     fit_lps = []

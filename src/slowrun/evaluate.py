@@ -4,7 +4,8 @@ As in the reference benchmark, a split is cut into non-overlapping chunks of seq
 tokens (seq_len targets each; the remainder is dropped) and the loss is the mean over all
 targets, model in eval mode. Bits per byte divides the summed loss (in bits) by the UTF-8
 bytes of the target tokens, so runs with different tokenizers compare. The per-target
-log-probabilities can be returned too: probability-averaged ensembles need nothing else.
+log-probabilities can be returned too: probability-averaged ensembles (and a run's
+`swa_probs` variant) need nothing else.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -23,9 +25,6 @@ class EvalResult:
     bpb: float  # bits per UTF-8 byte of the targets
     targets: int
     bytes: int
-
-    def as_dict(self, prefix: str = "") -> dict:
-        return {f"{prefix}loss": self.loss, f"{prefix}bpb": self.bpb, f"{prefix}targets": self.targets}
 
 
 def num_chunks(n_tokens: int, seq_len: int, max_tokens: int = -1) -> int:
@@ -96,3 +95,16 @@ def prob_average(logprobs: list[np.ndarray], weights: np.ndarray | None = None) 
     w = np.full(len(logprobs), 1.0 / len(logprobs)) if weights is None else np.asarray(weights, dtype=np.float64)
     m = stacked.max(axis=0)
     return m + np.log(np.einsum("k,kn->n", w, np.exp(stacked - m)))
+
+
+def evaluate_averaged(models: Iterable[torch.nn.Module], tokens: np.ndarray, seq_len: int, token_bytes: np.ndarray,
+                      batch_seqs: int = 16, device: torch.device | str = "cpu", dtype: str = "fp32",
+                      max_tokens: int = -1) -> EvalResult:
+    """Loss of the mean of the models' probabilities (one model: its own loss), as the final
+    evaluation scores a probability-averaged variant. `models` may be a generator, so that one
+    model at a time is in memory."""
+    lps = [target_logprobs(m, tokens, seq_len, batch_seqs, device, dtype, max_tokens) for m in models]
+    if not lps:
+        raise ValueError("evaluate_averaged needs at least one model")
+    lp = lps[0] if len(lps) == 1 else prob_average(lps)
+    return summarize(lp, target_byte_counts(tokens, seq_len, token_bytes, max_tokens))

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .losses import linear_cross_entropy
+from .losses import DistillTarget, training_loss
 
 VALUE_GATE_CHANNELS = 32  # value-projection gate reads x[..., :32]
 HEAD_GATE_CHANNELS = 12  # attention head gate reads x[..., :12]
@@ -140,7 +140,6 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(cfg.seq_len, C // cfg.n_head, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.loop_active = False  # set by the trainer from model.loop_from_epoch
         self.init_weights()
 
     @torch.no_grad()
@@ -206,28 +205,36 @@ class GPT(nn.Module):
                 n += self.wte.weight.numel()
         return n
 
-    def flops_per_token(self) -> int:
+    def flops_per_token(self, loop_active: bool = False) -> int:
         """Training FLOPs per token: 6 * (matmul params) + 12 * n_layer * n_embd * seq_len (attention)."""
         cfg = self.cfg
         layers = cfg.n_layer + (1 if self.mtp_block is not None else 0)
-        if cfg.loop_start >= 0 and self.loop_active:
+        if cfg.loop_start >= 0 and loop_active:
             layers += (cfg.loop_end - cfg.loop_start + 1) * (cfg.loop_repeats - 1)
         matmul = sum(p.numel() for n, p in self.blocks.named_parameters() if p.ndim == 2) * layers / cfg.n_layer
         matmul += cfg.vocab_size * cfg.n_embd * (2 if self.mtp_block is not None else 1)
         return int(6 * matmul + 12 * layers * cfg.n_embd * cfg.seq_len)
 
-    def block_order(self) -> list[int]:
-        """Indices of the blocks in execution order (the looped span repeats when active)."""
+    def block_order(self, loop_active: bool = False) -> list[int]:
+        """Indices of the blocks in execution order (the looped span repeats when `loop_active`:
+        the trainer sets it from model.loop_from_epoch)."""
         cfg = self.cfg
         order = list(range(cfg.n_layer))
-        if cfg.loop_start >= 0 and self.loop_active and cfg.loop_repeats > 1:
+        if cfg.loop_start >= 0 and loop_active and cfg.loop_repeats > 1:
             span = order[cfg.loop_start : cfg.loop_end + 1]
             order = order[: cfg.loop_start] + span * cfg.loop_repeats + order[cfg.loop_end + 1 :]
         return order
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, T, C) before the output norm."""
+    def hidden(self, idx: torch.Tensor, loop_active: bool | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C) before the output norm.
+
+        `loop_active`: repeat the looped span. The trainer passes it every step (looping
+        starts at model.loop_from_epoch); None, as in evaluation, means the trained
+        architecture: looped whenever model.loop_start >= 0.
+        """
         cfg = self.cfg
+        if loop_active is None:
+            loop_active = cfg.loop_start >= 0
         B, T = idx.shape
         x = self.wte(idx)  # (B, T, C)
         if cfg.embed_norm:
@@ -239,7 +246,7 @@ class GPT(nn.Module):
         L = cfg.n_layer
         skips: dict[int, torch.Tensor] = {}
         seen: set[int] = set()
-        for i in self.block_order():
+        for i in self.block_order(loop_active):
             first = i not in seen
             seen.add(i)
             if self.unet_w is not None and first and i >= L - L // 2:  # decoder block: add its encoder skip
@@ -268,39 +275,25 @@ class GPT(nn.Module):
             logits = c * torch.tanh(logits / c)
         return logits
 
-    def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean CE. On CPU through the fused, chunked output layer (no (B, T, V) logits kept, each
-        chunk handled while in cache); on GPU the plain path, which torch.compile fuses."""
-        if h.device.type != "cpu":
-            logits = self.logits(h)
-            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        C = h.size(-1)
-        return linear_cross_entropy(self.norm_f(h).reshape(-1, C), self.head_weight, targets.reshape(-1),
-                                    self.cfg.logit_softcap)
+    def mtp_hidden(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, T-1, C) of the multi-token-prediction head: position t predicts token t+2."""
+        x0 = self.wte(idx)
+        if self.cfg.embed_norm:
+            x0 = rms_norm(x0)
+        T = idx.size(1)
+        rope = (self.rope_cos[:, :T], self.rope_sin[:, :T]) if self.cfg.pos == "rope" else None
+        return self.mtp_block(h, x0, rope)[:, :-1]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True,
+                loop_active: bool | None = None, distill: DistillTarget | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx, targets: (B, T) token ids. Returns (logits (B, T, V) float32 or None, mean loss or None).
 
-        With targets and `return_logits=False` (training), the loss goes through the fused
-        output layer and no logits are returned. In training with `mtp_weight > 0`, the
-        loss adds mtp_weight * CE of predicting the token after the target (t+2) through
-        an extra block; evaluation never includes it.
+        With targets, the loss is `losses.training_loss` (CE, or distillation from `distill`'s
+        teacher logits, plus the MTP term in training); `return_logits=False` lets it use the
+        fused output layer and return no logits. `loop_active`: see `hidden`.
         """
-        h = self.hidden(idx)
+        h = self.hidden(idx, loop_active)
         if targets is None:
             return self.logits(h), None
-        if return_logits:
-            logits = self.logits(h)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        else:
-            logits, loss = None, self._loss(h, targets)
-        if self.mtp_block is not None and self.training and idx.size(1) > 1:
-            x0 = self.wte(idx)
-            if self.cfg.embed_norm:
-                x0 = rms_norm(x0)
-            T = idx.size(1)
-            rope = (self.rope_cos[:, :T], self.rope_sin[:, :T]) if self.cfg.pos == "rope" else None
-            h2 = self.mtp_block(h, x0, rope)[:, :-1]
-            loss = loss + self.cfg.mtp_weight * self._loss(h2, targets[:, 1:])
-        return logits, loss
+        return training_loss(self, h, idx, targets, fused=not return_logits, distill=distill)

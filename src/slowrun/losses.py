@@ -1,4 +1,5 @@
-"""Training losses: a fused, chunked output layer + softcap + cross-entropy, and distillation.
+"""Training losses: the one function that composes the objective, a fused, chunked output
+layer + softcap + cross-entropy, and distillation.
 
 The output layer dominates small models with large vocabularies (on a 4-layer, 256-wide
 model with 8k tokens, the logits' softcap, log-softmax and their backward took about 45%
@@ -8,6 +9,8 @@ while it is still in cache and the full (N, V) logits never exist.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,3 +74,48 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
     s_logp = torch.log_softmax(s / temperature, dim=-1)
     kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
     return (1 - alpha) * ce + alpha * temperature**2 * kl
+
+
+class DistillTarget(NamedTuple):
+    """What a teacher contributes to a student's loss."""
+
+    logits: torch.Tensor  # (B, T, V) teacher logits
+    alpha: float  # weight of the KL term
+    temperature: float
+
+
+def hidden_cross_entropy(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE of the model's output layer on hidden states h (B, T, C) against targets (B, T).
+
+    On CPU through the fused, chunked output layer (no (B, T, V) logits kept, each chunk
+    handled while in cache); on GPU the plain path, which torch.compile fuses.
+    """
+    if h.device.type != "cpu":
+        logits = model.logits(h)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+    C = h.size(-1)
+    return linear_cross_entropy(model.norm_f(h).reshape(-1, C), model.head_weight, targets.reshape(-1),
+                                model.cfg.logit_softcap)
+
+
+def training_loss(model, h: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, fused: bool,
+                  distill: DistillTarget | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The objective, composed in one place; returns (logits or None, mean loss).
+
+        main = CE(student, y)                                 fused (no logits) when `fused`
+             | (1-alpha) CE + alpha T^2 KL(teacher || student)   with a teacher
+        loss = main + mtp_weight * CE(MTP head, y shifted by one)  in training with an MTP head
+
+    Evaluation (model.eval()) never includes the MTP term.
+    """
+    if distill is not None:
+        logits = model.logits(h)
+        loss = distill_loss(logits, distill.logits, targets, distill.alpha, distill.temperature)
+    elif fused:
+        logits, loss = None, hidden_cross_entropy(model, h, targets)
+    else:
+        logits = model.logits(h)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+    if model.mtp_block is not None and model.training and idx.size(1) > 1:
+        loss = loss + model.cfg.mtp_weight * hidden_cross_entropy(model, model.mtp_hidden(h, idx), targets[:, 1:])
+    return logits, loss

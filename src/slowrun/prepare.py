@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from . import SlowrunError, __version__
 from .sources import Corpus, SourceError, open_source
-from .storage import atomic_directory, atomic_write_text, sha256_file
+from .storage import atomic_directory, atomic_write_text, exclusive_lock, sha256_file, sha256_json
 from .tokenizer import GPT2Tokenizer, HFTokenizer, Tokenizer, parse_tokenizer_spec, token_byte_lengths, tokenizer_fingerprint
 
 SPLITS = ("val", "test", "train")  # the order in which documents are assigned
@@ -184,8 +184,19 @@ def _existing_manifest(out: Path) -> dict | None:
 
 
 def prepare(cfg: PrepareConfig) -> Path:
-    """Prepare a dataset; returns its directory. Idempotent for the same parameters."""
+    """Prepare a dataset; returns its directory. Idempotent for the same parameters.
+
+    A lock beside `--out` is held from the check of what is there to the final rename, so
+    a second `prepare` into the same directory is refused instead of replacing the first.
+    """
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out}: exists and is not a directory")
+    with exclusive_lock(out.parent / f".{out.name}.lock", f"--out {out}"):
+        return _prepare_locked(cfg, out)
+
+
+def _prepare_locked(cfg: PrepareConfig, out: Path) -> Path:
     if out.exists():
         if not out.is_dir():
             raise PrepareError(f"--out {out}: exists and is not a directory")
@@ -281,6 +292,7 @@ def prepare(cfg: PrepareConfig) -> Path:
             "params": cfg.creation_params(),
             "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
         }
+        manifest["sha256"] = sha256_json(manifest)  # vocab_size, dtype and counts are covered, not only the files
         atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return out
 

@@ -4,7 +4,9 @@ A record holds the recipe (resolved config), git commit, hardware, wall time, to
 the seeds, per-seed val and test loss, their mean +- std, the data efficiency of the mean
 test loss on a baseline curve, and, against the current best of the track, a one-sided
 Welch t-test p-value (is the candidate's mean test loss lower?). A record needs at least
-3 seeds; `--check` says whether a candidate beats the record at p < 0.05.
+3 seeds. `--check` says whether a candidate beats the record at p < 0.05 *on val*, with
+test beside it: a check can be run after every change, and a split consulted that often
+is a tuning signal, so test decides only when a record is made.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from . import SlowrunError
 from .efficiency import Curve, EfficiencyError, check_same_data, place
+from .results import chosen, read_result
 from .storage import atomic_write_json
 
 MIN_SEEDS = 3
@@ -29,18 +32,9 @@ class RecordError(SlowrunError):
     pass
 
 
-def _load_result(run: str | Path) -> dict:
-    path = Path(run) / "result.json"
-    if not path.is_file():
-        raise RecordError(f"{run}: no result.json (missing or unfinished run)")
-    return json.loads(path.read_text())
-
-
 def _losses(result: dict) -> tuple[float, float]:
-    if "variants" in result:
-        v = result["variants"][result["best"]]
-        return v["val_loss"], v.get("test_loss", math.nan)
-    return result["val_loss"], result.get("test_loss", math.nan)
+    _, losses = chosen(result)
+    return losses["val_loss"], losses.get("test_loss", math.nan)
 
 
 def _comparable_config(cfg: dict) -> dict:
@@ -79,7 +73,7 @@ class Candidate:
 def load_candidate(runs: list[str]) -> Candidate:
     if len(runs) < MIN_SEEDS:
         raise RecordError(f"a record needs at least {MIN_SEEDS} seeds (runs), got {len(runs)}")
-    results = [_load_result(r) for r in runs]
+    results = [read_result(r) for r in runs]
     first = _comparable_config(results[0]["config"])
     for run, res in zip(runs[1:], results[1:]):
         if _comparable_config(res["config"]) != first:
@@ -109,12 +103,16 @@ def current_best(records_dir: str | Path, track: str) -> dict | None:
     return min(recs, key=lambda r: r["test_loss"]["mean"]) if recs else None
 
 
-def compare(c: Candidate, best: dict | None) -> dict | None:
+def compare(c: Candidate, best: dict | None, split: str = "test") -> dict | None:
+    """One-sided Welch test of the candidate's `split` losses against the record's; both
+    splits' means are reported."""
     if best is None:
         return None
-    p = welch_one_sided(c.test_losses, best["test_loss"]["per_seed"])
-    return {"record": best["name"], "record_path": best.get("_path"), "record_mean": best["test_loss"]["mean"],
-            "candidate_mean": statistics.fmean(c.test_losses), "p_value": p, "beats": p < ALPHA}
+    mine = c.val_losses if split == "val" else c.test_losses
+    p = welch_one_sided(mine, best[f"{split}_loss"]["per_seed"])
+    return {"record": best["name"], "record_path": best.get("_path"), "split": split, "p_value": p, "beats": p < ALPHA,
+            "record_mean": best[f"{split}_loss"]["mean"], "candidate_mean": statistics.fmean(mine),
+            "record_test_mean": best["test_loss"]["mean"], "candidate_test_mean": statistics.fmean(c.test_losses)}
 
 
 def make_record(runs: list[str], track: str, name: str, records_dir: str | Path = "records", curve: str | None = None,
@@ -154,9 +152,10 @@ def make_record(runs: list[str], track: str, name: str, records_dir: str | Path 
 
 
 def check(runs: list[str], track: str, records_dir: str | Path = "records") -> dict:
+    """Would the runs beat the track's record? Decided on val (see the module docstring)."""
     c = load_candidate(runs)
     best = current_best(records_dir, track)
     if best is None:
-        return {"record": None, "beats": True, "candidate_mean": statistics.fmean(c.test_losses),
-                "note": f"track {track} has no record yet"}
-    return compare(c, best)
+        return {"record": None, "beats": True, "split": "val", "candidate_mean": statistics.fmean(c.val_losses),
+                "candidate_test_mean": statistics.fmean(c.test_losses), "note": f"track {track} has no record yet"}
+    return compare(c, best, "val")

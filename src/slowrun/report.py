@@ -1,8 +1,10 @@
 """`slowrun report`: a static HTML page with PNG plots, readable from disk with no server.
 
-Plots: train/val loss of each run by step and by epoch; the baseline curve with the runs
-placed on it (their data efficiency shown); the per-K curve of each ensemble; and a
-records table. Every number in the page's tables is taken from the JSON files it cites.
+Plots: train/val loss of each run by step and by epoch (the final evaluation of the
+variant the run chose included); the baseline curve with the runs placed on it (their data
+efficiency shown); the per-K curve of each ensemble; and a records table. Every number in
+the page's tables is taken from the JSON files it cites. A run still in progress (no
+result.json yet) gets its plots from metrics.jsonl and no final numbers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from . import SlowrunError
 from .efficiency import Curve, EfficiencyError, place
 from .records import track_records
+from .results import RESULT_FILE, chosen, is_ensemble, read_result
+from .runlog import fmt_time
 from .storage import atomic_write_text
 
 
@@ -40,6 +44,8 @@ def _metrics(run: Path) -> tuple[list[dict], list[dict]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):  # a torn or foreign line
                 continue
             seen[(rec.get("kind"), rec.get("step"), rec.get("at"))] = rec  # a resumed run's repeats: keep the last
         for (kind, _, _), rec in sorted(seen.items(), key=lambda kv: kv[1].get("step", 0)):
@@ -69,18 +75,41 @@ def _smooth(ys: list[float], k: int = 10) -> list[float]:
     return out
 
 
-def loss_curves(runs: list[Path], out: Path) -> list[str]:
-    """Two PNGs: loss by step, and val loss by epoch."""
+def _final_point(result: dict | None) -> tuple[str, float] | None:
+    """(variant, val loss) of the final evaluation of a finished single run."""
+    if not result or is_ensemble(result):
+        return None
+    name, losses = chosen(result)
+    return name, losses["val_loss"]
+
+
+def val_by_epoch(run: Path, result: dict | None) -> tuple[list[float], list[float], str | None]:
+    """(epochs, val losses, final variant): the periodic evaluations, then the final
+    evaluation of the variant the run chose (None while the run is in progress)."""
+    _, evals = _metrics(run)
+    epochs, losses = [r["epoch"] for r in evals], [r["val_loss"] for r in evals]
+    final = _final_point(result)
+    if final is None:
+        return epochs, losses, None
+    return epochs + [result["epochs"]], losses + [final[1]], final[0]
+
+
+def loss_curves(runs: list[Path], results: dict[Path, dict | None], out: Path) -> list[str]:
+    """Two PNGs: loss by step, and val loss by epoch; a finished run's final evaluation (the
+    variant it chose) is the last val point, drawn as a star."""
     plt = _plt()
     files = []
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for run in runs:
         train, evals = _metrics(run)
+        final, result = _final_point(results[run]), results[run]
         if train:
             line, = ax.plot([r["step"] for r in train], _smooth([r["loss"] for r in train]), lw=1, label=f"{run.name} train")
             if evals:
                 ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o--", color=line.get_color(), ms=3,
                         label=f"{run.name} val")
+            if final:
+                ax.plot([result["steps"]], [final[1]], "*", color=line.get_color(), ms=10, label=f"{run.name} final ({final[0]})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("training loss (smoothed) and val loss by step")
@@ -92,9 +121,13 @@ def loss_curves(runs: list[Path], out: Path) -> list[str]:
     files.append("loss_by_step.png")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for run in runs:
-        _, evals = _metrics(run)
-        if evals:
-            ax.plot([r["epoch"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label=run.name)
+        epochs, losses, final = val_by_epoch(run, results[run])
+        if epochs:
+            line, = ax.plot(epochs, losses, "-", label=run.name + (f" (last point: final {final})" if final else ""))
+            n = len(epochs) - (1 if final else 0)
+            ax.plot(epochs[:n], losses[:n], "o", ms=3, color=line.get_color())
+            if final:
+                ax.plot(epochs[-1:], losses[-1:], "*", ms=10, color=line.get_color())
     ax.set_xlabel("epoch")
     ax.set_ylabel("val loss")
     ax.set_title("val loss by epoch")
@@ -109,9 +142,7 @@ def loss_curves(runs: list[Path], out: Path) -> list[str]:
 
 
 def _run_loss(result: dict, metric: str) -> float | None:
-    if "variants" in result:
-        return result["variants"][result["best"]].get(f"{metric}_loss")
-    return result.get(f"{metric}_loss")
+    return chosen(result)[1].get(f"{metric}_loss")
 
 
 def curve_plot(curve: Curve, placed: list[tuple[str, float, float | None]], out: Path, metric: str) -> str:
@@ -162,33 +193,52 @@ table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px soli
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}"""
 
 
+def _open_run(p: Path) -> dict | None:
+    """The run's result, or None for a run still in progress."""
+    if (p / RESULT_FILE).is_file():
+        result = read_result(p)
+        chosen(result)  # a `best` that names no variant is refused before anything is written
+        return result
+    if (p / "metrics.jsonl").is_file() or (p / "config.toml").is_file():
+        return None
+    raise ReportError(f"{p}: not a run or ensemble (no {RESULT_FILE}, metrics.jsonl or config.toml)")
+
+
 def build_report(runs: list[str], out: str | Path, curve: str | None = None, records_dir: str | Path | None = None,
                  track: str | None = None, title: str = "slowrun report") -> Path:
     out = Path(out)
     paths = [Path(r) for r in runs]
-    for p in paths:
-        if not (p / "result.json").is_file():
-            raise ReportError(f"{p}: not a finished run or ensemble (no result.json)")
+    results = {p: _open_run(p) for p in paths}
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    results = {p: json.loads((p / "result.json").read_text()) for p in paths}
     sections = [f"<h1>{html.escape(title)}</h1>"]
 
-    singles = [p for p in paths if results[p].get("kind") != "ensemble"]
-    ensembles = [p for p in paths if results[p].get("kind") == "ensemble"]
+    finished = [p for p in paths if results[p] is not None]
+    singles = [p for p in paths if not (results[p] and is_ensemble(results[p]))]
+    ensembles = [p for p in finished if is_ensemble(results[p])]
     metric = "test"
     rows = []
     for p in paths:
         r = results[p]
-        rows.append([p.name, r.get("best", "probs avg" if r.get("kind") == "ensemble" else "-"), _run_loss(r, "val"),
-                     _run_loss(r, "test"), r.get("tokens_seen"), r.get("wall_s")])
-    sections.append("<h2>Runs</h2>" + _table(["run", "variant", "val loss", "test loss", "tokens seen", "wall s"], rows)
-                    + "<p>Sources: " + ", ".join(f"<code>{html.escape(str(p / 'result.json'))}</code>" for p in paths) + "</p>")
+        if r is None:
+            train, _ = _metrics(p)
+            rows.append([p.name, "in progress", None, None, train[-1].get("tokens") if train else None, "-"])
+            continue
+        name, losses = chosen(r)
+        rows.append([p.name, name, losses.get("val_loss"), losses.get("test_loss"), r.get("tokens_seen"),
+                     fmt_time(r["wall_s"]) if isinstance(r.get("wall_s"), (int, float)) else None])
+    sections.append("<h2>Runs</h2>" + _table(["run", "variant", "val loss", "test loss", "tokens seen", "wall time"], rows)
+                    + "<p>Sources: " + ", ".join(f"<code>{html.escape(str(p / RESULT_FILE))}</code>" for p in finished) + "</p>")
 
     if singles:
-        for f in loss_curves(singles, out):
+        for f in loss_curves(singles, results, out):
             sections.append(f'<img src="{f}" alt="{f}">')
         for p in singles:
             r = results[p]
+            if r is None:
+                sections.append(f"<h3>{html.escape(p.name)}</h3><p>in progress: no final evaluation yet</p>")
+                continue
             vrows = [[name, v.get("val_loss"), v.get("val_bpb"), v.get("test_loss"), v.get("test_bpb")] for name, v in r["variants"].items()]
             sections.append(f"<h3>{html.escape(p.name)}</h3>" + _table(["variant", "val loss", "val bpb", "test loss", "test bpb"], vrows))
 
@@ -196,7 +246,7 @@ def build_report(runs: list[str], out: str | Path, curve: str | None = None, rec
         cv = Curve.load(curve)
         metric = "test" if "test" in cv.losses else "val"
         placed, erows = [], []
-        for p in paths:
+        for p in finished:
             loss = _run_loss(results[p], metric)
             try:
                 eff = place(cv, loss, metric).efficiency if loss is not None else None

@@ -43,10 +43,11 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def fmt_time(seconds: float) -> str:
+    """A duration to the second: 5970.02 -> '1h39m30s', 83 -> '1m23s'."""
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 class RunLogger:

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import re
 import sqlite3
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -20,6 +21,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from . import SlowrunError
+from .tokenizer import GPT2Tokenizer
+
+GPT2_VOCAB = GPT2Tokenizer.vocab_size  # .pt token files are GPT-2 tokens (the reference benchmark's format)
 
 
 class SourceError(SlowrunError):
@@ -183,8 +187,11 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 raise SourceError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict) or text_field not in row:
                 raise SourceError(f"{path}:{lineno}: no '{text_field}' field")
-            if isinstance(row[text_field], str) and row[text_field].strip():
-                yield row[text_field]
+            text = row[text_field]
+            if not isinstance(text, str):  # skipping it would drop data without a word
+                raise SourceError(f"{path}:{lineno}: '{text_field}' is {type(text).__name__}, not a string")
+            if text.strip():
+                yield text
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
@@ -264,7 +271,11 @@ def _pt_documents(path: Path) -> tuple[list[np.ndarray], int]:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # any pickle protocol is read by the weights-only unpickler, which refuses what it cannot
+            # read safely; torch's note that the protocol is not its default is noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SourceError(f"{path}: not a tokens file loadable with weights_only=True ({type(e).__name__})") from None
     if not isinstance(obj, dict) or not {"tokens", "doc_starts", "bos_id"} <= set(obj):
@@ -276,6 +287,10 @@ def _pt_documents(path: Path) -> tuple[list[np.ndarray], int]:
         raise SourceError(f"{path}: tokens and doc_starts must be non-empty 1-D arrays")
     if starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= len(tokens):
         raise SourceError(f"{path}: doc_starts must start at 0 and increase within the tokens")
+    bad = np.flatnonzero((tokens < 0) | (tokens >= GPT2_VOCAB))
+    if len(bad):
+        raise SourceError(f"{path}: token id {tokens[bad[0]]} at position {bad[0]:,} is outside GPT-2's vocabulary "
+                          f"(0..{GPT2_VOCAB - 1})")
     bounds = np.append(starts, len(tokens))
     docs = []
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -304,6 +319,12 @@ def pt_corpus(path: Path) -> Corpus:
         raise SourceError(f"--source {path}: no such file")
     docs, bos = _pt_documents(path)
     return Corpus({"kind": "pt", "path": str(path.resolve())}, docs, pretokenized=True, bos_id=bos)
+
+
+def require_source(spec: str) -> None:
+    """Refuse a local --source path that does not exist (checked before anything else is)."""
+    if spec != "builtin" and not spec.startswith("hf:") and not Path(spec).exists():
+        raise SourceError(f"--source {spec}: no such file or directory")
 
 
 def open_source(spec: str, separator: str | None = None, text_field: str = "text",

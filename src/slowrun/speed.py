@@ -6,9 +6,11 @@
 Each measurement runs in its own process (so peak RSS is that configuration's alone) on
 real batches of the builtin dataset, times `--steps` optimizer steps after `--warmup`
 steps, and reports tokens/s, MFU against the peak matmul rate measured on this machine
-(fp32 and bf16 separately), and peak RSS. The `minimal` entry is a self-contained
-nanoGPT-style model and AdamW loop at the same size and vocabulary as the `baseline`
-recipe: what a step costs without the framework. Writes benchmarks/results/throughput.json.
+(fp32 and bf16 separately), and peak RSS. A recipe's steps are the trainer's own
+(`train.setup` + `train.fit`, timed by the trainer's `step_s`), so the benchmark times
+what `slowrun train` runs. The `minimal` entry is a self-contained nanoGPT-style model
+and AdamW loop at the same size and vocabulary as the `baseline` recipe: what a step
+costs without the framework. Writes benchmarks/results/throughput.json.
 """
 
 from __future__ import annotations
@@ -82,66 +84,81 @@ class MinimalGPT(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
-def measure_one(recipe: str, dtype: str, steps: int, warmup: int, data: str, overrides: list[str]) -> dict:
-    from .config import build_config, parse_overrides
-    from .dataset import Dataset
+def _minimal_step_times(cfg, ds, dtype: str, steps: int, warmup: int) -> tuple[list[float], int, int]:
+    """Step times of the plain loop at the baseline's size: (times of the timed steps, params, FLOPs/token)."""
     from .evaluate import autocast
     from .gpt import GPT
     from .loader import TrainLoader
-    from .optim import build_optimizers
 
-    torch.set_flush_denormal(True)
-    ds = Dataset.open(data)
-    name = "baseline" if recipe == "minimal" else recipe
-    cfg = build_config(name, {**parse_overrides(overrides), "model.vocab_size": ds.vocab_size, "train.dtype": dtype})
     T, B = cfg.model.seq_len, cfg.train.batch_tokens // cfg.model.seq_len
     loader = TrainLoader(ds, T, B, seed=0)
     torch.manual_seed(0)
     dev = torch.device("cpu")
-    if recipe == "minimal":
-        m = cfg.model
-        model = MinimalGPT(ds.vocab_size, T, m.n_layer, m.n_embd, m.n_head)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                weight_decay=cfg.optim.weight_decay)
-        flops = GPT(cfg.model).flops_per_token()  # same architecture and size as the baseline recipe
-
-        def step(x, y):
-            with autocast(dev, dtype):
-                loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-    else:
-        model = GPT(cfg.model)
-        opts = build_optimizers(model, cfg.optim, dev)
-        flops = model.flops_per_token()
-
-        def step(x, y):
-            with autocast(dev, dtype):
-                _, loss = model(x, y, return_logits=False)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opts.step()
-            opts.zero_grad()
-            return loss
-
+    m = cfg.model
+    model = MinimalGPT(ds.vocab_size, T, m.n_layer, m.n_embd, m.n_head)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                            weight_decay=cfg.optim.weight_decay)
     model.train()
     times = []
     for i in range(warmup + steps):
         x, y = loader.next_batch()
         t = time.perf_counter()
-        loss = step(x, y)
+        with autocast(dev, dtype):
+            loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         loss.item()
         if i >= warmup:
             times.append(time.perf_counter() - t)
+    flops = GPT(cfg.model).flops_per_token()  # same architecture and size as the baseline recipe
+    return times, sum(p.numel() for p in model.parameters()), flops
+
+
+def _trainer_step_times(cfg, steps: int, warmup: int) -> tuple[list[float], int, int]:
+    """Step times of the trainer itself (`train.setup` + `train.fit`, what `slowrun train` runs),
+    read from the `step_s` of its metrics.jsonl: (times of the timed steps, params, FLOPs/token)."""
+    import tempfile
+
+    from . import distributed
+    from .train import fit, setup
+
+    env = distributed.init(cfg.train.device)
+    try:
+        with tempfile.TemporaryDirectory(prefix="slowrun-speed-") as tmp:
+            run = setup(cfg, Path(tmp) / "run", resume=False, force=False, echo=False, env=env)
+            try:
+                fit(run)
+            finally:
+                run.log.close()
+            rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        distributed.shutdown(env)
+    times = [r["step_s"] for r in rows if r.get("kind") == "train"][warmup:]
+    return times, run.model.num_params(), run.model.flops_per_token()
+
+
+def measure_one(recipe: str, dtype: str, steps: int, warmup: int, data: str, overrides: list[str]) -> dict:
+    from .config import build_config, parse_overrides
+    from .dataset import Dataset
+
+    torch.set_flush_denormal(True)
+    ds = Dataset.open(data)
+    name = "baseline" if recipe == "minimal" else recipe
+    # every step logged, nothing but steps inside the loop: no evaluation, no checkpoint but the last
+    timing = {"train.max_steps": warmup + steps, "train.log_every": 1, "train.progress": False, "train.device": "cpu",
+              "eval.every_steps": -1, "eval.at_epoch_end": False, "train.checkpoint_every": -1}
+    cfg = build_config(name, {**parse_overrides(overrides), **timing, "data.path": str(ds.path),
+                              "model.vocab_size": ds.vocab_size, "train.dtype": dtype})
+    if recipe == "minimal":
+        times, params, flops = _minimal_step_times(cfg, ds, dtype, steps, warmup)
+    else:
+        times, params, flops = _trainer_step_times(cfg, steps, warmup)
     dt = sorted(times)[len(times) // 2]  # median step time
-    tok_s = B * T / dt
-    return {"recipe": recipe, "dtype": dtype, "params": sum(p.numel() for p in model.parameters()),
-            "flops_per_token": flops, "batch_tokens": B * T, "step_s_median": round(dt, 4), "tokens_per_s": round(tok_s, 1),
-            "achieved_tflops": round(flops * tok_s / 1e12, 4),
+    tok_s = cfg.train.batch_tokens / dt
+    return {"recipe": recipe, "dtype": dtype, "params": params, "flops_per_token": flops, "batch_tokens": cfg.train.batch_tokens,
+            "step_s_median": round(dt, 4), "tokens_per_s": round(tok_s, 1), "achieved_tflops": round(flops * tok_s / 1e12, 4),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 

@@ -1,12 +1,16 @@
-"""Crash-safe file writing and hashing: nothing already written is lost or half-overwritten.
+"""Crash-safe file writing, hashing and locking: nothing already written is lost or half-overwritten.
 
 Files are written to a temporary sibling and renamed into place (atomic on POSIX);
-directories are built under a temporary name and renamed at the end.
+directories are built under a temporary name and renamed at the end. A second writer of
+the same output (two `prepare --out D`, two `train --resume R`) is kept out by an
+exclusive `flock` on a lock file, held for the whole write; the kernel drops it when the
+process dies, so a killed writer never leaves a lock that is still held.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -14,6 +18,28 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from . import SlowrunError
+
+
+class BusyError(SlowrunError):
+    """Another process holds the lock of what this one wants to write."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON value in canonical form (sorted keys, no whitespace), so it survives re-indenting."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _umask() -> int:
+    """The process umask (only readable by setting it: set and restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -29,6 +55,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -48,16 +75,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_json(path: str | Path, what: str = "file") -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
-
-
 @contextlib.contextmanager
 def atomic_directory(final: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces `final` only if the block succeeds.
@@ -68,6 +85,7 @@ def atomic_directory(final: str | Path, force: bool = False) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the directory gets what mkdir() would give it
     try:
         yield tmp
     except BaseException:
@@ -83,3 +101,41 @@ def atomic_directory(final: str | Path, force: bool = False) -> Iterator[Path]:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking `flock` on `lock_path` for the block, or raise BusyError.
+
+    `what` names the resource in the error ("--out data/x"). The holder's pid is written
+    into the file so the error can say who holds it. The holder removes the file before
+    releasing it; a process that locked a file already removed (the inode at the path
+    changed) tries again, so two processes never hold locks on two different files.
+    """
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(10):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise BusyError(f"{what} is in use by another slowrun process{f' (pid {holder})' if holder else ''}; "
+                            "wait for it to finish") from None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed this file between our open and flock
+    else:
+        raise BusyError(f"{what}: could not take its lock {lock_path}")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)  # closing the descriptor releases the lock

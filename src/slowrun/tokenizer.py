@@ -116,10 +116,11 @@ class HFTokenizer:
 
     @classmethod
     def train(cls, texts: Iterator[str], vocab_size: int) -> "HFTokenizer":
-        """Train a byte-level BPE with `vocab_size` tokens (BOS included) on `texts`.
+        """Train a byte-level BPE with up to `vocab_size` tokens (BOS included) on `texts`.
 
         Deterministic for the same input: merges are ranked by count, ties broken by
-        the pair itself, whatever the thread count.
+        the pair itself, whatever the thread count. A small text runs out of pairs to
+        merge (seen twice) before `vocab_size`: the name records the size it came out at.
         """
         from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
 
@@ -131,7 +132,7 @@ class HFTokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
         )
         tok.train_from_iterator(texts, trainer=trainer)
-        return cls(tok, f"bpe:{vocab_size}")
+        return cls(tok, f"bpe:{tok.get_vocab_size()}")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]

@@ -1,19 +1,26 @@
 """`slowrun train`: one flat training loop for CPU, one GPU, or many GPUs through torchrun.
 
-setup (dataset, model, optimizers, loader, schedule, resume) -> the loop -> final
-evaluation of every variant (final weights, EMA, SWA parameter and probability averages)
-on val and test -> `result.json`. Rank 0 alone logs and writes. The state of the loop is
-the step, the loader position, the optimizer and EMA state: all of it is checkpointed,
-and the random state is a pure function of (seed, rank, step), so a resumed run repeats
-the uninterrupted one exactly.
+setup (dataset, model, optimizers, loader, schedule, resume) -> fit (the loop) -> finish
+(final evaluation of every variant: final weights, EMA, SWA parameter and probability
+averages, on val and test -> `result.json`). Rank 0 alone logs and writes. The state of
+the loop is the step, the loader position, the optimizer and EMA state: all of it is
+checkpointed, and the random state is a pure function of (seed, rank, step), so a resumed
+run repeats the uninterrupted one exactly.
+
+A run directory is locked (`flock` on RUN_DIR/.lock) for the whole run, so a second
+`--resume` of it is refused. SIGINT and SIGTERM finish the current step, write a
+checkpoint and stop with the command that resumes it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import resource
+import signal
+import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +28,34 @@ import torch
 
 from . import SlowrunError, distributed
 from .averaging import EMA, average_weights
-from .checkpoint import (latest_good_checkpoint, list_checkpoints, load_model, read_weights, save_checkpoint,
-                         save_weights)
-from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml
-from .dataset import Dataset
+from .checkpoint import (Checkpoint, latest_good_checkpoint, list_checkpoints, load_model, read_weights,
+                         save_checkpoint, save_weights)
+from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, tomllib
+from .dataset import Dataset, require_comparable
 from .evaluate import EvalResult, autocast, evaluate, prob_average, summarize, target_byte_counts, target_logprobs
 from .gpt import GPT
-from .losses import distill_loss
+from .losses import DistillTarget
 from .loader import TrainLoader
-from .optim import build_optimizers
+from .optim import Optimizers, build_optimizers
 from .prepare import PrepareConfig, prepare
 from .runlog import RunLogger, environment, fmt_time
 from .schedules import Schedule
-from .storage import atomic_write_json, atomic_write_text
+from .storage import atomic_write_json, atomic_write_text, exclusive_lock
 
 DEFAULT_DATA = "data/builtin"
+LOCK_FILE = ".lock"  # in the run directory; not a sign of a run (a failed start may leave it)
 
 
 class TrainingError(SlowrunError):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a checkpoint; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def default_dataset(path: str = DEFAULT_DATA, progress: bool = True) -> Path:
@@ -55,7 +71,7 @@ def peak_rss_mb() -> float:
 
 
 def resolve(cfg: RunConfig, ds: Dataset) -> RunConfig:
-    """Fill what the dataset decides (vocabulary size) and check batch arithmetic."""
+    """Fill what the dataset decides (vocabulary size, the absolute data path) and check batch arithmetic."""
     m = cfg.model
     if m.vocab_size == -1:
         m = replace(m, vocab_size=ds.vocab_size)
@@ -63,43 +79,164 @@ def resolve(cfg: RunConfig, ds: Dataset) -> RunConfig:
         raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the dataset's vocabulary ({ds.vocab_size})")
     if cfg.train.batch_tokens % m.seq_len:
         raise ConfigError(f"train.batch_tokens: must be a multiple of model.seq_len={m.seq_len}, got {cfg.train.batch_tokens}")
-    return replace(cfg, model=m, data=replace(cfg.data, path=str(ds.path)))
+    # absolute, so that `--resume` works from any working directory
+    return replace(cfg, model=m, data=replace(cfg.data, path=str(ds.path.resolve())))
+
+
+def _loop_active(cfg: RunConfig, epoch: int) -> bool:
+    """Layer looping (model.loop_start >= 0) runs from epoch model.loop_from_epoch on."""
+    return cfg.model.loop_start >= 0 and epoch >= cfg.model.loop_from_epoch
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7919 + step) % (2**63 - 1)
 
 
-def _fingerprint_matches(a: dict, b: dict) -> bool:
-    return a.get("tokenizer") == b.get("tokenizer")
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
-def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, echo: bool = True) -> dict:
-    """Train one model; returns the result dict (also written to run_dir/result.json on rank 0)."""
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`key old -> new` for every config key whose value differs (old, new: config_to_dict forms)."""
+    a, b = _flat(old), _flat(new)
+    return [f"{k} {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `signum`; the loop stops after the step it is in.
+    A second signal stops at once (KeyboardInterrupt), for a step that takes too long.
+
+    Handlers can only be installed from the main thread; elsewhere (a thread calling
+    `train`) signals keep their default behaviour.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, echo: bool = True,
+          force: bool = False) -> dict:
+    """Train one model; returns the result dict (also written to run_dir/result.json on rank 0).
+
+    With `resume`, the config is the run's config.toml; it must equal the config inside the
+    checkpoint unless `force`.
+    """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"--run-dir {run_dir}: exists and is not a directory")
     if resume:
-        if not (run_dir / "config.toml").is_file():
-            raise TrainingError(f"--resume {run_dir}: no run there (config.toml missing)")
-        from .config import tomllib
-
-        cfg = config_from_dict(tomllib.loads((run_dir / "config.toml").read_text()))
+        cfg = _read_run_config(run_dir)
         if (run_dir / "result.json").is_file():
-            import json
-
+            try:
+                result = json.loads((run_dir / "result.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise TrainingError(f"{run_dir / 'result.json'}: corrupt ({e}); the run had finished: "
+                                    "move the file away to evaluate its final checkpoint again") from None
             if echo:
                 print(f"{run_dir} already finished; result.json is unchanged", flush=True)
-            return json.loads((run_dir / "result.json").read_text())
+            return result
     assert cfg is not None
     env = distributed.init(cfg.train.device)
     try:
-        return _train(cfg, run_dir, resume, echo, env)
+        if not env.is_main:
+            return _train(cfg, run_dir, resume, force, echo, env)
+        with exclusive_lock(run_dir / LOCK_FILE, f"run directory {run_dir}"):
+            return _train(cfg, run_dir, resume, force, echo, env)
     finally:
         distributed.shutdown(env)
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, echo: bool, env: distributed.DistEnv) -> dict:
+def _read_run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        raise TrainingError(f"--resume {run_dir}: no run there (config.toml missing)")
+    try:
+        return config_from_dict(tomllib.loads(path.read_text()))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise TrainingError(f"{path}: not valid TOML ({e})") from None
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, env: distributed.DistEnv) -> dict:
     t_start = time.time()
+    run = setup(cfg, run_dir, resume, force, echo, env)
+    try:
+        stats = fit(run)
+        return finish(run, stats, t_start)
+    finally:
+        run.log.close()
+
+
+# ---------------------------------------------------------------------------------------
+# setup
+
+
+@dataclass
+class Run:
+    """Everything the loop and the final evaluation share."""
+
+    cfg: RunConfig
+    run_dir: Path
+    env: distributed.DistEnv
+    ds: Dataset
+    loader: TrainLoader
+    sched: Schedule
+    model: GPT
+    fwd_model: torch.nn.Module  # the model, compiled if train.compile
+    opt: Optimizers
+    ema: EMA | None
+    teacher: GPT | None
+    log: RunLogger
+    total_steps: int
+    micro_seqs: int  # sequences per micro-batch
+    accum: int  # micro-batches per step and rank
+    step: int = 0
+    elapsed_before_s: float = 0.0  # training time of the run before this process (resume)
+    env_info: dict | None = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_tokens
+
+
+def _check_fresh_run_dir(run_dir: Path) -> None:
+    if (run_dir / "config.toml").exists():
+        raise TrainingError(f"--run-dir {run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+    others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
+    if others:
+        raise TrainingError(f"--run-dir {run_dir}: not empty and not a slowrun run (holds {', '.join(others[:3])}"
+                            f"{', ...' if len(others) > 3 else ''}); choose an empty or new directory")
+
+
+def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, env: distributed.DistEnv) -> Run:
+    """Dataset, model, optimizers, loader, schedule and the resumed state. Everything that can
+    refuse the run is checked before config.toml is written, so a failed start leaves the
+    run directory reusable."""
     device = env.device
+    if env.is_main and not resume:
+        _check_fresh_run_dir(run_dir)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     if device.type == "cpu":
@@ -124,22 +261,14 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, echo: bool, env: distrib
     micro = per_rank if cfg.train.micro_batch_tokens == -1 else max(1, cfg.train.micro_batch_tokens // T)
     if per_rank % micro:
         raise ConfigError(f"train.micro_batch_tokens: {per_rank} sequences per rank are not a multiple of {micro} per micro-batch")
-    accum = per_rank // micro
-
-    # run directory -------------------------------------------------------------------
-    if env.is_main:
-        if not resume and (run_dir / "config.toml").exists():
-            raise TrainingError(f"--run-dir {run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.toml", config_to_toml(cfg))
-
-    loader = TrainLoader(ds, T, batch_seqs, cfg.train.seed, cfg.data.doc_shuffle, cfg.data.seq_shuffle,
-                         env.rank, env.world_size, cfg.data.fitness_tokens)
+    try:
+        loader = TrainLoader(ds, T, batch_seqs, cfg.train.seed, cfg.data.doc_shuffle, cfg.data.seq_shuffle,
+                             env.rank, env.world_size, cfg.data.fitness_tokens)
+    except ValueError as e:
+        raise TrainingError(f"{ds.path}: {e}") from None
     steps_per_epoch = loader.seqs_per_epoch / batch_seqs
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     sched = Schedule(total_steps, steps_per_epoch, cfg.optim, cfg.train.snapshot_cycles)
-    log = RunLogger(run_dir, env.is_main, echo, total_steps, cfg.train.progress, cfg.train.wandb, cfg.train.tensorboard,
-                    config_to_dict(cfg))
 
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
@@ -147,157 +276,216 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, echo: bool, env: distrib
     ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay > 0 else None
     teacher = None
     if cfg.distill.teacher:
-        teacher, tcfg, textra = load_model(cfg.distill.teacher, device)
-        if textra.get("dataset") and not _fingerprint_matches(textra["dataset"], ds.fingerprint):
-            raise TrainingError(f"distill.teacher {cfg.distill.teacher} was trained with another tokenizer")
-        teacher.eval()
-    fwd_model = torch.compile(model) if cfg.train.compile else model
+        teacher, _, textra = load_model(cfg.distill.teacher, device)
+        if textra.get("dataset"):
+            require_comparable(textra["dataset"], ds.fingerprint, f"distill.teacher {cfg.distill.teacher} and the dataset {ds.path}")
 
-    step, elapsed_before = 0, 0.0
-    if resume:
-        ck = latest_good_checkpoint(run_dir, log=log.line)
-        if ck is not None:
-            model.load_state_dict(ck.model)
-            opt.load_state_dict(ck.optimizer_states(len(opt.optimizers)))
-            loader.load_state_dict(ck.state["extra"]["loader"])
-            if ema is not None and ck.ema() is not None:
-                ema.load_raw_state(ck.ema())
-            step, elapsed_before = ck.step, float(ck.state["extra"].get("elapsed_s", 0.0))
-            log.line(f"resumed from {ck.path} at step {step}")
-        else:
-            log.line("no usable checkpoint: starting from step 0")
+    warnings: list[str] = []
+    ck: Checkpoint | None = latest_good_checkpoint(run_dir, log=warnings.append) if resume else None
+    if resume and ck is None and warnings:
+        # restarting from step 0 would silently throw away the run's progress
+        raise TrainingError(f"--resume {run_dir}: none of its checkpoints verifies ({warnings[-1]}); nothing was changed")
+    if ck is not None:
+        changes = config_changes(ck.state["config"], config_to_dict(cfg))
+        if changes and not force:
+            raise TrainingError(f"{run_dir / 'config.toml'} differs from the config of {ck.path.name}: "
+                                f"{'; '.join(changes)}; undo the edit, or pass --force to continue with config.toml")
+        if changes:
+            warnings.append(f"warning: --force: continuing with the edited config.toml ({'; '.join(changes)})")
+        model.load_state_dict(ck.model)
+        opt.load_state_dict(ck.optimizer_states(len(opt.optimizers)))
+        loader.load_state_dict(ck.state["extra"]["loader"])
+        if ema is not None and ck.ema() is not None:
+            ema.load_raw_state(ck.ema())
 
-    env_info = environment(device)
-    if step == 0:
-        for k, v in env_info.items():
+    # nothing below refuses the run: only now does the run directory get its files
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_text(run_dir / "config.toml", config_to_toml(cfg))
+    log = RunLogger(run_dir, env.is_main, echo, total_steps, cfg.train.progress, cfg.train.wandb, cfg.train.tensorboard,
+                    config_to_dict(cfg))
+    for text in warnings:
+        log.line(text)
+    run = Run(cfg, run_dir, env, ds, loader, sched, model, torch.compile(model) if cfg.train.compile else model, opt, ema,
+              teacher, log, total_steps, micro, per_rank // micro, env_info=environment(device))
+    if ck is not None:
+        run.step, run.elapsed_before_s = ck.step, float(ck.state["extra"].get("elapsed_s", 0.0))
+        log.line(f"resumed from {ck.path} at step {run.step}")
+    elif resume:
+        log.line("no usable checkpoint: starting from step 0")
+    if run.step == 0:
+        for k, v in run.env_info.items():
             log.line(f"# {k}: {v}", echo=k in ("device", "git_commit"))
         log.line(f"# dataset: {ds.path} ({ds.num_tokens('train'):,} train tokens, tokenizer {ds.manifest['tokenizer']['id']})")
         log.line(f"# model: {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} without "
                  f"embeddings), {model.flops_per_token():,} FLOPs/token")
         log.line(f"# steps: {total_steps} x {cfg.train.batch_tokens:,} tokens ({steps_per_epoch:.2f} steps/epoch, "
-                 f"{accum} micro-batches of {micro} x {T} per rank, {env.world_size} rank(s))")
+                 f"{run.accum} micro-batches of {micro} x {T} per rank, {env.world_size} rank(s))")
         for text in config_to_toml(cfg).splitlines():
             log.line(f"# {text}" if text else "#", echo=False)
+    return run
 
-    swa_dir = run_dir / "swa"
-    params = [p for p in model.parameters()]
-    tokens_per_step = batch_seqs * T
+
+def write_checkpoint(run: Run, elapsed_s: float) -> Path | None:
+    """Checkpoint the loop's whole state at run.step (rank 0 writes)."""
+    if not run.env.is_main:
+        return None
+    extra = {"loader": run.loader.state_dict(), "elapsed_s": elapsed_s, "epochs_done": run.loader.epochs_done}
+    return save_checkpoint(run.run_dir, run.step, run.cfg, run.model.state_dict(), run.opt.state_dict(), extra,
+                           run.ema.raw_state() if run.ema is not None else None, run.cfg.train.keep_checkpoints)
+
+
+def eval_val(run: Run, at: str) -> None:
+    """Val loss of the current weights, logged (rank 0 evaluates, the others wait)."""
+    if run.env.is_main:
+        cfg = run.cfg
+        r = evaluate(run.model, run.ds.tokens("val"), cfg.model.seq_len, run.ds.token_bytes, cfg.eval.batch_seqs,
+                     run.env.device, cfg.train.dtype, cfg.eval.max_tokens)
+        run.log.line(f"eval  step {run.step:>6}/{run.total_steps} | epoch {run.loader.epochs_done:.2f} | "
+                     f"val loss {r.loss:.4f} | val bpb {r.bpb:.4f} ({at})")
+        run.log.metrics({"kind": "eval", "step": run.step, "epoch": run.loader.epochs_done, "val_loss": r.loss,
+                         "val_bpb": r.bpb, "targets": r.targets, "at": at})
+    distributed.barrier(run.env)
+
+
+# ---------------------------------------------------------------------------------------
+# fit
+
+
+@dataclass
+class FitStats:
+    train_wall_s: float
+    steps_timed: int  # steps after the first (which includes allocation and compilation)
+    time_in_steps_s: float
+
+
+def fit(run: Run) -> FitStats:
+    """The training loop, from run.step to run.total_steps."""
+    cfg, env, model, loader, sched, log, opt, ema = run.cfg, run.env, run.model, run.loader, run.sched, run.log, run.opt, run.ema
+    device, micro, total_steps = env.device, run.micro_seqs, run.total_steps
+    swa_dir = run.run_dir / "swa"
+    params = list(model.parameters())
     t_loop = time.time()
     steps_timed, time_in_steps = 0, 0.0
-    last_ckpt: Path | None = list_checkpoints(run_dir)[-1] if env.is_main and list_checkpoints(run_dir) else None
-
-    def checkpoint() -> None:
-        nonlocal last_ckpt
-        if env.is_main:
-            extra = {"loader": loader.state_dict(), "elapsed_s": elapsed_before + time.time() - t_loop,
-                     "epochs_done": loader.epochs_done}
-            last_ckpt = save_checkpoint(run_dir, step, cfg, model.state_dict(), opt.state_dict(), extra, {},
-                                        ema.raw_state() if ema is not None else None, cfg.train.keep_checkpoints)
-
-    def val_eval(kind: str) -> None:
-        if env.is_main:
-            r = evaluate(model, ds.tokens("val"), T, ds.token_bytes, cfg.eval.batch_seqs, device, cfg.train.dtype,
-                         cfg.eval.max_tokens)
-            log.line(f"eval  step {step:>6}/{total_steps} | epoch {loader.epochs_done:.2f} | val loss {r.loss:.4f} | "
-                     f"val bpb {r.bpb:.4f} ({kind})")
-            log.metrics({"kind": "eval", "step": step, "epoch": loader.epochs_done, "val_loss": r.loss, "val_bpb": r.bpb,
-                         "targets": r.targets, "at": kind})
-        distributed.barrier(env)
-
-    # the loop ------------------------------------------------------------------------
+    last_ckpt: Path | None = (list_checkpoints(run.run_dir) or [None])[-1] if env.is_main else None
     model.train()
-    while step < total_steps:
-        t0 = time.time()
-        torch.manual_seed(_step_seed(cfg.train.seed, env.rank, step))
-        epoch_before = loader.epoch
-        model.loop_active = cfg.model.loop_start >= 0 and epoch_before >= cfg.model.loop_from_epoch
-        lr_mult, wd_mult = sched.lr(step), sched.wd(step)
-        opt.set_schedule(lr_mult, wd_mult, sched.momentum(step))
-        x_all, y_all = loader.next_batch()
-        loss_sum = torch.zeros((), device=device)
-        for i in range(accum):
-            x = x_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
-            y = y_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
-            with autocast(device, cfg.train.dtype):
-                logits, loss = fwd_model(x, y, return_logits=teacher is not None)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits, _ = teacher(x)
-                    loss = distill_loss(logits, t_logits, y, cfg.distill.alpha, cfg.distill.temperature)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        for p in params:
-            if p.grad is None:  # e.g. a block skipped by stochastic depth on this rank
-                p.grad = torch.zeros_like(p)
-        reduce = [p.grad for p in params] + [loss_sum]
-        distributed.all_reduce_mean(reduce, env)
-        train_loss = loss_sum.item() / accum
-        if not math.isfinite(train_loss):
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            log.line(f"stopping: loss is {train_loss} at step {step + 1}; {where}")
-            log.close()
-            raise TrainingError(f"loss became {train_loss} at step {step + 1} (lower optim lr or check the data); {where}")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf))
-        opt.step()
-        opt.zero_grad()
-        step += 1
-        if ema is not None:
-            ema.update(model, step)
-        dt = time.time() - t0
-        if step > 1 or total_steps == 1:  # the first step (allocation, compilation) is not representative
-            steps_timed, time_in_steps = steps_timed + 1, time_in_steps + dt
-        tok_s = tokens_per_step * steps_timed / time_in_steps if steps_timed else tokens_per_step / dt
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            eta = (total_steps - step) * (time_in_steps / steps_timed if steps_timed else dt)
-            log.line(f"step {step:>6}/{total_steps} | epoch {loader.epochs_done:6.2f} | loss {train_loss:.4f} | "
-                     f"lr {lr_mult:.3f} | gnorm {gnorm:.3f} | {tok_s:,.0f} tok/s | "
-                     f"elapsed {fmt_time(elapsed_before + time.time() - t_loop)} | ETA {fmt_time(eta)}")
-            log.metrics({"kind": "train", "step": step, "epoch": loader.epochs_done, "loss": train_loss, "lr_mult": lr_mult,
-                         "wd_mult": wd_mult, "grad_norm": gnorm, "tokens_per_s": tok_s, "step_s": dt, "tokens": step * tokens_per_step})
-        log.progress(step)
+    if run.teacher is not None:
+        run.teacher.eval()
+    with StopSignals() as signals:
+        while run.step < total_steps:
+            t0 = time.time()
+            torch.manual_seed(_step_seed(cfg.train.seed, env.rank, run.step))
+            epoch_before = loader.epoch
+            loop_active = _loop_active(cfg, epoch_before)
+            lr_mult, wd_mult = sched.lr(run.step), sched.wd(run.step)
+            opt.set_schedule(lr_mult, wd_mult, sched.momentum(run.step))
+            x_all, y_all = loader.next_batch()
+            loss_sum = torch.zeros((), device=device)
+            for i in range(run.accum):
+                x = x_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
+                y = y_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
+                with autocast(device, cfg.train.dtype):
+                    distill = None
+                    if run.teacher is not None:
+                        with torch.no_grad():
+                            t_logits, _ = run.teacher(x)
+                        distill = DistillTarget(t_logits, cfg.distill.alpha, cfg.distill.temperature)
+                    _, loss = run.fwd_model(x, y, return_logits=False, loop_active=loop_active, distill=distill)
+                (loss / run.accum).backward()
+                loss_sum += loss.detach()
+            for p in params:
+                if p.grad is None:  # e.g. a block skipped by stochastic depth on this rank
+                    p.grad = torch.zeros_like(p)
+            # a signal on any rank stops every rank after this same step
+            stop = torch.tensor(0.0 if signals.signum is None else 1.0, device=device)
+            distributed.all_reduce_mean([p.grad for p in params] + [loss_sum, stop], env)
+            train_loss = loss_sum.item() / run.accum
+            if not math.isfinite(train_loss):
+                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                log.line(f"stopping: loss is {train_loss} at step {run.step + 1}; {where}")
+                raise TrainingError(f"loss became {train_loss} at step {run.step + 1} (lower optim lr or check the data); {where}")
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf))
+            opt.step()
+            opt.zero_grad()
+            run.step += 1
+            step = run.step
+            if ema is not None:
+                ema.update(model, step)
+            dt = time.time() - t0
+            if step > 1 or total_steps == 1:  # the first step (allocation, compilation) is not representative
+                steps_timed, time_in_steps = steps_timed + 1, time_in_steps + dt
+            tok_s = run.tokens_per_step * steps_timed / time_in_steps if steps_timed else run.tokens_per_step / dt
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                eta = (total_steps - step) * (time_in_steps / steps_timed if steps_timed else dt)
+                log.line(f"step {step:>6}/{total_steps} | epoch {loader.epochs_done:6.2f} | loss {train_loss:.4f} | "
+                         f"lr {lr_mult:.3f} | gnorm {gnorm:.3f} | {tok_s:,.0f} tok/s | "
+                         f"elapsed {fmt_time(run.elapsed_before_s + time.time() - t_loop)} | ETA {fmt_time(eta)}")
+                log.metrics({"kind": "train", "step": step, "epoch": loader.epochs_done, "loss": train_loss,
+                             "lr_mult": lr_mult, "wd_mult": wd_mult, "grad_norm": gnorm, "tokens_per_s": tok_s,
+                             "step_s": dt, "tokens": step * run.tokens_per_step})
+            log.progress(step)
 
-        cycle = sched.cycle_end(step - 1)
-        if cycle is not None:
-            if env.is_main:
-                save_weights(swa_dir / f"cycle_{cycle:03d}.safetensors", model.state_dict(), cfg,
-                             {"dataset": ds.fingerprint, "step": step, "cycle": cycle})
-            if cfg.train.snapshot_cycles and cfg.train.snapshot_noise > 0 and step < total_steps:
-                perturb(model, cfg.train.snapshot_noise, _step_seed(cfg.train.seed, 0, step))
-        epoch_end = loader.epoch > epoch_before
-        if epoch_end and cfg.eval.at_epoch_end and step < total_steps:
-            val_eval(f"epoch {loader.epoch} end")
-        elif cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0 and step < total_steps:
-            val_eval("periodic")
-        if step < total_steps and (epoch_end or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
-            checkpoint()
+            cycle = sched.cycle_end(step - 1)
+            if cycle is not None:
+                if env.is_main:
+                    save_weights(swa_dir / f"cycle_{cycle:03d}.safetensors", model.state_dict(), cfg,
+                                 {"dataset": run.ds.fingerprint, "step": step, "cycle": cycle})
+                if cfg.train.snapshot_cycles and cfg.train.snapshot_noise > 0 and step < total_steps:
+                    perturb(model, cfg.train.snapshot_noise, _step_seed(cfg.train.seed, 0, step))
+            epoch_end = loader.epoch > epoch_before
+            if epoch_end and cfg.eval.at_epoch_end and step < total_steps:
+                eval_val(run, f"epoch {loader.epoch} end")
+            elif cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0 and step < total_steps:
+                eval_val(run, "periodic")
+            if stop.item() > 0 and step < total_steps:
+                signum = signals.signum or signal.SIGTERM  # another rank may have got it
+                write_checkpoint(run, run.elapsed_before_s + time.time() - t_loop)
+                name = signal.Signals(signum).name
+                log.line(f"stopping: {name} at step {step}/{total_steps}; checkpoint written")
+                distributed.barrier(env)
+                raise Interrupted(f"{name}: stopped at step {step}/{total_steps} after writing a checkpoint; "
+                                  f"resume with: slowrun train --resume {run.run_dir}", 128 + signum)
+            if step < total_steps and (epoch_end or (cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0)):
+                last_ckpt = write_checkpoint(run, run.elapsed_before_s + time.time() - t_loop)
+    train_wall = run.elapsed_before_s + time.time() - t_loop
+    write_checkpoint(run, train_wall)
+    return FitStats(train_wall, steps_timed, time_in_steps)
 
-    # the end -------------------------------------------------------------------------
-    train_wall = elapsed_before + time.time() - t_loop
-    checkpoint()
+
+# ---------------------------------------------------------------------------------------
+# finish
+
+
+def finish(run: Run, stats: FitStats, t_start: float) -> dict:
+    """Save the final weights, evaluate every variant, write result.json (rank 0)."""
+    cfg, env, ds, model, loader, log = run.cfg, run.env, run.ds, run.model, run.loader, run.log
+    device = env.device
     result: dict = {}
     if env.is_main:
-        fp = {"dataset": ds.fingerprint, "step": step}
+        fp = {"dataset": ds.fingerprint, "step": run.step}
         if cfg.train.save_final:
-            save_weights(run_dir / "model.safetensors", model.state_dict(), cfg, fp)
-        if ema is not None:
-            save_weights(run_dir / "ema.safetensors", ema.state_dict(), cfg, fp)
-        result = final_evaluation(model, cfg, ds, run_dir, ema, log, device)
-        tokens_seen = step * tokens_per_step
+            save_weights(run.run_dir / "model.safetensors", model.state_dict(), cfg, fp)
+        if run.ema is not None:
+            save_weights(run.run_dir / "ema.safetensors", run.ema.state_dict(), cfg, fp)
+        result = final_evaluation(model, cfg, ds, run.run_dir, run.ema, log, device)
+        tokens_seen = run.step * run.tokens_per_step
         result.update({
-            "run_dir": str(run_dir), "steps": step, "tokens_seen": tokens_seen, "unique_tokens": loader.num_tokens,
-            "epochs": tokens_seen / loader.num_tokens, "wall_s": round(time.time() - t_start + elapsed_before, 2),
-            "train_wall_s": round(train_wall, 2), "tokens_per_s": round(tokens_per_step * steps_timed / max(time_in_steps, 1e-9), 1),
+            "run_dir": str(run.run_dir), "steps": run.step, "tokens_seen": tokens_seen, "unique_tokens": loader.num_tokens,
+            "epochs": tokens_seen / loader.num_tokens, "wall_s": round(time.time() - t_start + run.elapsed_before_s, 2),
+            "train_wall_s": round(stats.train_wall_s, 2),
+            "tokens_per_s": round(run.tokens_per_step * stats.steps_timed / max(stats.time_in_steps_s, 1e-9), 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
-            "params": model.num_params(), "flops_per_token": model.flops_per_token(), "world_size": env.world_size,
+            "params": model.num_params(), "world_size": env.world_size,
+            "flops_per_token": model.flops_per_token(_loop_active(cfg, loader.epoch)),
             "dataset": {"path": str(ds.path), **ds.fingerprint, "train": ds.manifest["files"].get("train.bin"),
                         "train_tokens": ds.num_tokens("train"),
                         "fitness_tokens": cfg.data.fitness_tokens},
-            "seed": cfg.train.seed, "environment": env_info, "config": config_to_dict(cfg),
+            "seed": cfg.train.seed, "environment": run.env_info, "config": config_to_dict(cfg),
         })
-        atomic_write_json(run_dir / "result.json", result)
+        atomic_write_json(run.run_dir / "result.json", result)
         log.line(result_table(result))
-    log.close()
     distributed.barrier(env)
     return result
 
@@ -321,6 +509,11 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
     splits = ["val"] + (["test"] if cfg.eval.test and ds.num_tokens("test") > T + 1 else [])
     tb = {s: target_byte_counts(ds.tokens(s), T, ds.token_bytes) for s in splits}
     variants: dict[str, dict] = {}
+    snaps = sorted((run_dir / "swa").glob("cycle_*.safetensors"))
+    # one line as each pass starts: after the loop's ETA reaches 0 this can take minutes
+    members_needed = len(snaps) > 1  # for the probability average; one snapshot is its own parameter average
+    passes = 1 + (ema is not None) + (len(snaps) if members_needed else 0) + bool(snaps)
+    done = 0
 
     def record(name: str, lps: dict[str, np.ndarray]) -> None:
         res = {}
@@ -330,27 +523,29 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
         variants[name] = res
         log.line(f"final {name:<11} " + " | ".join(f"{k} {v:.4f}" for k, v in res.items()))
 
-    def logprobs_of(m: torch.nn.Module) -> dict[str, np.ndarray]:
+    def logprobs_of(m: torch.nn.Module, what: str) -> dict[str, np.ndarray]:
+        nonlocal done
+        done += 1
+        log.line(f"final evaluation {done}/{passes}: {what} on {' and '.join(splits)}")
         return {s: target_logprobs(m, ds.tokens(s), T, bs, device, dt) for s in splits}
 
-    record("final", logprobs_of(model))
+    record("final", logprobs_of(model, "final weights"))
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     if ema is not None:
         model.load_state_dict(ema.state_dict())
-        record("ema", logprobs_of(model))
-    snaps = sorted((run_dir / "swa").glob("cycle_*.safetensors"))
+        record("ema", logprobs_of(model, "EMA weights"))
     if snaps:
         members = []
-        for p in snaps:
+        for p in snaps if members_needed else []:
             state, _, _ = read_weights(p)
             model.load_state_dict(state)
-            members.append(logprobs_of(model))
+            members.append(logprobs_of(model, f"snapshot {p.name}"))
         label = "snapshot" if cfg.train.snapshot_cycles else "swa"
-        if len(snaps) > 1:
+        if members_needed:
             record(f"{label}_probs", {s: prob_average([m[s] for m in members]) for s in splits})
         avg = average_weights(snaps, lambda p: read_weights(p)[0])
         model.load_state_dict(avg)
-        record(f"{label}_params", logprobs_of(model))
+        record(f"{label}_params", logprobs_of(model, "the snapshots' parameter average"))
         if cfg.train.save_final:
             save_weights(run_dir / f"{label}_avg.safetensors", avg, cfg, {"dataset": ds.fingerprint})
     model.load_state_dict(saved)
