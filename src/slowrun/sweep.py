@@ -129,8 +129,9 @@ class Runs:
                 return j
         ds = self.datasets[budget]
         overrides = {**self.cfg.fixed, **point}
-        resolved = self._resolve(build_config(self.cfg.recipe, {**overrides, "data.path": str(ds.path)}), ds)  # validates
-        full = {"config": config_to_dict(resolved), "dataset": ds.manifest["files"]}
+        planned = build_config(self.cfg.recipe, {**overrides, "data.path": str(ds.path)})  # validates every key
+        resolved = self._resolve(planned, ds)  # as the run will record it (vocabulary from the dataset)
+        full = {"config": config_to_dict(planned), "dataset": ds.manifest["files"]}  # names the run directory
         run_dir = Path(self.cfg.out) / "runs" / budget_name(budget) / point_id(point, full)
         job = TrainJob(run_dir, self.cfg.recipe, ds.path, overrides,
                        {"budget": budget, "point": point, "phase": phase, "key": config_key(config_to_dict(resolved)),
