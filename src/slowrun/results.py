@@ -20,6 +20,7 @@ RESULT_FILE = "result.json"
 VARIANT_FILES = {"final": "model.safetensors", "ema": "ema.safetensors", "swa_params": "swa_avg.safetensors",
                  "snapshot_params": "snapshot_avg.safetensors"}
 # probability-averaged variants have no weights of their own: their members are these snapshots
+SNAPSHOT_FILE = "swa/cycle_{cycle:03d}.safetensors"  # one per SWA / snapshot cycle end
 MEMBER_SNAPSHOTS = {"swa_probs": "swa/cycle_*.safetensors", "snapshot_probs": "swa/cycle_*.safetensors"}
 ENSEMBLE_METHOD = "probs"  # an ensemble's headline losses
 

@@ -41,6 +41,7 @@ from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import Curve, EfficiencyError, place
 from .prepare import PrepareConfig, prepare
+from .results import chosen, is_ensemble
 
 
 class TrackError(SlowrunError):
@@ -167,23 +168,18 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
 
 
 def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict) -> dict:
-    if result.get("kind") == "ensemble":
-        best = result["methods"]["probs"]
-        member_walls = result["wall_s"]
-        members = len(result["members"])
-        variant = "probability average"
-    else:
-        best = result["variants"][result["best"]]
-        member_walls = result["wall_s"]
-        members = 1
-        variant = result["best"]
+    variant, best = chosen(result)
+    ensemble = is_ensemble(result)
+    members = len(result["members"]) if ensemble else 1
+    variant = "probability average" if ensemble else variant
+    member_walls = result["wall_s"]
     out = {"run_dir": str(run_dir), "recipe": e.recipe, "overrides": e.overrides, "members": members,
            "distill": e.distill, "variant": variant, "test_loss": best["test_loss"], "test_bpb": best["test_bpb"],
            "val_loss": best["val_loss"], "val_bpb": best["val_bpb"], "wall_s": member_walls,
            "within_limit": member_walls <= e.limit_s, "limit_s": e.limit_s,
            "tokens_per_s": result.get("tokens_per_s"), "peak_rss_mb": result.get("peak_rss_mb"),
            "tokens_seen": result.get("tokens_seen"), "resolved_recipe": result["config"]}
-    if result.get("kind") == "ensemble":
+    if ensemble:
         out["per_k"] = result["per_k"]
         out["methods"] = result["methods"]
     return out

@@ -38,6 +38,7 @@ from .losses import DistillTarget
 from .loader import TrainLoader
 from .optim import Optimizers, build_optimizers
 from .prepare import PrepareConfig, prepare
+from .results import MEMBER_SNAPSHOTS, SNAPSHOT_FILE, VARIANT_FILES
 from .runlog import RunLogger, environment, fmt_time
 from .schedules import Schedule
 from .storage import atomic_write_json, atomic_write_text, exclusive_lock
@@ -364,7 +365,6 @@ def fit(run: Run) -> FitStats:
     """The training loop, from run.step to run.total_steps."""
     cfg, env, model, loader, sched, log, opt, ema = run.cfg, run.env, run.model, run.loader, run.sched, run.log, run.opt, run.ema
     device, micro, total_steps = env.device, run.micro_seqs, run.total_steps
-    swa_dir = run.run_dir / "swa"
     params = list(model.parameters())
     t_loop = time.time()
     steps_timed, time_in_steps = 0, 0.0
@@ -429,7 +429,7 @@ def fit(run: Run) -> FitStats:
             cycle = sched.cycle_end(step - 1)
             if cycle is not None:
                 if env.is_main:
-                    save_weights(swa_dir / f"cycle_{cycle:03d}.safetensors", model.state_dict(), cfg,
+                    save_weights(run.run_dir / SNAPSHOT_FILE.format(cycle=cycle), model.state_dict(), cfg,
                                  {"dataset": run.ds.fingerprint, "step": step, "cycle": cycle})
                 if cfg.train.snapshot_cycles and cfg.train.snapshot_noise > 0 and step < total_steps:
                     perturb(model, cfg.train.snapshot_noise, _step_seed(cfg.train.seed, 0, step))
@@ -465,9 +465,9 @@ def finish(run: Run, stats: FitStats, t_start: float) -> dict:
     if env.is_main:
         fp = {"dataset": ds.fingerprint, "step": run.step}
         if cfg.train.save_final:
-            save_weights(run.run_dir / "model.safetensors", model.state_dict(), cfg, fp)
+            save_weights(run.run_dir / VARIANT_FILES["final"], model.state_dict(), cfg, fp)
         if run.ema is not None:
-            save_weights(run.run_dir / "ema.safetensors", run.ema.state_dict(), cfg, fp)
+            save_weights(run.run_dir / VARIANT_FILES["ema"], run.ema.state_dict(), cfg, fp)
         result = final_evaluation(model, cfg, ds, run.run_dir, run.ema, log, device)
         tokens_seen = run.step * run.tokens_per_step
         result.update({
@@ -509,7 +509,7 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
     splits = ["val"] + (["test"] if cfg.eval.test and ds.num_tokens("test") > T + 1 else [])
     tb = {s: target_byte_counts(ds.tokens(s), T, ds.token_bytes) for s in splits}
     variants: dict[str, dict] = {}
-    snaps = sorted((run_dir / "swa").glob("cycle_*.safetensors"))
+    snaps = sorted(run_dir.glob(MEMBER_SNAPSHOTS["swa_probs"]))
     # one line as each pass starts: after the loop's ETA reaches 0 this can take minutes
     members_needed = len(snaps) > 1  # for the probability average; one snapshot is its own parameter average
     passes = 1 + (ema is not None) + (len(snaps) if members_needed else 0) + bool(snaps)
@@ -547,7 +547,7 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
         model.load_state_dict(avg)
         record(f"{label}_params", logprobs_of(model, "the snapshots' parameter average"))
         if cfg.train.save_final:
-            save_weights(run_dir / f"{label}_avg.safetensors", avg, cfg, {"dataset": ds.fingerprint})
+            save_weights(run_dir / VARIANT_FILES[f"{label}_params"], avg, cfg, {"dataset": ds.fingerprint})
     model.load_state_dict(saved)
     best = min(variants, key=lambda k: variants[k]["val_loss"])
     return {"variants": variants, "best": best, **{k: v for k, v in variants[best].items()}}
