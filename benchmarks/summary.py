@@ -1,6 +1,7 @@
 """Markdown tables of the CPU track's results, for the README and notes.
 
     python benchmarks/summary.py [benchmarks/results/cpu_track.json]
+    python benchmarks/summary.py --ledger [benchmarks/results/ledger.jsonl]   (every finished curve run so far)
 
 Every number printed is read from the results file; nothing is computed here but ratios.
 """
@@ -86,5 +87,24 @@ def main(path: str = "benchmarks/results/cpu_track.json") -> None:
         print("\nPeak RSS (MB): " + ", ".join(f"{k} {v:,}" for k, v in r["memory"].items() if k.endswith("_mb")))
 
 
+def ledger(path: str = "benchmarks/results/ledger.jsonl") -> None:
+    """Every run in the ledger, by budget and size: the curve while it is being measured."""
+    from slowrun.ledger import Ledger
+
+    rows = []
+    for e in Ledger.open(path).entries:
+        tag, cfg, best = e.get("tag", {}), e["config"], e["variants"][e["best"]]
+        rows.append((e["dataset"]["train_tokens"], cfg["model"]["depth"], cfg["optim"]["lr_scale"],
+                     cfg["train"]["batch_tokens"], cfg["train"]["seed"], tag.get("recipe", "?"), e["params"],
+                     best["val_loss"], best["test_loss"], e.get("device") or "-", e["wall_s"]))
+    print("| train tokens | recipe | depth | lr_scale | batch | seed | params | val loss | test loss | device | wall (min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for t, d, lr, b, seed, recipe, n, v, te, dev, w in sorted(rows):
+        print(f"| {t:,} | {recipe} | {d} | {lr:g} | {b} | {seed} | {n:,} | {v:.4f} | {te:.4f} | {dev} | {w / 60:.1f} |")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["--ledger"]:
+        ledger(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])
