@@ -79,3 +79,16 @@ def test_every_option_is_documented():
     for key in ("--model.n_layer", "--optim.weight_decay", "--train.max_steps", "--train.batch_tokens", "--train.seed",
                 "--data.doc_shuffle", "--eval.every_steps", "--distill.alpha"):
         assert key in text
+
+
+def test_attention_options_are_validated():
+    for key, value, msg in [("model.window_pattern", "SSX", "model.window_pattern: must be a string of S and L"),
+                            ("model.short_window", 0, "model.short_window: must be -1 or >= 1"),
+                            ("model.xsa", "on", "model.xsa: must be one of off, fixed, learnable"),
+                            ("model.xsa_layers", 0, "model.xsa_layers: must be -1"),
+                            ("model.iha_pseudo", 0, "model.iha_pseudo: must be >= 1"),
+                            ("optim.iha_lr", 0.0, "optim.iha_lr: must be > 0")]:
+        with pytest.raises(ConfigError, match=msg):
+            build_config("slowrun", {key: value})
+    cfg = build_config("slowrun", {"model.window_pattern": "SSSL", "model.xsa": "learnable", "model.iha": True})
+    assert (cfg.model.short_window, cfg.model.xsa_layers, cfg.model.iha_pseudo, cfg.optim.iha_lr) == (-1, -1, 1, 0.02)

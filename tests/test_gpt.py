@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from slowrun.config import ModelConfig, build_config
-from slowrun.gpt import GPT
+from slowrun.gpt import GPT, apply_rotary
+from slowrun.optim import build_optimizers
 from slowrun.losses import DistillTarget, distill_loss, hidden_cross_entropy, linear_cross_entropy
 
 V = 97
@@ -50,7 +51,10 @@ def test_causal(recipe):
                                   dict(tie_embeddings=True), dict(qk_norm=False), dict(value_proj=False),
                                   dict(head_gate=False), dict(x0_mix=False), dict(unet=False), dict(logit_softcap=-1.0),
                                   dict(stoch_depth=0.3), dict(mtp_weight=0.3), dict(loop_start=1, loop_end=2, loop_repeats=3),
-                                  dict(dropout=0.2), dict(n_layer=3), dict(bias=True)])
+                                  dict(dropout=0.2), dict(n_layer=3), dict(bias=True),
+                                  dict(window_pattern="SSSL", short_window=3), dict(xsa="fixed", xsa_layers=2),
+                                  dict(xsa="learnable"), dict(iha=True, iha_pseudo=2),
+                                  dict(iha=True, iha_pseudo=2, iha_mix_v=False, window_pattern="S", short_window=4)])
 def test_each_feature_trains(flag):
     m = model_of(**flag)
     x, y = batch()
@@ -187,3 +191,137 @@ def test_distillation_keeps_the_mtp_term():
     m.eval()
     _, eval_loss = m(x, y, distill=DistillTarget(teacher_logits, 0.5, 2.0))
     assert eval_loss.item() == pytest.approx(distill.item(), rel=1e-5)  # evaluation never adds MTP
+
+
+# ---- attention variants: sliding windows, XSA, IHA --------------------------------------
+
+
+def by_hand_attention(attn, x, rope, window=-1, xsa_gate=None):
+    """One attention layer computed directly: banded causal softmax(q k^T / sqrt(D)) v per head,
+    then (XSA) minus xsa_gate * the component along each token's own unit value, then c_proj."""
+    B, T, C = x.shape
+    H, D = attn.n_head, attn.head_dim
+    q, k, v = attn.c_attn(x).view(B, T, 3, H, D).unbind(2)
+    q, k = F.rms_norm(apply_rotary(q, *rope), (D,)), F.rms_norm(apply_rotary(k, *rope), (D,))
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i) & ((i - j <= window) if window >= 0 else True)
+    w = torch.exp(scores - scores.max(-1, keepdim=True).values) * allowed  # softmax over the band only
+    y = torch.einsum("bhij,bjhd->bihd", w / w.sum(-1, keepdim=True), v)
+    if xsa_gate is not None:
+        u = v / v.norm(dim=-1, keepdim=True)
+        y = y - xsa_gate.view(H, 1) * (y * u).sum(-1, keepdim=True) * u
+    return attn.c_proj(y.reshape(B, T, C))
+
+
+def plain_attention_model(**kw):
+    return model_of(head_gate=False, value_proj=False, n_layer=2, **kw)
+
+
+def test_sliding_window_equals_a_dense_band():
+    m = plain_attention_model(window_pattern="SL", short_window=3)
+    attn = m.blocks[0].attn
+    assert attn.window == 3 and m.blocks[1].attn.window == -1
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(4))
+    rope = (m.rope_cos[:, :16], m.rope_sin[:, :16])
+    with torch.no_grad():
+        ours = attn(x, x, rope)
+        assert torch.allclose(ours, by_hand_attention(attn, x, rope, window=3), atol=1e-5)
+        assert not torch.allclose(ours, by_hand_attention(attn, x, rope), atol=1e-3)  # the band matters
+        assert len(attn._masks) == 1 and attn(x, x, rope) is not None and len(attn._masks) == 1  # mask built once
+
+
+def test_window_pattern_per_layer_and_wide_window_is_full_causal():
+    windows = lambda m: [b.attn.window for b in m.blocks]
+    assert windows(model_of(n_layer=6, window_pattern="SSSL")) == [8, 8, 8, -1, 8, -1]  # last block always full
+    assert windows(model_of(window_pattern="SSSL", short_window=5)) == [5, 5, 5, -1]
+    assert windows(model_of()) == [-1, -1, -1, -1] and windows(model_of(window_pattern="L")) == [-1] * 4
+    x, _ = batch()
+    wide = model_of(window_pattern="S", short_window=16)  # the masked path, with a band as wide as T
+    assert wide.blocks[0].attn.window == 16
+    with torch.no_grad():
+        assert torch.allclose(wide(x)[0], model_of()(x)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "learnable"])
+def test_xsa_against_a_direct_computation(kind):
+    m = plain_attention_model(xsa=kind, window_pattern="S", short_window=5)
+    attn = m.blocks[0].attn
+    gate = torch.ones(2)
+    if kind == "learnable":
+        assert torch.equal(attn.xsa_gate, torch.ones(2))  # starts as fixed XSA
+        with torch.no_grad():
+            attn.xsa_gate.copy_(torch.tensor([0.3, -1.2]))
+        gate = attn.xsa_gate.detach()
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(5))
+    rope = (m.rope_cos[:, :16], m.rope_sin[:, :16])
+    with torch.no_grad():
+        assert torch.allclose(attn(x, x, rope), by_hand_attention(attn, x, rope, window=5, xsa_gate=gate), atol=1e-5)
+    assert [b.attn.xsa for b in model_of(xsa="fixed", xsa_layers=1).blocks] == [False, False, False, True]
+    assert all(b.attn.xsa_gate is None for b in model_of(xsa="fixed").blocks)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(window_pattern="SL", short_window=4, xsa="learnable", mtp_weight=0.3)])
+def test_iha_at_identity_init_changes_nothing(extra):
+    off = model_of(**extra)
+    on = model_of(iha=True, **extra)
+    missing = on.load_state_dict(off.state_dict(), strict=False).missing_keys
+    assert missing and all(".attn.iha_" in n for n in missing)
+    a = on.blocks[0].attn
+    assert torch.equal(a.iha_q[:, :, 0], torch.eye(2)) and torch.equal(a.iha_out, torch.ones(2, 1))
+    x, y = batch()
+    with torch.no_grad():
+        (lo, loss_off), (ln, loss_on) = off(x, y), on(x, y)
+    assert torch.allclose(lo, ln, atol=1e-6, rtol=0) and loss_off.item() == pytest.approx(loss_on.item(), abs=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(on.hidden(x), off.hidden(x), atol=1e-6, rtol=0)  # hidden states are O(1)
+    with torch.no_grad():
+        a.iha_q[0, 1, 0] = 0.5  # a head mixed into another: a different model
+        assert (on.hidden(x) - off.hidden(x)).abs().max().item() > 1e-3  # vs <= 1e-6 at identity
+
+
+def test_iha_pseudo_heads_against_a_direct_computation():
+    """P = 2 (the reference's): pseudo-head p of head h is sum_m q_m * iha_q[m, h, p], interleaved into the
+    sequence at position t*P + p; attention over the 2T positions; outputs collapsed by iha_out."""
+    m = plain_attention_model(iha=True, iha_pseudo=2, qk_norm=False)
+    attn = m.blocks[0].attn
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in (attn.iha_q, attn.iha_k, attn.iha_v, attn.iha_out):
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(1, 16, 32, generator=g)
+    rope = (m.rope_cos[:, :32], m.rope_sin[:, :32])
+    H, D, P, T = 2, 16, 2, 16
+    with torch.no_grad():
+        q, k, v = attn.c_attn(x).view(1, T, 3, H, D).unbind(2)
+        expand = lambda z, mix: torch.stack([sum(z[:, :, m_] * mix[m_, h, p] for m_ in range(H))
+                                             for p in range(P) for h in range(H)], 2).view(1, T * P, H, D)
+        qe, ke, ve = expand(q, attn.iha_q), expand(k, attn.iha_k), expand(v, attn.iha_v)
+        qe, ke = apply_rotary(qe, *rope), apply_rotary(ke, *rope)
+        ye = F.scaled_dot_product_attention(qe.transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2), is_causal=True)
+        ye = ye.transpose(1, 2).reshape(1, T, P, H, D)
+        y = sum(ye[:, :, p] * attn.iha_out[:, p].view(H, 1) for p in range(P))
+        assert torch.allclose(attn(x, x, rope), attn.c_proj(y.reshape(1, T, H * D)), atol=1e-5)
+
+
+@pytest.mark.parametrize("flag", [dict(window_pattern="SSSL", short_window=4), dict(xsa="fixed"),
+                                  dict(xsa="learnable"), dict(iha=True), dict(iha=True, iha_pseudo=2)])
+def test_attention_features_train_a_few_steps(flag):
+    cfg = build_config("slowrun", {"model.vocab_size": V, "model.depth": -1, "model.seq_len": 16, "model.n_layer": 2,
+                                   "model.n_head": 2, "model.n_embd": 32, "model.dropout": 0.0,
+                                   **{f"model.{k}": v for k, v in flag.items()}})
+    torch.manual_seed(0)
+    m = GPT(cfg.model)
+    opts = build_optimizers(m, cfg.optim)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    x, y = batch()
+    losses = []
+    for _ in range(4):
+        _, loss = m(x, y, return_logits=False)
+        losses.append(loss.item())
+        opts.zero_grad()
+        loss.backward()
+        opts.step()
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    new = [n for n in before if ("iha_" in n or "xsa_gate" in n)]
+    assert all(not torch.equal(before[n], dict(m.named_parameters())[n]) for n in new)  # the new parameters learn

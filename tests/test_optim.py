@@ -146,3 +146,19 @@ def test_group_learning_rates_scale_with_lr_scale_and_width():
         assert lr["matrix"] == pytest.approx(0.02 * scale)
         assert lr["embed"] == pytest.approx(0.3 * w * scale) and lr["head"] == pytest.approx(0.008 * w * scale)
         assert wd == {"matrix": 0.28, "embed": 0.0, "head": 0.0}  # weight decay on Muon's matrices only
+
+
+def test_iha_parameters_get_their_own_adamw_group():
+    """IHA's mixing tensors (3-D: never Muon) are trained by AdamW at optim.iha_lr without weight decay."""
+    cfg = build_config("slowrun", {"model.vocab_size": 300, "model.depth": -1, "model.n_layer": 2, "model.n_embd": 32,
+                                   "model.n_head": 2, "model.iha": True, "model.iha_pseudo": 2, "model.mtp_weight": 0.3,
+                                   "optim.iha_lr": 0.03, "optim.weight_decay": 1.2, "model.xsa": "learnable"})
+    model = GPT(cfg.model)
+    groups = split_params(model)  # asserts every parameter is in exactly one group
+    iha = sorted(n for n, _ in groups["iha"])
+    assert iha == sorted(n for n, _ in model.named_parameters() if ".attn.iha_" in n) and len(iha) == 3 * 4  # 2 blocks + MTP
+    assert all(n.endswith("xsa_gate") is False for n in iha) and any(n.endswith("xsa_gate") for n, _ in groups["scalar"])
+    opts = build_optimizers(model, cfg.optim)
+    (g,) = [g for g in opts.groups() if g["kind"] == "iha"]
+    assert isinstance(opts.optimizers[0], AdamW) and any(g is h for h in opts.optimizers[0].param_groups)
+    assert g["base_lr"] == pytest.approx(0.03) and g["base_wd"] == 0.0 and len(g["params"]) == 12

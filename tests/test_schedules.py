@@ -20,9 +20,19 @@ def test_warmdown_shapes_end_at_min(shape):
     lrs = [s.lr(i) for i in range(50)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     mid = s.lr(24)
-    expected = {"linear": 0.1 + 0.9 * (1 - 25 / 50), "sqrt": 0.1 + 0.9 * (1 - math.sqrt(25 / 50)),
+    expected = {"linear": 0.1 + 0.9 * (1 - 25 / 50), "sqrt": 0.1 + 0.9 * math.sqrt(1 - 25 / 50),
                 "cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 25 / 50))}[shape]
     assert mid == pytest.approx(expected)
+
+
+def test_sqrt_warmdown_midpoint_is_the_references():
+    """The reference (limited #20) multiplies the LR by sqrt(1 - f) over the warmdown: 0.707 at
+    f = 0.5, not 1 - sqrt(0.5) = 0.293; with min_lr_frac it is min + (1 - min) * sqrt(1 - f)."""
+    s = Schedule(100, 10.0, OptimConfig(warmdown_frac=0.5, warmdown_shape="sqrt", min_lr_frac=0.0))
+    assert s.lr(49) == 1.0
+    assert s.lr(74) == pytest.approx(math.sqrt(0.5)) and s.lr(74) == pytest.approx(0.7071, abs=1e-4)
+    lo = Schedule(100, 10.0, OptimConfig(warmdown_frac=0.5, warmdown_shape="sqrt", min_lr_frac=0.2))
+    assert lo.lr(74) == pytest.approx(0.2 + 0.8 * math.sqrt(0.5)) and lo.lr(99) == pytest.approx(0.2)
 
 
 def test_warmup():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from slowrun.track import Entry, TrackDef, run_track
+from slowrun.track import Entry, TrackDef, TrackError, run_track
 
 
 def test_track_pipeline_end_to_end(tmp_path):
@@ -69,6 +69,13 @@ def test_track_pipeline_end_to_end(tmp_path):
     assert not (tmp_path / "fresh-work" / "nanochat-curve" / "runs").exists()
     assert fresh["baseline_curve"]["losses"] == bc["losses"]
     assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == len(ledger)
+    # one budget at a time (the curve measured over several sessions): from the ledger, nothing else written
+    before = out.read_text()
+    one = run_track(t, tmp_path / "fresh-work", out, tmp_path / "report", parts=("baseline",), budgets=[2])
+    assert [c["budget"] for c in one["chosen"]] == [2] and one["chosen"][0]["test_loss"] == bc["chosen"][1]["test_loss"]
+    assert out.read_text() == before and not (tmp_path / "fresh-work" / "nanochat-curve" / "runs").exists()
+    with pytest.raises(TrackError, match="not budgets of the track"):
+        run_track(t, tmp_path / "fresh-work", out, tmp_path / "report", parts=("baseline",), budgets=[5])
     # entries are placed again on a changed curve from their stored losses, without retraining
     shifted = {**committed, "losses": {k: [x - 5 for x in v] for k, v in committed["losses"].items()}}
     (tmp_path / "curves" / "cpu_nanochat.json").write_text(json.dumps(shifted))

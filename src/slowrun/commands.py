@@ -426,6 +426,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     track.add_argument("--parts", nargs="+", default=parts, choices=parts + ["curve"],
                        help="what to (re)compute (curve = baseline); entries not recomputed are placed again on the "
                             "current curves from their stored losses")
+    track.add_argument("--budgets", nargs="+", type=float, default=None,
+                       help="measure only these budgets of the baseline curve (into the ledger), e.g. --budgets 8; "
+                            "nothing else is computed or written")
     track.add_argument("--jobs", type=int, default=2, help="runs at a time for the curve and independent members (default 2)")
     track.add_argument("--threads", type=int, default=1, help="torch threads per run when --jobs > 1 (default 1)")
     add_args(sub.add_parser("throughput", help="tokens/s, MFU and peak RSS of recipes vs a minimal loop, fp32 and bf16"))
@@ -439,7 +442,7 @@ def _run_bench(a: argparse.Namespace) -> int:
         return 0
     from .track import TRACK, run_track
 
-    run_track(TRACK, a.work, a.out, a.report, tuple(a.parts), a.jobs, a.threads)
+    run_track(TRACK, a.work, a.out, a.report, tuple(a.parts), a.jobs, a.threads, a.budgets)
     return 0
 
 

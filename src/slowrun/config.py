@@ -82,6 +82,13 @@ class ModelConfig:
     loop_repeats: int = opt(1, "times the looped span runs once looping is active")
     loop_from_epoch: int = opt(0, "epoch (0-based) from which the span is looped")
     mtp_weight: float = opt(0.0, "weight of the multi-token-prediction auxiliary loss (predict t+2 from an extra block); 0 disables")
+    window_pattern: str = opt("", "sliding-window attention: S (short window) / L (full context) per block, tiled over the blocks (the reference: SSSL); the last block and the MTP block are always full; \"\" = all full")
+    short_window: int = opt(-1, "keys before each query that S blocks attend to, in tokens (the reference: 1024 at seq_len 2048); -1 = seq_len // 2")
+    xsa: str = opt("off", "exclusive self attention (arXiv 2603.09078): off, fixed (y -= (y.v_hat) v_hat per head) or learnable (the removed component scaled by a per-head weight, init 1)")
+    xsa_layers: int = opt(-1, "XSA on the last N blocks (and the MTP block); -1 = every block")
+    iha: bool = opt(False, "interleaved head attention (arXiv 2602.21371): learned cross-head mixing of q, k (and v), identity at init")
+    iha_pseudo: int = opt(1, "IHA pseudo-heads per head, interleaved into the sequence (the reference: 2); 1 = plain H x H mixing, the model unchanged at init")
+    iha_mix_v: bool = opt(True, "IHA also mixes the values across heads")
     init_std: float = opt(0.02, "std of hidden-matrix init (output projections are scaled by 1/sqrt(2*n_layer))")
     embed_init_std: float = opt(-1.0, "std of the embedding init; -1 = init_std for tied embeddings, 1.0 when embed_norm is on")
     head_init_std: float = opt(0.001, "std of the untied output head init")
@@ -107,6 +114,12 @@ class ModelConfig:
         _check(0.0 <= self.stoch_depth < 1.0, "model.stoch_depth", "must be in [0, 1)", self.stoch_depth)
         _check(self.logit_softcap == -1 or self.logit_softcap > 0, "model.logit_softcap", "must be -1 or > 0", self.logit_softcap)
         _check(self.mtp_weight >= 0, "model.mtp_weight", "must be >= 0", self.mtp_weight)
+        _check(set(self.window_pattern) <= {"S", "L"}, "model.window_pattern", "must be a string of S and L (or empty)", self.window_pattern)
+        _check(self.short_window == -1 or self.short_window >= 1, "model.short_window", "must be -1 or >= 1 (tokens)", self.short_window)
+        _choice("model.xsa", self.xsa, ("off", "fixed", "learnable"))
+        _check(self.xsa_layers == -1 or 1 <= self.xsa_layers <= self.n_layer, "model.xsa_layers",
+               f"must be -1 (every block) or in [1, n_layer={self.n_layer}]", self.xsa_layers)
+        _check(self.iha_pseudo >= 1, "model.iha_pseudo", "must be >= 1", self.iha_pseudo)
         if self.loop_start != -1:
             _check(0 <= self.loop_start <= self.loop_end < self.n_layer, "model.loop_start",
                    f"need 0 <= loop_start <= loop_end < n_layer={self.n_layer} (loop_end={self.loop_end})", self.loop_start)
@@ -133,6 +146,7 @@ class OptimConfig:
     embed_lr: float = opt(-1.0, "AdamW learning rate of the token/position embeddings; -1 = optim.lr")
     head_lr: float = opt(-1.0, "AdamW learning rate of the output head; -1 = optim.lr")
     scalar_lr: float = opt(-1.0, "AdamW learning rate of scalars, gates and norm weights; -1 = optim.lr")
+    iha_lr: float = opt(0.02, "AdamW learning rate of the IHA mixing matrices (no weight decay, no width scaling)")
     lr_scale: float = opt(1.0, "multiplier of every group's peak learning rate (one knob to tune them together)")
     adamw_width_ref: int = opt(-1, "AdamW learning rates (embeddings, head, scalars) scale by (n_embd / adamw_width_ref)^-0.5, as nanochat's (ref 768); -1 disables")
     beta1: float = opt(0.9, "AdamW beta1")
@@ -152,7 +166,7 @@ class OptimConfig:
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; -1 disables")
     warmup_steps: int = opt(0, "linear LR warmup in steps")
     warmdown_frac: float = opt(0.3, "fraction of the steps (before any SWA cycles) over which the LR decays")
-    warmdown_shape: str = opt("linear", "shape of the decay: linear, sqrt or cosine")
+    warmdown_shape: str = opt("linear", "shape of the decay over its progress f in [0, 1]: linear (1 - f), sqrt (sqrt(1 - f), the reference's) or cosine")
     min_lr_frac: float = opt(0.0, "LR at the end of the decay as a fraction of the peak")
     swa_epochs: int = opt(0, "SWA: the last N epochs each run a short cosine LR cycle; their end checkpoints are averaged; 0 disables")
     swa_peak_frac: float = opt(0.3, "LR at the start of each SWA cycle as a fraction of the peak")
@@ -164,7 +178,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("muon", "adamw"))
-        for n in ("lr", "matrix_lr"):
+        for n in ("lr", "matrix_lr", "iha_lr"):
             _check(getattr(self, n) > 0, f"optim.{n}", "must be > 0", getattr(self, n))
         for n in ("embed_lr", "head_lr", "scalar_lr"):
             v = getattr(self, n)
@@ -194,11 +208,13 @@ class OptimConfig:
         _check(self.ema_every >= 1, "optim.ema_every", "must be >= 1", self.ema_every)
 
     def group_lr(self, kind: str, n_embd: int) -> float:
-        """Peak learning rate of a parameter group (matrix, embed, head or scalar) in a model
+        """Peak learning rate of a parameter group (matrix, embed, head, scalar or iha) in a model
         of width `n_embd`: the group's own rate, times `lr_scale`, times the width scaling of
         AdamW rates when `adamw_width_ref` is set (Muon's matrices are scaled by their shape)."""
         if kind == "matrix" and self.name == "muon":
             return self.matrix_lr * self.lr_scale
+        if kind == "iha":
+            return self.iha_lr * self.lr_scale
         v = {"matrix": -1, "embed": self.embed_lr, "head": self.head_lr, "scalar": self.scalar_lr}[kind]
         lr = (self.lr if v == -1 else v) * self.lr_scale
         if self.adamw_width_ref > 0:

@@ -3,8 +3,9 @@
 Baseline (nanoGPT / GPT-2): LayerNorm, learned positions, GELU MLP, tied embeddings.
 Slowrun recipe: weightless RMSNorm, RoPE + QK-norm, SwiGLU, untied embeddings with an
 RMSNorm after the lookup, value projections from x0, per-head output gates, x0 mixing,
-U-Net skips, logit softcap, dropout, stochastic depth, layer looping and a
-multi-token-prediction head. Architecture and initialization only: no training logic.
+U-Net skips, logit softcap, dropout, stochastic depth, layer looping, a
+multi-token-prediction head, sliding-window attention, XSA (exclusive self attention) and
+IHA (interleaved head attention). Architecture and initialization only: no training logic.
 """
 
 from __future__ import annotations
@@ -51,8 +52,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+def layer_window(cfg: ModelConfig, layer: int) -> int:
+    """Keys before each query that block `layer` attends to, in tokens; -1 = full context.
+
+    `window_pattern` is tiled over the blocks (S = short, L = full); the last block, and the
+    MTP block (layer = n_layer), always see the full context, as in the reference.
+    """
+    pattern = cfg.window_pattern
+    if not pattern or layer >= cfg.n_layer - 1 or pattern[layer % len(pattern)] == "L":
+        return -1
+    return cfg.short_window if cfg.short_window > 0 else cfg.seq_len // 2
+
+
+def band_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
+    """(T, T) boolean mask, True where query i may attend key j: j <= i and i - j <= window."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & (i - j <= window)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, value_proj: bool) -> None:
+    def __init__(self, cfg: ModelConfig, value_proj: bool, layer: int) -> None:
         super().__init__()
         C, H = cfg.n_embd, cfg.n_head
         self.n_head, self.head_dim = H, C // H
@@ -64,6 +84,18 @@ class Attention(nn.Module):
         self.v_gate = nn.Linear(min(VALUE_GATE_CHANNELS, C), H, bias=False) if value_proj else None
         # per-head output gate sigmoid(W x[:12]) (0.5 at init)
         self.head_gate = nn.Linear(min(HEAD_GATE_CHANNELS, C), H, bias=False) if cfg.head_gate else None
+        # sliding window (-1 = full causal); with IHA the band spans window * iha_pseudo interleaved positions
+        self.window = layer_window(cfg, layer)
+        self._masks: dict[tuple[int, int, str], torch.Tensor] = {}  # band masks, built once per (T, window, device)
+        # XSA: remove from each head's output its component along the token's own value
+        self.xsa = cfg.xsa != "off" and (cfg.xsa_layers == -1 or layer >= cfg.n_layer - cfg.xsa_layers)
+        self.xsa_gate = nn.Parameter(torch.ones(H)) if self.xsa and cfg.xsa == "learnable" else None
+        # IHA: P pseudo-heads per head, each a learned mix of all heads' q/k/v; collapsed back by iha_out
+        P = cfg.iha_pseudo
+        self.iha_q = nn.Parameter(torch.zeros(H, H, P)) if cfg.iha else None  # (source head, target head, pseudo)
+        self.iha_k = nn.Parameter(torch.zeros(H, H, P)) if cfg.iha else None
+        self.iha_v = nn.Parameter(torch.zeros(H, H, P)) if cfg.iha and cfg.iha_mix_v else None
+        self.iha_out = nn.Parameter(torch.zeros(H, P)) if cfg.iha else None  # weights of the P pseudo-heads' outputs
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, C = x.shape
@@ -72,15 +104,40 @@ class Attention(nn.Module):
         if self.v_x0 is not None:
             gate = 2 * torch.sigmoid(self.v_gate(x[..., : self.v_gate.in_features]))  # (B, T, H)
             v = v + gate.unsqueeze(-1) * self.v_x0(x0).view(B, T, H, D)
-        if rope is not None:
+        P = self.cfg.iha_pseudo if self.iha_q is not None else 1
+        if self.iha_q is not None:
+            # mix heads into P pseudo-heads, then interleave them into the sequence: (B, T*P, H, D)
+            q = torch.einsum("btmd,mhp->btphd", q, self.iha_q).reshape(B, T * P, H, D)
+            k = torch.einsum("btmd,mhp->btphd", k, self.iha_k).reshape(B, T * P, H, D)
+            if self.iha_v is not None:
+                v = torch.einsum("btmd,mhp->btphd", v, self.iha_v).reshape(B, T * P, H, D)
+            else:
+                v = v.unsqueeze(2).expand(B, T, P, H, D).reshape(B, T * P, H, D)
+        if rope is not None:  # with IHA the interleaved positions 0..T*P-1 are rotated (rope is T*P long)
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if self.cfg.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        y = y.transpose(1, 2)  # (B, T, H, D)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T*P, D)
+        if self.window < 0:
+            y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self.mask(T * P, self.window * P, x.device))
+        y = y.transpose(1, 2)  # (B, T*P, H, D)
+        if self.xsa:
+            v_hat = F.normalize(v, dim=-1)
+            removed = (y * v_hat).sum(-1, keepdim=True) * v_hat  # component along the token's own value
+            y = y - (removed * self.xsa_gate.view(H, 1) if self.xsa_gate is not None else removed)
+        if self.iha_out is not None:  # de-interleave and collapse the pseudo-heads: (B, T, H, D)
+            y = torch.einsum("btphd,hp->bthd", y.reshape(B, T, P, H, D), self.iha_out)
         if self.head_gate is not None:
             y = y * torch.sigmoid(self.head_gate(x[..., : self.head_gate.in_features])).unsqueeze(-1)
         return self.c_proj(y.reshape(B, T, C))
+
+    def mask(self, T: int, window: int, device: torch.device) -> torch.Tensor:
+        key = (T, window, str(device))
+        if key not in self._masks:
+            self._masks[key] = band_mask(T, window, device)
+        return self._masks[key]
 
 
 class MLP(nn.Module):
@@ -104,10 +161,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, value_proj: bool) -> None:
+    def __init__(self, cfg: ModelConfig, value_proj: bool, layer: int) -> None:
         super().__init__()
         self.norm1 = Norm(cfg.n_embd, cfg.norm)
-        self.attn = Attention(cfg, value_proj)
+        self.attn = Attention(cfg, value_proj, layer)
         self.norm2 = Norm(cfg.n_embd, cfg.norm)
         self.mlp = MLP(cfg)
         self.dropout = cfg.dropout
@@ -128,19 +185,25 @@ class GPT(nn.Module):
         C, L = cfg.n_embd, cfg.n_layer
         self.wte = nn.Embedding(cfg.vocab_size, C)
         self.wpe = nn.Embedding(cfg.seq_len, C) if cfg.pos == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg, cfg.value_proj and i % 2 == 0) for i in range(L))
+        self.blocks = nn.ModuleList(Block(cfg, cfg.value_proj and i % 2 == 0, i) for i in range(L))
         self.norm_f = Norm(C, cfg.norm)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(C, cfg.vocab_size, bias=False)
         # learned scalars: x0 mixing (per block) and U-Net skip weights (per encoder/decoder pair)
         self.lambda_r = nn.Parameter(torch.ones(L)) if cfg.x0_mix else None
         self.lambda_0 = nn.Parameter(torch.full((L,), 0.1)) if cfg.x0_mix else None
         self.unet_w = nn.Parameter(torch.ones(L // 2)) if cfg.unet and L >= 2 else None
-        self.mtp_block = Block(cfg, False) if cfg.mtp_weight > 0 else None
+        self.mtp_block = Block(cfg, False, L) if cfg.mtp_weight > 0 else None
         if cfg.pos == "rope":
-            cos, sin = rotary_tables(cfg.seq_len, C // cfg.n_head, cfg.rope_base)
+            # with IHA the pseudo-heads are interleaved into the sequence: iha_pseudo positions per token
+            cos, sin = rotary_tables(cfg.seq_len * self.rope_stride, C // cfg.n_head, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
+
+    @property
+    def rope_stride(self) -> int:
+        """Rotary positions per token: iha_pseudo with IHA (pseudo-heads interleaved), else 1."""
+        return self.cfg.iha_pseudo if self.cfg.iha else 1
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -157,6 +220,9 @@ class GPT(nn.Module):
         - v_gate, head_gate: 0 (gates start at 2*sigmoid(0) = 1 and sigmoid(0) = 0.5)
         - biases: 0; LayerNorm weight 1, bias 0
         - lambda_r: 1, lambda_0: 0.1 (x0 mixing); unet_w: 1
+        - xsa_gate (learnable XSA): 1 (starts as fixed XSA: the whole own-value component removed)
+        - iha_q, iha_k, iha_v (H, H, P): identity on pseudo-head 0 (iha_*[h, h, 0] = 1), 0 elsewhere;
+          iha_out (H, P): 1/P. With P = 1 the attention is unchanged at init
         - mtp_block: like any block
         """
         cfg = self.cfg
@@ -192,6 +258,13 @@ class GPT(nn.Module):
                 nn.init.ones_(p)
             elif name == "lambda_0":
                 nn.init.constant_(p, 0.1)
+            elif name.endswith("xsa_gate"):
+                nn.init.ones_(p)
+            elif name.endswith(("iha_q", "iha_k", "iha_v")):
+                nn.init.zeros_(p)
+                p[:, :, 0].copy_(torch.eye(p.size(0)))
+            elif name.endswith("iha_out"):
+                nn.init.constant_(p, 1.0 / p.size(1))
             else:
                 raise AssertionError(f"init_weights does not know parameter {name}")
 
@@ -242,7 +315,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
         x0 = x
-        rope = (self.rope_cos[:, :T], self.rope_sin[:, :T]) if cfg.pos == "rope" else None
+        rope = (self.rope_cos[:, : T * self.rope_stride], self.rope_sin[:, : T * self.rope_stride]) if cfg.pos == "rope" else None
         L = cfg.n_layer
         skips: dict[int, torch.Tensor] = {}
         seen: set[int] = set()
@@ -281,7 +354,7 @@ class GPT(nn.Module):
         if self.cfg.embed_norm:
             x0 = rms_norm(x0)
         T = idx.size(1)
-        rope = (self.rope_cos[:, :T], self.rope_sin[:, :T]) if self.cfg.pos == "rope" else None
+        rope = (self.rope_cos[:, : T * self.rope_stride], self.rope_sin[:, : T * self.rope_stride]) if self.cfg.pos == "rope" else None
         return self.mtp_block(h, x0, rope)[:, :-1]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True,

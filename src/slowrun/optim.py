@@ -1,8 +1,8 @@
 """Optimizers: AdamW and Muon, standalone, with explicit parameter groups.
 
 Parameter groups are assigned by explicit name patterns (`group_of`): embeddings, the
-output head, scalars/gates/norms, and 2-D hidden matrices; an assertion checks that every
-parameter lands in exactly one. With `optim.name = "muon"` the hidden matrices use Muon
+output head, scalars/gates/norms, IHA's head-mixing tensors, and 2-D hidden matrices; an
+assertion checks that every parameter lands in exactly one. With `optim.name = "muon"` the hidden matrices use Muon
 and everything else AdamW; with `adamw`, AdamW throughout.
 """
 
@@ -28,7 +28,7 @@ POLAR_EXPRESS = (  # Amsel et al. 2025, per-step coefficients, used after dividi
     (3.286, -2.368, 0.464),
     (2.347, -1.710, 0.423),
 )
-GROUP_KINDS = ("matrix", "embed", "head", "scalar")
+GROUP_KINDS = ("matrix", "embed", "head", "scalar", "iha")
 
 
 def group_of(name: str, p: Tensor) -> str:
@@ -37,6 +37,8 @@ def group_of(name: str, p: Tensor) -> str:
         return "embed"
     if name == "lm_head.weight":
         return "head"
+    if name.endswith(("attn.iha_q", "attn.iha_k", "attn.iha_v", "attn.iha_out")):
+        return "iha"  # IHA's small head-mixing tensors: AdamW at optim.iha_lr, no weight decay
     if p.ndim < 2 or name.endswith("gate.weight") or name in ("lambda_r", "lambda_0", "unet_w"):
         return "scalar"  # norms, biases, learned scalars and the small gate matrices
     return "matrix"
@@ -249,7 +251,7 @@ def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device | None =
     for kind, plist in groups.items():
         if not plist:
             continue
-        wd = 0.0 if kind == "scalar" else cfg.weight_decay if (kind == "matrix" or cfg.wd_embed) else 0.0
+        wd = 0.0 if kind in ("scalar", "iha") else cfg.weight_decay if (kind == "matrix" or cfg.wd_embed) else 0.0
         lr = cfg.group_lr(kind, width)
         if kind == "matrix" and cfg.name == "muon":
             # fused matrices get their own groups so they are orthogonalized part by part

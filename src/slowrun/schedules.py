@@ -46,7 +46,7 @@ class Schedule:
         if shape == "linear":
             w = 1 - frac
         elif shape == "sqrt":
-            w = 1 - math.sqrt(frac)
+            w = math.sqrt(1 - frac)  # the reference's limited-track shape: 0.71 at the midpoint
         else:
             w = 0.5 * (1 + math.cos(math.pi * frac))
         return lo + (1 - lo) * w

@@ -121,12 +121,20 @@ def track_data(t: TrackDef, work: Path) -> Dataset:
     return Dataset.open(prepare(cfg))
 
 
-def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int, ledger: str = "") -> dict:
+def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int, ledger: str = "",
+                   budgets: list[float] | None = None) -> dict:
+    """The track's baseline curve (every run recorded in `ledger`); with `budgets`, only
+    those budgets of it (the curve measured a few budgets at a time, over several sessions)."""
     from .sweep import SweepConfig, describe, sweep
 
-    cfg = SweepConfig(t.curve_recipe, str(data.path), str(work / f"{t.curve_recipe}-curve"), t.budgets, t.curve_grid,
-                      t.curve_fixed, t.curve_grid_by_budget, jobs, threads, name=f"{t.name}-track {t.curve_recipe}",
-                      ledger=ledger, expand=t.curve_expand, refine=t.curve_refine, seeds=t.curve_seeds)
+    budgets = budgets or t.budgets
+    unknown = [b for b in budgets if b not in t.budgets]
+    if unknown:
+        raise TrackError(f"--budgets {' '.join(f'{b:g}' for b in unknown)}: not budgets of the track ({t.budgets})")
+    cfg = SweepConfig(t.curve_recipe, str(data.path), str(work / f"{t.curve_recipe}-curve"), budgets, t.curve_grid,
+                      t.curve_fixed, {b: g for b, g in t.curve_grid_by_budget.items() if b in budgets}, jobs, threads,
+                      name=f"{t.name}-track {t.curve_recipe}", ledger=ledger, expand=t.curve_expand,
+                      refine={b: r for b, r in t.curve_refine.items() if b in budgets}, seeds=t.curve_seeds)
     curve = sweep(cfg)
     print(describe(curve), flush=True)
     return curve
@@ -266,7 +274,9 @@ def memory(t: TrackDef, work: Path, data: Dataset) -> dict:
 def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track",
               out_json: str | Path = "benchmarks/results/cpu_track.json", report_dir: str | Path = "benchmarks/results/cpu_track",
               parts: tuple[str, ...] = ("baseline", "single", "ensemble", "distill", "throughput", "memory"), jobs: int = 2,
-              threads: int = 1) -> dict:
+              threads: int = 1, budgets: list[float] | None = None) -> dict:
+    """Run the parts of the track. With `budgets` (a subset of the track's), only the baseline
+    curve at those budgets is measured (into the ledger) and nothing else is written."""
     import torch
 
     from .report import build_report
@@ -276,6 +286,8 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
     work = Path(work)
     t0 = time.time()
     out_path = Path(out_json)
+    if budgets and sorted(budgets) != sorted(t.budgets):
+        return baseline_curve(t, work, track_data(t, work), jobs, threads, str(out_path.parent / "ledger.jsonl"), budgets)
     results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
     data = track_data(t, work)
     results["track"] = {**asdict(t), "rules": __doc__.split("Rules (also in the README):")[1].split("`run_track`")[0].strip()}
