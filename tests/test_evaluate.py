@@ -74,3 +74,54 @@ def test_evaluate_averaged_is_the_probability_average():
     both = evaluate_averaged(iter([a, b]), tokens, T, token_bytes, max_tokens=90)
     lp = prob_average([target_logprobs(m, tokens, T, max_tokens=90) for m in (a, b)])
     assert both == summarize(lp, target_byte_counts(tokens, T, token_bytes, max_tokens=90)) and both.targets == 10 * T
+
+
+SHARDED = """
+import json, sys
+import numpy as np, torch
+from slowrun import distributed
+from slowrun.config import build_config
+from slowrun.evaluate import evaluate, target_logprobs
+from slowrun.gpt import GPT
+
+env = distributed.init("cpu")  # gloo under torchrun
+torch.manual_seed(0)
+model = GPT(build_config("slowrun", {"model.vocab_size": 61, "model.depth": -1, "model.seq_len": 16, "model.n_layer": 2,
+                                     "model.n_head": 2, "model.n_embd": 32}).model)
+tokens = np.random.default_rng(0).integers(0, 61, 3000)
+token_bytes = np.arange(61) % 4 + 1
+r = evaluate(model, tokens, 16, token_bytes, batch_seqs=4, env=env)  # 176 chunks: 44 batches, 22 per rank
+lp = target_logprobs(model, tokens, 16, batch_seqs=4, env=env)
+json.dump({"loss": r.loss, "bpb": r.bpb, "targets": r.targets, "bytes": r.bytes, "lp": lp.tolist()},
+          open(f"{sys.argv[1]}/rank{env.rank}.json", "w"))
+distributed.shutdown(env)
+"""
+
+
+def test_sharded_evaluation_over_two_gloo_ranks_equals_one_rank(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        str(tmp_path)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0] == ranks[1]  # every rank returns the same result
+    # one process, no sharding: the same model and tokens
+    from slowrun.config import build_config
+    from slowrun.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(build_config("slowrun", {"model.vocab_size": 61, "model.depth": -1, "model.seq_len": 16, "model.n_layer": 2,
+                                         "model.n_head": 2, "model.n_embd": 32}).model)
+    tokens = np.random.default_rng(0).integers(0, 61, 3000)
+    one = evaluate(model, tokens, 16, np.arange(61) % 4 + 1, batch_seqs=4)
+    assert (ranks[0]["targets"], ranks[0]["bytes"]) == (one.targets, one.bytes)
+    assert abs(ranks[0]["loss"] - one.loss) < 1e-6 and abs(ranks[0]["bpb"] - one.bpb) < 1e-6
+    lp_one = target_logprobs(model, tokens, 16, batch_seqs=4)
+    assert np.all(np.array(ranks[0]["lp"]) != 0)  # every target was scored by some rank
+    assert np.allclose(np.array(ranks[0]["lp"]), lp_one, atol=1e-6, rtol=0)

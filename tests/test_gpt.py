@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from slowrun.config import ModelConfig, build_config
-from slowrun.gpt import GPT, apply_rotary
+from slowrun.gpt import GPT, apply_rotary, stoch_depth_scales
 from slowrun.optim import build_optimizers
 from slowrun.losses import DistillTarget, distill_loss, hidden_cross_entropy, linear_cross_entropy
 
@@ -146,6 +146,63 @@ def test_stochastic_depth_is_off_in_eval_and_random_in_training():
     m.train()
     outs = {tuple(m(x)[0][0, 0, :3].tolist()) for _ in range(8)}
     assert len(outs) > 1
+
+
+def test_stochastic_depth_decisions_are_the_same_on_every_rank():
+    cfg = model_of(stoch_depth=0.5, n_layer=6).cfg
+    # two ranks ask for the same (seed, step): the same blocks skipped
+    assert torch.equal(stoch_depth_scales(cfg, seed=3, step=17), stoch_depth_scales(cfg, seed=3, step=17))
+    steps = [stoch_depth_scales(cfg, seed=3, step=s) for s in range(50)]
+    assert len({tuple(t.tolist()) for t in steps}) > 5  # but they change with the step
+    assert not torch.equal(torch.stack(steps), torch.stack([stoch_depth_scales(cfg, seed=4, step=s) for s in range(50)]))
+    assert stoch_depth_scales(model_of(stoch_depth=0.0).cfg, 3, 17) is None
+
+
+def test_stochastic_depth_skip_frequency_rises_linearly_with_depth():
+    cfg = model_of(stoch_depth=0.6, n_layer=4).cfg
+    n = 4000
+    scales = torch.stack([stoch_depth_scales(cfg, seed=0, step=s) for s in range(n)])  # (n, L)
+    p = torch.tensor([0.0, 0.2, 0.4, 0.6])  # stoch_depth * i / (L - 1)
+    freq = (scales == 0).float().mean(0)
+    assert freq[0] == 0  # the first block is never skipped
+    assert torch.all((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-9), freq
+    kept = scales != 0
+    assert torch.allclose(scales[kept], (1 / (1 - p)).expand(n, -1)[kept])  # kept blocks are rescaled
+
+
+def test_stochastic_depth_skips_blocks_and_never_in_eval():
+    m = model_of(stoch_depth=0.9)
+    x, y = batch()
+    ref = model_of(stoch_depth=0.0)
+    ref.load_state_dict(m.state_dict())
+    skip_all = torch.tensor([1.0, 0.0, 0.0, 0.0])  # blocks 1-3 skipped
+    m.eval(), ref.eval()
+    assert torch.equal(m(x, depth_scales=skip_all)[0], ref(x)[0])  # eval never skips
+    m.train()
+    _, loss = m(x, y, depth_scales=skip_all)
+    loss.backward()
+    # a skipped block costs nothing: it did not run, so its weights have no gradient
+    assert all(p.grad is None for p in m.blocks[2].parameters())
+    assert m.blocks[0].mlp.c_fc.weight.grad is not None
+
+
+def test_stochastic_depth_compiles_without_graph_break_or_recompile():
+    m = model_of(stoch_depth=0.9).train()
+    x, _ = batch()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=backend)
+    for step in range(4):
+        s = stoch_depth_scales(m.cfg, seed=0, step=step)
+        # the compiled mask multiply equals eager's skipping
+        assert torch.allclose(compiled(x, depth_scales=s)[0], m(x, depth_scales=s)[0], atol=1e-5)
+    assert len(graphs) == 1  # one graph: no break in `hidden`, no recompilation per skip pattern
+    torch._dynamo.reset()
 
 
 def test_param_count_and_flops():

@@ -24,6 +24,30 @@ def test_config_key_ignores_paths_threads_and_logging_only():
     assert config_key(cfg) != config_key({**cfg, "model": {"n_layer": 3}})
 
 
+def test_config_key_survives_a_new_config_field_and_notices_a_changed_default():
+    from slowrun.config import build_config, config_to_dict
+
+    today = config_to_dict(build_config("nanochat", {"model.vocab_size": 300}))
+    older = {sec: dict(v) for sec, v in today.items()}
+    del older["optim"]["lr_scale"], older["model"]["init"]  # results written before these fields existed
+    older["model"]["init"] = "nanochat"  # ...except a non-default value, which any version records
+    assert config_key(older) == config_key(today)
+    changed = {sec: dict(v) for sec, v in today.items()}
+    changed["optim"]["lr_scale"] = 0.5
+    assert config_key(changed) != config_key(today)
+    unknown = {sec: dict(v) for sec, v in today.items()}
+    unknown["model"]["a_future_field"] = 1  # a setting this version does not know is never taken for none
+    assert config_key(unknown) != config_key(today)
+
+
+def test_stored_keys_are_recomputed_on_open(tmp_path):
+    from slowrun.config import build_config, config_to_dict
+
+    cfg = config_to_dict(build_config("smoke", {"model.vocab_size": 300}))
+    Ledger(tmp_path / "l.jsonl").append({**entry("stale-key-of-an-older-version"), "config": cfg})
+    assert Ledger.open(tmp_path / "l.jsonl").find(config_key(cfg), DS) is not None
+
+
 def test_append_and_find_round_trip(tmp_path):
     led = Ledger.open(tmp_path / "l.jsonl")
     assert led.entries == []

@@ -95,3 +95,67 @@ def test_fitness_slice_is_never_trained_on(gpt2_ds):
     assert any((unfenced.sequence(0, i) < 0).any() for i in range(unfenced.seqs_per_epoch))
     with pytest.raises(ValueError, match="half or more"):
         fitness_slice(ds, 15_000)
+
+
+def test_curriculum_off_is_todays_order(gpt2_ds):
+    """Off (the default), the plan is the one of today's loader: documents permuted, then
+    sequences permuted, by one generator seeded (seed, epoch)."""
+    ds = Dataset.open(gpt2_ds)
+    default = TrainLoader(ds, 32, batch_seqs=8, seed=7)
+    off = TrainLoader(ds, 32, batch_seqs=8, seed=7, curriculum="off", doc_scores=np.arange(5.0))
+    starts = ds.doc_starts("train").astype(np.int64)
+    lens = np.diff(np.append(starts, len(ds.tokens("train"))))
+    for epoch in (0, 3):
+        rng = np.random.default_rng([7, epoch])
+        order = rng.permutation(len(starts))
+        seqs = rng.permutation(default.seqs_per_epoch)
+        for loader in (default, off):
+            p = loader.plan(epoch)
+            assert np.array_equal(p.doc_start, starts[order]) and np.array_equal(p.seq_order, seqs)
+            assert np.array_equal(np.diff(p.offsets), lens[order])
+    assert all(np.array_equal(default.next_batch()[0], off.next_batch()[0]) for _ in range(5))
+
+
+@pytest.mark.parametrize("schedule", ["easy_to_hard", "hard_to_easy", "mixed"])
+def test_curriculum_orders_documents_by_score(gpt2_ds, schedule):
+    from slowrun.loader import document_scores
+
+    ds = Dataset.open(gpt2_ds)
+    scores = document_scores(ds, "length", 32)
+    assert len(scores) == len(ds.doc_starts("train")) > 3
+    loader = TrainLoader(ds, 32, batch_seqs=8, seed=1, curriculum=schedule, doc_scores=scores)
+    starts = list(loader.doc_starts)
+    for epoch in (0, 1):
+        p = loader.plan(epoch)
+        served = scores[[starts.index(s) for s in p.doc_start]]  # the score of each document, in serving order
+        up = schedule == "easy_to_hard" or (schedule == "mixed" and epoch == 0)
+        assert np.all(np.diff(served) >= 0) if up else np.all(np.diff(served) <= 0)
+        assert np.array_equal(p.seq_order, np.arange(loader.seqs_per_epoch))  # stream order: the curriculum holds
+    # the first sequence of the epoch starts the easiest (hardest) document
+    first = loader.sequence(0, 0)
+    i = int(np.argmin(scores) if schedule != "hard_to_easy" else np.argmax(scores))
+    assert np.array_equal(first[:5], np.asarray(ds.tokens("train"))[starts[i]:starts[i] + 5])
+    with pytest.raises(ValueError, match="one score per training document"):
+        TrainLoader(ds, 32, batch_seqs=8, curriculum=schedule, doc_scores=scores[:-1])
+
+
+def test_document_scores_by_a_model_are_cached(gpt2_ds, tmp_path, smoke_cfg, monkeypatch):
+    import torch
+
+    from slowrun import loader as loader_mod
+    from slowrun.checkpoint import save_weights
+    from slowrun.gpt import GPT
+
+    ds = Dataset.open(gpt2_ds)
+    cfg = smoke_cfg(gpt2_ds, **{"model.vocab_size": ds.vocab_size})
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    save_weights(tmp_path / "model.safetensors", model.state_dict(), cfg, {"dataset": ds.fingerprint})
+    scores = loader_mod.document_scores(ds, str(tmp_path), 16)
+    starts = ds.doc_starts("train")
+    doc = torch.from_numpy(np.asarray(ds.tokens("train")[starts[0]:starts[0] + 17], dtype=np.int64))[None]
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(doc[:, :-1])[0][0], doc[0, 1:]).item()
+    assert scores[0] == pytest.approx(want, rel=1e-5) and np.isfinite(scores).all()
+    monkeypatch.setattr("slowrun.checkpoint.load_model", lambda *a, **k: pytest.fail("the cache was not used"))
+    assert np.array_equal(loader_mod.document_scores(ds, str(tmp_path), 16), scores)

@@ -162,3 +162,95 @@ def test_iha_parameters_get_their_own_adamw_group():
     (g,) = [g for g in opts.groups() if g["kind"] == "iha"]
     assert isinstance(opts.optimizers[0], AdamW) and any(g is h for h in opts.optimizers[0].param_groups)
     assert g["base_lr"] == pytest.approx(0.03) and g["base_wd"] == 0.0 and len(g["params"]) == 12
+
+
+# ---------------------------------------------------------------------------------------
+# heavyball's SOAP, KL-Shampoo and PSGD-Kron for the hidden matrices (the second-order extra)
+
+
+def _tiny_gpt(matrix_optimizer: str):
+    cfg = build_config("smoke", {"model.vocab_size": 64, "optim.matrix_optimizer": matrix_optimizer, "optim.precond_lr": 0.01,
+                                 "optim.precondition_frequency": 2, "optim.weight_decay": 0.1})
+    torch.manual_seed(0)
+    return GPT(cfg.model), cfg
+
+
+def _least_squares(params, step: int) -> torch.Tensor:
+    """sum_W ||W A - B||^2 over the hidden matrices, with (A, B) drawn from the step number."""
+    g = torch.Generator().manual_seed(step)
+    loss = 0
+    for p in params:
+        A, B = torch.randn(p.size(1), 3, generator=g), torch.randn(p.size(0), 3, generator=g)
+        loss = loss + (p @ A - B).square().sum()
+    return loss
+
+
+def _matrices(model):
+    return [p for n, p in split_params(model)["matrix"]]
+
+
+@pytest.mark.parametrize("name", ["soap", "kl_shampoo", "psgd_kron"])
+def test_heavyball_matrix_optimizer_steps_as_heavyball_itself(name):
+    heavyball = pytest.importorskip("heavyball")
+    from slowrun.optim import HEAVYBALL
+
+    model, cfg = _tiny_gpt(name)
+    opts = build_optimizers(model, cfg.optim)
+    hb = [o for o in opts.optimizers if type(o).__module__.startswith("heavyball")]
+    assert len(hb) == 1 and isinstance(hb[0], getattr(heavyball, HEAVYBALL[name]))
+    assert {id(p) for g in hb[0].param_groups for p in g["params"]} == {id(p) for p in _matrices(model)}
+    assert all(isinstance(o, AdamW) for o in opts.optimizers if o is not hb[0])  # the rest stays AdamW
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in _matrices(model)]
+    kw = {} if name == "psgd_kron" else {"precondition_frequency": 2}
+    ref = getattr(heavyball, HEAVYBALL[name])(copies, lr=0.01, weight_decay=0.1, **kw)
+    for step in range(3):
+        _least_squares(_matrices(model), step).backward()
+        torch.manual_seed(7 + step)  # a rank's own seed: neither read nor advanced by the heavyball step
+        opts.step()
+        assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(7 + step)))
+        opts.zero_grad()
+        _least_squares(copies, step).backward()
+        torch.manual_seed(1_000_003 + step)  # PSGD's probe vectors: the draws heavyball_step seeds by its step
+        ref.step()
+        ref.zero_grad()
+        for p, q in zip(_matrices(model), copies):
+            assert torch.equal(p, q), (name, step)
+    assert all(not torch.equal(p, q) for p, q in zip(_matrices(model), _matrices(_tiny_gpt(name)[0])))  # every matrix moved
+
+
+@pytest.mark.parametrize("name", ["soap", "kl_shampoo", "psgd_kron"])
+def test_heavyball_resume_through_a_checkpoint_is_exact(name, tmp_path):
+    pytest.importorskip("heavyball")
+    from slowrun.checkpoint import load_checkpoint, save_checkpoint
+
+    def steps(model, opts, start, stop):
+        for step in range(start, stop):
+            torch.manual_seed(step)  # the trainer's own per-step seeding: heavyball's draws must not depend on it
+            _least_squares(_matrices(model), step).backward()
+            opts.step()
+            opts.zero_grad()
+
+    model, cfg = _tiny_gpt(name)
+    opts = build_optimizers(model, cfg.optim)
+    steps(model, opts, 0, 3)
+    path = save_checkpoint(tmp_path, 3, cfg, model.state_dict(), opts.state_dict(), {})
+    steps(model, opts, 3, 6)  # straight through
+
+    ck = load_checkpoint(path)
+    resumed, _ = _tiny_gpt(name)
+    resumed.load_state_dict(ck.model)
+    ropts = build_optimizers(resumed, cfg.optim)
+    ropts.load_state_dict(ck.optimizer_states(len(ropts.optimizers)))
+    steps(resumed, ropts, 3, 6)
+    for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), (name, n)
+    assert any(not torch.equal(p, q) for p, q in zip(_matrices(model), _matrices(_tiny_gpt(name)[0])))  # it trained
+
+
+def test_matrix_optimizer_needs_muon_groups():
+    from slowrun.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.matrix_optimizer"):
+        OptimConfig(name="adamw", matrix_optimizer="soap")
+    with pytest.raises(ConfigError, match="optim.matrix_optimizer: must be one of"):
+        OptimConfig(matrix_optimizer="shampoo")

@@ -190,3 +190,13 @@ def test_run_dir_with_other_files_is_refused(bpe_ds, tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "not empty and not a slowrun run (holds notes.txt)" in r.stderr
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"] and (run / "notes.txt").read_text() == "keep me"
+
+
+def test_curriculum_reaches_the_trainer(bpe_ds, tmp_path):
+    """data.curriculum is not ignored by the trainer: the same seed with it trains on other
+    batches (other losses) and the run's config records it."""
+    common = {"train.max_steps": 4, "eval.test": False, "train.save_final": False}
+    train(smoke_config(bpe_ds, **common), tmp_path / "off", echo=False)
+    train(smoke_config(bpe_ds, **common, **{"data.curriculum": "easy_to_hard"}), tmp_path / "on", echo=False)
+    assert losses(tmp_path / "off") != losses(tmp_path / "on")
+    assert 'curriculum = "easy_to_hard"' in (tmp_path / "on" / "config.toml").read_text()

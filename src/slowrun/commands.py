@@ -1,5 +1,5 @@
 """Command-line layer of the training-side commands: train, eval, sample, ensemble, sweep,
-efficiency, record, report, bench. Each parses its flags and calls an importable function."""
+efficiency, record, report, bench, plan. Each parses its flags and calls an importable function."""
 
 from __future__ import annotations
 
@@ -215,7 +215,10 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-grid", action="append", default=[], metavar="B:KEY=V1,V2",
                    help="replace a grid axis at budget B only, e.g. --budget-grid 16:optim.lr=3e-4,6e-4,1.2e-3 (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every point (repeatable)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time on CPU, each its own process (default 1); "
+                   "with CUDA, one run per device (or per --gpus-per-job devices)")
+    p.add_argument("--gpus-per-job", type=int, default=1, metavar="K",
+                   help="CUDA devices per run, launched with torchrun when K > 1 (default 1)")
     p.add_argument("--threads", type=int, default=-1, help="torch threads per run (default: torch's choice)")
     p.add_argument("--fit-params", action="store_true", help="fit L(N) = A/N^alpha + E over model sizes and report E")
     p.add_argument("--name", default="", help="curve name (default RECIPE-sweep)")
@@ -263,7 +266,8 @@ def _run_sweep(a: argparse.Namespace) -> int:
 
         raise ConfigError(f"--seeds: must be >= 1, got {a.seeds}")
     curve = sweep(SweepConfig(a.recipe, a.data, a.out, a.budgets, grid, fixed, by_budget, a.jobs, a.threads, a.fit_params,
-                              a.name, not a.no_progress, a.ledger, a.expand, refine=refine, seeds=a.seeds))
+                              a.name, not a.no_progress, a.ledger, a.expand, refine=refine, seeds=a.seeds,
+                              gpus_per_job=a.gpus_per_job))
     print(describe(curve))
     print(f"wrote {Path(a.out) / 'curve.json'}")
     return 0
@@ -305,6 +309,36 @@ def _run_efficiency(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ablate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="slowrun", help="recipe whose techniques are ablated (default slowrun)")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 of the full recipe and of every variant (default 3)")
+    p.add_argument("--only", default="", metavar="A,B", help="ablate only these techniques (default: every one the recipe turns on)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override of every run, the full recipe's too (repeatable)")
+    p.add_argument("--out", default=None, help="ablation directory (runs, ablation.json); rerunning continues it (default runs/ablate-RECIPE)")
+    p.add_argument("--curve", default="", help="a baseline curve (curve.json or fineweb) to place every variant on")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process (default 1)")
+    p.add_argument("--threads", type=int, default=-1, help="torch threads per run (default: torch's choice)")
+    p.add_argument("--ledger", default="", metavar="FILE", help="JSON Lines file of finished runs (as sweep's --ledger)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_ablate(a: argparse.Namespace) -> int:
+    from .ablate import AblateConfig, ablate, describe
+    from .config import parse_value
+
+    fixed = {}
+    for item in a.set:
+        key, _, value = item.partition("=")
+        fixed[key] = parse_value(value)
+    out = a.out or f"runs/ablate-{Path(a.recipe).stem}"
+    only = [n.strip() for n in a.only.split(",") if n.strip()]
+    ab = ablate(AblateConfig(a.recipe, a.data, out, a.seeds, only, fixed, a.jobs, a.threads, a.ledger, a.curve, not a.no_progress))
+    print(describe(ab))
+    print(f"wrote {Path(out) / 'ablation.json'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 # ensemble
 
@@ -316,7 +350,10 @@ def _add_ensemble(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill", action="store_true", help="chain distillation: member k learns from member k-1")
     p.add_argument("--alpha", type=float, default=0.5, help="distillation weight a in (1-a)*CE + a*T^2*KL (default 0.5)")
     p.add_argument("--temperature", type=float, default=1.2, help="distillation temperature T (default 1.2)")
-    p.add_argument("--jobs", type=int, default=1, help="members trained at a time without --distill (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="members trained at a time without --distill on CPU (default 1); "
+                   "with CUDA, one member per device (or per --gpus-per-job devices)")
+    p.add_argument("--gpus-per-job", type=int, default=1, metavar="K",
+                   help="CUDA devices per member, launched with torchrun when K > 1 (default 1)")
     p.add_argument("--threads", type=int, default=-1, help="torch threads per member (default: torch's choice)")
     p.add_argument("--fitness-tokens", type=int, default=0, help="carve this many tokens from the end of the training split for member selection (never trained on)")
     p.add_argument("--select", type=int, default=0, help="keep the K' members with the largest fitted mixture weights (default: all)")
@@ -345,7 +382,7 @@ def _run_ensemble(a: argparse.Namespace) -> int:
     run_dir = _run_dir(a.run_dir or _run_dir_default(a.recipe) + f"-ens{a.members}")
     result = train_ensemble(a.recipe, data, a.members, run_dir, parse_overrides(getattr(a, "overrides", []) or []),
                             a.distill, a.alpha, a.temperature, a.jobs, a.threads, a.fitness_tokens, a.select,
-                            not a.no_progress)
+                            not a.no_progress, gpus_per_job=a.gpus_per_job)
     print(describe(result))
     print(f"wrote {Path(run_dir) / 'result.json'}")
     return 0
@@ -394,8 +431,9 @@ def _run_record(a: argparse.Namespace) -> int:
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished runs and/or ensembles")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="finished runs and/or ensembles")
     p.add_argument("--out", required=True, help="output directory (index.html and PNGs)")
+    p.add_argument("--ablation", default=None, metavar="FILE", help="an ablation.json of `slowrun ablate` (or its directory): a bar chart of the deltas")
     p.add_argument("--curve", default=None, help="a baseline curve (curve.json, or fineweb) to place the runs on")
     p.add_argument("--records", default=None, help="records directory, for the records table")
     p.add_argument("--track", default="cpu", help="records track (default cpu)")
@@ -403,10 +441,52 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(a: argparse.Namespace) -> int:
-    from .report import build_report
+    from .report import ReportError, build_report
 
-    page = build_report(a.runs, a.out, a.curve, a.records, a.track if a.records else None, a.title)
+    if not a.runs and not a.ablation:
+        raise ReportError("give run directories, --ablation FILE, or both")
+    page = build_report(a.runs, a.out, a.curve, a.records, a.track if a.records else None, a.title, a.ablation)
     print(f"wrote {page}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# plan
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    from .cli import count
+
+    p.add_argument("recipe", metavar="RECIPE", help="recipe name or path to a TOML file")
+    p.add_argument("--gpus", type=int, default=1, help="ranks the global batch is split over (default 1)")
+    p.add_argument("--micro-batch-tokens", type=count, default=-1, metavar="T",
+                   help="tokens per forward/backward on one rank (default: the recipe's train.micro_batch_tokens)")
+    p.add_argument("--train-tokens", type=count, default=-1, metavar="N",
+                   help="training tokens the epochs are counted in (default: --data's, else the benchmark's 100M)")
+    p.add_argument("--data", default=None, help="a prepared dataset: its training tokens and vocabulary")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override, e.g. model.n_layer=30 (repeatable)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where it would train (default cuda): the output layer differs")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--step-s", type=float, default=None, metavar="S", help="a measured step time in seconds: project the run's wall time")
+    src.add_argument("--run", default=None, metavar="RUN_DIR", help="take the step time from a run's metrics.jsonl (median step_s)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _run_plan(a: argparse.Namespace) -> int:
+    from .config import parse_value
+    from .plan import as_json, describe, median_step_s, plan
+
+    over = {}
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            from .config import ConfigError
+
+            raise ConfigError(f"--set {item}: expected section.key=value")
+        over[key] = parse_value(value)
+    step_s = median_step_s(a.run) if a.run else a.step_s
+    p = plan(a.recipe, over, a.gpus, a.micro_batch_tokens, a.train_tokens, a.data, a.device, step_s)
+    print(as_json(p) if a.json else describe(p))
     return 0
 
 
@@ -456,8 +536,10 @@ def table():
         Command("sample", "generate text from a run or checkpoint", _add_sample, _run_sample),
         Command("ensemble", "train K members (optionally chain-distilled) and evaluate them together; or --eval any runs", _add_ensemble, _run_ensemble, passthrough=True),
         Command("sweep", "a recipe over a config grid at nested budgets: a tuned baseline curve (curve.json)", _add_sweep, _run_sweep),
+        Command("ablate", "leave-one-out ablation of every technique a recipe turns on, over seeds (ablation.json)", _add_ablate, _run_ablate),
         Command("record", "make a record (>= 3 seeds, Welch t-test vs the track's best) or --check a candidate", _add_record, _run_record),
         Command("report", "a static HTML report with plots of runs, ensembles, curves and records", _add_report, _run_report),
         Command("bench", "benchmarks: the CPU track, and training throughput", _add_bench, _run_bench),
         Command("efficiency", "data efficiency of a loss or run on a baseline curve (e.g. 6.12x)", _add_efficiency, _run_efficiency),
+        Command("plan", "parameters, FLOPs, steps, memory per rank and projected wall time of a recipe (nothing is trained)", _add_plan, _run_plan),
     ]

@@ -163,6 +163,9 @@ class OptimConfig:
     muon_coeffs: str = opt("quintic", "Newton-Schulz coefficients: quintic (3.4445, -4.7750, 2.0315) or polar_express")
     muon_eq_r: bool = opt(False, "MuonEq-R: normalize rows of the momentum before orthogonalization")
     normuon: bool = opt(False, "NorMuon: per-row second-moment normalization after orthogonalization")
+    matrix_optimizer: str = opt("muon", "optimizer of the 2-D hidden matrices when name=muon: muon, or heavyball's soap, kl_shampoo or psgd_kron (needs the second-order extra; run without torch.compile)")
+    precond_lr: float = opt(3e-3, "learning rate of the hidden matrices with matrix_optimizer soap, kl_shampoo or psgd_kron")
+    precondition_frequency: int = opt(10, "steps between eigenbasis refreshes of soap and kl_shampoo (psgd_kron: heavyball's probability schedule)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; -1 disables")
     warmup_steps: int = opt(0, "linear LR warmup in steps")
     warmdown_frac: float = opt(0.3, "fraction of the steps (before any SWA cycles) over which the LR decays")
@@ -195,6 +198,11 @@ class OptimConfig:
         _check(0 <= self.muon_momentum_start < 1, "optim.muon_momentum_start", "must be in [0, 1)", self.muon_momentum_start)
         _check(self.muon_ns_steps >= 1, "optim.muon_ns_steps", "must be >= 1", self.muon_ns_steps)
         _choice("optim.muon_coeffs", self.muon_coeffs, ("quintic", "polar_express"))
+        _choice("optim.matrix_optimizer", self.matrix_optimizer, ("muon", "soap", "kl_shampoo", "psgd_kron"))
+        _check(self.matrix_optimizer == "muon" or self.name == "muon", "optim.matrix_optimizer",
+               "only applies with optim.name=muon (adamw trains the matrices with AdamW)", self.matrix_optimizer)
+        _check(self.precond_lr > 0, "optim.precond_lr", "must be > 0", self.precond_lr)
+        _check(self.precondition_frequency >= 1, "optim.precondition_frequency", "must be >= 1", self.precondition_frequency)
         _check(self.grad_clip == -1 or self.grad_clip > 0, "optim.grad_clip", "must be -1 or > 0", self.grad_clip)
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
         _check(0 <= self.warmdown_frac <= 1, "optim.warmdown_frac", "must be in [0, 1]", self.warmdown_frac)
@@ -267,9 +275,13 @@ class DataConfig:
     doc_shuffle: bool = opt(True, "shuffle the document order every epoch (seed = train.seed + epoch) so chunk boundaries move")
     seq_shuffle: bool = opt(True, "shuffle the fixed-length sequences within each epoch")
     fitness_tokens: int = opt(0, "tokens carved from the END of the training split as a fitness slice (for ensemble member selection); never trained on")
+    curriculum: str = opt("off", "per-epoch document order by difficulty: off, easy_to_hard, hard_to_easy or mixed (alternating by epoch); on, sequences are served in stream order")
+    curriculum_score: str = opt("length", "document difficulty: length (tokens), or a run directory / weights file whose model's mean loss on each training document is the score (cached beside its weights)")
 
     def __post_init__(self) -> None:
         _check(self.fitness_tokens >= 0, "data.fitness_tokens", "must be >= 0", self.fitness_tokens)
+        _choice("data.curriculum", self.curriculum, ("off", "easy_to_hard", "hard_to_easy", "mixed"))
+        _check(self.curriculum_score != "", "data.curriculum_score", "must be length or a run directory / weights file", self.curriculum_score)
 
 
 @dataclass

@@ -279,8 +279,10 @@ def describe(result: dict) -> str:
 def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, overrides: dict | None = None,
                    distill: bool = False, alpha: float = 0.5, temperature: float = 1.2, parallel: int = 1,
                    threads: int = -1, fitness_tokens: int = 0, select: int = 0, progress: bool = True,
-                   log=print) -> dict:
-    """Train (or continue) K members, then evaluate the ensemble; writes run_dir/result.json."""
+                   log=print, gpus_per_job: int = 1) -> dict:
+    """Train (or continue) K members, then evaluate the ensemble; writes run_dir/result.json.
+    On a CUDA machine the members run one per device (`gpus_per_job` devices each, through
+    torchrun when > 1): see `jobs.run_jobs`."""
     from .config import build_config
 
     if members < 1:
@@ -300,11 +302,11 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
             if k > 0:
                 job.overrides.update({"distill.teacher": str(best_weights(jobs[k - 1].run_dir)),
                                       "distill.alpha": alpha, "distill.temperature": temperature})
-            failures = run_jobs([job], 1, threads, progress, desc=f"member {k}")
+            failures = run_jobs([job], 1, threads, progress, desc=f"member {k}", gpus_per_job=gpus_per_job)
             if failures:
                 raise EnsembleError(f"member {k} failed: {failures[job.run_dir]}")
     else:
-        failures = run_jobs(jobs, parallel, threads, progress, desc="members")
+        failures = run_jobs(jobs, parallel, threads, progress, desc="members", gpus_per_job=gpus_per_job)
         if failures:
             raise EnsembleError("members failed: " + "; ".join(f"{p.name}: {e}" for p, e in failures.items()))
     t_eval = time.time()

@@ -6,6 +6,11 @@ targets, model in eval mode. Bits per byte divides the summed loss (in bits) by 
 bytes of the target tokens, so runs with different tokenizers compare. The per-target
 log-probabilities can be returned too: probability-averaged ensembles (and a run's
 `swa_probs` variant) need nothing else.
+
+Sharded: given a `DistEnv` of several ranks, each rank scores every world_size-th batch of
+chunks and the per-target log-probabilities are summed over ranks (each target is scored
+by one rank and is 0 elsewhere, so the sum is exact): every rank returns the same array,
+and the loss, bits per byte and any probability average computed from it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Iterable
 
 import numpy as np
 import torch
+
+from .distributed import DistEnv
 
 
 @dataclass
@@ -52,23 +59,41 @@ def autocast(device: torch.device, dtype: str):
 
 @torch.no_grad()
 def target_logprobs(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_seqs: int = 16,
-                    device: torch.device | str = "cpu", dtype: str = "fp32", max_tokens: int = -1) -> np.ndarray:
-    """log p(target) for every target of every chunk, float64, in order (n_chunks * seq_len,)."""
+                    device: torch.device | str = "cpu", dtype: str = "fp32", max_tokens: int = -1,
+                    env: DistEnv | None = None) -> np.ndarray:
+    """log p(target) for every target of every chunk, float64, in order (n_chunks * seq_len,).
+
+    With `env` of several ranks, every rank must call it: each scores its share of the
+    batches (batch b on rank b % world_size) and all get the whole array (module docstring)."""
     device = torch.device(device)
+    rank, world = (env.rank, env.world_size) if env is not None and env.distributed else (0, 1)
+    n = num_chunks(len(tokens), seq_len, max_tokens)
+    if n == 0:
+        raise ValueError(f"split of {len(tokens)} tokens is shorter than one chunk of {seq_len + 1}")
+    out = np.zeros(n * seq_len, dtype=np.float64)
     was_training = model.training
     model.eval()
-    out = []
     try:
-        for chunk in chunk_batches(tokens, seq_len, batch_seqs, max_tokens):
+        for b, i in enumerate(range(0, n, batch_seqs)):
+            if b % world != rank:
+                continue
+            j = min(n, i + batch_seqs)
+            chunk = np.asarray(tokens[i * (seq_len + 1): j * (seq_len + 1)], dtype=np.int64).reshape(j - i, seq_len + 1)
             x = torch.from_numpy(chunk[:, :-1]).to(device)
             y = torch.from_numpy(chunk[:, 1:]).to(device)
             with autocast(device, dtype):
                 logits, _ = model(x)
             lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            out.append(lp.double().cpu().numpy().reshape(-1))
+            out[i * seq_len: j * seq_len] = lp.double().cpu().numpy().reshape(-1)
     finally:
         model.train(was_training)
-    return np.concatenate(out)
+    if world > 1:
+        import torch.distributed as dist
+
+        t = torch.from_numpy(out).to(device)  # nccl reduces device tensors, gloo CPU ones
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        out = t.cpu().numpy()
+    return out
 
 
 def target_byte_counts(tokens: np.ndarray, seq_len: int, token_bytes: np.ndarray, max_tokens: int = -1) -> np.ndarray:
@@ -84,8 +109,10 @@ def summarize(logprobs: np.ndarray, target_bytes: np.ndarray) -> EvalResult:
 
 
 def evaluate(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, token_bytes: np.ndarray, batch_seqs: int = 16,
-             device: torch.device | str = "cpu", dtype: str = "fp32", max_tokens: int = -1) -> EvalResult:
-    lp = target_logprobs(model, tokens, seq_len, batch_seqs, device, dtype, max_tokens)
+             device: torch.device | str = "cpu", dtype: str = "fp32", max_tokens: int = -1,
+             env: DistEnv | None = None) -> EvalResult:
+    """Loss and bits per byte; with `env` of several ranks, sharded (every rank calls it and gets the result)."""
+    lp = target_logprobs(model, tokens, seq_len, batch_seqs, device, dtype, max_tokens, env)
     return summarize(lp, target_byte_counts(tokens, seq_len, token_bytes, max_tokens))
 
 
@@ -99,11 +126,11 @@ def prob_average(logprobs: list[np.ndarray], weights: np.ndarray | None = None) 
 
 def evaluate_averaged(models: Iterable[torch.nn.Module], tokens: np.ndarray, seq_len: int, token_bytes: np.ndarray,
                       batch_seqs: int = 16, device: torch.device | str = "cpu", dtype: str = "fp32",
-                      max_tokens: int = -1) -> EvalResult:
+                      max_tokens: int = -1, env: DistEnv | None = None) -> EvalResult:
     """Loss of the mean of the models' probabilities (one model: its own loss), as the final
     evaluation scores a probability-averaged variant. `models` may be a generator, so that one
-    model at a time is in memory."""
-    lps = [target_logprobs(m, tokens, seq_len, batch_seqs, device, dtype, max_tokens) for m in models]
+    model at a time is in memory. `env`: sharded over its ranks, as `target_logprobs`."""
+    lps = [target_logprobs(m, tokens, seq_len, batch_seqs, device, dtype, max_tokens, env) for m in models]
     if not lps:
         raise ValueError("evaluate_averaged needs at least one model")
     lp = lps[0] if len(lps) == 1 else prob_average(lps)

@@ -3,11 +3,18 @@
 Each job is a normal run directory; a finished one (result.json) is skipped and an
 interrupted one (config.toml without result.json) is resumed, so a whole sweep or
 ensemble continues where it stopped.
+
+Placement: on a machine with N CUDA devices, N // K jobs run at once, each with
+`CUDA_VISIBLE_DEVICES` set to K devices of its own (K = gpus_per_job, default 1) taken from
+a pool and given back when it ends; a job with K > 1 is launched through torchrun
+(`python -m torch.distributed.run --standalone --nproc_per_node=K`, a free rendezvous port
+each). Without CUDA, `parallel` jobs run at once with no device assignment.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -17,6 +24,46 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tqdm import tqdm
+
+from . import SlowrunError
+
+
+class PlacementError(SlowrunError):
+    pass
+
+
+def device_ids(num_devices: int | None = None) -> list[str]:
+    """The CUDA devices this process may hand out, as `CUDA_VISIBLE_DEVICES` entries: its own
+    visible list when that is set (so a job never lands outside it), else 0..N-1.
+    `num_devices` (default torch.cuda.device_count()) can be given, e.g. to fake devices."""
+    if num_devices is None:
+        import torch
+
+        num_devices = torch.cuda.device_count()
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[:num_devices] if visible else [str(i) for i in range(num_devices)]
+
+
+class DevicePool:
+    """Free device ids; `take(k)` waits until k are free and returns them, `give(ids)` returns them."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.free = list(ids)
+        self.size = len(ids)
+        self._cond = threading.Condition()
+
+    def take(self, k: int) -> list[str]:
+        if k > self.size:
+            raise PlacementError(f"--gpus-per-job {k}: only {self.size} CUDA device(s) here")
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.free) >= k)
+            ids, self.free = self.free[:k], self.free[k:]
+            return ids
+
+    def give(self, ids: list[str]) -> None:
+        with self._cond:
+            self.free.extend(ids)
+            self._cond.notify_all()
 
 
 @dataclass
@@ -30,33 +77,57 @@ class TrainJob:
     def done(self) -> bool:
         return (self.run_dir / "result.json").is_file()
 
-    def command(self, threads: int = -1) -> list[str]:
+    def command(self, threads: int = -1, nproc: int = 1) -> list[str]:
+        """The `slowrun train` command line; with nproc > 1 launched by torchrun, nproc ranks."""
+        launch = [sys.executable, "-m", "slowrun"] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "slowrun"]
         if (self.run_dir / "config.toml").is_file():  # interrupted earlier: continue it exactly
-            return [sys.executable, "-m", "slowrun", "train", "--resume", str(self.run_dir), "--quiet"]
+            return launch + ["train", "--resume", str(self.run_dir), "--quiet"]
         over = {**self.overrides, "train.progress": False}
         if threads > 0:
             over["train.num_threads"] = threads
-        return [sys.executable, "-m", "slowrun", "train", "--recipe", self.recipe, "--data", str(self.data),
-                "--run-dir", str(self.run_dir), "--quiet"] + [f"--{k}={json.dumps(v)}" for k, v in over.items()]
+        return launch + ["train", "--recipe", self.recipe, "--data", str(self.data),
+                         "--run-dir", str(self.run_dir), "--quiet"] + [f"--{k}={json.dumps(v)}" for k, v in over.items()]
 
     def result(self) -> dict:
         return json.loads((self.run_dir / "result.json").read_text())
 
 
 def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progress: bool = True,
-             desc: str = "runs", on_done: Callable[[TrainJob], None] | None = None) -> dict[Path, str]:
-    """Train every unfinished job, `parallel` at a time; returns failures (run dir -> last error line).
-    `on_done(job)` is called (one at a time) as soon as each job has finished, e.g. to record it."""
+             desc: str = "runs", on_done: Callable[[TrainJob], None] | None = None,
+             gpus_per_job: int = 1, num_devices: int | None = None) -> dict[Path, str]:
+    """Train every unfinished job; returns failures (run dir -> last error line).
+    `on_done(job)` is called (one at a time) as soon as each job has finished, e.g. to record it.
+
+    With CUDA devices (`num_devices`, default torch.cuda.device_count()), N // gpus_per_job
+    jobs run at once, each on devices of its own (`parallel` is for CPU machines); without,
+    `parallel` at a time."""
     todo = [j for j in jobs if not j.done()]
     failures: dict[Path, str] = {}
     if not todo:
         return failures
+    k = gpus_per_job
+    ids = device_ids(num_devices)
+    if k < 1:
+        raise PlacementError(f"--gpus-per-job: must be >= 1, got {k}")
+    if ids and k > len(ids):
+        raise PlacementError(f"--gpus-per-job {k}: only {len(ids)} CUDA device(s) here")
+    if not ids and k > 1:
+        raise PlacementError(f"--gpus-per-job {k}: no CUDA device here")
+    pool = DevicePool(ids) if ids else None
+    workers = len(ids) // k if pool is not None else max(1, parallel)
     lock = threading.Lock()
     bar = tqdm(total=len(todo), unit="run", desc=desc, disable=not progress, dynamic_ncols=True)
 
     def work(job: TrainJob) -> None:
         job.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(job.command(threads), capture_output=True, text=True)
+        held = pool.take(k) if pool is not None else None
+        try:
+            env = None if held is None else {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(held)}
+            r = subprocess.run(job.command(threads, k), capture_output=True, text=True, env=env)
+        finally:
+            if held is not None:
+                pool.give(held)
         with lock:
             if r.returncode != 0:
                 lines = (r.stderr or r.stdout).strip().splitlines()
@@ -66,7 +137,7 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
                 on_done(job)
             bar.update(1)
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        list(pool.map(work, todo))
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        list(ex.map(work, todo))
     bar.close()
     return failures

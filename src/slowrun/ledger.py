@@ -3,7 +3,8 @@
 A sweep or the CPU track can take days of CPU time over several machines. Every finished
 run is appended to the ledger (one JSON object per line) as soon as it ends, so a run
 found there is never trained again on any machine. A line holds the run's key (a hash of
-its resolved config without what cannot change the result: paths, threads, logging), the
+its resolved config without what cannot change the result: paths, threads, logging, and
+without values at their defaults, so that a config field added later changes no key), the
 dataset it trained on (tokenizer, val, test and train hashes), every weights variant's
 val/test loss and bits per byte, steps, wall time, device, torch version and commit.
 
@@ -14,6 +15,7 @@ the reader with its line number: the ledger is data others build on, never guess
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -39,9 +41,24 @@ class LedgerError(SlowrunError):
 
 
 def config_key(config: dict[str, Any]) -> str:
-    """The run's identity: sha256 of its resolved config without the keys in NON_RESULT_KEYS."""
-    pruned = {sec: {k: v for k, v in vals.items() if k not in NON_RESULT_KEYS.get(sec, ())}
-              for sec, vals in config.items()}
+    """The run's identity: sha256 of its resolved config without the keys in NON_RESULT_KEYS
+    and without values equal to the field's default in this version of slowrun.
+
+    Leaving defaults out keeps keys stable across versions: a config field added later (with
+    a default that keeps the old behaviour) is absent from old results and at its default in
+    new ones, and neither changes the key. A default that changes makes old runs' values
+    non-default, so their keys differ from new runs', as they should. Fields this version does
+    not know are kept, so a run of an unknown setting is never taken for a known one."""
+    from .config import SECTIONS
+
+    pruned = {}
+    for sec, vals in config.items():
+        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+                    for f in dataclasses.fields(SECTIONS[sec])} if sec in SECTIONS else {}
+        kept = {k: v for k, v in vals.items()
+                if k not in NON_RESULT_KEYS.get(sec, ()) and not (k in defaults and v == defaults[k])}
+        if kept:
+            pruned[sec] = kept
     return hashlib.sha256(json.dumps(pruned, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -91,6 +108,8 @@ class Ledger:
                 if not isinstance(e, dict) or e.get("format") != FORMAT or "key" not in e or "dataset" not in e:
                     raise LedgerError(f"{path}:{n}: not a {FORMAT} entry; fix or remove that line")
                 e["_line"] = n
+                if isinstance(e.get("config"), dict):  # keyed by this version's config_key, not the stored one
+                    e["key"] = config_key(e["config"])
                 led.entries.append(e)
         return led
 

@@ -8,16 +8,27 @@ an epoch boundary. The position (epoch, index) is all the state there is: the or
 epoch is a pure function of (seed, epoch), so a resumed run reads exactly what the
 uninterrupted one would have. Tokens stay memory-mapped: memory does not grow with the
 dataset, only with the document count (one int64 per document).
+
+A curriculum (`curriculum` != "off", with a difficulty score per training document from
+`document_scores`) sorts that epoch's shuffled document order by the score (a stable sort,
+so equal scores keep the epoch's random order): easy_to_hard ascending, hard_to_easy
+descending, mixed alternating (easy to hard on even epochs, hard to easy on odd ones, so
+every epoch boundary joins documents of like difficulty). Sequences are then served in
+stream order (a sequence shuffle would undo the order). Off, nothing changes: the same
+random draws, the same batches.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .dataset import Dataset
+
+CURRICULA = ("off", "easy_to_hard", "hard_to_easy", "mixed")
 
 
 def fitness_slice(dataset: Dataset, tokens: int) -> np.ndarray:
@@ -28,6 +39,50 @@ def fitness_slice(dataset: Dataset, tokens: int) -> np.ndarray:
     if tokens >= len(train) // 2:
         raise ValueError(f"data.fitness_tokens={tokens:,} would take half or more of the {len(train):,} training tokens")
     return train[len(train) - tokens:]
+
+
+def _doc_bounds(dataset: Dataset, fitness_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of every training document the loader serves (the fitness slice cut off)."""
+    n = len(dataset.tokens("train")) - len(fitness_slice(dataset, fitness_tokens))
+    starts = dataset.doc_starts("train")
+    starts = starts[starts < n].astype(np.int64)
+    return starts, np.diff(np.append(starts, n))
+
+
+def document_scores(dataset: Dataset, score: str, seq_len: int, fitness_tokens: int = 0, device: str = "cpu") -> np.ndarray:
+    """A difficulty per training document, from the training split only: `length` (tokens), or
+    the path of a run (or weights file) whose model scores each document by its mean loss on
+    the document's first seq_len+1 tokens. Model scores are cached beside the weights, keyed
+    by the weights' and the training split's sha256."""
+    starts, lens = _doc_bounds(dataset, fitness_tokens)
+    if score == "length":
+        return lens.astype(np.float64)
+    from .checkpoint import load_model, weights_path
+    from .dataset import require_comparable
+    from .storage import atomic_write_json, sha256_file
+
+    weights = weights_path(score)
+    key = {"weights": sha256_file(weights), "train": dataset.manifest["files"].get("train.bin"), "docs": len(starts),
+           "seq_len": seq_len}
+    cache = weights.with_name(f"doc_scores-{key['weights'][:12]}-{str(key['train'])[:12]}-{len(starts)}-{seq_len}")
+    if cache.with_suffix(".json").is_file() and json.loads(cache.with_suffix(".json").read_text()) == key:
+        return np.load(cache.with_suffix(".npy"))
+    model, cfg, extra = load_model(weights, device)
+    if extra.get("dataset"):
+        require_comparable(extra["dataset"], dataset.fingerprint, f"the scoring model {score} and {dataset.path}")
+    tokens, T = dataset.tokens("train"), min(seq_len, cfg.model.seq_len)
+    out = np.full(len(starts), np.nan)
+    with torch.no_grad():
+        for i, (a, n) in enumerate(zip(starts, lens)):
+            if n < 2:
+                continue
+            doc = torch.from_numpy(np.asarray(tokens[a:a + min(int(n), T + 1)], dtype=np.int64)).to(device)[None]
+            logits, _ = model(doc[:, :-1])
+            out[i] = torch.nn.functional.cross_entropy(logits[0].float(), doc[0, 1:]).item()
+    out[np.isnan(out)] = np.nanmedian(out) if np.isfinite(out).any() else 0.0  # one-token documents: middling
+    np.save(cache.with_suffix(".npy"), out)
+    atomic_write_json(cache.with_suffix(".json"), key)
+    return out
 
 
 @dataclass
@@ -42,16 +97,19 @@ class TrainLoader:
     """Yields this rank's share of each global batch as (inputs, targets), each (B, T) int64."""
 
     def __init__(self, dataset: Dataset, seq_len: int, batch_seqs: int, seed: int = 0, doc_shuffle: bool = True,
-                 seq_shuffle: bool = True, rank: int = 0, world_size: int = 1, fitness_tokens: int = 0) -> None:
+                 seq_shuffle: bool = True, rank: int = 0, world_size: int = 1, fitness_tokens: int = 0,
+                 curriculum: str = "off", doc_scores: np.ndarray | None = None) -> None:
         if batch_seqs % world_size:
             raise ValueError(f"global batch of {batch_seqs} sequences does not split over {world_size} ranks")
         self.tokens = dataset.tokens("train")
+        self.doc_starts, self.doc_lens = _doc_bounds(dataset, fitness_tokens)
         n = len(self.tokens) - len(fitness_slice(dataset, fitness_tokens))
-        starts = dataset.doc_starts("train")
-        starts = starts[starts < n]
-        self.doc_starts = starts.astype(np.int64)
-        self.doc_lens = np.diff(np.append(self.doc_starts, n))
         self.num_tokens = n
+        if curriculum not in CURRICULA:
+            raise ValueError(f"curriculum {curriculum!r}: must be one of {', '.join(CURRICULA)}")
+        if curriculum != "off" and (doc_scores is None or len(doc_scores) != len(self.doc_starts)):
+            raise ValueError(f"curriculum {curriculum} needs one score per training document ({len(self.doc_starts)})")
+        self.curriculum, self.doc_scores = curriculum, doc_scores
         self.seq_len = seq_len
         self.seqs_per_epoch = (n - 1) // seq_len
         if self.seqs_per_epoch < batch_seqs:
@@ -84,9 +142,14 @@ class TrainLoader:
             rng = np.random.default_rng([self.seed, epoch])
             n_docs = len(self.doc_starts)
             order = rng.permutation(n_docs) if self.doc_shuffle else np.arange(n_docs)
+            if self.curriculum != "off":
+                up = self.curriculum == "easy_to_hard" or (self.curriculum == "mixed" and epoch % 2 == 0)
+                key = self.doc_scores[order]
+                order = order[np.argsort(key if up else -key, kind="stable")]
             offsets = np.zeros(n_docs + 1, dtype=np.int64)
             np.cumsum(self.doc_lens[order], out=offsets[1:])
-            seqs = rng.permutation(self.seqs_per_epoch) if self.seq_shuffle else np.arange(self.seqs_per_epoch)
+            shuffle = self.seq_shuffle and self.curriculum == "off"
+            seqs = rng.permutation(self.seqs_per_epoch) if shuffle else np.arange(self.seqs_per_epoch)
             self._plan = _EpochPlan(epoch, offsets, self.doc_starts[order], seqs)
         return self._plan
 

@@ -3,11 +3,15 @@
 Parameter groups are assigned by explicit name patterns (`group_of`): embeddings, the
 output head, scalars/gates/norms, IHA's head-mixing tensors, and 2-D hidden matrices; an
 assertion checks that every parameter lands in exactly one. With `optim.name = "muon"` the hidden matrices use Muon
-and everything else AdamW; with `adamw`, AdamW throughout.
+and everything else AdamW; with `adamw`, AdamW throughout. `optim.matrix_optimizer` swaps
+Muon for an optimizer that preconditions both sides of each matrix, from heavyball (SOAP,
+KL-Shampoo, PSGD-Kron; the `second-order` extra), run eagerly (no torch.compile) so it
+works on CPU; its nested state goes through checkpoints as flat tensors plus JSON.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,6 +33,10 @@ POLAR_EXPRESS = (  # Amsel et al. 2025, per-step coefficients, used after dividi
     (2.347, -1.710, 0.423),
 )
 GROUP_KINDS = ("matrix", "embed", "head", "scalar", "iha")
+HEAVYBALL = {"soap": "SOAP", "kl_shampoo": "KLShampoo", "psgd_kron": "PSGDKron"}  # optim.matrix_optimizer -> class
+# heavyball keeps counters in its param groups; these are restored on resume, every other
+# group setting comes from this run's config
+HEAVYBALL_GROUP_STATE = ("step", "step_count", "is_preconditioning", "prev_lr", "param_count", "is_cached")
 
 
 def group_of(name: str, p: Tensor) -> str:
@@ -216,14 +224,17 @@ class Optimizers:
 
     def step(self) -> None:
         for opt in self.optimizers:
-            opt.step()
+            if is_heavyball(opt):
+                heavyball_step(opt)
+            else:
+                opt.step()
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> list[dict]:
-        return [opt.state_dict() for opt in self.optimizers]
+        return [heavyball_state(opt) if is_heavyball(opt) else opt.state_dict() for opt in self.optimizers]
 
     def load_state_dict(self, states: list[dict]) -> None:
         """Per-parameter states (as saved); the groups' settings come from this run's config."""
@@ -231,7 +242,115 @@ class Optimizers:
             raise ValueError(f"checkpoint has {len(states)} optimizer states, this run has {len(self.optimizers)}")
         for opt, st in zip(self.optimizers, states):
             st = st.get("state", st) if "param_groups" in st else st
-            opt.load_state_dict({"state": st, "param_groups": opt.state_dict()["param_groups"]})
+            if is_heavyball(opt):
+                load_heavyball_state(opt, st)
+            else:
+                opt.load_state_dict({"state": st, "param_groups": opt.state_dict()["param_groups"]})
+
+
+# ---------------------------------------------------------------------------------------
+# heavyball (optional): SOAP, KL-Shampoo, PSGD-Kron for the hidden matrices
+
+
+def is_heavyball(opt: torch.optim.Optimizer) -> bool:
+    return type(opt).__module__.split(".")[0] == "heavyball"
+
+
+def heavyball_optimizer(name: str, groups: list[dict], precondition_frequency: int) -> torch.optim.Optimizer:
+    """heavyball's optimizer `name` (a key of HEAVYBALL) over `groups`, run eagerly; its other
+    hyperparameters (betas, eps, shampoo_beta, ...) are heavyball's defaults."""
+    from .config import ConfigError
+
+    try:
+        import heavyball
+        import heavyball.utils
+    except ImportError:
+        raise ConfigError(f"optim.matrix_optimizer={name} needs heavyball: pip install 'slowrun[second-order]'") from None
+    heavyball.utils.compile_mode = None  # eager: no compiler needed (CPU), same numbers on every rank
+    kw = {} if name == "psgd_kron" else {"precondition_frequency": precondition_frequency}
+    return getattr(heavyball, HEAVYBALL[name])(groups, **kw)
+
+
+def heavyball_step(opt: torch.optim.Optimizer) -> None:
+    """One step with the random draws (PSGD-Kron's probe vectors) seeded by heavyball's own
+    step counter: the same on every rank (the trainer seeds each rank apart), the same after
+    a resume, and the training's random stream left untouched."""
+    n = opt.param_groups[0].get("step_count", 0)
+    dev = opt.param_groups[0]["params"][0].device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(1_000_003 + int(n))
+        opt.step()
+
+
+def _encode(v, tensors: dict[str, Tensor]):
+    """A nested state as JSON with its tensors moved to `tensors` (by name)."""
+    if isinstance(v, Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = v.detach().clone()  # no storage shared between entries (safetensors refuses it)
+        return {"__t__": name}
+    if isinstance(v, dict):
+        return {"__d__": [[_encode(k, tensors), _encode(x, tensors)] for k, x in v.items()]}
+    if isinstance(v, (list, tuple)):
+        items = [_encode(x, tensors) for x in v]
+        return items if isinstance(v, list) else {"__tuple__": items}
+    if isinstance(v, (set, frozenset)):
+        return {"__set__": sorted(v, key=repr)}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise TypeError(f"heavyball state: cannot store a {type(v).__name__}")
+
+
+def _decode(v, tensors: dict[str, Tensor]):
+    if isinstance(v, list):
+        return [_decode(x, tensors) for x in v]
+    if isinstance(v, dict):
+        if "__t__" in v:
+            return tensors[v["__t__"]]
+        if "__d__" in v:
+            return {_decode(k, tensors): _decode(x, tensors) for k, x in v["__d__"]}
+        if "__tuple__" in v:
+            return tuple(_decode(x, tensors) for x in v["__tuple__"])
+        if "__set__" in v:
+            return set(v["__set__"])
+    return v
+
+
+def heavyball_state(opt: torch.optim.Optimizer) -> dict:
+    """heavyball's state_dict as {"state": {pid: {"tree": JSON, "t0": tensor, ...}}}, the form
+    checkpoints store; pid -1 holds the groups' counters and heavyball's own scalars (its
+    pickled schedule is left out: it is rebuilt from the config, and nothing is unpickled)."""
+    sd = opt.state_dict()
+    out = {}
+    for pid, st in sd["state"].items():
+        tensors: dict[str, Tensor] = {}
+        out[pid] = {"tree": json.dumps(_encode(st, tensors)), **tensors}
+    tensors = {}
+    extra = {"groups": [{k: g[k] for k in HEAVYBALL_GROUP_STATE if k in g} for g in sd["param_groups"]],
+             "heavyball": {k: v for k, v in sd.get("heavyball", {}).items() if not isinstance(v, bytes)}}
+    out[-1] = {"tree": json.dumps(_encode(extra, tensors)), **tensors}
+    return {"state": out, "param_groups": sd["param_groups"]}
+
+
+def load_heavyball_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    sd = opt.state_dict()  # this run's groups and heavyball's own fresh scalars
+    st = {}
+    for pid, flat in state.items():
+        decoded = _decode(json.loads(flat["tree"]), {k: v for k, v in flat.items() if k != "tree"})
+        if int(pid) == -1:
+            for g, saved in zip(sd["param_groups"], decoded["groups"]):
+                g.update(saved)
+            sd.setdefault("heavyball", {}).update(decoded["heavyball"])
+        else:
+            st[int(pid)] = decoded
+    sd["state"] = st
+    opt.load_state_dict(sd)
+    # torch's load casts floating state to the parameter's dtype (PSGD-Kron keeps float64
+    # bounds): put back the tensors exactly as saved, only moved to the parameter's device
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, pstate in st.items():
+        dev, tensors = params[pid].device, {}
+        tree = _encode(pstate, tensors)
+        opt.state[params[pid]] = _decode(tree, {k: v.to(dev) for k, v in tensors.items()})
 
 
 def split_params(model: torch.nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
@@ -247,13 +366,16 @@ def split_params(model: torch.nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
 def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device | None = None) -> Optimizers:
     groups = split_params(model)
     width = model.cfg.n_embd  # the GPT's width, for the width scaling of AdamW rates
-    adam_groups, muon_groups = [], []
+    adam_groups, muon_groups, precond_groups = [], [], []
     for kind, plist in groups.items():
         if not plist:
             continue
         wd = 0.0 if kind in ("scalar", "iha") else cfg.weight_decay if (kind == "matrix" or cfg.wd_embed) else 0.0
         lr = cfg.group_lr(kind, width)
-        if kind == "matrix" and cfg.name == "muon":
+        if kind == "matrix" and cfg.name == "muon" and cfg.matrix_optimizer != "muon":
+            lr = cfg.precond_lr * cfg.lr_scale
+            precond_groups.append(dict(params=[p for _, p in plist], kind=kind, base_lr=lr, base_wd=wd, lr=lr, weight_decay=wd))
+        elif kind == "matrix" and cfg.name == "muon":
             # fused matrices get their own groups so they are orthogonalized part by part
             by_chunks: dict[int, list[Tensor]] = {}
             for name, p in plist:
@@ -269,4 +391,6 @@ def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device | None =
         ns_dtype = torch.bfloat16 if fast_bf16_available(device or torch.device("cpu")) else torch.float32
         opts.append(Muon(muon_groups, momentum=cfg.muon_momentum_start, ns_steps=cfg.muon_ns_steps, coeffs=cfg.muon_coeffs,
                          eq_r=cfg.muon_eq_r, normuon=cfg.normuon, cautious_wd=cfg.cautious_wd, ns_dtype=ns_dtype))
+    if precond_groups:
+        opts.append(heavyball_optimizer(cfg.matrix_optimizer, precond_groups, cfg.precondition_frequency))
     return Optimizers(opts)

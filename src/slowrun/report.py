@@ -188,6 +188,47 @@ def per_k_plot(ensembles: list[tuple[str, dict]], out: Path, metric: str) -> str
     return "ensemble_per_k.png"
 
 
+def ablation_plot(ab: dict, out: Path) -> str:
+    """Bars of each technique's delta (mean test loss without it - the full recipe's), with
+    error bars of one standard error of that difference."""
+    plt = _plt()
+    full = ab["full"]
+    rows = sorted((v for v in ab["variants"] if v.get("delta_test") is not None), key=lambda v: v["delta_test"])
+    se = [math.sqrt((v["test_std"] or 0) ** 2 / max(v["seeds"], 1) + (full["test_std"] or 0) ** 2 / max(full["seeds"], 1))
+          for v in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
+    ax.barh([v["technique"] for v in rows], [v["delta_test"] for v in rows], xerr=se, capsize=3,
+            color=["tab:green" if v["delta_test"] > 0 else "tab:red" for v in rows])
+    ax.axvline(0, color="black", lw=1)
+    ax.set_xlabel("test loss without the technique - full recipe (> 0: the technique helps)")
+    ax.set_title(f"leave-one-out ablation of {ab['recipe']} ({ab['seeds']} seeds; bars: +- 1 standard error)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=110)
+    plt.close(fig)
+    return "ablation.png"
+
+
+def ablation_section(path: str | Path, out: Path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ablation.json"
+    try:
+        ab = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"--ablation {path}: not readable as JSON ({e})") from None
+    if not isinstance(ab, dict) or ab.get("format") != "slowrun-ablation/1":
+        raise ReportError(f"--ablation {path}: not an ablation.json of `slowrun ablate`")
+    full = ab["full"]
+    rows = [["(full recipe)", full["test_mean"], full["test_std"], None, None, full["val_mean"], full.get("efficiency"), full["seeds"]]]
+    rows += [[v["technique"], v["test_mean"], v["test_std"], v.get("delta_test"), v.get("p_hurts"), v["val_mean"],
+              v.get("efficiency"), v["seeds"]] for v in ab["variants"]]
+    return (f"<h2>Ablation: {html.escape(ab['recipe'])}</h2>" + f'<img src="{ablation_plot(ab, out)}" alt="ablation">'
+            + _table(["technique removed", "test loss mean", "std", "delta", "p (removing hurts)", "val loss mean",
+                      "efficiency", "seeds"], rows)
+            + f"<p>Source: <code>{html.escape(str(path))}</code></p>")
+
+
 CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}"""
@@ -205,7 +246,7 @@ def _open_run(p: Path) -> dict | None:
 
 
 def build_report(runs: list[str], out: str | Path, curve: str | None = None, records_dir: str | Path | None = None,
-                 track: str | None = None, title: str = "slowrun report") -> Path:
+                 track: str | None = None, title: str = "slowrun report", ablation: str | None = None) -> Path:
     out = Path(out)
     paths = [Path(r) for r in runs]
     results = {p: _open_run(p) for p in paths}
@@ -213,6 +254,8 @@ def build_report(runs: list[str], out: str | Path, curve: str | None = None, rec
         raise ReportError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     sections = [f"<h1>{html.escape(title)}</h1>"]
+    if ablation:
+        sections.append(ablation_section(ablation, out))
 
     finished = [p for p in paths if results[p] is not None]
     singles = [p for p in paths if not (results[p] and is_ensemble(results[p]))]
@@ -228,8 +271,9 @@ def build_report(runs: list[str], out: str | Path, curve: str | None = None, rec
         name, losses = chosen(r)
         rows.append([p.name, name, losses.get("val_loss"), losses.get("test_loss"), r.get("tokens_seen"),
                      fmt_time(r["wall_s"]) if isinstance(r.get("wall_s"), (int, float)) else None])
-    sections.append("<h2>Runs</h2>" + _table(["run", "variant", "val loss", "test loss", "tokens seen", "wall time"], rows)
-                    + "<p>Sources: " + ", ".join(f"<code>{html.escape(str(p / RESULT_FILE))}</code>" for p in finished) + "</p>")
+    if paths:
+        sections.append("<h2>Runs</h2>" + _table(["run", "variant", "val loss", "test loss", "tokens seen", "wall time"], rows)
+                        + "<p>Sources: " + ", ".join(f"<code>{html.escape(str(p / RESULT_FILE))}</code>" for p in finished) + "</p>")
 
     if singles:
         for f in loss_curves(singles, results, out):

@@ -65,6 +65,7 @@ class SweepConfig:
     expand_min: int = 1  # smallest value the expanded axis may take
     refine: dict[float, dict[str, list[float]]] = field(default_factory=dict)  # budget -> {key: factors} for the chosen point
     seeds: int = 1  # seeds of the chosen point at every budget (seed 0 is the tuning run)
+    gpus_per_job: int = 1  # CUDA devices per run (torchrun inside a run when > 1); ignored on CPU
 
 
 def budget_name(b: float) -> str:
@@ -167,7 +168,7 @@ class Runs:
         if todo:
             print(f"{desc}: {len(todo)} run(s) to train", flush=True)
         self.failures.update(run_jobs(todo, self.cfg.jobs, self.cfg.threads, self.cfg.progress, desc=desc,
-                                      on_done=self._finished))
+                                      on_done=self._finished, gpus_per_job=self.cfg.gpus_per_job))
 
     def loss(self, job: TrainJob, split: str = "val") -> float | None:
         e = self.results.get(job.run_dir)

@@ -33,9 +33,9 @@ from .checkpoint import (Checkpoint, latest_good_checkpoint, list_checkpoints, l
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, tomllib
 from .dataset import Dataset, require_comparable
 from .evaluate import EvalResult, autocast, evaluate, prob_average, summarize, target_byte_counts, target_logprobs
-from .gpt import GPT
+from .gpt import GPT, stoch_depth_scales
 from .losses import DistillTarget
-from .loader import TrainLoader
+from .loader import TrainLoader, document_scores
 from .optim import Optimizers, build_optimizers
 from .prepare import PrepareConfig, prepare
 from .results import MEMBER_SNAPSHOTS, SNAPSHOT_FILE, VARIANT_FILES
@@ -262,9 +262,16 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     micro = per_rank if cfg.train.micro_batch_tokens == -1 else max(1, cfg.train.micro_batch_tokens // T)
     if per_rank % micro:
         raise ConfigError(f"train.micro_batch_tokens: {per_rank} sequences per rank are not a multiple of {micro} per micro-batch")
+    scores = None
+    if cfg.data.curriculum != "off":  # rank 0 scores (and caches) first, the others read its cache
+        if env.is_main:
+            scores = document_scores(ds, cfg.data.curriculum_score, T, cfg.data.fitness_tokens, str(device))
+        distributed.barrier(env)
+        if not env.is_main:
+            scores = document_scores(ds, cfg.data.curriculum_score, T, cfg.data.fitness_tokens, str(device))
     try:
         loader = TrainLoader(ds, T, batch_seqs, cfg.train.seed, cfg.data.doc_shuffle, cfg.data.seq_shuffle,
-                             env.rank, env.world_size, cfg.data.fitness_tokens)
+                             env.rank, env.world_size, cfg.data.fitness_tokens, cfg.data.curriculum, scores)
     except ValueError as e:
         raise TrainingError(f"{ds.path}: {e}") from None
     steps_per_epoch = loader.seqs_per_epoch / batch_seqs
@@ -380,6 +387,7 @@ def fit(run: Run) -> FitStats:
             loop_active = _loop_active(cfg, epoch_before)
             lr_mult, wd_mult = sched.lr(run.step), sched.wd(run.step)
             opt.set_schedule(lr_mult, wd_mult, sched.momentum(run.step))
+            depth_scales = stoch_depth_scales(cfg.model, cfg.train.seed, run.step)  # the same on every rank
             x_all, y_all = loader.next_batch()
             loss_sum = torch.zeros((), device=device)
             for i in range(run.accum):
@@ -391,11 +399,12 @@ def fit(run: Run) -> FitStats:
                         with torch.no_grad():
                             t_logits, _ = run.teacher(x)
                         distill = DistillTarget(t_logits, cfg.distill.alpha, cfg.distill.temperature)
-                    _, loss = run.fwd_model(x, y, return_logits=False, loop_active=loop_active, distill=distill)
+                    _, loss = run.fwd_model(x, y, return_logits=False, loop_active=loop_active, distill=distill,
+                                            depth_scales=depth_scales)
                 (loss / run.accum).backward()
                 loss_sum += loss.detach()
             for p in params:
-                if p.grad is None:  # e.g. a block skipped by stochastic depth on this rank
+                if p.grad is None:  # e.g. a block skipped by stochastic depth (the same on every rank)
                     p.grad = torch.zeros_like(p)
             # a signal on any rank stops every rank after this same step
             stop = torch.tensor(0.0 if signals.signum is None else 1.0, device=device)

@@ -1,0 +1,244 @@
+"""`slowrun ablate`: what each technique of a recipe is worth, leave-one-out, over seeds.
+
+Every technique the recipe turns on (found in its resolved config by the table
+`TECHNIQUES`) is switched off alone by that table's overrides; the full recipe and each
+variant are trained with seeds 0..S-1 through the sweep machinery (`sweep.Runs`: one run
+directory per config, a finished run is never redone, an interrupted one is resumed, every
+finished run goes to the ledger when one is given). The answer, per technique: mean +- std
+test loss without it, the delta vs the full recipe (> 0: the technique helps), the
+one-sided Welch p-value of "removing it raises the test loss", val losses beside, the
+data efficiency on a baseline curve if one is given, and wall time. Written as
+`ablation.json` in the output directory and printed as a table; `slowrun report
+--ablation FILE` draws the deltas with error bars.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import SlowrunError
+from .config import RunConfig, build_config
+from .storage import atomic_write_json
+
+FORMAT = "slowrun-ablation/1"
+# AdamW learning rate of the hidden matrices when Muon is ablated: the middle of the 1e-3..3e-3
+# range usual for AdamW at the widths of the CPU recipes (256-384); the other groups keep theirs
+ADAMW_MATRIX_LR = 2e-3
+
+
+class AblateError(SlowrunError):
+    pass
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    what: str  # what "off" means, in words
+    is_on: Callable[[RunConfig], bool]
+    off: Callable[[RunConfig], dict[str, Any]]  # the overrides that turn it off (may depend on the config)
+
+
+def _const(overrides: dict[str, Any]) -> Callable[[RunConfig], dict[str, Any]]:
+    return lambda c: dict(overrides)
+
+
+def _muon_off(c: RunConfig) -> dict[str, Any]:
+    """AdamW at ADAMW_MATRIX_LR for the hidden matrices; embeddings, head and scalars keep the
+    learning rates they had (optim.lr stood for them when their own was -1)."""
+    keep = {f"optim.{k}_lr": c.optim.lr for k in ("embed", "head", "scalar") if getattr(c.optim, f"{k}_lr") == -1}
+    return {"optim.name": "adamw", "optim.lr": ADAMW_MATRIX_LR, **keep}
+
+
+TECHNIQUES: tuple[Technique, ...] = (
+    # data order
+    Technique("doc_shuffle", "no per-epoch document shuffle", lambda c: c.data.doc_shuffle, _const({"data.doc_shuffle": False})),
+    Technique("seq_shuffle", "no sequence shuffle within epochs", lambda c: c.data.seq_shuffle, _const({"data.seq_shuffle": False})),
+    # SWA's cycles are whole epochs at the end: with one epoch they would eat the main phase, so they go too
+    Technique("multi_epoch", "one epoch instead of several (and no SWA cycles, which need epochs)",
+              lambda c: c.train.epochs > 1 and c.train.max_steps == -1,
+              lambda c: {"train.epochs": 1.0, **({"optim.swa_epochs": 0} if c.optim.swa_epochs > 0 else {})}),
+    # architecture
+    Technique("untied", "tied input embedding and output head", lambda c: not c.model.tie_embeddings,
+              _const({"model.tie_embeddings": True})),
+    Technique("embed_norm", "no RMSNorm after the embedding lookup", lambda c: c.model.embed_norm, _const({"model.embed_norm": False})),
+    Technique("qk_norm", "no QK-norm", lambda c: c.model.qk_norm, _const({"model.qk_norm": False})),
+    Technique("rope", "learned absolute positions instead of RoPE", lambda c: c.model.pos == "rope", _const({"model.pos": "learned"})),
+    # relu2 at 4x has the parameters of SwiGLU at 8/3x (2 vs 3 matrices): the MLP changes, not its size
+    Technique("swiglu", "ReLU^2 MLP (4x, nanochat's) instead of SwiGLU", lambda c: c.model.mlp == "swiglu", _const({"model.mlp": "relu2"})),
+    Technique("value_proj", "no value projections from x0", lambda c: c.model.value_proj, _const({"model.value_proj": False})),
+    Technique("head_gate", "no attention head gates", lambda c: c.model.head_gate, _const({"model.head_gate": False})),
+    Technique("x0_mix", "no residual / x0 mixing", lambda c: c.model.x0_mix, _const({"model.x0_mix": False})),
+    Technique("unet", "no U-Net skips", lambda c: c.model.unet, _const({"model.unet": False})),
+    Technique("softcap", "no logit softcap", lambda c: c.model.logit_softcap != -1, _const({"model.logit_softcap": -1.0})),
+    Technique("dropout", "no dropout", lambda c: c.model.dropout > 0, _const({"model.dropout": 0.0})),
+    Technique("stoch_depth", "no stochastic depth", lambda c: c.model.stoch_depth > 0, _const({"model.stoch_depth": 0.0})),
+    Technique("layer_loop", "no layer looping", lambda c: c.model.loop_start != -1, _const({"model.loop_start": -1})),
+    Technique("mtp", "no multi-token prediction", lambda c: c.model.mtp_weight > 0, _const({"model.mtp_weight": 0.0})),
+    Technique("sliding_window", "full attention in every block", lambda c: c.model.window_pattern != "",
+              _const({"model.window_pattern": ""})),
+    Technique("xsa", "no exclusive self attention", lambda c: c.model.xsa != "off", _const({"model.xsa": "off"})),
+    Technique("iha", "no interleaved head attention", lambda c: c.model.iha, _const({"model.iha": False})),
+    # optimization
+    Technique("muon", f"AdamW (lr {ADAMW_MATRIX_LR:g}) for the hidden matrices instead of Muon", lambda c: c.optim.name == "muon",
+              _muon_off),
+    Technique("muon_eq_r", "no MuonEq-R", lambda c: c.optim.name == "muon" and c.optim.muon_eq_r, _const({"optim.muon_eq_r": False})),
+    Technique("normuon", "no NorMuon", lambda c: c.optim.name == "muon" and c.optim.normuon, _const({"optim.normuon": False})),
+    Technique("cautious_wd", "plain decoupled weight decay", lambda c: c.optim.cautious_wd, _const({"optim.cautious_wd": False})),
+    Technique("heavy_wd", "standard weight decay 0.1", lambda c: c.optim.weight_decay > 0.1, _const({"optim.weight_decay": 0.1})),
+    Technique("wd_schedule", "weight decay held (no lowering, no SWA sawtooth)",
+              lambda c: c.optim.wd_end_frac != 1 or (c.optim.swa_epochs > 0 and c.optim.wd_swa_frac != 1),
+              _const({"optim.wd_end_frac": 1.0, "optim.wd_swa_frac": 1.0})),
+    Technique("ema", "no EMA of the weights", lambda c: c.optim.ema_decay != -1, _const({"optim.ema_decay": -1.0})),
+    Technique("swa", "no SWA cycles", lambda c: c.optim.swa_epochs > 0, _const({"optim.swa_epochs": 0})),
+)
+NAMES = tuple(t.name for t in TECHNIQUES)
+
+
+@dataclass
+class AblateConfig:
+    recipe: str
+    data: str
+    out: str
+    seeds: int = 3  # seeds 0..seeds-1 of the full recipe and of every variant
+    only: list[str] = field(default_factory=list)  # technique names; empty = every technique that is on
+    fixed: dict[str, Any] = field(default_factory=dict)  # overrides of every run (the full recipe's too)
+    jobs: int = 1
+    threads: int = -1
+    ledger: str = ""
+    curve: str = ""  # a baseline curve to place every variant on; "" = none
+    progress: bool = True
+
+
+def techniques_on(cfg: RunConfig, only: list[str] | None = None) -> list[Technique]:
+    """The techniques the config turns on (in table order), or the named ones, each checked."""
+    on = [t for t in TECHNIQUES if t.is_on(cfg)]
+    if not only:
+        return on
+    for name in only:
+        if name not in NAMES:
+            raise AblateError(f"--only {name}: not a technique (known: {', '.join(NAMES)})")
+        if name not in {t.name for t in on}:
+            raise AblateError(f"--only {name}: not on in this recipe (on: {', '.join(t.name for t in on) or 'none'})")
+    return [t for t in on if t.name in only]
+
+
+def _stats(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def welch_hurts(without: list[float], full: list[float]) -> float | None:
+    """One-sided Welch p of H1: mean(without) > mean(full) (removing the technique hurts);
+    None with fewer than 2 values on a side or no variance at all."""
+    from scipy import stats
+
+    if len(without) < 2 or len(full) < 2:
+        return None
+    p = float(stats.ttest_ind(without, full, equal_var=False, alternative="greater").pvalue)
+    return p if math.isfinite(p) else None
+
+
+def _efficiency(curve, loss: float | None, metric: str) -> tuple[float | None, str | None]:
+    from .efficiency import EfficiencyError, place
+
+    if curve is None:
+        return None, None
+    if loss is None:
+        return None, "no loss"
+    try:
+        return place(curve, loss, metric).efficiency, None
+    except EfficiencyError as e:
+        return None, str(e)
+
+
+def ablate(cfg: AblateConfig) -> dict:
+    from .efficiency import Curve, check_same_data
+    from .sweep import Runs, SweepConfig
+
+    if cfg.seeds < 1:
+        raise AblateError(f"--seeds: must be >= 1, got {cfg.seeds}")
+    t0 = time.time()
+    base = build_config(cfg.recipe, {**cfg.fixed, "data.path": cfg.data})
+    if not base.eval.test:
+        raise AblateError("eval.test is off in this recipe: ablations compare test losses (pass --set eval.test=true)")
+    if "train.seed" in cfg.fixed:
+        raise AblateError("--set train.seed: the seeds are 0..--seeds-1")
+    techs = techniques_on(base, cfg.only)
+    curve = Curve.load(cfg.curve) if cfg.curve else None
+    runs = Runs(SweepConfig(cfg.recipe, cfg.data, cfg.out, budgets=[1.0], fixed=cfg.fixed, jobs=cfg.jobs, threads=cfg.threads,
+                            name=f"ablate-{Path(cfg.recipe).stem}", progress=cfg.progress, ledger=cfg.ledger))
+    if curve is not None:
+        check_same_data(curve, runs.base.fingerprint)
+    variants: list[tuple[str, str, dict[str, Any]]] = [("full", "the recipe as it is", {})]
+    variants += [(t.name, t.what, t.off(base)) for t in techs]
+    jobs = {name: [runs.job(1.0, {**off, "train.seed": s}, name) for s in range(cfg.seeds)] for name, _, off in variants}
+    print(f"ablate: {len(variants) - 1} technique(s) x {cfg.seeds} seed(s) + the full recipe = {len(runs.jobs)} runs "
+          f"({len(runs.results)} already finished, {runs.from_ledger} of them found in the ledger) in {cfg.out}", flush=True)
+    runs.run(list(runs.jobs), "ablate")
+
+    metric = curve.metric() if curve is not None else "test"
+    rows = []
+    for name, what, off in variants:
+        rec: dict[str, Any] = {"technique": name, "what": what, "off": off,
+                               "run_dirs": [str(j.run_dir) for j in jobs[name]]}
+        for split in ("test", "val"):
+            vals = [v for v in (runs.loss(j, split) for j in jobs[name]) if v is not None]
+            rec[f"{split}_losses"] = vals
+            rec[f"{split}_mean"], rec[f"{split}_std"] = _stats(vals)
+        rec["seeds"] = len(rec["test_losses"])
+        walls = [runs.results[j.run_dir]["wall_s"] for j in jobs[name] if j.run_dir in runs.results]
+        rec["wall_s"] = round(sum(walls) / len(walls), 1) if walls else None
+        failed = [runs.failures[j.run_dir] for j in jobs[name] if j.run_dir in runs.failures]
+        if failed:
+            rec["errors"] = failed
+        rec["efficiency"], reason = _efficiency(curve, rec[f"{metric}_mean"], metric)
+        if reason:
+            rec["efficiency_reason"] = reason
+        rows.append(rec)
+    full = rows[0]
+    if full["test_mean"] is None:
+        raise AblateError(f"the full recipe finished no run: {'; '.join(full.get('errors', [])) or 'no test loss'}")
+    for rec in rows[1:]:
+        for split in ("test", "val"):
+            m = rec[f"{split}_mean"]
+            rec[f"delta_{split}"] = m - full[f"{split}_mean"] if m is not None else None
+        rec["p_hurts"] = welch_hurts(rec["test_losses"], full["test_losses"])
+    out = {
+        "format": FORMAT, "recipe": cfg.recipe, "data": str(cfg.data), "dataset": runs.base.fingerprint, "seeds": cfg.seeds,
+        "fixed": cfg.fixed, "curve": curve.name if curve is not None else None, "efficiency_metric": metric,
+        "full": full, "variants": rows[1:], "wall_s": round(time.time() - t0, 1),
+    }
+    atomic_write_json(Path(cfg.out) / "ablation.json", out)
+    return out
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" + (f" +- {std:.4f}" if std is not None else "")
+
+
+def describe(ab: dict) -> str:
+    """The ablation as a table: one line per technique, the full recipe first."""
+    lines = [f"{'technique':<15} {'test loss without':>19} {'delta':>8} {'p hurts':>8} {'val loss':>19} {'eff':>7} "
+             f"{'wall':>7}  off"]
+    for rec in [ab["full"]] + ab["variants"]:
+        delta = rec.get("delta_test")
+        p = rec.get("p_hurts")
+        eff = rec.get("efficiency")
+        wall = rec.get("wall_s")
+        lines.append(f"{rec['technique']:<15} {_pm(rec['test_mean'], rec['test_std']):>19} "
+                     f"{(f'{delta:+.4f}' if delta is not None else '-'):>8} {(f'{p:.3f}' if p is not None else '-'):>8} "
+                     f"{_pm(rec['val_mean'], rec['val_std']):>19} {(f'{eff:.2f}x' if eff is not None else '-'):>7} "
+                     f"{(f'{wall:.0f}s' if wall is not None else '-'):>7}  "
+                     + (", ".join(f"{k}={v}" for k, v in rec["off"].items()) or "-")
+                     + (f" [{len(rec['errors'])} failed: {rec['errors'][0]}]" if rec.get("errors") else ""))
+    lines.append(f"delta = mean test loss without the technique - the full recipe's (> 0: the technique helps); "
+                 f"p hurts = one-sided Welch p that removing it raises the test loss; {ab['seeds']} seed(s) each")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slowrun.ablate import AblateConfig, AblateError, TECHNIQUES, ablate, techniques_on
+from slowrun.config import build_config
+
+
+def _test_loss(run_dir: str) -> tuple[float, float]:
+    r = json.loads((Path(run_dir) / "result.json").read_text())
+    best = r["variants"][r["best"]]
+    return best["test_loss"], best["val_loss"]
+
+
+def test_every_off_override_turns_its_technique_off():
+    """Each table row's overrides give a valid config in which that technique is off (the
+    slowrun recipe, with the rarer techniques switched on so every row is exercised)."""
+    on = {"model.stoch_depth": 0.05, "model.loop_start": 1, "model.loop_end": 2, "model.loop_repeats": 2,
+          "model.mtp_weight": 0.3, "model.window_pattern": "SL", "model.xsa": "fixed", "model.iha": True,
+          "optim.muon_eq_r": True, "optim.normuon": True, "optim.cautious_wd": True, "optim.wd_end_frac": 0.5}
+    cfg = build_config("slowrun", on)
+    assert [t.name for t in techniques_on(cfg)] == [t.name for t in TECHNIQUES]
+    for t in TECHNIQUES:
+        off = build_config("slowrun", {**on, **t.off(cfg)})
+        assert not t.is_on(off), t.name
+        still = {u.name for u in TECHNIQUES if u.is_on(off)}
+        goes_too = {"muon": {"muon_eq_r", "normuon"}, "multi_epoch": {"swa"}}.get(t.name, set())  # said in `what`
+        assert still == {u.name for u in TECHNIQUES} - {t.name} - goes_too, t.name
+    muon = next(t for t in TECHNIQUES if t.name == "muon").off(cfg)
+    assert muon["optim.name"] == "adamw" and muon["optim.embed_lr"] == cfg.optim.lr  # the other groups keep their lr
+
+
+def test_ablate_smoke_two_techniques(gpt2_ds, tmp_path):
+    out = tmp_path / "ab"
+    ab = ablate(AblateConfig("smoke", str(gpt2_ds), str(out), seeds=2, only=["value_proj", "swiglu"], jobs=2, threads=1,
+                             fixed={"train.max_steps": 3}, progress=False, ledger=str(tmp_path / "ledger.jsonl")))
+    saved = json.loads((out / "ablation.json").read_text())
+    assert saved["full"] == json.loads(json.dumps(ab["full"]))
+    assert [v["technique"] for v in saved["variants"]] == ["swiglu", "value_proj"]  # table order
+    full = [_test_loss(d) for d in saved["full"]["run_dirs"]]
+    assert saved["full"]["seeds"] == 2 and len(set(saved["full"]["run_dirs"])) == 2
+    for v in saved["variants"]:
+        assert v["seeds"] == 2 and len(v["test_losses"]) == 2
+        losses = [_test_loss(d) for d in v["run_dirs"]]
+        cfgs = [json.loads((Path(d) / "result.json").read_text())["config"] for d in v["run_dirs"]]
+        assert sorted(c["train"]["seed"] for c in cfgs) == [0, 1]
+        if v["technique"] == "swiglu":
+            assert all(c["model"]["mlp"] == "relu2" for c in cfgs) and v["off"] == {"model.mlp": "relu2"}
+        else:
+            assert all(c["model"]["value_proj"] is False and c["model"]["mlp"] == "swiglu" for c in cfgs)
+        want = statistics.fmean(t for t, _ in losses) - statistics.fmean(t for t, _ in full)
+        assert v["delta_test"] == pytest.approx(want, abs=1e-12)
+        assert v["delta_val"] == pytest.approx(statistics.fmean(x for _, x in losses) - statistics.fmean(x for _, x in full), abs=1e-12)
+        assert 0.0 <= v["p_hurts"] <= 1.0
+        assert v["wall_s"] > 0
+    assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 6
+    # a rerun through the CLI trains nothing and prints the same table
+    mtimes = {d: (Path(d) / "result.json").stat().st_mtime for v in [saved["full"]] + saved["variants"] for d in v["run_dirs"]}
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(gpt2_ds), "--out", str(out),
+                        "--seeds", "2", "--only", "value_proj,swiglu", "--set", "train.max_steps=3", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "6 runs (6 already finished" in r.stdout and "to train" not in r.stdout
+    assert all((Path(d) / "result.json").stat().st_mtime == t for d, t in mtimes.items())
+    again = json.loads((out / "ablation.json").read_text())
+    assert [v["delta_test"] for v in again["variants"]] == [v["delta_test"] for v in saved["variants"]]
+    assert "value_proj" in r.stdout and "model.mlp=relu2" in r.stdout
+
+
+def test_bad_only_is_one_line(gpt2_ds, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(gpt2_ds),
+                        "--out", str(tmp_path / "x"), "--only", "value_proj,warp_drive"], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "--only warp_drive: not a technique" in r.stderr
+    with pytest.raises(AblateError, match="--only dropout: not on in this recipe"):  # smoke trains without dropout
+        techniques_on(build_config("smoke"), ["dropout"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_report_draws_the_ablation(tmp_path):
+    from slowrun.report import ReportError, build_report
+
+    def rec(name, losses, **kw):
+        return {"technique": name, "test_losses": losses, "test_mean": statistics.fmean(losses), "test_std": statistics.stdev(losses),
+                "val_mean": statistics.fmean(losses) + 0.01, "seeds": len(losses), "efficiency": None, **kw}
+
+    ab = {"format": "slowrun-ablation/1", "recipe": "smoke", "seeds": 2, "full": rec("full", [3.0, 3.1]),
+          "variants": [rec("unet", [3.2, 3.3], delta_test=0.2, p_hurts=0.04), rec("ema", [2.9, 3.0], delta_test=-0.1, p_hurts=0.9)]}
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / "ablation.json").write_text(json.dumps(ab))
+    page = build_report([], tmp_path / "rep", ablation=str(tmp_path / "ab"))
+    text = page.read_text()
+    assert (tmp_path / "rep" / "ablation.png").stat().st_size > 1000 and "Ablation: smoke" in text
+    assert "<td>unet</td><td>3.2500</td>" in text and "<td>0.0400</td>" in text and "<h2>Runs</h2>" not in text
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ReportError, match="not an ablation.json"):
+        build_report([], tmp_path / "rep2", ablation=str(tmp_path / "bad.json"))
+
+
+def test_ablate_has_help(capsys):
+    from slowrun.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["ablate", "--help"])
+    assert e.value.code == 0 and "--only A,B" in capsys.readouterr().out

@@ -1,0 +1,99 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slowrun.jobs import DevicePool, PlacementError, TrainJob, device_ids, run_jobs
+
+# A stand-in for `slowrun train`: holds each of its CUDA_VISIBLE_DEVICES ids as an exclusive
+# file while it runs (a second holder of the same id fails), notes how many jobs run beside
+# it, then writes result.json.
+FAKE = """
+import json, os, sys, time
+work, run_dir = sys.argv[1], sys.argv[2]
+ids = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+held = [os.open(os.path.join(work, "dev" + d), os.O_CREAT | os.O_EXCL) for d in ids]  # FileExistsError if shared
+mine = os.path.join(work, "running", os.path.basename(run_dir))
+open(mine, "w").close()
+running = len(os.listdir(os.path.join(work, "running")))
+time.sleep(1.0)
+os.remove(mine)
+for d, fd in zip(ids, held):
+    os.close(fd)
+    os.remove(os.path.join(work, "dev" + d))
+os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(run_dir, "result.json"), "w") as f:
+    json.dump({"ids": ids, "running": running}, f)
+"""
+
+
+class FakeJob(TrainJob):
+    def command(self, threads: int = -1, nproc: int = 1) -> list[str]:
+        self.nproc = nproc
+        return [sys.executable, "-c", FAKE, str(self.data), str(self.run_dir)]
+
+
+def fake_jobs(tmp_path: Path, n: int) -> list[FakeJob]:
+    (tmp_path / "running").mkdir()
+    return [FakeJob(tmp_path / "runs" / f"job{i}", "smoke", tmp_path) for i in range(n)]
+
+
+def test_jobs_on_fake_devices_get_distinct_ids_and_never_more_than_the_devices(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    jobs = fake_jobs(tmp_path, 5)
+    done = []
+    failures = run_jobs(jobs, parallel=1, progress=False, on_done=done.append, num_devices=3)
+    assert failures == {}
+    assert sorted(j.run_dir.name for j in done) == [f"job{i}" for i in range(5)]  # on_done still called for each
+    results = [j.result() for j in jobs]
+    assert all(len(r["ids"]) == 1 and r["ids"][0] in {"0", "1", "2"} for r in results)
+    running = [r["running"] for r in results]
+    assert max(running) <= 3  # never more jobs at once than devices
+    assert max(running) >= 2  # `parallel=1` is for CPU: the devices set the concurrency
+
+
+def test_gpus_per_job_gives_each_job_its_own_devices_through_torchrun(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    jobs = fake_jobs(tmp_path, 3)
+    assert run_jobs(jobs, progress=False, gpus_per_job=2, num_devices=5) == {}  # `sweep --gpus-per-job 2`
+    results = [j.result() for j in jobs]
+    assert all(len(set(r["ids"])) == 2 and set(r["ids"]) <= {"0", "1", "2", "3", "4"} for r in results)
+    assert max(r["running"] for r in results) <= 2  # 5 devices hold two 2-device jobs
+    assert all(j.nproc == 2 for j in jobs)
+    cmd = TrainJob(tmp_path / "r", "smoke", tmp_path).command(nproc=2)
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    assert cmd[6:8] == ["slowrun", "train"]
+    # the launcher exists as `python -m torch.distributed.run`
+    assert subprocess.run([sys.executable, "-m", "torch.distributed.run", "--help"], capture_output=True).returncode == 0
+
+
+def test_cpu_jobs_get_no_device(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    jobs = fake_jobs(tmp_path, 2)
+    assert run_jobs(jobs, parallel=2, progress=False, num_devices=0) == {}
+    assert all(j.result()["ids"] == [] and j.nproc == 1 for j in jobs)
+    assert TrainJob(tmp_path / "r", "smoke", tmp_path).command()[1:4] == ["-m", "slowrun", "train"]
+
+
+def test_placement_refuses_impossible_requests(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    jobs = fake_jobs(tmp_path, 1)
+    with pytest.raises(PlacementError, match="only 3 CUDA device"):
+        run_jobs(jobs, progress=False, gpus_per_job=4, num_devices=3)
+    with pytest.raises(PlacementError, match="no CUDA device"):
+        run_jobs(jobs, progress=False, gpus_per_job=2, num_devices=0)
+    with pytest.raises(PlacementError, match="--gpus-per-job"):
+        run_jobs(jobs, progress=False, gpus_per_job=0, num_devices=3)
+
+
+def test_device_ids_stay_inside_the_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")
+    assert device_ids(2) == ["4", "6"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert device_ids(3) == ["0", "1", "2"]
+    pool = DevicePool(["0", "1", "2"])
+    a, b = pool.take(2), pool.take(1)
+    assert sorted(a + b) == ["0", "1", "2"]
+    pool.give(a)
+    assert sorted(pool.take(2)) == sorted(a)
