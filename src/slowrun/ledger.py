@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -40,6 +41,17 @@ class LedgerError(SlowrunError):
     pass
 
 
+@functools.lru_cache(maxsize=None)
+def _defaults(section: str) -> dict[str, Any]:
+    """Field -> default of a config section in this version ({} for a section it does not know)."""
+    from .config import SECTIONS
+
+    if section not in SECTIONS:
+        return {}
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+            for f in dataclasses.fields(SECTIONS[section])}
+
+
 def config_key(config: dict[str, Any]) -> str:
     """The run's identity: sha256 of its resolved config without the keys in NON_RESULT_KEYS
     and without values equal to the field's default in this version of slowrun.
@@ -49,12 +61,9 @@ def config_key(config: dict[str, Any]) -> str:
     new ones, and neither changes the key. A default that changes makes old runs' values
     non-default, so their keys differ from new runs', as they should. Fields this version does
     not know are kept, so a run of an unknown setting is never taken for a known one."""
-    from .config import SECTIONS
-
     pruned = {}
     for sec, vals in config.items():
-        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
-                    for f in dataclasses.fields(SECTIONS[sec])} if sec in SECTIONS else {}
+        defaults = _defaults(sec)
         kept = {k: v for k, v in vals.items()
                 if k not in NON_RESULT_KEYS.get(sec, ()) and not (k in defaults and v == defaults[k])}
         if kept:

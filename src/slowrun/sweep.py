@@ -106,9 +106,6 @@ class Runs:
     or the run directories), and the ledger they are appended to as they finish."""
 
     def __init__(self, cfg: SweepConfig) -> None:
-        from .train import resolve
-
-        self._resolve = resolve
         self.cfg = cfg
         self.base = Dataset.open(cfg.data)
         self.ledger = Ledger.open(cfg.ledger) if cfg.ledger else None
@@ -125,13 +122,14 @@ class Runs:
     def job(self, budget: float, point: dict[str, Any], phase: str = "grid") -> TrainJob:
         """The job of a point at a budget (the same object when asked twice); `phase` says
         which step of the tuning asked for it first (grid, expand, refine, seeds)."""
+        from .train import resolve  # imports torch: only when a sweep plans runs
         for j in self.jobs:
             if j.tag["budget"] == budget and j.tag["point"] == point:
                 return j
         ds = self.datasets[budget]
         overrides = {**self.cfg.fixed, **point}
         planned = build_config(self.cfg.recipe, {**overrides, "data.path": str(ds.path)})  # validates every key
-        resolved = self._resolve(planned, ds)  # as the run will record it (vocabulary from the dataset)
+        resolved = resolve(planned, ds)  # as the run will record it (vocabulary from the dataset)
         full = {"config": config_to_dict(planned), "dataset": ds.manifest["files"]}  # names the run directory
         run_dir = Path(self.cfg.out) / "runs" / budget_name(budget) / point_id(point, full)
         job = TrainJob(run_dir, self.cfg.recipe, ds.path, overrides,

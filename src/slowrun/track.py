@@ -41,7 +41,7 @@ from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import Curve, EfficiencyError, place
 from .prepare import PrepareConfig, prepare
-from .results import chosen, is_ensemble
+from .results import RESULT_FILE, chosen, is_ensemble, read_result
 
 
 class TrackError(SlowrunError):
@@ -157,19 +157,19 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
 
     run_dir = _entry_dir(work, kind, e, data)
     if e.members == 1:
-        if shared is not None and (shared / "result.json").is_file():
-            return shared, json.loads((shared / "result.json").read_text())
+        if shared is not None and (shared / RESULT_FILE).is_file():
+            return shared, read_result(shared)
         job = TrainJob(run_dir, e.recipe, data.path, e.overrides)
         failures = run_jobs([job], 1, -1, desc=kind)
         if failures:
             raise TrackError(f"{kind} entry failed: {failures[run_dir]}")
         return run_dir, job.result()
-    if e.distill and shared is not None and (shared / "result.json").is_file() and not (run_dir / "member_0").exists():
+    if e.distill and shared is not None and (shared / RESULT_FILE).is_file() and not (run_dir / "member_0").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(run_dir / "member_0.tmp", ignore_errors=True)  # left by an interrupted copy
         shutil.copytree(shared, run_dir / "member_0.tmp")
         (run_dir / "member_0.tmp").rename(run_dir / "member_0")
-    result = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").is_file() else \
+    result = read_result(run_dir) if (run_dir / RESULT_FILE).is_file() else \
         train_ensemble(e.recipe, str(data.path), e.members, run_dir, e.overrides, e.distill, e.alpha, e.temperature,
                        jobs if not e.distill else 1, threads if not e.distill or jobs == 1 else -1)
     return run_dir, result

@@ -14,7 +14,6 @@ checkpoint and stop with the command that resumes it.
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import signal
@@ -38,7 +37,7 @@ from .losses import DistillTarget
 from .loader import TrainLoader, document_scores
 from .optim import Optimizers, build_optimizers
 from .prepare import PrepareConfig, prepare
-from .results import MEMBER_SNAPSHOTS, SNAPSHOT_FILE, VARIANT_FILES
+from .results import MEMBER_SNAPSHOTS, RESULT_FILE, SNAPSHOT_FILE, VARIANT_FILES, ResultError, read_result
 from .runlog import RunLogger, environment, fmt_time
 from .schedules import Schedule
 from .storage import atomic_write_json, atomic_write_text, exclusive_lock
@@ -150,12 +149,12 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, echo
         raise TrainingError(f"--run-dir {run_dir}: exists and is not a directory")
     if resume:
         cfg = _read_run_config(run_dir)
-        if (run_dir / "result.json").is_file():
+        if (run_dir / RESULT_FILE).is_file():
             try:
-                result = json.loads((run_dir / "result.json").read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise TrainingError(f"{run_dir / 'result.json'}: corrupt ({e}); the run had finished: "
-                                    "move the file away to evaluate its final checkpoint again") from None
+                result = read_result(run_dir)
+            except ResultError as e:
+                raise TrainingError(f"{e}; the run had finished: move the file away to evaluate its final "
+                                    "checkpoint again") from None
             if echo:
                 print(f"{run_dir} already finished; result.json is unchanged", flush=True)
             return result
