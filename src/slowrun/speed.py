@@ -158,7 +158,7 @@ def measure_one(recipe: str, dtype: str, steps: int, warmup: int, data: str, ove
     dt = sorted(times)[len(times) // 2]  # median step time
     tok_s = cfg.train.batch_tokens / dt
     return {"recipe": recipe, "dtype": dtype, "params": params, "flops_per_token": flops, "batch_tokens": cfg.train.batch_tokens,
-            "step_s_median": round(dt, 4), "tokens_per_s": round(tok_s, 1), "achieved_tflops": round(flops * tok_s / 1e12, 4),
+            "step_s_median": round(dt, 6), "tokens_per_s": round(tok_s, 1), "achieved_tflops": round(flops * tok_s / 1e12, 4),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
