@@ -123,7 +123,7 @@ def test_pickle_offered_as_a_checkpoint_is_never_executed(tmp_path, reference_ru
 
 def test_two_gloo_processes_equal_one(bpe_ds, tmp_path):
     common = ["--recipe", "smoke", "--data", str(bpe_ds), "--train.max_steps=6", "--train.batch_tokens=2048",
-              "--eval.max_tokens=512", "--eval.test=false", "--quiet", "--train.num_threads=1"]
+              "--eval.max_tokens=512", "--eval.every_steps=3", "--optim.ema_decay=0.9", "--quiet", "--train.num_threads=1"]
     one = subprocess.run([sys.executable, "-m", "slowrun", "train", "--run-dir", str(tmp_path / "one"), *common],
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
@@ -138,7 +138,14 @@ def test_two_gloo_processes_equal_one(bpe_ds, tmp_path):
         assert b[step] == pytest.approx(a[step], abs=2e-4), step
     ra = json.loads((tmp_path / "one" / "result.json").read_text())
     rb = json.loads((tmp_path / "two" / "result.json").read_text())
-    assert rb["world_size"] == 2 and rb["val_loss"] == pytest.approx(ra["val_loss"], abs=2e-4)
+    # periodic and final evaluations are sharded over the two ranks: every variant's losses agree
+    assert rb["world_size"] == 2 and set(rb["variants"]) == set(ra["variants"]) == {"final", "ema"}
+    for name, v in ra["variants"].items():
+        for k in ("val_loss", "test_loss"):
+            assert rb["variants"][name][k] == pytest.approx(v[k], abs=2e-4), (name, k)
+    evals = [[json.loads(line)["val_loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "eval"] for d in ("one", "two")]
+    assert len(evals[0]) == len(evals[1]) >= 1 and evals[1] == pytest.approx(evals[0], abs=2e-4)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,8 +40,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init(device: str = "auto") -> DistEnv:
-    """Read the torchrun environment and start the process group if there are several ranks."""
+def init(device: str = "auto", timeout_min: float = 30.0) -> DistEnv:
+    """Read the torchrun environment and start the process group if there are several ranks.
+
+    `timeout_min`: how long a collective waits for the other ranks before the process group
+    aborts (an explicit figure: evaluation is sharded, so the longest wait is a checkpoint write)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -48,7 +52,7 @@ def init(device: str = "auto") -> DistEnv:
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min))
     return DistEnv(rank, world, local, dev)
 
 

@@ -32,7 +32,7 @@ FORMAT = "slowrun-ledger/1"
 NON_RESULT_KEYS = {
     "data": ("path",),
     "train": ("num_threads", "progress", "log_every", "wandb", "tensorboard", "checkpoint_every", "keep_checkpoints",
-              "save_final", "device", "compile"),
+              "save_final", "device", "compile", "dist_timeout_min"),
 }
 DATASET_KEYS = ("tokenizer", "val", "test", "train", "train_tokens")
 

@@ -124,7 +124,7 @@ def _trainer_step_times(cfg, steps: int, warmup: int) -> tuple[list[float], int,
     from . import distributed
     from .train import fit, setup
 
-    env = distributed.init(cfg.train.device)
+    env = distributed.init(cfg.train.device, cfg.train.dist_timeout_min)
     try:
         with tempfile.TemporaryDirectory(prefix="slowrun-speed-") as tmp:
             run = setup(cfg, Path(tmp) / "run", resume=False, force=False, echo=False, env=env)

@@ -159,7 +159,7 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, echo
                 print(f"{run_dir} already finished; result.json is unchanged", flush=True)
             return result
     assert cfg is not None
-    env = distributed.init(cfg.train.device)
+    env = distributed.init(cfg.train.device, cfg.train.dist_timeout_min)
     try:
         if not env.is_main:
             return _train(cfg, run_dir, resume, force, echo, env)
@@ -344,16 +344,15 @@ def write_checkpoint(run: Run, elapsed_s: float) -> Path | None:
 
 
 def eval_val(run: Run, at: str) -> None:
-    """Val loss of the current weights, logged (rank 0 evaluates, the others wait)."""
+    """Val loss of the current weights, logged (sharded: every rank scores its share of the chunks)."""
+    cfg = run.cfg
+    r = evaluate(run.model, run.ds.tokens("val"), cfg.model.seq_len, run.ds.token_bytes, cfg.eval.batch_seqs,
+                 run.env.device, cfg.train.dtype, cfg.eval.max_tokens, env=run.env)
     if run.env.is_main:
-        cfg = run.cfg
-        r = evaluate(run.model, run.ds.tokens("val"), cfg.model.seq_len, run.ds.token_bytes, cfg.eval.batch_seqs,
-                     run.env.device, cfg.train.dtype, cfg.eval.max_tokens)
         run.log.line(f"eval  step {run.step:>6}/{run.total_steps} | epoch {run.loader.epochs_done:.2f} | "
                      f"val loss {r.loss:.4f} | val bpb {r.bpb:.4f} ({at})")
         run.log.metrics({"kind": "eval", "step": run.step, "epoch": run.loader.epochs_done, "val_loss": r.loss,
                          "val_bpb": r.bpb, "targets": r.targets, "at": at})
-    distributed.barrier(run.env)
 
 
 # ---------------------------------------------------------------------------------------
@@ -466,17 +465,19 @@ def fit(run: Run) -> FitStats:
 
 
 def finish(run: Run, stats: FitStats, t_start: float) -> dict:
-    """Save the final weights, evaluate every variant, write result.json (rank 0)."""
+    """Save the final weights (rank 0), evaluate every variant (sharded over the ranks), write
+    result.json (rank 0)."""
     cfg, env, ds, model, loader, log = run.cfg, run.env, run.ds, run.model, run.loader, run.log
     device = env.device
-    result: dict = {}
     if env.is_main:
         fp = {"dataset": ds.fingerprint, "step": run.step}
         if cfg.train.save_final:
             save_weights(run.run_dir / VARIANT_FILES["final"], model.state_dict(), cfg, fp)
         if run.ema is not None:
             save_weights(run.run_dir / VARIANT_FILES["ema"], run.ema.state_dict(), cfg, fp)
-        result = final_evaluation(model, cfg, ds, run.run_dir, run.ema, log, device)
+    distributed.barrier(env)  # rank 0 has written the last SWA snapshot: every rank reads them
+    result = final_evaluation(model, cfg, ds, run.run_dir, run.ema, log, env)
+    if env.is_main:
         tokens_seen = run.step * run.tokens_per_step
         result.update({
             "run_dir": str(run.run_dir), "steps": run.step, "tokens_seen": tokens_seen, "unique_tokens": loader.num_tokens,
@@ -495,7 +496,7 @@ def finish(run: Run, stats: FitStats, t_start: float) -> dict:
         atomic_write_json(run.run_dir / "result.json", result)
         log.line(result_table(result))
     distributed.barrier(env)
-    return result
+    return result if env.is_main else {}
 
 
 @torch.no_grad()
@@ -510,9 +511,11 @@ def perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
 
 
 def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema: EMA | None, log: RunLogger,
-                     device: torch.device) -> dict:
+                     env: distributed.DistEnv) -> dict:
     """Val and test loss/bpb of: the final weights, the EMA, the SWA (or snapshot) parameter
-    average and probability average. `best` is the variant with the lowest val loss."""
+    average and probability average. `best` is the variant with the lowest val loss. Every
+    rank calls it and scores its share of each split's chunks; rank 0 writes."""
+    device = env.device
     T, bs, dt = cfg.model.seq_len, cfg.eval.batch_seqs, cfg.train.dtype
     splits = ["val"] + (["test"] if cfg.eval.test and ds.num_tokens("test") > T + 1 else [])
     tb = {s: target_byte_counts(ds.tokens(s), T, ds.token_bytes) for s in splits}
@@ -535,7 +538,7 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
         nonlocal done
         done += 1
         log.line(f"final evaluation {done}/{passes}: {what} on {' and '.join(splits)}")
-        return {s: target_logprobs(m, ds.tokens(s), T, bs, device, dt) for s in splits}
+        return {s: target_logprobs(m, ds.tokens(s), T, bs, device, dt, env=env) for s in splits}
 
     record("final", logprobs_of(model, "final weights"))
     saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -554,7 +557,7 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
         avg = average_weights(snaps, lambda p: read_weights(p)[0])
         model.load_state_dict(avg)
         record(f"{label}_params", logprobs_of(model, "the snapshots' parameter average"))
-        if cfg.train.save_final:
+        if cfg.train.save_final and env.is_main:
             save_weights(run_dir / VARIANT_FILES[f"{label}_params"], avg, cfg, {"dataset": ds.fingerprint})
     model.load_state_dict(saved)
     best = min(variants, key=lambda k: variants[k]["val_loss"])
