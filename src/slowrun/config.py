@@ -84,7 +84,7 @@ class ModelConfig:
     mtp_weight: float = opt(0.0, "weight of the multi-token-prediction auxiliary loss (predict t+2 from an extra block); 0 disables")
     window_pattern: str = opt("", "sliding-window attention: S (short window) / L (full context) per block, tiled over the blocks (the reference: SSSL); the last block and the MTP block are always full; \"\" = all full")
     short_window: int = opt(-1, "keys before each query that S blocks attend to, in tokens (the reference: 1024 at seq_len 2048); -1 = seq_len // 2")
-    xsa: str = opt("off", "exclusive self attention (arXiv 2603.09078): off, fixed (y -= (y.v_hat) v_hat per head) or learnable (the removed component scaled by a per-head weight, init 1)")
+    xsa: str = opt("off", "exclusive self attention (arXiv 2603.09078): off, fixed (y -= (y.v_hat) v_hat per head), learnable (the removed component scaled by a per-head weight, init 1) or tanh (scaled by tanh(a), a init 0: the tiny track's)")
     xsa_layers: int = opt(-1, "XSA on the last N blocks (and the MTP block); -1 = every block")
     iha: bool = opt(False, "interleaved head attention (arXiv 2602.21371): learned cross-head mixing of q, k (and v), identity at init")
     iha_pseudo: int = opt(1, "IHA pseudo-heads per head, interleaved into the sequence (the reference: 2); 1 = plain H x H mixing, the model unchanged at init")
@@ -92,7 +92,16 @@ class ModelConfig:
     init_std: float = opt(0.02, "std of hidden-matrix init (output projections are scaled by 1/sqrt(2*n_layer))")
     embed_init_std: float = opt(-1.0, "std of the embedding init; -1 = init_std for tied embeddings, 1.0 when embed_norm is on")
     head_init_std: float = opt(0.001, "std of the untied output head init")
-    init: str = opt("gpt2", "hidden-matrix init: gpt2 (N(0, init_std), output projections / sqrt(2*n_layer)) or nanochat (uniform with std 1/sqrt(n_embd), output projections zero)")
+    init: str = opt("gpt2", "hidden-matrix init: gpt2 (N(0, init_std), output projections / sqrt(2*n_layer)), nanochat (uniform with std 1/sqrt(n_embd), output projections zero) or reference (the reference benchmark's: uniform with std 1/sqrt(n_embd), output projections N(0, 1/sqrt(n_embd)))")
+    value_proj_layers: str = opt("even", "blocks with value projections: even (0, 2, ...) or last (those with the last block's parity, the reference's: 1, 3, ..., 29 of 30)")
+    loop_skips: str = opt("first", "U-Net skips of a looped span: first (added on its first pass only) or every (re-added on every replay, the reference's)")
+    mtp_style: str = opt("block", "MTP head input: block (an extra block on the trunk's hidden state) or reference (mtp_proj([norm(h_t), norm(wte(y_t+1))]) then the block, the reference's)")
+    iha_ve_after_mix: bool = opt(False, "IHA: add the value projection after the heads' values are mixed, and no per-head output scale (the reference's fused H x H mixing)")
+    rope_frac: float = opt(1.0, "fraction of each head's dimensions RoPE rotates (the tiny track: 0.5, frequencies as for a head of half the size); the rest pass unrotated")
+    key_offset: bool = opt(False, "full-context blocks shift the second half of each key's channels one position forward (the tiny track's partial key offset)")
+    resid_lambda_init: float = opt(1.0, "initial value of the residual lambdas lambda_r of x0_mix (the tiny track: 1.1)")
+    mlp_dropout: bool = opt(True, "apply model.dropout to the MLP output too (false: attention output only, the tiny track's)")
+    stoch_depth_rescale: bool = opt(True, "stochastic depth scales a kept block by 1/(1-p) (false: no rescale, the reference's)")
 
     def __post_init__(self) -> None:
         _check(self.depth == -1 or self.depth >= 1, "model.depth", "must be -1 (off) or >= 1", self.depth)
@@ -116,7 +125,7 @@ class ModelConfig:
         _check(self.mtp_weight >= 0, "model.mtp_weight", "must be >= 0", self.mtp_weight)
         _check(set(self.window_pattern) <= {"S", "L"}, "model.window_pattern", "must be a string of S and L (or empty)", self.window_pattern)
         _check(self.short_window == -1 or self.short_window >= 1, "model.short_window", "must be -1 or >= 1 (tokens)", self.short_window)
-        _choice("model.xsa", self.xsa, ("off", "fixed", "learnable"))
+        _choice("model.xsa", self.xsa, ("off", "fixed", "learnable", "tanh"))
         _check(self.xsa_layers == -1 or 1 <= self.xsa_layers <= self.n_layer, "model.xsa_layers",
                f"must be -1 (every block) or in [1, n_layer={self.n_layer}]", self.xsa_layers)
         _check(self.iha_pseudo >= 1, "model.iha_pseudo", "must be >= 1", self.iha_pseudo)
@@ -125,7 +134,11 @@ class ModelConfig:
                    f"need 0 <= loop_start <= loop_end < n_layer={self.n_layer} (loop_end={self.loop_end})", self.loop_start)
             _check(self.loop_repeats >= 1, "model.loop_repeats", "must be >= 1", self.loop_repeats)
         _check(self.init_std > 0, "model.init_std", "must be > 0", self.init_std)
-        _choice("model.init", self.init, ("gpt2", "nanochat"))
+        _choice("model.init", self.init, ("gpt2", "nanochat", "reference"))
+        _choice("model.value_proj_layers", self.value_proj_layers, ("even", "last"))
+        _choice("model.loop_skips", self.loop_skips, ("first", "every"))
+        _choice("model.mtp_style", self.mtp_style, ("block", "reference"))
+        _check(0 < self.rope_frac <= 1, "model.rope_frac", "must be in (0, 1]", self.rope_frac)
 
     @property
     def hidden_dim(self) -> int:
@@ -161,6 +174,12 @@ class OptimConfig:
     muon_momentum_end: float = opt(-1.0, "Muon momentum at the end of the LR warmdown, reached linearly from muon_momentum over it (nanochat: 0.90); -1 = held")
     muon_ns_steps: int = opt(5, "Newton-Schulz iterations")
     muon_coeffs: str = opt("quintic", "Newton-Schulz coefficients: quintic (3.4445, -4.7750, 2.0315) or polar_express")
+    muon_swiglu_parts: bool = opt(False, "orthogonalize the fused SwiGLU input matrix as its two parts (gate, up), each with its own shape scale, as the reference's separate matrices")
+    normuon_wide: str = opt("row", "NorMuon statistics of a wide matrix (rows < cols): row (per row, as for every matrix) or column (per column, the reference's)")
+    gates_in_muon: str = opt("none", "small gate matrices trained by Muon with weight decay instead of AdamW: none, value (the value-projection gates: the tiny track) or both (and the head gates: the 1-hour and 2-hour tracks)")
+    resid_lr_frac: float = opt(1.0, "learning rate of the residual lambdas and U-Net skip weights as a fraction of the scalar rate (the reference: 0.01)")
+    x0_beta1: float = opt(-1.0, "AdamW beta1 of the x0 lambdas (the reference: 0.96); -1 = optim.beta1")
+    cautious_wd_scope: str = opt("all", "where optim.cautious_wd applies: all (AdamW and Muon) or muon (Muon only, its decay scaled by the shape factor as the update: the reference's)")
     muon_eq_r: bool = opt(False, "MuonEq-R: normalize rows of the momentum before orthogonalization")
     normuon: bool = opt(False, "NorMuon: per-row second-moment normalization after orthogonalization")
     matrix_optimizer: str = opt("muon", "optimizer of the 2-D hidden matrices when name=muon: muon, or heavyball's soap, kl_shampoo or psgd_kron (needs the second-order extra; run without torch.compile)")
@@ -173,7 +192,13 @@ class OptimConfig:
     min_lr_frac: float = opt(0.0, "LR at the end of the decay as a fraction of the peak")
     swa_epochs: int = opt(0, "SWA: the last N epochs each run a short cosine LR cycle; their end checkpoints are averaged; 0 disables")
     swa_peak_frac: float = opt(0.3, "LR at the start of each SWA cycle as a fraction of the peak")
-    wd_shape: str = opt("hold", "weight decay over the main phase: hold (held, then lowered with the LR to wd_end_frac) or cosine (from weight_decay to 0 over the whole run, as nanochat)")
+    swa_mode: str = opt("after", "SWA cycles: after (they follow the main phase and its decay) or overlay (the reference's: the decay runs over every step and the last swa_epochs epoch-long cosine cycles peak at it, floored at swa_floor)")
+    swa_floor: float = opt(0.05, "overlay SWA: the LR multiplier each cycle ends at (and the least peak)")
+    wd_shape: str = opt("hold", "weight decay over the main phase: hold (held, then lowered with the LR to wd_end_frac), cosine (from weight_decay to 0 over the whole run, as nanochat), sawtooth (the reference's: held to wd_hold_frac, linearly to wd_swa_low at the SWA start, then from wd_swa_low to wd_swa_high within each SWA cycle) or points (piecewise linear through wd_points)")
+    wd_hold_frac: float = opt(0.4, "wd_shape=sawtooth: fraction of the steps the weight decay is held")
+    wd_swa_low: float = opt(0.65, "wd_shape=sawtooth: multiplier at the SWA start and at each cycle start")
+    wd_swa_high: float = opt(1.5, "wd_shape=sawtooth: multiplier at each SWA cycle end")
+    wd_points: list = opt([], "wd_shape=points: [[fraction of steps, multiplier], ...] from fraction 0 to 1, linear between (the tiny track: [[0, 1], [0.1333, 1], [0.5333, 0.125], [1, 1.1625]])")
     wd_end_frac: float = opt(1.0, "weight decay at the end of the LR decay as a fraction of weight_decay (held, then lowered with the LR)")
     wd_swa_frac: float = opt(1.0, "weight decay during SWA cycles as a fraction of weight_decay, raised against the falling LR")
     ema_decay: float = opt(-1.0, "EMA of the weights (per update, bias-corrected); -1 disables")
@@ -189,7 +214,21 @@ class OptimConfig:
         _check(self.lr_scale > 0, "optim.lr_scale", "must be > 0", self.lr_scale)
         _check(self.adamw_width_ref == -1 or self.adamw_width_ref > 0, "optim.adamw_width_ref", "must be -1 or > 0", self.adamw_width_ref)
         _check(self.muon_momentum_end == -1 or 0 <= self.muon_momentum_end < 1, "optim.muon_momentum_end", "must be -1 or in [0, 1)", self.muon_momentum_end)
-        _choice("optim.wd_shape", self.wd_shape, ("hold", "cosine"))
+        _choice("optim.wd_shape", self.wd_shape, ("hold", "cosine", "sawtooth", "points"))
+        if self.wd_shape == "points":
+            pts = self.wd_points
+            _check(len(pts) >= 2 and all(isinstance(q, list) and len(q) == 2 for q in pts), "optim.wd_points",
+                   "needs >= 2 [fraction, multiplier] pairs", pts)
+            xs = [q[0] for q in pts]
+            _check(xs[0] == 0 and xs[-1] == 1 and xs == sorted(xs), "optim.wd_points", "fractions must rise from 0 to 1", xs)
+        _check(0 <= self.wd_hold_frac <= 1, "optim.wd_hold_frac", "must be in [0, 1]", self.wd_hold_frac)
+        _choice("optim.swa_mode", self.swa_mode, ("after", "overlay"))
+        _check(0 <= self.swa_floor < 1, "optim.swa_floor", "must be in [0, 1)", self.swa_floor)
+        _choice("optim.normuon_wide", self.normuon_wide, ("row", "column"))
+        _choice("optim.gates_in_muon", self.gates_in_muon, ("none", "value", "both"))
+        _check(self.resid_lr_frac > 0, "optim.resid_lr_frac", "must be > 0", self.resid_lr_frac)
+        _check(self.x0_beta1 == -1 or 0 <= self.x0_beta1 < 1, "optim.x0_beta1", "must be -1 or in [0, 1)", self.x0_beta1)
+        _choice("optim.cautious_wd_scope", self.cautious_wd_scope, ("all", "muon"))
         _check(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)", self.beta1)
         _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)", self.beta2)
         _check(self.eps > 0, "optim.eps", "must be > 0", self.eps)
@@ -252,6 +291,7 @@ class TrainConfig:
     wandb: bool = opt(False, "log to Weights & Biases (needs the wandb extra)")
     tensorboard: bool = opt(False, "log to TensorBoard (needs the tensorboard extra)")
     snapshot_cycles: int = opt(0, "snapshot ensemble: split training into N cyclic-LR cycles, each cycle end saved as a member; 0 disables")
+    epoch_snapshots: int = opt(0, "keep the weights of the last N epoch ends; the final evaluation adds their probability averages, equal (epochs_probs) and recency-weighted k/sum(k) (epochs_probs_recency, the reference's 1-hour and 2-hour figure); 0 disables")
     snapshot_noise: float = opt(0.0, "snapshot ensemble: std of Gaussian noise added to weights at each cycle start, relative to each tensor's RMS")
 
     def __post_init__(self) -> None:
@@ -266,6 +306,7 @@ class TrainConfig:
         _check(self.checkpoint_every == -1 or self.checkpoint_every >= 1, "train.checkpoint_every", "must be -1 or >= 1", self.checkpoint_every)
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
         _check(self.snapshot_cycles >= 0, "train.snapshot_cycles", "must be >= 0", self.snapshot_cycles)
+        _check(self.epoch_snapshots >= 0, "train.epoch_snapshots", "must be >= 0", self.epoch_snapshots)
         _check(self.snapshot_noise >= 0, "train.snapshot_noise", "must be >= 0", self.snapshot_noise)
 
 
@@ -295,11 +336,13 @@ class EvalConfig:
     max_tokens: int = opt(-1, "cap on val tokens used by periodic evals (the final eval uses the whole split); -1 = all")
     batch_seqs: int = opt(16, "sequences per evaluation forward pass")
     test: bool = opt(True, "evaluate the final weights, EMA and SWA averages on the test split as well")
+    reference_batch: int = opt(-1, "score only the chunks the reference benchmark scores: it permutes the val chunks with numpy RandomState(42) and drops the last (n mod reference_batch) of them (its tracks: 8 ranks x 4 sequences = 32); -1 = every chunk")
 
     def __post_init__(self) -> None:
         _check(self.every_steps == -1 or self.every_steps >= 1, "eval.every_steps", "must be -1 or >= 1", self.every_steps)
         _check(self.max_tokens == -1 or self.max_tokens > 0, "eval.max_tokens", "must be -1 or > 0", self.max_tokens)
         _check(self.batch_seqs >= 1, "eval.batch_seqs", "must be >= 1", self.batch_seqs)
+        _check(self.reference_batch == -1 or self.reference_batch >= 1, "eval.reference_batch", "must be -1 or >= 1", self.reference_batch)
 
 
 @dataclass
@@ -309,6 +352,7 @@ class DistillConfig:
     teacher: str = opt("", "teacher run directory or checkpoint; empty disables distillation")
     alpha: float = opt(0.5, "loss = (1-alpha)*CE + alpha*T^2*KL(teacher/T || student/T)")
     temperature: float = opt(1.2, "distillation temperature T")
+    mtp_inside: bool = opt(False, "with an MTP head: loss = (1-alpha)*(CE + mtp_weight*MTP) + alpha*T^2*KL (the reference's); false adds the MTP term outside the mix")
 
     def __post_init__(self) -> None:
         _check(0 <= self.alpha <= 1, "distill.alpha", "must be in [0, 1]", self.alpha)
