@@ -13,9 +13,11 @@ from tests.conftest import smoke_config
 
 @pytest.fixture(scope="module")
 def snap_run(bpe_ds, tmp_path_factory):
-    """A bf16 run with three snapshots: variants final, ema, snapshot_probs, snapshot_params."""
+    """A bf16 run with three snapshots and the last two epoch ends kept: variants final, ema,
+    snapshot_probs, snapshot_params, epochs_probs, epochs_probs_recency."""
     run = tmp_path_factory.mktemp("evalv") / "run"
-    cfg = smoke_config(bpe_ds, **{"train.max_steps": 12, "train.snapshot_cycles": 3, "train.dtype": "bf16"})
+    cfg = smoke_config(bpe_ds, **{"train.max_steps": 12, "train.snapshot_cycles": 3, "train.dtype": "bf16",
+                                  "train.epoch_snapshots": 2, "train.batch_tokens": 16384})
     result = train(cfg, run, echo=False)
     return run, result
 
@@ -36,7 +38,8 @@ def test_eval_defaults_to_the_chosen_variant_and_the_runs_dtype(snap_run, capsys
     assert f"variant {result['best']}" in line and "bf16" in line
 
 
-@pytest.mark.parametrize("variant", ["final", "ema", "snapshot_params", "snapshot_probs"])
+@pytest.mark.parametrize("variant", ["final", "ema", "snapshot_params", "snapshot_probs", "epochs_probs", "epochs_probs_recency",
+                                     "epochs_params_recency"])
 def test_each_variant_reproduces_the_final_evaluation(snap_run, capsys, variant):
     run, result = snap_run
     out = _eval(capsys, run, "--variant", variant, "--split", "test")
@@ -59,3 +62,33 @@ def test_eval_refusals_are_one_line(snap_run, tmp_path, capsys):
     assert main(["eval", str(broken)]) == 2
     err = capsys.readouterr().err
     assert "corrupt" in err and err.count("\n") == 1
+
+
+def test_epoch_snapshots_keep_the_last_ends_and_weight_them_by_recency(snap_run, capsys):
+    """12 steps of 16k tokens on 40k: 4.9 epochs; the last two ends kept (epoch 4's and the
+    final step's, in epoch 5); the recency variant is -log(1/3 p_4 + 2/3 p_5)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from slowrun.checkpoint import read_weights
+
+    run, result = snap_run
+    kept = sorted((run / "epochs").glob("epoch_*.safetensors"))
+    assert [p.name for p in kept] == ["epoch_004.safetensors", "epoch_005.safetensors"]
+    assert [read_weights(p)[2]["epoch"] for p in kept] == [4, 5]
+    from slowrun.dataset import Dataset
+    from slowrun.checkpoint import load_model
+    from slowrun.evaluate import target_logprobs
+
+    ds = Dataset.open(read_weights(kept[0])[1].data.path)
+    lps = [target_logprobs(load_model(p)[0], ds.tokens("val"), 32, dtype="bf16") for p in kept]
+    recency = -np.mean(np.log(np.exp(lps[0]) / 3 + 2 * np.exp(lps[1]) / 3))
+    assert result["variants"]["epochs_probs_recency"]["val_loss"] == pytest.approx(recency, rel=1e-5)
+    assert not math.isclose(recency, result["variants"]["epochs_probs"]["val_loss"], rel_tol=1e-7)
+    # the recency-weighted parameter average: 1/3 and 2/3 of the two ends' weights
+    a, b = (read_weights(p)[0] for p in kept)
+    avg = read_weights(run / "epochs_avg_recency.safetensors")[0]
+    for k in a:
+        assert torch.allclose(avg[k].double(), a[k].double() / 3 + 2 * b[k].double() / 3, atol=1e-6), k

@@ -125,3 +125,38 @@ def test_sharded_evaluation_over_two_gloo_ranks_equals_one_rank(tmp_path):
     lp_one = target_logprobs(model, tokens, 16, batch_seqs=4)
     assert np.all(np.array(ranks[0]["lp"]) != 0)  # every target was scored by some rank
     assert np.allclose(np.array(ranks[0]["lp"]), lp_one, atol=1e-6, rtol=0)
+
+
+def test_reference_val_protocol_equals_the_reference_loader(bpe_ds):
+    """eval.reference_batch scores what the reference's val loader scores: its (T+1)-token
+    chunks permuted by RandomState(42), `EVAL_TOKENS // (B * T * world)` steps of world x B
+    sequences, the loss the mean CE over every target (computed here the reference's way)."""
+    from slowrun.config import build_config
+    from slowrun.dataset import Dataset
+    from slowrun.evaluate import scored_tokens, split_tokens
+    from slowrun.gpt import GPT
+
+    ds = Dataset.open(bpe_ds)
+    T, B, world = 32, 2, 3
+    val = np.asarray(ds.tokens("val"), dtype=np.int64)
+    torch.manual_seed(0)
+    model = GPT(build_config("slowrun", {"model.vocab_size": ds.vocab_size, "model.seq_len": T, "model.n_layer": 2,
+                                         "model.n_head": 2, "model.n_embd": 32, "model.dropout": 0.0}).model).eval()
+    n = len(val) // (T + 1)
+    chunks = val[: n * (T + 1)].reshape(n, T + 1)
+    order = np.random.RandomState(42).permutation(n)
+    steps = len(val) // (B * T * world)
+    assert n % (B * world) != 0 and steps * B * world == n - n % (B * world)  # some chunks are dropped
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for step in range(steps):
+            for rank in range(world):
+                idx = order[(step * world + rank) * B: (step * world + rank + 1) * B]
+                x = torch.from_numpy(chunks[idx])
+                logits, _ = model(x[:, :-1])
+                total += F.cross_entropy(logits.double().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum").item()
+                count += x[:, 1:].numel()
+    ours = evaluate(model, scored_tokens(val, T, B * world), T, ds.token_bytes)
+    assert ours.targets == count and abs(ours.loss - total / count) < 1e-4
+    assert evaluate(model, val, T, ds.token_bytes).targets == n * T  # default: every chunk
+    assert len(split_tokens(ds, "test", T, B * world)) == ds.num_tokens("test")  # only val follows the reference

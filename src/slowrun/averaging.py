@@ -43,18 +43,20 @@ class EMA:
             self.shadow[k].copy_(state[k])
 
 
-def average_weights(paths: list[Path], load) -> dict[str, torch.Tensor]:
-    """Parameter average of several weight files, streamed (one in memory at a time beside the sum)."""
+def average_weights(paths: list[Path], load, weights=None) -> dict[str, torch.Tensor]:
+    """Parameter average of several weight files (equal, or with `weights` summing to 1),
+    streamed: one file in memory at a time beside the sum."""
+    w = [1.0 / len(paths)] * len(paths) if weights is None else [float(x) for x in weights]
     total: dict[str, torch.Tensor] | None = None
-    for p in paths:
+    for p, wp in zip(paths, w):
         state = load(p)
         if total is None:
-            total = {k: v.double().clone() for k, v in state.items()}
+            total = {k: v.double() * wp for k, v in state.items()}
             shapes = {k: v.shape for k, v in state.items()}
         else:
             if {k: v.shape for k, v in state.items()} != shapes:
                 raise ValueError(f"{p}: parameter shapes differ from {paths[0]}; parameter averaging needs identical architectures")
             for k, v in state.items():
-                total[k] += v.double()
+                total[k] += v.double() * wp
     assert total is not None, "no weights to average"
-    return {k: (v / len(paths)).float() for k, v in total.items()}
+    return {k: v.float() for k, v in total.items()}

@@ -98,7 +98,7 @@ def _open_dataset(weights_extra: dict, cfg, data: str | None, ref: str):
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("ref", metavar="RUN_DIR|CHECKPOINT", help="a finished run directory (the variant it chose on val), a checkpoint directory, or a .safetensors file")
     p.add_argument("--variant", default=None, help="a finished run's variant: final, ema, swa_params, swa_probs, snapshot_params, "
-                   "snapshot_probs (the *_probs ones average the probabilities of the swa/cycle_* snapshots); default: result.json's best")
+                   "snapshot_probs, epochs_probs, epochs_probs_recency (the *_probs ones average the probabilities of the swa/cycle_* or epochs/epoch_* snapshots); default: result.json's best")
     p.add_argument("--split", choices=("val", "test"), default="val", help="held-out split (default val)")
     p.add_argument("--data", default=None, help="dataset directory (default: the one the model was trained on)")
     p.add_argument("--max-tokens", type=int, default=-1, help="evaluate only the first N tokens (> 0); -1 = the whole split (default)")
@@ -107,22 +107,24 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def _eval_target(ref: str, variant: str | None) -> tuple[list[Path], str]:
-    """(weights files, what is scored): a finished run's variant (default: its best on val),
-    or the single weights of a checkpoint, a weights file or a run still in progress."""
+def _eval_target(ref: str, variant: str | None) -> tuple[list[Path], object, str]:
+    """(weights files, their probability weights or None for equal, what is scored): a finished
+    run's variant (default: its best on val), or the single weights of a checkpoint, a weights
+    file or a run still in progress."""
     from .checkpoint import weights_path
-    from .results import RESULT_FILE, chosen, read_result, variant_weights
+    from .results import RESULT_FILE, chosen, member_weights, read_result, variant_weights
 
     run = Path(ref)
     if run.is_dir() and (run / RESULT_FILE).is_file():
         name, _ = chosen(read_result(run), variant)
-        return variant_weights(run, name), f"variant {name}" + ("" if variant else " (the run's best on val)")
+        paths = variant_weights(run, name)
+        return paths, member_weights(name, len(paths)), f"variant {name}" + ("" if variant else " (the run's best on val)")
     if variant:
         from .results import ResultError
 
         raise ResultError(f"--variant {variant}: {ref} is not a finished run directory (no {RESULT_FILE})")
     path = weights_path(ref)
-    return [path], str(path)
+    return [path], None, str(path)
 
 
 def _run_eval(a: argparse.Namespace) -> int:
@@ -131,11 +133,11 @@ def _run_eval(a: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .config import ConfigError
     from .distributed import resolve_device
-    from .evaluate import evaluate_averaged
+    from .evaluate import evaluate_averaged, split_tokens
 
     if a.max_tokens != -1 and a.max_tokens <= 0:
         raise ConfigError(f"--max-tokens: must be -1 (the whole split) or > 0, got {a.max_tokens}")
-    paths, scored = _eval_target(a.ref, a.variant)
+    paths, weights, scored = _eval_target(a.ref, a.variant)
     dev = resolve_device(a.device)
     model, cfg, extra = load_model(paths[0], dev)
     ds = _open_dataset(extra, cfg, a.data, a.ref)
@@ -150,7 +152,8 @@ def _run_eval(a: argparse.Namespace) -> int:
         for p in paths[1:]:
             yield load_model(p, dev)[0]
 
-    r = evaluate_averaged(models(), ds.tokens(a.split), T, ds.token_bytes, cfg.eval.batch_seqs, dev, dtype, a.max_tokens)
+    r = evaluate_averaged(models(), split_tokens(ds, a.split, T, cfg.eval.reference_batch), T, ds.token_bytes, cfg.eval.batch_seqs, dev, dtype, a.max_tokens,
+                          weights=weights)
     if a.json:
         print(json.dumps({"ref": a.ref, "scored": scored, "weights": [str(p) for p in paths], "split": a.split, "dtype": dtype,
                           "loss": r.loss, "bpb": r.bpb, "targets": r.targets}))
@@ -348,8 +351,8 @@ def _add_ensemble(p: argparse.ArgumentParser) -> None:
     p.add_argument("--members", type=int, default=4, help="ensemble size K (default 4); member k uses seed train.seed + k")
     p.add_argument("--run-dir", default=None, help="ensemble directory: member_0 ... member_{K-1} and result.json")
     p.add_argument("--distill", action="store_true", help="chain distillation: member k learns from member k-1")
-    p.add_argument("--alpha", type=float, default=0.5, help="distillation weight a in (1-a)*CE + a*T^2*KL (default 0.5)")
-    p.add_argument("--temperature", type=float, default=1.2, help="distillation temperature T (default 1.2)")
+    p.add_argument("--alpha", type=float, default=None, help="distillation weight a in (1-a)*CE + a*T^2*KL (default: the recipe's distill.alpha)")
+    p.add_argument("--temperature", type=float, default=None, help="distillation temperature T (default: the recipe's distill.temperature)")
     p.add_argument("--jobs", type=int, default=1, help="members trained at a time without --distill on CPU (default 1); "
                    "with CUDA, one member per device (or per --gpus-per-job devices)")
     p.add_argument("--gpus-per-job", type=int, default=1, metavar="K",

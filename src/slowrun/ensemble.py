@@ -31,7 +31,7 @@ from .averaging import average_weights
 from .checkpoint import load_model, read_weights, weights_path
 from .dataset import COMPARABLE, Dataset, DatasetError, read_manifest, require_comparable, training_fingerprint
 from .distributed import resolve_device
-from .evaluate import autocast, chunk_batches, prob_average, summarize, target_byte_counts, target_logprobs
+from .evaluate import autocast, chunk_batches, prob_average, split_tokens, summarize, target_byte_counts, target_logprobs
 from .gpt import GPT
 from .jobs import TrainJob, run_jobs
 from .loader import fitness_slice
@@ -79,7 +79,7 @@ class Member:
     train: str | None  # sha256 of the training split it was trained on (None: unknown)
     fitness_tokens: int  # training tokens it held out at the end of its training split
     nbytes: int
-
+    reference_batch: int  # eval.reference_batch of its run: which val chunks are scored
 
 def open_members(refs: list[str]) -> list[Member]:
     members = []
@@ -89,7 +89,7 @@ def open_members(refs: list[str]) -> list[Member]:
         state, cfg, extra = read_weights(path)
         members.append(Member(str(ref), path, cfg.model.seq_len, extra.get("dataset", {}),
                               _training_split_hash(path, cfg.data.path), cfg.data.fitness_tokens,
-                              sum(v.numel() * v.element_size() for v in state.values())))
+                              sum(v.numel() * v.element_size() for v in state.values()), cfg.eval.reference_batch))
     if not members:
         raise EnsembleError("an ensemble needs at least one member")
     first = members[0]
@@ -137,7 +137,9 @@ def evaluate_ensemble(refs: list[str], data: str | Path | None = None, splits: t
     T = members[0].seq_len
     splits = tuple(s for s in splits if ds.num_tokens(s) > T + 1)
     K = len(members)
-    tb = {s: target_byte_counts(ds.tokens(s), T, ds.token_bytes) for s in splits}
+    rb = members[0].reference_batch
+    tokens = {s: split_tokens(ds, s, T, rb) for s in splits}
+    tb = {s: target_byte_counts(tokens[s], T, ds.token_bytes) for s in splits}
 
     # per-member log-probabilities, one member in memory at a time
     lps: dict[str, list[np.ndarray]] = {s: [] for s in splits}
@@ -146,7 +148,7 @@ def evaluate_ensemble(refs: list[str], data: str | Path | None = None, splits: t
         model, _, _ = load_model(m.path, dev)
         row = {"member": i, "label": m.label, "weights": str(m.path)}
         for s in splits:
-            lp = target_logprobs(model, ds.tokens(s), T, batch_seqs, dev, dtype)
+            lp = target_logprobs(model, tokens[s], T, batch_seqs, dev, dtype)
             lps[s].append(lp)
             r = _split_result(lp, tb[s])
             row.update({f"{s}_loss": r["loss"], f"{s}_bpb": r["bpb"]})
@@ -165,7 +167,7 @@ def evaluate_ensemble(refs: list[str], data: str | Path | None = None, splits: t
         cache = _ModelCache(members, dev, int(memory_budget_gb * 2**30))
         for s in splits:
             nats = np.zeros(K)
-            for chunk in chunk_batches(ds.tokens(s), T, batch_seqs):
+            for chunk in chunk_batches(tokens[s], T, batch_seqs):
                 x = torch.from_numpy(chunk[:, :-1]).to(dev)
                 y = torch.from_numpy(chunk[:, 1:]).to(dev).reshape(-1)
                 total = None
@@ -186,7 +188,7 @@ def evaluate_ensemble(refs: list[str], data: str | Path | None = None, splits: t
             model.load_state_dict(avg)
             methods["params"] = {}
             for s in splits:
-                r = _split_result(target_logprobs(model, ds.tokens(s), T, batch_seqs, dev, dtype), tb[s])
+                r = _split_result(target_logprobs(model, tokens[s], T, batch_seqs, dev, dtype), tb[s])
                 methods["params"].update({f"{s}_loss": r["loss"], f"{s}_bpb": r["bpb"]})
         except (ValueError, RuntimeError) as e:
             methods["params"] = {"skipped": str(e).splitlines()[0]}
@@ -277,12 +279,12 @@ def describe(result: dict) -> str:
 
 
 def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, overrides: dict | None = None,
-                   distill: bool = False, alpha: float = 0.5, temperature: float = 1.2, parallel: int = 1,
+                   distill: bool = False, alpha: float | None = None, temperature: float | None = None, parallel: int = 1,
                    threads: int = -1, fitness_tokens: int = 0, select: int = 0, progress: bool = True,
                    log=print, gpus_per_job: int = 1) -> dict:
     """Train (or continue) K members, then evaluate the ensemble; writes run_dir/result.json.
     On a CUDA machine the members run one per device (`gpus_per_job` devices each, through
-    torchrun when > 1): see `jobs.run_jobs`."""
+    torchrun when > 1): see `jobs.run_jobs`. `alpha`, `temperature`: None = the recipe's."""
     from .config import build_config
 
     if members < 1:
@@ -291,6 +293,8 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
     run_dir = Path(run_dir)
     over = dict(overrides or {})
     base_cfg = build_config(recipe, {**over, "data.path": data})  # validates the overrides once
+    alpha = base_cfg.distill.alpha if alpha is None else alpha
+    temperature = base_cfg.distill.temperature if temperature is None else temperature
     if fitness_tokens:
         over["data.fitness_tokens"] = fitness_tokens
     jobs = []

@@ -41,6 +41,28 @@ def num_chunks(n_tokens: int, seq_len: int, max_tokens: int = -1) -> int:
     return n
 
 
+def scored_tokens(tokens: np.ndarray, seq_len: int, reference_batch: int = -1) -> np.ndarray:
+    """The tokens of the chunks an evaluation scores: all of them, or with `reference_batch`
+    the subset the reference benchmark scores. Its val loader permutes the (seq_len + 1)-token
+    chunks with numpy's RandomState(42) and runs whole batches of `reference_batch` sequences
+    (8 ranks x 4 on its tracks), so the last n mod reference_batch chunks of the permutation
+    are never scored. The loss is a mean over targets, so the kept chunks are returned in
+    file order (one contiguous array that every evaluation function takes as a split)."""
+    if reference_batch == -1:
+        return tokens
+    n = len(tokens) // (seq_len + 1)
+    keep = np.sort(np.random.RandomState(42).permutation(n)[: n - n % reference_batch])
+    if len(keep) == 0:
+        raise ValueError(f"eval.reference_batch={reference_batch}: the split's {n} chunks are fewer than one batch")
+    return np.asarray(tokens[: n * (seq_len + 1)]).reshape(n, seq_len + 1)[keep].reshape(-1)
+
+
+def split_tokens(ds, split: str, seq_len: int, reference_batch: int = -1) -> np.ndarray:
+    """A dataset split as it is scored: val through `scored_tokens` (`eval.reference_batch`)."""
+    tokens = ds.tokens(split)
+    return scored_tokens(tokens, seq_len, reference_batch) if split == "val" else tokens
+
+
 def chunk_batches(tokens: np.ndarray, seq_len: int, batch_seqs: int, max_tokens: int = -1):
     """Yield (B, seq_len+1) int64 arrays of consecutive non-overlapping chunks."""
     n = num_chunks(len(tokens), seq_len, max_tokens)
@@ -126,12 +148,12 @@ def prob_average(logprobs: list[np.ndarray], weights: np.ndarray | None = None) 
 
 def evaluate_averaged(models: Iterable[torch.nn.Module], tokens: np.ndarray, seq_len: int, token_bytes: np.ndarray,
                       batch_seqs: int = 16, device: torch.device | str = "cpu", dtype: str = "fp32",
-                      max_tokens: int = -1, env: DistEnv | None = None) -> EvalResult:
-    """Loss of the mean of the models' probabilities (one model: its own loss), as the final
-    evaluation scores a probability-averaged variant. `models` may be a generator, so that one
-    model at a time is in memory. `env`: sharded over its ranks, as `target_logprobs`."""
+                      max_tokens: int = -1, env: DistEnv | None = None, weights: np.ndarray | None = None) -> EvalResult:
+    """Loss of the (weighted) mean of the models' probabilities (one model: its own loss), as
+    the final evaluation scores a probability-averaged variant. `models` may be a generator, so
+    that one model at a time is in memory. `env`: sharded over its ranks, as `target_logprobs`."""
     lps = [target_logprobs(m, tokens, seq_len, batch_seqs, device, dtype, max_tokens, env) for m in models]
     if not lps:
         raise ValueError("evaluate_averaged needs at least one model")
-    lp = lps[0] if len(lps) == 1 else prob_average(lps)
+    lp = lps[0] if len(lps) == 1 else prob_average(lps, weights)
     return summarize(lp, target_byte_counts(tokens, seq_len, token_bytes, max_tokens))

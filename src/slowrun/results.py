@@ -13,15 +13,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from . import SlowrunError
 
 RESULT_FILE = "result.json"
 # variant -> the weights file train.py writes for it in the run directory
 VARIANT_FILES = {"final": "model.safetensors", "ema": "ema.safetensors", "swa_params": "swa_avg.safetensors",
-                 "snapshot_params": "snapshot_avg.safetensors"}
+                 "snapshot_params": "snapshot_avg.safetensors", "epochs_params_recency": "epochs_avg_recency.safetensors"}
 # probability-averaged variants have no weights of their own: their members are these snapshots
 SNAPSHOT_FILE = "swa/cycle_{cycle:03d}.safetensors"  # one per SWA / snapshot cycle end
-MEMBER_SNAPSHOTS = {"swa_probs": "swa/cycle_*.safetensors", "snapshot_probs": "swa/cycle_*.safetensors"}
+EPOCH_SNAPSHOT_FILE = "epochs/epoch_{epoch:03d}.safetensors"  # the last train.epoch_snapshots epoch ends
+MEMBER_SNAPSHOTS = {"swa_probs": "swa/cycle_*.safetensors", "snapshot_probs": "swa/cycle_*.safetensors",
+                    "epochs_probs": "epochs/epoch_*.safetensors", "epochs_probs_recency": "epochs/epoch_*.safetensors"}
+
+
+def member_weights(variant: str, k: int) -> np.ndarray | None:
+    """Weights of a probability-averaged variant's k members in file order: equal (None), or
+    for a recency-weighted one, member i of k gets i / (1 + ... + k) (the reference's)."""
+    if variant.endswith("_recency"):
+        w = np.arange(1, k + 1, dtype=np.float64)
+        return w / w.sum()
+    return None
 ENSEMBLE_METHOD = "probs"  # an ensemble's headline losses
 
 

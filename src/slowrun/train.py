@@ -28,16 +28,17 @@ import torch
 from . import SlowrunError, distributed
 from .averaging import EMA, average_weights
 from .checkpoint import (Checkpoint, latest_good_checkpoint, list_checkpoints, load_model, read_weights,
-                         save_checkpoint, save_weights)
+                         save_checkpoint, save_weights, sidecar)
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, tomllib
 from .dataset import Dataset, require_comparable
-from .evaluate import EvalResult, autocast, evaluate, prob_average, summarize, target_byte_counts, target_logprobs
+from .evaluate import EvalResult, autocast, evaluate, prob_average, split_tokens, summarize, target_byte_counts, target_logprobs
 from .gpt import GPT, stoch_depth_scales
 from .losses import DistillTarget
 from .loader import TrainLoader, document_scores
 from .optim import Optimizers, build_optimizers
 from .prepare import PrepareConfig, prepare
-from .results import MEMBER_SNAPSHOTS, RESULT_FILE, SNAPSHOT_FILE, VARIANT_FILES, ResultError, read_result
+from .results import (EPOCH_SNAPSHOT_FILE, MEMBER_SNAPSHOTS, RESULT_FILE, SNAPSHOT_FILE, VARIANT_FILES, ResultError,
+                      member_weights, read_result)
 from .runlog import RunLogger, environment, fmt_time
 from .schedules import Schedule
 from .storage import atomic_write_json, atomic_write_text, exclusive_lock
@@ -343,10 +344,19 @@ def write_checkpoint(run: Run, elapsed_s: float) -> Path | None:
                            run.ema.raw_state() if run.ema is not None else None, run.cfg.train.keep_checkpoints)
 
 
+def save_epoch_snapshot(run: Run, epoch: int) -> None:
+    """The weights at an epoch's end, the last `train.epoch_snapshots` kept (rank 0)."""
+    save_weights(run.run_dir / EPOCH_SNAPSHOT_FILE.format(epoch=epoch), run.model.state_dict(), run.cfg,
+                 {"dataset": run.ds.fingerprint, "step": run.step, "epoch": epoch})
+    for old in sorted(run.run_dir.glob(MEMBER_SNAPSHOTS["epochs_probs"]))[:-run.cfg.train.epoch_snapshots]:
+        old.unlink()
+        sidecar(old).unlink(missing_ok=True)
+
+
 def eval_val(run: Run, at: str) -> None:
     """Val loss of the current weights, logged (sharded: every rank scores its share of the chunks)."""
     cfg = run.cfg
-    r = evaluate(run.model, run.ds.tokens("val"), cfg.model.seq_len, run.ds.token_bytes, cfg.eval.batch_seqs,
+    r = evaluate(run.model, split_tokens(run.ds, "val", cfg.model.seq_len, cfg.eval.reference_batch), cfg.model.seq_len, run.ds.token_bytes, cfg.eval.batch_seqs,
                  run.env.device, cfg.train.dtype, cfg.eval.max_tokens, env=run.env)
     if run.env.is_main:
         run.log.line(f"eval  step {run.step:>6}/{run.total_steps} | epoch {run.loader.epochs_done:.2f} | "
@@ -441,6 +451,8 @@ def fit(run: Run) -> FitStats:
                 if cfg.train.snapshot_cycles and cfg.train.snapshot_noise > 0 and step < total_steps:
                     perturb(model, cfg.train.snapshot_noise, _step_seed(cfg.train.seed, 0, step))
             epoch_end = loader.epoch > epoch_before
+            if cfg.train.epoch_snapshots and (epoch_end or step == total_steps) and env.is_main:
+                save_epoch_snapshot(run, loader.epoch if epoch_end else math.ceil(loader.epochs_done))
             if epoch_end and cfg.eval.at_epoch_end and step < total_steps:
                 eval_val(run, f"epoch {loader.epoch} end")
             elif cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0 and step < total_steps:
@@ -513,17 +525,20 @@ def perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
 def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema: EMA | None, log: RunLogger,
                      env: distributed.DistEnv) -> dict:
     """Val and test loss/bpb of: the final weights, the EMA, the SWA (or snapshot) parameter
-    average and probability average. `best` is the variant with the lowest val loss. Every
-    rank calls it and scores its share of each split's chunks; rank 0 writes."""
+    average and probability average, and the probability averages (equal and recency-weighted)
+    of the last epoch ends. `best` is the variant with the lowest val loss. Every rank calls it
+    and scores its share of each split's chunks; rank 0 writes."""
     device = env.device
     T, bs, dt = cfg.model.seq_len, cfg.eval.batch_seqs, cfg.train.dtype
     splits = ["val"] + (["test"] if cfg.eval.test and ds.num_tokens("test") > T + 1 else [])
-    tb = {s: target_byte_counts(ds.tokens(s), T, ds.token_bytes) for s in splits}
+    tb = {s: target_byte_counts(split_tokens(ds, s, T, cfg.eval.reference_batch), T, ds.token_bytes) for s in splits}
     variants: dict[str, dict] = {}
     snaps = sorted(run_dir.glob(MEMBER_SNAPSHOTS["swa_probs"]))
+    epochs = sorted(run_dir.glob(MEMBER_SNAPSHOTS["epochs_probs"])) if cfg.train.epoch_snapshots else []
+    epochs = epochs if len(epochs) > 1 else []
     # one line as each pass starts: after the loop's ETA reaches 0 this can take minutes
     members_needed = len(snaps) > 1  # for the probability average; one snapshot is its own parameter average
-    passes = 1 + (ema is not None) + (len(snaps) if members_needed else 0) + bool(snaps)
+    passes = 1 + (ema is not None) + (len(snaps) if members_needed else 0) + bool(snaps) + len(epochs) + bool(epochs)
     done = 0
 
     def record(name: str, lps: dict[str, np.ndarray]) -> None:
@@ -538,22 +553,38 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
         nonlocal done
         done += 1
         log.line(f"final evaluation {done}/{passes}: {what} on {' and '.join(splits)}")
-        return {s: target_logprobs(m, ds.tokens(s), T, bs, device, dt, env=env) for s in splits}
+        return {s: target_logprobs(m, split_tokens(ds, s, T, cfg.eval.reference_batch), T, bs, device, dt, env=env) for s in splits}
 
     record("final", logprobs_of(model, "final weights"))
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     if ema is not None:
         model.load_state_dict(ema.state_dict())
         record("ema", logprobs_of(model, "EMA weights"))
-    if snaps:
+    def members_of(paths: list[Path]) -> list[dict[str, np.ndarray]]:
         members = []
-        for p in snaps if members_needed else []:
+        for p in paths:
             state, _, _ = read_weights(p)
             model.load_state_dict(state)
-            members.append(logprobs_of(model, f"snapshot {p.name}"))
+            members.append(logprobs_of(model, f"snapshot {p.parent.name}/{p.name}"))
+        return members
+
+    def record_average(name: str, members: list[dict[str, np.ndarray]]) -> None:
+        w = member_weights(name, len(members))
+        record(name, {s: prob_average([m[s] for m in members], w) for s in splits})
+
+    if epochs:
+        members = members_of(epochs)
+        for name in ("epochs_probs", "epochs_probs_recency"):
+            record_average(name, members)
+        avg = average_weights(epochs, lambda p: read_weights(p)[0], member_weights("_recency", len(epochs)))
+        model.load_state_dict(avg)
+        record("epochs_params_recency", logprobs_of(model, "the epoch ends' recency-weighted parameter average"))
+        if cfg.train.save_final and env.is_main:
+            save_weights(run_dir / VARIANT_FILES["epochs_params_recency"], avg, cfg, {"dataset": ds.fingerprint})
+    if snaps:
         label = "snapshot" if cfg.train.snapshot_cycles else "swa"
         if members_needed:
-            record(f"{label}_probs", {s: prob_average([m[s] for m in members]) for s in splits})
+            record_average(f"{label}_probs", members_of(snaps))
         avg = average_weights(snaps, lambda p: read_weights(p)[0])
         model.load_state_dict(avg)
         record(f"{label}_params", logprobs_of(model, "the snapshots' parameter average"))
