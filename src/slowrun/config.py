@@ -129,6 +129,8 @@ class ModelConfig:
         _check(self.xsa_layers == -1 or 1 <= self.xsa_layers <= self.n_layer, "model.xsa_layers",
                f"must be -1 (every block) or in [1, n_layer={self.n_layer}]", self.xsa_layers)
         _check(self.iha_pseudo >= 1, "model.iha_pseudo", "must be >= 1", self.iha_pseudo)
+        _check(not self.iha_ve_after_mix or self.iha_pseudo == 1, "model.iha_ve_after_mix",
+               f"needs model.iha_pseudo=1 (the reference's fused mixing), got iha_pseudo={self.iha_pseudo}", self.iha_ve_after_mix)
         if self.loop_start != -1:
             _check(0 <= self.loop_start <= self.loop_end < self.n_layer, "model.loop_start",
                    f"need 0 <= loop_start <= loop_end < n_layer={self.n_layer} (loop_end={self.loop_end})", self.loop_start)

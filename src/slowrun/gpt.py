@@ -5,7 +5,10 @@ Slowrun recipe: weightless RMSNorm, RoPE + QK-norm, SwiGLU, untied embeddings wi
 RMSNorm after the lookup, value projections from x0, per-head output gates, x0 mixing,
 U-Net skips, logit softcap, dropout, stochastic depth, layer looping, a
 multi-token-prediction head, sliding-window attention, XSA (exclusive self attention) and
-IHA (interleaved head attention). Architecture and initialization only: no training logic.
+IHA (interleaved head attention). The reference benchmark's variants of these (value
+projections on the last block's parity, skips re-added on every loop pass, its init, its MTP
+head, IHA without an output scale, half-truncated RoPE, a partial key offset, tanh-gated XSA)
+are flags too. Architecture and initialization only: no training logic.
 """
 
 from __future__ import annotations
@@ -27,10 +30,19 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def has_value_proj(cfg: ModelConfig, layer: int) -> bool:
+    """Whether block `layer` gets a value projection from x0: alternate blocks, the even ones
+    (0, 2, ...) or those with the last block's parity (the reference's: 1, 3, ..., 29 of 30)."""
+    if not cfg.value_proj:
+        return False
+    return layer % 2 == (0 if cfg.value_proj_layers == "even" else (cfg.n_layer - 1) % 2)
+
+
 def stoch_depth_scales(cfg: ModelConfig, seed: int | None = None, step: int = 0) -> torch.Tensor | None:
     """Stochastic depth's decisions for one training step: a (n_layer,) float32 CPU tensor of
-    residual scales, 0.0 for a skipped block and 1 / (1 - p_i) for a kept one, with
-    p_i = stoch_depth * i / (n_layer - 1). None when stochastic depth is off.
+    residual scales, 0.0 for a skipped block and 1 / (1 - p_i) for a kept one (1.0 without
+    model.stoch_depth_rescale, the reference's), with p_i = stoch_depth * i / (n_layer - 1).
+    None when stochastic depth is off.
 
     A pure function of (seed, step, block), drawn on the host from a generator seeded with
     (seed, step) and not the rank, so every rank skips the same blocks (their gradients stay
@@ -42,7 +54,8 @@ def stoch_depth_scales(cfg: ModelConfig, seed: int | None = None, step: int = 0)
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1)) if seed is not None else None
     p = cfg.stoch_depth * torch.arange(L, dtype=torch.float32) / (L - 1)
     u = torch.rand(L, generator=g)
-    return torch.where(u < p, torch.zeros(()), 1.0 / (1.0 - p))
+    kept = 1.0 / (1.0 - p) if cfg.stoch_depth_rescale else torch.ones(())
+    return torch.where(u < p, torch.zeros(()), kept)
 
 
 class Norm(nn.Module):
@@ -56,14 +69,23 @@ class Norm(nn.Module):
         return self.ln(x) if self.ln is not None else rms_norm(x)
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def rotary_tables(seq_len: int, head_dim: int, base: float, frac: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (1, T, 1, D/2) of the D/2 rotation pairs (pair j = dims j and j + D/2).
+
+    With `frac` < 1 (model.rope_frac) only the first R = int(D * frac) // 2 pairs rotate, at the
+    frequencies of a head of 2R dims (base^(-2j / 2R)); the other pairs get frequency 0 (cos 1,
+    sin 0) and pass unrotated: at D = 128, frac 0.5 dims 0-31 and 64-95 rotate (the tiny track's).
+    """
+    rot = int(head_dim * frac) // 2 if frac < 1 else head_dim // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, 2 * rot, 2, dtype=torch.float32) / (2 * rot)))
+    if rot < head_dim // 2:
+        inv_freq = torch.cat((inv_freq, torch.zeros(head_dim // 2 - rot)))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, D/2)
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, T, H, D), rotate the two halves of each head as pairs
+    # x: (B, T, H, D), rotate the two halves of each head as pairs (dim j with dim j + D/2)
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -105,23 +127,33 @@ class Attention(nn.Module):
         # sliding window (-1 = full causal); with IHA the band spans window * iha_pseudo interleaved positions
         self.window = layer_window(cfg, layer)
         self._masks: dict[tuple[int, int, str], torch.Tensor] = {}  # band masks, built once per (T, window, device)
-        # XSA: remove from each head's output its component along the token's own value
+        # key offset (full-context trunk blocks): the second half of each key's channels comes from the previous token
+        self.key_offset = cfg.key_offset and self.window < 0 and layer < cfg.n_layer
+        # XSA: remove from each head's output its component along the token's own value, scaled by
+        # 1 (fixed), a learned per-head weight xsa_gate (learnable) or tanh(xsa_alpha) (tanh)
         self.xsa = cfg.xsa != "off" and (cfg.xsa_layers == -1 or layer >= cfg.n_layer - cfg.xsa_layers)
         self.xsa_gate = nn.Parameter(torch.ones(H)) if self.xsa and cfg.xsa == "learnable" else None
-        # IHA: P pseudo-heads per head, each a learned mix of all heads' q/k/v; collapsed back by iha_out
+        self.xsa_alpha = nn.Parameter(torch.zeros(H)) if self.xsa and cfg.xsa == "tanh" else None
+        # IHA: P pseudo-heads per head, each a learned mix of all heads' q/k/v; collapsed back by iha_out.
+        # With iha_ve_after_mix (P = 1, the reference's) the value projection is added after the mix and
+        # there is no iha_out
         P = cfg.iha_pseudo
+        self.ve_after_mix = cfg.iha and cfg.iha_ve_after_mix
         self.iha_q = nn.Parameter(torch.zeros(H, H, P)) if cfg.iha else None  # (source head, target head, pseudo)
         self.iha_k = nn.Parameter(torch.zeros(H, H, P)) if cfg.iha else None
         self.iha_v = nn.Parameter(torch.zeros(H, H, P)) if cfg.iha and cfg.iha_mix_v else None
-        self.iha_out = nn.Parameter(torch.zeros(H, P)) if cfg.iha else None  # weights of the P pseudo-heads' outputs
+        self.iha_out = nn.Parameter(torch.zeros(H, P)) if cfg.iha and not self.ve_after_mix else None  # weights of the P pseudo-heads' outputs
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
         q, k, v = self.c_attn(x).view(B, T, 3, H, D).unbind(2)  # each (B, T, H, D)
+        ve = None
         if self.v_x0 is not None:
             gate = 2 * torch.sigmoid(self.v_gate(x[..., : self.v_gate.in_features]))  # (B, T, H)
-            v = v + gate.unsqueeze(-1) * self.v_x0(x0).view(B, T, H, D)
+            ve = gate.unsqueeze(-1) * self.v_x0(x0).view(B, T, H, D)
+            if not self.ve_after_mix:
+                v = v + ve
         P = self.cfg.iha_pseudo if self.iha_q is not None else 1
         if self.iha_q is not None:
             # mix heads into P pseudo-heads, then interleave them into the sequence: (B, T*P, H, D)
@@ -131,10 +163,17 @@ class Attention(nn.Module):
                 v = torch.einsum("btmd,mhp->btphd", v, self.iha_v).reshape(B, T * P, H, D)
             else:
                 v = v.unsqueeze(2).expand(B, T, P, H, D).reshape(B, T * P, H, D)
+        if ve is not None and self.ve_after_mix:  # P = 1: the mixed values are (B, T, H, D)
+            v = v + ve
         if rope is not None:  # with IHA the interleaved positions 0..T*P-1 are rotated (rope is T*P long)
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if self.cfg.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
+        if self.key_offset and T > 1:
+            # key t takes channels D/2..D from key t-1 (one token = P interleaved positions back);
+            # the first token keeps its own
+            lo, hi = k[..., : D // 2], k[..., D // 2 :]
+            k = torch.cat((lo, torch.cat((hi[:, :P], hi[:, :-P]), dim=1)), dim=-1)
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T*P, D)
         if self.window < 0:
             y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
@@ -142,9 +181,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self.mask(T * P, self.window * P, x.device))
         y = y.transpose(1, 2)  # (B, T*P, H, D)
         if self.xsa:
-            v_hat = F.normalize(v, dim=-1)
+            v_hat = F.normalize(v, dim=-1, eps=1e-4 if self.xsa_alpha is not None else 1e-12)
             removed = (y * v_hat).sum(-1, keepdim=True) * v_hat  # component along the token's own value
-            y = y - (removed * self.xsa_gate.view(H, 1) if self.xsa_gate is not None else removed)
+            if self.xsa_gate is not None:
+                removed = removed * self.xsa_gate.view(H, 1)
+            elif self.xsa_alpha is not None:
+                removed = removed * torch.tanh(self.xsa_alpha).view(H, 1)
+            y = y - removed
         if self.iha_out is not None:  # de-interleave and collapse the pseudo-heads: (B, T, H, D)
             y = torch.einsum("btphd,hp->bthd", y.reshape(B, T, P, H, D), self.iha_out)
         if self.head_gate is not None:
@@ -186,12 +229,13 @@ class Block(nn.Module):
         self.norm2 = Norm(cfg.n_embd, cfg.norm)
         self.mlp = MLP(cfg)
         self.dropout = cfg.dropout
+        self.mlp_dropout = cfg.dropout if cfg.mlp_dropout else 0.0  # the tiny track drops the attention output only
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, rope, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         a = self.attn(self.norm1(x), x0, rope)
         x = x + scale * F.dropout(a, self.dropout, self.training)
         m = self.mlp(self.norm2(x))
-        return x + scale * F.dropout(m, self.dropout, self.training)
+        return x + scale * F.dropout(m, self.mlp_dropout, self.training)
 
 
 class GPT(nn.Module):
@@ -203,17 +247,19 @@ class GPT(nn.Module):
         C, L = cfg.n_embd, cfg.n_layer
         self.wte = nn.Embedding(cfg.vocab_size, C)
         self.wpe = nn.Embedding(cfg.seq_len, C) if cfg.pos == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg, cfg.value_proj and i % 2 == 0, i) for i in range(L))
+        self.blocks = nn.ModuleList(Block(cfg, has_value_proj(cfg, i), i) for i in range(L))
         self.norm_f = Norm(C, cfg.norm)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(C, cfg.vocab_size, bias=False)
         # learned scalars: x0 mixing (per block) and U-Net skip weights (per encoder/decoder pair)
-        self.lambda_r = nn.Parameter(torch.ones(L)) if cfg.x0_mix else None
+        self.lambda_r = nn.Parameter(torch.full((L,), cfg.resid_lambda_init)) if cfg.x0_mix else None
         self.lambda_0 = nn.Parameter(torch.full((L,), 0.1)) if cfg.x0_mix else None
         self.unet_w = nn.Parameter(torch.ones(L // 2)) if cfg.unet and L >= 2 else None
+        # MTP head: a full-context block; the reference style first projects [norm(h_t), norm(wte(y_t))] (2C -> C)
         self.mtp_block = Block(cfg, False, L) if cfg.mtp_weight > 0 else None
+        self.mtp_proj = nn.Linear(2 * C, C, bias=False) if cfg.mtp_weight > 0 and cfg.mtp_style == "reference" else None
         if cfg.pos == "rope":
             # with IHA the pseudo-heads are interleaved into the sequence: iha_pseudo positions per token
-            cos, sin = rotary_tables(cfg.seq_len * self.rope_stride, C // cfg.n_head, cfg.rope_base)
+            cos, sin = rotary_tables(cfg.seq_len * self.rope_stride, C // cfg.n_head, cfg.rope_base, cfg.rope_frac)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
@@ -230,15 +276,18 @@ class GPT(nn.Module):
         - wte: N(0, embed_init_std); default 1.0 with embed_norm (the lookup is normalized),
           else init_std (GPT-2's 0.02; also when tied, since it is then the head as well)
         - wpe: N(0, init_std)
-        - c_attn, mlp.c_fc, v_x0 (value projection from x0): N(0, init_std); with
-          `init = "nanochat"` uniform with std 1/sqrt(n_embd) (bound sqrt(3/n_embd): no outliers)
+        - c_attn, mlp.c_fc, v_x0 (value projection from x0), mtp_proj: N(0, init_std); with
+          `init = "nanochat"` or `"reference"` uniform with std 1/sqrt(n_embd) (bound
+          sqrt(3/n_embd): no outliers; n_embd even where the fan-in is 2C)
         - attn.c_proj, mlp.c_proj: N(0, init_std / sqrt(2 * n_layer)) (GPT-2's residual scaling);
-          with `init = "nanochat"` zero (every block starts as the identity)
+          with `init = "nanochat"` zero (every block starts as the identity); with
+          `init = "reference"` N(0, 1/sqrt(n_embd)) (both, the MLP's too)
         - lm_head (untied): N(0, head_init_std)
         - v_gate, head_gate: 0 (gates start at 2*sigmoid(0) = 1 and sigmoid(0) = 0.5)
         - biases: 0; LayerNorm weight 1, bias 0
-        - lambda_r: 1, lambda_0: 0.1 (x0 mixing); unet_w: 1
+        - lambda_r: resid_lambda_init (1.0), lambda_0: 0.1 (x0 mixing); unet_w: 1
         - xsa_gate (learnable XSA): 1 (starts as fixed XSA: the whole own-value component removed)
+        - xsa_alpha (tanh XSA): 0 (tanh(0) = 0: starts without XSA)
         - iha_q, iha_k, iha_v (H, H, P): identity on pseudo-head 0 (iha_*[h, h, 0] = 1), 0 elsewhere;
           iha_out (H, P): 1/P. With P = 1 the attention is unchanged at init
         - mtp_block: like any block
@@ -247,6 +296,7 @@ class GPT(nn.Module):
         std = cfg.init_std
         proj_std = std / math.sqrt(2 * cfg.n_layer)
         nanochat = cfg.init == "nanochat"
+        uniform = cfg.init in ("nanochat", "reference")
         bound = math.sqrt(3.0 / cfg.n_embd)  # uniform(-b, b) has std b / sqrt(3) = 1 / sqrt(n_embd)
         emb_std = cfg.embed_init_std if cfg.embed_init_std > 0 else (1.0 if cfg.embed_norm and not cfg.tie_embeddings else std)
         for name, p in self.named_parameters():
@@ -262,9 +312,9 @@ class GPT(nn.Module):
                 if nanochat:
                     nn.init.zeros_(p)
                 else:
-                    nn.init.normal_(p, 0.0, proj_std, generator=generator)
+                    nn.init.normal_(p, 0.0, proj_std if not uniform else cfg.n_embd**-0.5, generator=generator)
             elif name.endswith(".weight") and p.ndim == 2:
-                if nanochat:
+                if uniform:
                     nn.init.uniform_(p, -bound, bound, generator=generator)
                 else:
                     nn.init.normal_(p, 0.0, std, generator=generator)
@@ -272,12 +322,16 @@ class GPT(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
-            elif name == "lambda_r" or name == "unet_w":
+            elif name == "lambda_r":
+                nn.init.constant_(p, cfg.resid_lambda_init)
+            elif name == "unet_w":
                 nn.init.ones_(p)
             elif name == "lambda_0":
                 nn.init.constant_(p, 0.1)
             elif name.endswith("xsa_gate"):
                 nn.init.ones_(p)
+            elif name.endswith("xsa_alpha"):
+                nn.init.zeros_(p)
             elif name.endswith(("iha_q", "iha_k", "iha_v")):
                 nn.init.zeros_(p)
                 p[:, :, 0].copy_(torch.eye(p.size(0)))
@@ -297,13 +351,16 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, loop_active: bool = False) -> int:
-        """Training FLOPs per token: 6 * (matmul params) + 12 * n_layer * n_embd * seq_len (attention)."""
+        """Training FLOPs per token: 6 * (matmul params) + 12 * n_layer * n_embd * seq_len (attention);
+        the MTP head adds its block, its mtp_proj and a second pass through the output head."""
         cfg = self.cfg
         layers = cfg.n_layer + (1 if self.mtp_block is not None else 0)
         if cfg.loop_start >= 0 and loop_active:
             layers += (cfg.loop_end - cfg.loop_start + 1) * (cfg.loop_repeats - 1)
         matmul = sum(p.numel() for n, p in self.blocks.named_parameters() if p.ndim == 2) * layers / cfg.n_layer
         matmul += cfg.vocab_size * cfg.n_embd * (2 if self.mtp_block is not None else 1)
+        if self.mtp_proj is not None:
+            matmul += self.mtp_proj.weight.numel()
         return int(6 * matmul + 12 * layers * cfg.n_embd * cfg.seq_len)
 
     def block_order(self, loop_active: bool = False) -> list[int]:
@@ -356,7 +413,8 @@ class GPT(nn.Module):
         for i in self.block_order(loop_active):
             first = i not in seen
             seen.add(i)
-            if self.unet_w is not None and first and i >= L - L // 2:  # decoder block: add its encoder skip
+            # decoder block: add its encoder skip (on every pass of a looped span with loop_skips = "every")
+            if self.unet_w is not None and (first or cfg.loop_skips == "every") and i >= L - L // 2:
                 j = L - 1 - i
                 x = x + self.unet_w[j] * skips[j]
             if self.lambda_r is not None:
@@ -381,8 +439,22 @@ class GPT(nn.Module):
             logits = c * torch.tanh(logits / c)
         return logits
 
-    def mtp_hidden(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, T-1, C) of the multi-token-prediction head: position t predicts token t+2."""
+    def mtp_hidden(self, h: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, T-1, C) of the multi-token-prediction head: position t predicts token t+2.
+
+        block style: mtp_block(h)[:, :-1] on the trunk's hidden h (before the final norm).
+        reference style: mtp_block(mtp_proj(cat[norm_f(h)[:, :-1], norm(wte(y[:, :-1]))])), the
+        trunk's normed output beside the true next token's embedding (needs `targets` = y).
+        The block has full context, no value projection; the caller applies the final norm and head.
+        """
+        if self.mtp_proj is not None:
+            if targets is None:
+                raise ValueError("model.mtp_style = reference: mtp_hidden needs the targets")
+            T = idx.size(1) - 1
+            e = rms_norm(self.wte(targets[:, :-1]))  # (B, T-1, C) embedding of token t+1
+            x = self.mtp_proj(torch.cat((self.norm_f(h[:, :-1]), e), dim=-1))  # (B, T-1, 2C) -> (B, T-1, C)
+            rope = (self.rope_cos[:, : T * self.rope_stride], self.rope_sin[:, : T * self.rope_stride]) if self.cfg.pos == "rope" else None
+            return self.mtp_block(x, e, rope)  # x0 is unused: the MTP block has no value projection
         x0 = self.wte(idx)
         if self.cfg.embed_norm:
             x0 = rms_norm(x0)

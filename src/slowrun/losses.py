@@ -65,15 +65,22 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor
         return _LinearCrossEntropy.apply(h, W, targets, softcap, chunk, dtype)
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                 alpha: float, temperature: float) -> torch.Tensor:
-    """(1-alpha)*CE(student, y) + alpha*T^2*KL(softmax(teacher/T) || softmax(student/T)), mean over tokens."""
+def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE(student, y), KL(softmax(teacher/T) || softmax(student/T))), each a mean over tokens."""
     V = student_logits.size(-1)
     s = student_logits.float().reshape(-1, V)
     ce = F.cross_entropy(s, targets.reshape(-1))
     t_logp = torch.log_softmax(teacher_logits.float().reshape(-1, V) / temperature, dim=-1)
     s_logp = torch.log_softmax(s / temperature, dim=-1)
     kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
+    return ce, kl
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                 alpha: float, temperature: float) -> torch.Tensor:
+    """(1-alpha)*CE(student, y) + alpha*T^2*KL(softmax(teacher/T) || softmax(student/T)), mean over tokens."""
+    ce, kl = distill_terms(student_logits, teacher_logits, targets, temperature)
     return (1 - alpha) * ce + alpha * temperature**2 * kl
 
 
@@ -83,6 +90,7 @@ class DistillTarget(NamedTuple):
     logits: torch.Tensor  # (B, T, V) teacher logits
     alpha: float  # weight of the KL term
     temperature: float
+    mtp_inside: bool = False  # distill.mtp_inside: the MTP term inside the (1-alpha) side
 
 
 # tokens per chunk of the fused output layer: on CPU a (256, V) block stays in cache; on a GPU
@@ -105,20 +113,33 @@ def training_loss(model, h: torch.Tensor, idx: torch.Tensor, targets: torch.Tens
                   distill: DistillTarget | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The objective, composed in one place; returns (logits or None, mean loss).
 
-        main = CE(student, y)                                 fused (no logits) when `fused`
-             | (1-alpha) CE + alpha T^2 KL(teacher || student)   with a teacher
-        loss = main + mtp_weight * CE(MTP head, y shifted by one)  in training with an MTP head
+        MTP  = CE(MTP head at t, y_{t+1}) (predicts token t+2)   in training with an MTP head, else 0
+        loss = CE(student, y) + mtp_weight MTP                   fused (no logits) when `fused`
+             | (1-alpha) CE + alpha T^2 KL(teacher || student) + mtp_weight MTP
+                                                                 with a teacher (distill.mtp_inside false)
+             | (1-alpha) (CE + mtp_weight MTP) + alpha T^2 KL    with a teacher and distill.mtp_inside
+                                                                 (the reference's)
 
-    Evaluation (model.eval()) never includes the MTP term.
+    Evaluation (model.eval()) never includes the MTP term. The MTP head reads the targets
+    (model.mtp_style = reference: the true next token's embedding).
     """
+    ce = kl = None
     if distill is not None:
         logits = model.logits(h)
-        loss = distill_loss(logits, distill.logits, targets, distill.alpha, distill.temperature)
+        ce, kl = distill_terms(logits, distill.logits, targets, distill.temperature)
     elif fused:
         logits, loss = None, hidden_cross_entropy(model, h, targets)
     else:
         logits = model.logits(h)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+    mtp = None
     if model.mtp_block is not None and model.training and idx.size(1) > 1:
-        loss = loss + model.cfg.mtp_weight * hidden_cross_entropy(model, model.mtp_hidden(h, idx), targets[:, 1:])
+        mtp = model.cfg.mtp_weight * hidden_cross_entropy(model, model.mtp_hidden(h, idx, targets), targets[:, 1:])
+    if distill is not None:
+        a, T = distill.alpha, distill.temperature
+        if distill.mtp_inside and mtp is not None:
+            return logits, (1 - a) * (ce + mtp) + a * T**2 * kl
+        loss = (1 - a) * ce + a * T**2 * kl  # as distill_loss
+    if mtp is not None:
+        loss = loss + mtp
     return logits, loss

@@ -3,7 +3,10 @@
 Parameter groups are assigned by explicit name patterns (`group_of`): embeddings, the
 output head, scalars/gates/norms, IHA's head-mixing tensors, and 2-D hidden matrices; an
 assertion checks that every parameter lands in exactly one. With `optim.name = "muon"` the hidden matrices use Muon
-and everything else AdamW; with `adamw`, AdamW throughout. `optim.matrix_optimizer` swaps
+and everything else AdamW; with `adamw`, AdamW throughout. The reference benchmark's choices
+are flags: the gate matrices in Muon (`optim.gates_in_muon`), the residual lambdas and U-Net
+weights at a fraction of the scalar rate (`optim.resid_lr_frac`) and the x0 lambdas with their
+own beta1 (`optim.x0_beta1`), each in an AdamW group of its own. `optim.matrix_optimizer` swaps
 Muon for an optimizer that preconditions both sides of each matrix, from heavyball (SOAP,
 KL-Shampoo, PSGD-Kron; the `second-order` extra), run eagerly (no torch.compile) so it
 works on CPU; its nested state goes through checkpoints as flat tensors plus JSON.
@@ -33,14 +36,22 @@ POLAR_EXPRESS = (  # Amsel et al. 2025, per-step coefficients, used after dividi
     (2.347, -1.710, 0.423),
 )
 GROUP_KINDS = ("matrix", "embed", "head", "scalar", "iha")
+RESID_PARAMS = ("lambda_r", "unet_w")  # the reference's resid_lambdas and skip_weights: optim.resid_lr_frac
+X0_PARAMS = ("lambda_0",)  # the reference's x0_lambdas: optim.x0_beta1
+VALUE_GATES = ("v_gate.weight",)  # value-projection gates (optim.gates_in_muon = value or both)
+HEAD_GATES = ("head_gate.weight",)  # attention head gates (optim.gates_in_muon = both)
 HEAVYBALL = {"soap": "SOAP", "kl_shampoo": "KLShampoo", "psgd_kron": "PSGDKron"}  # optim.matrix_optimizer -> class
 # heavyball keeps counters in its param groups; these are restored on resume, every other
 # group setting comes from this run's config
 HEAVYBALL_GROUP_STATE = ("step", "step_count", "is_preconditioning", "prev_lr", "param_count", "is_cached")
 
 
-def group_of(name: str, p: Tensor) -> str:
-    """Which parameter group a named parameter belongs to (explicit patterns)."""
+def group_of(name: str, p: Tensor, gates_in_muon: str = "none") -> str:
+    """Which parameter group a named parameter belongs to (explicit patterns). The gate
+    matrices are scalars unless `gates_in_muon` (optim.gates_in_muon) makes them matrices."""
+    gates = {"none": (), "value": VALUE_GATES, "both": VALUE_GATES + HEAD_GATES}[gates_in_muon]
+    if name.endswith(gates) and p.ndim == 2:
+        return "matrix"
     if name in ("wte.weight", "wpe.weight"):
         return "embed"
     if name == "lm_head.weight":
@@ -52,10 +63,14 @@ def group_of(name: str, p: Tensor) -> str:
     return "matrix"
 
 
-def muon_chunks(name: str) -> int:
-    """Fused matrices orthogonalized per part: q/k/v of c_attn, the two SwiGLU inputs."""
+def muon_chunks(name: str, swiglu_parts: bool = False) -> int:
+    """Parts a fused matrix is orthogonalized in, each with its own shape scale: q/k/v of
+    c_attn always; the SwiGLU input [gate; up] (mlp.c_fc) only with `swiglu_parts`
+    (optim.muon_swiglu_parts, the reference's separate matrices), else as one matrix."""
     if name.endswith("attn.c_attn.weight"):
         return 3
+    if swiglu_parts and name.endswith("mlp.c_fc.weight"):
+        return 2
     return 1
 
 
@@ -148,17 +163,27 @@ class Muon(torch.optim.Optimizer):
 
     Per step: buf <- lerp(buf, g, 1-momentum); u = lerp(g, buf, momentum) (Nesterov);
     optionally MuonEq-R (rows of u normalized); O = orthogonalize(u); optionally NorMuon
-    (rows of O divided by the root of their running mean square, overall norm kept);
+    (O divided by the root of a running mean square, overall norm kept);
     p <- p * (1 - lr*wd) - lr * sqrt(max(1, rows/cols)) * O.
+
+    A group's `chunks` splits a fused matrix into that many row blocks, each orthogonalized,
+    normalized and shape-scaled as a matrix of its own. NorMuon's statistics are per row
+    (`normuon_wide="row"`, the norm kept over the whole parameter), or as the reference
+    (`"column"`): per column for a wide part (rows < cols), per row otherwise, divided by
+    sqrt(max(v, 1e-10)) and the Frobenius norm of each part kept. `scaled_wd` is the reference's
+    decay: cautious (only where O*p >= 0) at the shape-scaled rate,
+    p <- p - lr_t*O - lr_t*wd*p*mask with lr_t = lr * sqrt(max(1, rows/cols)).
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, coeffs: str = "quintic", eq_r: bool = False,
-                 normuon: bool = False, normuon_beta2: float = 0.95, cautious_wd: bool = False,
+                 normuon: bool = False, normuon_beta2: float = 0.95, normuon_wide: str = "row",
+                 cautious_wd: bool = False, scaled_wd: bool = False,
                  ns_dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7) -> None:
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
                         coeffs=coeffs, eq_r=eq_r, normuon=normuon, normuon_beta2=normuon_beta2,
-                        cautious_wd=cautious_wd, ns_dtype=ns_dtype, eps=eps, chunks=1)
+                        normuon_wide=normuon_wide, cautious_wd=cautious_wd, scaled_wd=scaled_wd,
+                        ns_dtype=ns_dtype, eps=eps, chunks=1)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -184,7 +209,9 @@ class Muon(torch.optim.Optimizer):
                 if group["eq_r"]:
                     u = u / u.norm(dim=-1, keepdim=True).clamp(min=eps)
                 O = orthogonalize(u, group["ns_steps"], group["coeffs"], eps, group["ns_dtype"])
-                if group["normuon"]:
+                if group["normuon"] and group["normuon_wide"] == "column":
+                    O = _normuon_by_shape(O, st, group["normuon_beta2"])
+                elif group["normuon"]:
                     if "row_sq" not in st:
                         st["row_sq"] = torch.zeros(k, p.size(0) // k, 1, device=p.device, dtype=torch.float32)
                     v = st["row_sq"]
@@ -194,12 +221,32 @@ class Muon(torch.optim.Optimizer):
                     O = O * (n0 / O.norm().clamp(min=eps))
                 O = O.reshape(p.shape)
                 scale = math.sqrt(max(1.0, (p.size(0) / k) / p.size(1)))
+                if group["scaled_wd"]:
+                    lr_t = lr * scale
+                    mask = (O * p >= 0) if group["cautious_wd"] else 1.0
+                    p.sub_(O * lr_t + p * mask * (lr_t * wd))
+                    continue
                 if wd != 0:
                     if group["cautious_wd"]:
                         p.sub_(p * (O * p > 0), alpha=lr * wd)
                     else:
                         p.mul_(1 - lr * wd)
                 p.add_(O, alpha=-lr * scale)
+
+
+def _normuon_by_shape(O: Tensor, st: dict, beta2: float) -> Tensor:
+    """The reference's NorMuon on the parts O (k, rows, cols): a running mean square per row
+    (rows >= cols) or per column (wide), O divided by its root, each part's norm kept."""
+    red = -1 if O.size(-2) >= O.size(-1) else -2
+    key = "row_sq" if red == -1 else "col_sq"
+    Of = O.float()
+    if key not in st:
+        st[key] = torch.zeros_like(Of.mean(red, keepdim=True))
+    v = st[key]
+    v.lerp_(Of.square().mean(red, keepdim=True), 1 - beta2)
+    scaled = Of * v.clamp_min(1e-10).rsqrt()
+    n0, n1 = Of.norm(dim=(-2, -1), keepdim=True), scaled.norm(dim=(-2, -1), keepdim=True)
+    return (scaled * (n0 / n1.clamp_min(1e-10))).to(O.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,18 +400,34 @@ def load_heavyball_state(opt: torch.optim.Optimizer, state: dict) -> None:
         opt.state[params[pid]] = _decode(tree, {k: v.to(dev) for k, v in tensors.items()})
 
 
-def split_params(model: torch.nn.Module) -> dict[str, list[tuple[str, Tensor]]]:
+def split_params(model: torch.nn.Module, gates_in_muon: str = "none") -> dict[str, list[tuple[str, Tensor]]]:
     """Parameters by group kind; asserts that every parameter is in exactly one group."""
     groups: dict[str, list[tuple[str, Tensor]]] = {k: [] for k in GROUP_KINDS}
     for name, p in model.named_parameters():
-        groups[group_of(name, p)].append((name, p))
+        groups[group_of(name, p, gates_in_muon)].append((name, p))
     seen = [id(p) for plist in groups.values() for _, p in plist]
     assert len(seen) == len(set(seen)) == len(list(model.parameters())), "a parameter is in no group or in two"
     return groups
 
 
+def scalar_parts(plist: list[tuple[str, Tensor]], cfg: OptimConfig) -> dict[str, list[Tensor]]:
+    """The scalar group split by kind, order kept: the residual lambdas and U-Net weights
+    ("resid") when optim.resid_lr_frac != 1, the x0 lambdas ("x0") when optim.x0_beta1 is set;
+    with neither, one "scalar" group as before (so checkpoints keep their layout)."""
+    parts: dict[str, list[Tensor]] = {"scalar": [], "resid": [], "x0": []}
+    for name, p in plist:
+        if cfg.resid_lr_frac != 1.0 and name in RESID_PARAMS:
+            parts["resid"].append(p)
+        elif cfg.x0_beta1 != -1 and name in X0_PARAMS:
+            parts["x0"].append(p)
+        else:
+            parts["scalar"].append(p)
+    return {k: v for k, v in parts.items() if v}
+
+
 def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device | None = None) -> Optimizers:
-    groups = split_params(model)
+    groups = split_params(model, cfg.gates_in_muon if cfg.name == "muon" else "none")
+    swiglu_parts = cfg.muon_swiglu_parts and model.cfg.mlp == "swiglu"
     width = model.cfg.n_embd  # the GPT's width, for the width scaling of AdamW rates
     adam_groups, muon_groups, precond_groups = [], [], []
     for kind, plist in groups.items():
@@ -379,18 +442,25 @@ def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device | None =
             # fused matrices get their own groups so they are orthogonalized part by part
             by_chunks: dict[int, list[Tensor]] = {}
             for name, p in plist:
-                by_chunks.setdefault(muon_chunks(name), []).append(p)
+                by_chunks.setdefault(muon_chunks(name, swiglu_parts), []).append(p)
             for chunks, params in sorted(by_chunks.items()):
                 muon_groups.append(dict(params=params, kind=kind, base_lr=lr, base_wd=wd, lr=lr, weight_decay=wd, chunks=chunks))
+        elif kind == "scalar":
+            for part, params in scalar_parts(plist, cfg).items():
+                plr = lr * cfg.resid_lr_frac if part == "resid" else lr
+                extra = dict(betas=(cfg.x0_beta1, cfg.beta2)) if part == "x0" else {}
+                adam_groups.append(dict(params=params, kind=part, base_lr=plr, base_wd=wd, lr=plr, weight_decay=wd, **extra))
         else:
             adam_groups.append(dict(params=[p for _, p in plist], kind=kind, base_lr=lr, base_wd=wd, lr=lr, weight_decay=wd))
     opts: list[torch.optim.Optimizer] = []
+    muon_only = cfg.cautious_wd_scope == "muon"  # the reference: cautious decay in Muon only, at Muon's scaled rate
     if adam_groups:
-        opts.append(AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, cautious_wd=cfg.cautious_wd))
+        opts.append(AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, cautious_wd=cfg.cautious_wd and not muon_only))
     if muon_groups:
         ns_dtype = torch.bfloat16 if fast_bf16_available(device or torch.device("cpu")) else torch.float32
         opts.append(Muon(muon_groups, momentum=cfg.muon_momentum_start, ns_steps=cfg.muon_ns_steps, coeffs=cfg.muon_coeffs,
-                         eq_r=cfg.muon_eq_r, normuon=cfg.normuon, cautious_wd=cfg.cautious_wd, ns_dtype=ns_dtype))
+                         eq_r=cfg.muon_eq_r, normuon=cfg.normuon, normuon_wide=cfg.normuon_wide,
+                         cautious_wd=cfg.cautious_wd, scaled_wd=cfg.cautious_wd and muon_only, ns_dtype=ns_dtype))
     if precond_groups:
         opts.append(heavyball_optimizer(cfg.matrix_optimizer, precond_groups, cfg.precondition_frequency))
     return Optimizers(opts)

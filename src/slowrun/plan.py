@@ -55,7 +55,7 @@ import torch
 
 from . import SlowrunError
 from .config import RunConfig, build_config
-from .gpt import GPT
+from .gpt import GPT, has_value_proj
 from .optim import split_params
 from .runlog import fmt_time
 
@@ -99,14 +99,15 @@ def meta_model(cfg: RunConfig) -> GPT:
 
 def state_bytes(model: torch.nn.Module, cfg: RunConfig) -> dict[str, int]:
     """Weights, gradients, optimizer state and EMA in bytes, as `build_optimizers` and `EMA` allocate them."""
-    groups = split_params(model)
+    groups = split_params(model, cfg.optim.gates_in_muon if cfg.optim.name == "muon" else "none")
     params = [p for plist in groups.values() for _, p in plist]
     weights = sum(p.numel() * 4 for p in params)
     opt = 0
     for kind, plist in groups.items():
         for _, p in plist:
             if kind == "matrix" and cfg.optim.name == "muon":
-                opt += p.numel() * 4 + (p.size(0) * 4 if cfg.optim.normuon else 0)
+                wide_by_column = cfg.optim.normuon_wide == "column" and p.size(0) < p.size(1)
+                opt += p.numel() * 4 + ((p.size(1) if wide_by_column else p.size(0)) * 4 if cfg.optim.normuon else 0)
             else:
                 opt += 2 * p.numel() * 4
     ema = sum(t.numel() * 4 for t in model.state_dict().values()) if cfg.optim.ema_decay > 0 else 0
@@ -130,7 +131,7 @@ def activation_bytes_per_token(cfg: RunConfig, device: str, loop_active: bool = 
         layers.append(-1)  # the MTP block (no value projection)
     total = 0.0
     for i in layers:
-        value = 2 if m.value_proj and i >= 0 and i % 2 == 0 else 0
+        value = 2 if i >= 0 and has_value_proj(m, i) else 0
         total += C * (4 * residual + act * (attn + value + mlp) + dropout)
     return total + 2 * 4 * C  # the embedding lookup and its norm (x0)
 

@@ -406,7 +406,7 @@ def fit(run: Run) -> FitStats:
                     if run.teacher is not None:
                         with torch.no_grad():
                             t_logits, _ = run.teacher(x)
-                        distill = DistillTarget(t_logits, cfg.distill.alpha, cfg.distill.temperature)
+                        distill = DistillTarget(t_logits, cfg.distill.alpha, cfg.distill.temperature, cfg.distill.mtp_inside)
                     _, loss = run.fwd_model(x, y, return_logits=False, loop_active=loop_active, distill=distill,
                                             depth_scales=depth_scales)
                 (loss / run.accum).backward()
