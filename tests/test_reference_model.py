@@ -343,3 +343,90 @@ def test_reference_flags_together_train():
         _, loss = m(x, y, return_logits=False, loop_active=True)
         loss.backward()
         assert math.isfinite(loss.item()) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+# ---- the two-hour track's context-window schedule with YaRN ------------------------------
+
+SCHEDULE = "1-6:256,768;7-13:768,1792;14-22:1280,2048"
+
+
+def test_window_schedule_is_validated():
+    from slowrun.config import ConfigError, build_config
+
+    ok = {"model.seq_len": 2048, "model.window_pattern": "SSSL"}
+    with pytest.raises(ConfigError, match="must start at epoch 7"):
+        build_config("slowrun", {**ok, "model.window_schedule": "1-6:256,768;8-13:768,1792"})
+    with pytest.raises(ConfigError, match="short <= long <= seq_len"):
+        build_config("slowrun", {**ok, "model.window_schedule": "1-6:900,768"})
+    with pytest.raises(ConfigError, match="needs model.window_pattern"):
+        build_config("slowrun", {"model.seq_len": 2048, "model.window_schedule": SCHEDULE})
+
+
+def test_window_schedule_yarn_follows_the_reference_formula():
+    """YaRN at 768 -> 1792 -> 2048 (the reference's values: softmax scale 128^-0.5 = 0.0883883,
+    then 0.1033666 and 0.1061271; lowest frequencies at 768/2048 = 0.375 of their start)."""
+    import math
+
+    import numpy as np
+
+    from slowrun.config import build_config
+    from slowrun.gpt import window_stage_of, window_state
+
+    cfg = build_config("two_hour", {"model.vocab_size": 64, "model.window_schedule": SCHEDULE}).model
+    base = 1.0 / 10000 ** (np.arange(0, 128, 2) / 128)
+    inv = base.copy()
+    for k, (old, new) in enumerate([(None, 768), (768, 1792), (1792, 2048)]):
+        if old is not None:  # numpy, the formula as the reference writes it
+            w = np.clip((old * inv / (2 * math.pi) - 1) / 31, 0, 1)
+            inv = inv * (old / new + w * (1 - old / new))
+        short, long, ours, factor = window_state(cfg, k)
+        assert (short, long) == [(256, 768), (768, 1792), (1280, 2048)][k]
+        assert np.allclose(ours.numpy(), inv, rtol=1e-6)
+    assert [round(window_state(cfg, k)[3] / math.sqrt(128), 7) for k in range(3)] == [0.0883883, 0.1033666, 0.1061271]
+    assert abs(window_state(cfg, 2)[2][-1].item() / base[-1] - 0.375) < 1e-6
+    assert [window_stage_of(cfg, e) for e in (0, 5, 6, 12, 13, 21, 30)] == [0, 0, 1, 1, 2, 2, 2]
+    no_yarn = build_config("two_hour", {"model.vocab_size": 64, "model.window_schedule": SCHEDULE, "model.window_yarn": False}).model
+    assert window_state(no_yarn, 2)[3] == 1.0 and torch.equal(window_state(no_yarn, 2)[2], window_state(no_yarn, 0)[2])
+
+
+def test_window_schedule_stage_equals_fixed_windows_without_yarn():
+    """A stage (short 8, long = seq_len) without YaRN is the fixed SSSL model with short_window 8;
+    stage 0 (short 4, long 12) bands the L blocks and the last block at 12 keys."""
+    kw = dict(seq_len=32, n_layer=4, window_pattern="SSSL")
+    fixed = model_of(**kw, short_window=8)
+    sched = model_of(**kw, window_schedule="1-1:4,12;2-3:8,32", window_yarn=False)
+    sched.load_state_dict(fixed.state_dict())
+    idx = torch.randint(0, 61, (2, 32))
+    assert [b.attn.window for b in sched.blocks] == [8, 8, 8, -1]  # the last stage by default
+    assert torch.equal(sched(idx)[0], fixed(idx)[0])
+    sched.set_window_stage(0)
+    assert [b.attn.window for b in sched.blocks] == [4, 4, 4, 12]
+    assert not torch.allclose(sched(idx)[0], fixed(idx)[0])
+
+
+def test_trainer_switches_window_stages_at_epoch_boundaries(bpe_ds, tmp_path, monkeypatch):
+    from slowrun import gpt
+    from slowrun.train import train
+    from tests.conftest import smoke_config
+
+    seen = []
+    real = gpt.GPT.set_window_stage
+
+    def spy(self, stage):
+        seen.append(stage)
+        return real(self, stage)
+
+    monkeypatch.setattr(gpt.GPT, "set_window_stage", spy)
+    cfg = smoke_config(bpe_ds, **{"model.window_pattern": "SL", "model.window_schedule": "1-1:4,8;2-3:8,16",
+                                  "train.epochs": 3, "train.max_steps": 10, "train.batch_tokens": 8192,
+                                  "eval.at_epoch_end": False})
+    result = train(cfg, tmp_path / "run", echo=False)
+    steps = result["steps"]
+    calls = seen[1:]  # the first is the model's construction (last stage)
+    assert seen[0] == 1 and len(calls) == steps == 10
+    first_stage1 = calls.index(1)
+    assert all(s == 0 for s in calls[:first_stage1]) and all(s == 1 for s in calls[first_stage1:])
+    # the first step that starts in epoch 2 (steps overlap epoch ends: 8192-token steps)
+    import math
+
+    assert first_stage1 == math.ceil(result["unique_tokens"] / 8192)

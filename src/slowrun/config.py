@@ -49,6 +49,28 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     _check(value in choices, name, f"must be one of {', '.join(choices)}", value)
 
 
+def window_stages(cfg: "ModelConfig") -> list[tuple[int, int, int, int]]:
+    """model.window_schedule as [(first epoch, last epoch, short, long)], 1-based epochs,
+    contiguous from epoch 1; [] when unset. Raises ConfigError naming the option."""
+    text = cfg.window_schedule.strip()
+    if not text:
+        return []
+    stages = []
+    for part in text.split(";"):
+        try:
+            span, sizes = part.split(":")
+            first, last = (int(v) for v in span.split("-"))
+            short, long = (int(v) for v in sizes.split(","))
+        except ValueError:
+            raise ConfigError(f"model.window_schedule: '{part}' is not FIRST-LAST:SHORT,LONG, got {text!r}") from None
+        expect = stages[-1][1] + 1 if stages else 1
+        _check(first == expect and last >= first, "model.window_schedule", f"stage '{part}' must start at epoch {expect}", text)
+        _check(1 <= short <= long <= cfg.seq_len, "model.window_schedule",
+               f"stage '{part}' needs 1 <= short <= long <= seq_len={cfg.seq_len}", text)
+        stages.append((first, last, short, long))
+    return stages
+
+
 @dataclass
 class ModelConfig:
     """Architecture. Every recipe feature is a flag read in `GPT.forward`."""
@@ -84,6 +106,8 @@ class ModelConfig:
     mtp_weight: float = opt(0.0, "weight of the multi-token-prediction auxiliary loss (predict t+2 from an extra block); 0 disables")
     window_pattern: str = opt("", "sliding-window attention: S (short window) / L (full context) per block, tiled over the blocks (the reference: SSSL); the last block and the MTP block are always full; \"\" = all full")
     short_window: int = opt(-1, "keys before each query that S blocks attend to, in tokens (the reference: 1024 at seq_len 2048); -1 = seq_len // 2")
+    window_schedule: str = opt("", "context-window schedule by epoch, the reference's 2-hour track: \"FIRST-LAST:SHORT,LONG;...\" (1-based epochs; S blocks see SHORT keys back, L blocks and the last block LONG), e.g. \"1-6:256,768;7-13:768,1792;14-22:1280,2048\"; \"\" = fixed windows")
+    window_yarn: bool = opt(True, "with window_schedule: when the long window grows, rescale RoPE frequencies and the attention scale by YaRN (alpha 1, beta 32), as the reference")
     xsa: str = opt("off", "exclusive self attention (arXiv 2603.09078): off, fixed (y -= (y.v_hat) v_hat per head), learnable (the removed component scaled by a per-head weight, init 1) or tanh (scaled by tanh(a), a init 0: the tiny track's)")
     xsa_layers: int = opt(-1, "XSA on the last N blocks (and the MTP block); -1 = every block")
     iha: bool = opt(False, "interleaved head attention (arXiv 2602.21371): learned cross-head mixing of q, k (and v), identity at init")
@@ -125,6 +149,9 @@ class ModelConfig:
         _check(self.mtp_weight >= 0, "model.mtp_weight", "must be >= 0", self.mtp_weight)
         _check(set(self.window_pattern) <= {"S", "L"}, "model.window_pattern", "must be a string of S and L (or empty)", self.window_pattern)
         _check(self.short_window == -1 or self.short_window >= 1, "model.short_window", "must be -1 or >= 1 (tokens)", self.short_window)
+        stages = window_stages(self)  # validates the schedule
+        _check(not stages or self.window_pattern != "", "model.window_schedule", "needs model.window_pattern (which blocks are S and L)",
+               self.window_schedule)
         _choice("model.xsa", self.xsa, ("off", "fixed", "learnable", "tanh"))
         _check(self.xsa_layers == -1 or 1 <= self.xsa_layers <= self.n_layer, "model.xsa_layers",
                f"must be -1 (every block) or in [1, n_layer={self.n_layer}]", self.xsa_layers)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import ModelConfig, window_stages
 from .losses import DistillTarget, training_loss
 
 VALUE_GATE_CHANNELS = 32  # value-projection gate reads x[..., :32]
@@ -69,8 +69,8 @@ class Norm(nn.Module):
         return self.ln(x) if self.ln is not None else rms_norm(x)
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, frac: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (1, T, 1, D/2) of the D/2 rotation pairs (pair j = dims j and j + D/2).
+def rope_inv_freq(head_dim: int, base: float, frac: float = 1.0) -> torch.Tensor:
+    """Angular frequency of each of the D/2 rotation pairs (pair j = dims j and j + D/2).
 
     With `frac` < 1 (model.rope_frac) only the first R = int(D * frac) // 2 pairs rotate, at the
     frequencies of a head of 2R dims (base^(-2j / 2R)); the other pairs get frequency 0 (cos 1,
@@ -80,8 +80,47 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, frac: float = 1.0) -
     inv_freq = 1.0 / (base ** (torch.arange(0, 2 * rot, 2, dtype=torch.float32) / (2 * rot)))
     if rot < head_dim // 2:
         inv_freq = torch.cat((inv_freq, torch.zeros(head_dim // 2 - rot)))
+    return inv_freq
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, frac: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (1, T, 1, D/2) of the rotation pairs at `rope_inv_freq`."""
+    return rotary_from(seq_len, rope_inv_freq(head_dim, base, frac))
+
+
+def rotary_from(seq_len: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, D/2)
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+
+def yarn(inv_freq: torch.Tensor, old: int, new: int, alpha: float = 1.0, beta: float = 32.0) -> tuple[torch.Tensor, float]:
+    """YaRN for a context grown from `old` to `new` tokens: (new frequencies, attention-scale factor).
+
+    A pair that turns fewer than `alpha` times over `old` tokens is interpolated (frequency x
+    old/new), one that turns more than `beta` times is kept, linear in between; the softmax
+    scale grows by 0.2 ln(new/old) + 1 (the reference's two-hour trainer, as YaRN's paper)."""
+    rotations = old * inv_freq / (2 * math.pi)
+    s = old / new
+    w = ((rotations - alpha) / (beta - alpha)).clamp(0.0, 1.0)
+    return inv_freq * (s + w * (1 - s)), 0.2 * math.log(new / old) + 1.0
+
+
+def window_state(cfg: ModelConfig, stage: int) -> tuple[int, int, torch.Tensor, float]:
+    """(short, long, RoPE frequencies, attention-scale factor) at stage `stage` of
+    model.window_schedule: YaRN applied at every growth of the long window up to it."""
+    stages = window_stages(cfg)
+    inv_freq, scale = rope_inv_freq(cfg.n_embd // cfg.n_head, cfg.rope_base, cfg.rope_frac), 1.0
+    for prev, cur in zip(stages[:stage], stages[1 : stage + 1]):
+        if cfg.window_yarn and cur[3] > prev[3]:
+            inv_freq, factor = yarn(inv_freq, prev[3], cur[3])
+            scale *= factor
+    return stages[stage][2], stages[stage][3], inv_freq, scale
+
+
+def window_stage_of(cfg: ModelConfig, epoch: int) -> int:
+    """The window-schedule stage of 0-based `epoch` (the last stage after the schedule ends)."""
+    stages = window_stages(cfg)
+    return next((k for k, (_, last, _, _) in enumerate(stages) if epoch + 1 <= last), len(stages) - 1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -92,16 +131,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
-def layer_window(cfg: ModelConfig, layer: int) -> int:
+def layer_window(cfg: ModelConfig, layer: int, short: int = -1, long: int = -1) -> int:
     """Keys before each query that block `layer` attends to, in tokens; -1 = full context.
 
-    `window_pattern` is tiled over the blocks (S = short, L = full); the last block, and the
-    MTP block (layer = n_layer), always see the full context, as in the reference.
-    """
+    `window_pattern` is tiled over the blocks (S = short, L = long); the last block is an L
+    block and the MTP block (layer = n_layer) always sees the full context, as in the
+    reference. Fixed windows: S = model.short_window, L = full; a window-schedule stage
+    passes its `short` and `long` (a window of seq_len or more is the full context)."""
     pattern = cfg.window_pattern
-    if not pattern or layer >= cfg.n_layer - 1 or pattern[layer % len(pattern)] == "L":
+    if not pattern or layer >= cfg.n_layer:
         return -1
-    return cfg.short_window if cfg.short_window > 0 else cfg.seq_len // 2
+    is_long = layer == cfg.n_layer - 1 or pattern[layer % len(pattern)] == "L"
+    if long < 0:  # fixed windows
+        return -1 if is_long else (cfg.short_window if cfg.short_window > 0 else cfg.seq_len // 2)
+    w = long if is_long else short
+    return -1 if w >= cfg.seq_len else w
 
 
 def band_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
@@ -127,6 +171,7 @@ class Attention(nn.Module):
         # sliding window (-1 = full causal); with IHA the band spans window * iha_pseudo interleaved positions
         self.window = layer_window(cfg, layer)
         self._masks: dict[tuple[int, int, str], torch.Tensor] = {}  # band masks, built once per (T, window, device)
+        self.attn_scale: float | None = None  # softmax scale; None = 1/sqrt(head_dim) (YaRN raises it: GPT.set_window_stage)
         # key offset (full-context trunk blocks): the second half of each key's channels comes from the previous token
         self.key_offset = cfg.key_offset and self.window < 0 and layer < cfg.n_layer
         # XSA: remove from each head's output its component along the token's own value, scaled by
@@ -176,9 +221,10 @@ class Attention(nn.Module):
             k = torch.cat((lo, torch.cat((hi[:, :P], hi[:, :-P]), dim=1)), dim=-1)
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T*P, D)
         if self.window < 0:
-            y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+            y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.attn_scale)
         else:
-            y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self.mask(T * P, self.window * P, x.device))
+            y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self.mask(T * P, self.window * P, x.device),
+                                               scale=self.attn_scale)
         y = y.transpose(1, 2)  # (B, T*P, H, D)
         if self.xsa:
             v_hat = F.normalize(v, dim=-1, eps=1e-4 if self.xsa_alpha is not None else 1e-12)
@@ -262,7 +308,30 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(cfg.seq_len * self.rope_stride, C // cfg.n_head, cfg.rope_base, cfg.rope_frac)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        self.window_stage = -1  # model.window_schedule: a model starts (and is evaluated) at its last stage
+        if window_stages(cfg):
+            self.set_window_stage(len(window_stages(cfg)) - 1)
         self.init_weights()
+
+    @torch.no_grad()
+    def set_window_stage(self, stage: int) -> None:
+        """Windows, RoPE tables and softmax scale of model.window_schedule's stage `stage`
+        (the trainer sets the stage of each step's epoch; a pure function of the stage, so a
+        resumed run and a loaded model get the same state)."""
+        if stage == self.window_stage:
+            return
+        cfg = self.cfg
+        short, long, inv_freq, factor = window_state(cfg, stage)
+        scale = None if factor == 1.0 else factor / math.sqrt(cfg.n_embd // cfg.n_head)
+        for i, block in enumerate(self.blocks):
+            block.attn.window = layer_window(cfg, i, short, long)
+        for block in [*self.blocks, *([self.mtp_block] if self.mtp_block is not None else [])]:
+            block.attn.attn_scale = scale
+        if cfg.pos == "rope":
+            cos, sin = rotary_from(cfg.seq_len * self.rope_stride, inv_freq)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+        self.window_stage = stage
 
     @property
     def rope_stride(self) -> int:

@@ -32,7 +32,7 @@ from .checkpoint import (Checkpoint, latest_good_checkpoint, list_checkpoints, l
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, tomllib
 from .dataset import Dataset, require_comparable
 from .evaluate import EvalResult, autocast, evaluate, prob_average, split_tokens, summarize, target_byte_counts, target_logprobs
-from .gpt import GPT, stoch_depth_scales
+from .gpt import GPT, stoch_depth_scales, window_stage_of
 from .losses import DistillTarget
 from .loader import TrainLoader, document_scores
 from .optim import Optimizers, build_optimizers
@@ -393,6 +393,8 @@ def fit(run: Run) -> FitStats:
             torch.manual_seed(_step_seed(cfg.train.seed, env.rank, run.step))
             epoch_before = loader.epoch
             loop_active = _loop_active(cfg, epoch_before)
+            if model.window_stage >= 0:  # model.window_schedule: this epoch's windows, RoPE tables and scale
+                model.set_window_stage(window_stage_of(cfg.model, epoch_before))
             lr_mult, wd_mult = sched.lr(run.step), sched.wd(run.step)
             opt.set_schedule(lr_mult, wd_mult, sched.momentum(run.step))
             depth_scales = stoch_depth_scales(cfg.model, cfg.train.seed, run.step)  # the same on every rank
