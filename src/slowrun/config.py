@@ -125,6 +125,7 @@ class ModelConfig:
     key_offset: bool = opt(False, "full-context blocks shift the second half of each key's channels one position forward (the tiny track's partial key offset)")
     resid_lambda_init: float = opt(1.0, "initial value of the residual lambdas lambda_r of x0_mix (the tiny track: 1.1)")
     mlp_dropout: bool = opt(True, "apply model.dropout to the MLP output too (false: attention output only, the tiny track's)")
+    stoch_depth_per_call: bool = opt(False, "stochastic depth drawn at every block call (each loop replay draws again) and the MTP block dropped too, with p = stoch_depth * n_layer / (n_layer - 1), as the reference; false: one draw per block per step, the MTP block never dropped")
     stoch_depth_rescale: bool = opt(True, "stochastic depth scales a kept block by 1/(1-p) (false: no rescale, the reference's)")
 
     def __post_init__(self) -> None:
@@ -208,6 +209,8 @@ class OptimConfig:
     gates_in_muon: str = opt("none", "small gate matrices trained by Muon with weight decay instead of AdamW: none, value (the value-projection gates: the tiny track) or both (and the head gates: the 1-hour and 2-hour tracks)")
     resid_lr_frac: float = opt(1.0, "learning rate of the residual lambdas and U-Net skip weights as a fraction of the scalar rate (the reference: 0.01)")
     x0_beta1: float = opt(-1.0, "AdamW beta1 of the x0 lambdas (the reference: 0.96); -1 = optim.beta1")
+    head_gate_betas: list = opt([], "AdamW (beta1, beta2) of the head gates, e.g. [0.9, 0.99] (the tiny track's); [] = optim.beta1, beta2")
+    xsa_betas: list = opt([], "AdamW (beta1, beta2) of the XSA scales (xsa_gate, xsa_alpha), e.g. [0.9, 0.95] (the tiny track's); [] = optim.beta1, beta2")
     cautious_wd_scope: str = opt("all", "where optim.cautious_wd applies: all (AdamW and Muon) or muon (Muon only, its decay scaled by the shape factor as the update: the reference's)")
     muon_eq_r: bool = opt(False, "MuonEq-R: normalize rows of the momentum before orthogonalization")
     normuon: bool = opt(False, "NorMuon: per-row second-moment normalization after orthogonalization")
@@ -232,6 +235,7 @@ class OptimConfig:
     wd_swa_frac: float = opt(1.0, "weight decay during SWA cycles as a fraction of weight_decay, raised against the falling LR")
     ema_decay: float = opt(-1.0, "EMA of the weights (per update, bias-corrected); -1 disables")
     ema_every: int = opt(10, "update the EMA every N steps")
+    ema_start_frac: float = opt(0.0, "fraction of the steps before the EMA starts, from the weights of that step (the reference's unlimited track: 0.9); 0 = from step 0")
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("muon", "adamw"))
@@ -282,6 +286,11 @@ class OptimConfig:
         _check(self.wd_swa_frac >= 0, "optim.wd_swa_frac", "must be >= 0", self.wd_swa_frac)
         _check(self.ema_decay == -1 or 0 < self.ema_decay < 1, "optim.ema_decay", "must be -1 or in (0, 1)", self.ema_decay)
         _check(self.ema_every >= 1, "optim.ema_every", "must be >= 1", self.ema_every)
+        _check(0 <= self.ema_start_frac < 1, "optim.ema_start_frac", "must be in [0, 1)", self.ema_start_frac)
+        for n in ("head_gate_betas", "xsa_betas"):
+            b = getattr(self, n)
+            _check(b == [] or (len(b) == 2 and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b)), f"optim.{n}",
+                   "must be [] or [beta1, beta2] in [0, 1)", b)
 
     def group_lr(self, kind: str, n_embd: int) -> float:
         """Peak learning rate of a parameter group (matrix, embed, head, scalar or iha) in a model
