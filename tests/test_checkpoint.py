@@ -3,12 +3,14 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from slowrun.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, read_weights
 from slowrun.train import train
@@ -146,6 +148,55 @@ def test_two_gloo_processes_equal_one(bpe_ds, tmp_path):
     evals = [[json.loads(line)["val_loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "eval"] for d in ("one", "two")]
     assert len(evals[0]) == len(evals[1]) >= 1 and evals[1] == pytest.approx(evals[0], abs=2e-4)
+
+
+def test_sharded_optimizer_over_two_gloo_ranks_equals_one_process_and_resumes(bpe_ds, tmp_path):
+    """train.shard_optimizer: each rank steps its own tensors; the losses, the gathered
+    checkpoint and a resume from it in two ranks match one unsharded process."""
+    common = ["--recipe", "smoke", "--data", str(bpe_ds), "--train.max_steps=6", "--train.batch_tokens=2048",
+              "--train.checkpoint_every=3", "--train.keep_checkpoints=3", "--optim.grad_clip=0.5", "--optim.normuon=true",
+              "--eval.max_tokens=512", "--eval.test=false", "--quiet", "--train.num_threads=1"]
+    one = subprocess.run([sys.executable, "-m", "slowrun", "train", "--run-dir", str(tmp_path / "one"), *common],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "-m", "slowrun", "train"]
+    two = subprocess.run([*torchrun, "--run-dir", str(tmp_path / "two"), *common, "--train.shard_optimizer=true"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(b) == list(range(1, 7)) and all(b[s] == pytest.approx(a[s], abs=2e-4) for s in a)
+    # the checkpoint holds every tensor's optimizer state, gathered from both ranks
+    ca, cb = (load_checkpoint(list_checkpoints(tmp_path / d)[0]) for d in ("one", "two"))
+    assert ca.step == cb.step == 3
+    sa, sb = ca.optimizer_states(2), cb.optimizer_states(2)
+    for x, y in zip(sa, sb):  # {param index: {name: value}} per optimizer
+        assert sorted(x) == sorted(y) and len(x) > 0
+        for k in x:
+            for n, t in x[k].items():
+                if hasattr(t, "shape"):
+                    assert torch.allclose(t.float(), y[k][n].float(), atol=1e-4), (k, n)
+    # resume the sharded run from its step-3 checkpoint, in two ranks: the same last steps
+    shutil.copytree(tmp_path / "two", tmp_path / "again")
+    for ck in list_checkpoints(tmp_path / "again")[1:]:
+        shutil.rmtree(ck)
+    (tmp_path / "again" / "result.json").unlink()
+    again = subprocess.run([*torchrun, "--resume", str(tmp_path / "again"), "--quiet"], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    c = losses(tmp_path / "again")
+    assert all(c[s] == pytest.approx(b[s], abs=1e-6) for s in range(4, 7))
+    ra, rc = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("two", "again"))
+    assert rc["val_loss"] == pytest.approx(ra["val_loss"], abs=1e-6)
+
+
+def test_owners_balance_the_elements():
+    from slowrun.distributed import assign_owners
+
+    sizes = [1000, 10, 400, 400, 200, 5, 5]
+    owner = assign_owners(sizes, 2)
+    load = [sum(s for s, r in zip(sizes, owner) if r == k) for k in range(2)]
+    assert owner == assign_owners(sizes, 2) and load == [1010, 1010] and assign_owners(sizes, 1) == [0] * 7
 
 
 # ---------------------------------------------------------------------------------------
@@ -326,3 +377,17 @@ def test_corrupt_result_json_on_resume_is_one_line(short_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "result.json: corrupt" in err[0]
     assert (run / "result.json").read_text() == '{"variants": '  # left for the user to look at
+
+
+def test_a_rank_keeps_only_its_own_optimizer_state():
+    from slowrun.distributed import DistEnv, ShardedStep
+
+    params = [torch.nn.Parameter(torch.randn(n, 4)) for n in (8, 4, 4, 2)]
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    shard = ShardedStep(params, DistEnv(rank=1, world_size=2))
+    shard.keep_own_state([opt])
+    kept = [i for i, p in enumerate(params) if p in opt.state]
+    assert kept == [i for i, r in enumerate(shard.owner) if r == 1] == [1, 2]  # 32 of the 72 elements; rank 0 has the 8x4

@@ -319,6 +319,7 @@ class TrainConfig:
     dtype: str = opt("bf16", "compute precision: fp32, or bf16 autocast (CPU with AVX512-BF16/AMX, or GPU)")
     device: str = opt("auto", "auto (cuda when available), cpu or cuda")
     compile: bool = opt(False, "torch.compile the model (helps on GPU; gave nothing on CPU)")
+    shard_optimizer: bool = opt(False, "torchrun: split the optimizer step over the ranks ZeRO-2-style (each tensor's gradient reduced onto one owner rank, its optimizer state there only, the stepped weights broadcast): optimizer state and gradients take ~1/world of the memory each; Muon still sees whole matrices")
     dist_timeout_min: float = opt(30.0, "torchrun: minutes a collective may wait for the other ranks before the run aborts (a rank-0 checkpoint write is the longest wait)")
     num_threads: int = opt(-1, "torch CPU threads; -1 = torch's default")
     log_every: int = opt(1, "write a metrics line every N steps")

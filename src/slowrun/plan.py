@@ -9,10 +9,12 @@ The model is built on the `meta` device (shapes without storage), so planning a
 - optimizer state: AdamW 2 fp32 moments for each parameter of its groups; Muon 1 fp32
   momentum buffer per matrix, plus NorMuon's per-row second moments (one fp32 per row);
 - EMA: an fp32 copy of the state dict when optim.ema_decay > 0;
-- today all of it is replicated on every rank (no sharding): `--gpus` divides the batch,
-  not these;
+- replicated on every rank, except with train.shard_optimizer (gpus > 1): the optimizer
+  state divided by the ranks (each tensor's state on its owner); the gradients are still
+  whole during backward (they are reduced after it);
 - all-reduce buffer (gpus > 1): `distributed.all_reduce_mean` concatenates every gradient
-  into one fp32 buffer after backward, when the activations are already freed;
+  into one fp32 buffer after backward, when the activations are already freed (sharded:
+  the largest owner's bucket, about 1/gpus of it);
 - autocast weight copies (bf16): the bf16 casts of the block matrices, kept by autocast
   for the whole forward (2 bytes per block matrix parameter);
 - activations: the tensors the forward saves for backward, per token of a micro-batch,
@@ -32,11 +34,10 @@ The model is built on the `meta` device (shapes without storage), so planning a
   `hidden`, unique storages, parameters excluded: exact and not noisy, unlike RSS deltas;
   tests/test_plan.py, 4 layers, width 64, 512 tokens, CPU, estimate / measured):
   slowrun 1.035 (fp32) 0.950 (bf16), baseline 1.085 / 1.088, nanochat 1.050 / 0.963;
-- logits: on CPU the fused, chunked output layer (`losses.linear_cross_entropy`) keeps only
-  a 256-row chunk of the (N, V) logits (3 fp32 copies), the fp32 head gradient and the
-  hidden-state gradient; on CUDA today the full (N, V) logits of the micro-batch: about 4
-  fp32 copies (the float logits, the softcap's tanh, the log-softmax, its gradient) + a bf16
-  matmul output under autocast: an estimate, not yet measured on a GPU; twice with MTP.
+- logits: the fused, chunked output layer (`losses.linear_cross_entropy`) keeps only a
+  chunk of the (N, V) logits (3 fp32 copies; 256 rows on CPU, 4,096 on CUDA), the fp32
+  head gradient and the hidden-state gradient; twice with MTP (an estimate on CUDA, not yet
+  measured on a GPU).
 
 The total is the persistent state (weights, gradients, optimizer, EMA) plus the larger of
 the forward/backward working set and the all-reduce buffer. CUDA's allocator cache and
@@ -56,12 +57,12 @@ import torch
 from . import SlowrunError
 from .config import RunConfig, build_config
 from .gpt import GPT, has_value_proj
+from .losses import FUSED_CHUNK
 from .optim import split_params
 from .runlog import fmt_time
 
 DEFAULT_VOCAB = 50257  # GPT-2's, the benchmark's tokenizer, when neither recipe nor dataset says
 DEFAULT_TRAIN_TOKENS = 100_000_000  # the benchmark's budget, when neither --train-tokens nor a dataset says
-LOSS_CHUNK = 256  # rows per chunk of the fused CPU output layer (losses.linear_cross_entropy)
 GB = 1e9
 
 
@@ -142,11 +143,8 @@ def logits_bytes(cfg: RunConfig, tokens: int, device: str) -> int:
     V, C = m.vocab_size, m.n_embd
     act = 2 if cfg.train.dtype == "bf16" else 4
     heads = 2 if m.mtp_weight > 0 else 1
-    if device == "cpu":
-        per = min(LOSS_CHUNK, tokens) * V * 4 * 3 + V * C * 4 + tokens * C * act * 2
-    else:
-        per = tokens * V * (4 * 4 + (2 if cfg.train.dtype == "bf16" else 0))
-    return heads * per
+    chunk = FUSED_CHUNK.get(device, FUSED_CHUNK["cuda"])
+    return heads * (min(chunk, tokens) * V * 4 * 3 + V * C * 4 + tokens * C * act * 2)
 
 
 def autocast_copy_bytes(model: GPT, cfg: RunConfig) -> int:
@@ -227,10 +225,15 @@ def plan(recipe: str, overrides: dict | None = None, gpus: int = 1, micro_batch_
     mem["autocast_copies"] = autocast_copy_bytes(model, cfg)
     mem["activations"] = int(activation_bytes_per_token(cfg, device) * tokens)
     mem["logits"] = logits_bytes(cfg, tokens, device)
-    mem["allreduce_buffer"] = mem["gradients"] if gpus > 1 else 0
+    sharded = cfg.train.shard_optimizer and gpus > 1
+    if sharded:
+        mem["optimizer"] = math.ceil(mem["optimizer"] / gpus)
+    mem["allreduce_buffer"] = (math.ceil(mem["gradients"] / gpus) if sharded else mem["gradients"]) if gpus > 1 else 0
     persistent = mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["ema"]
     working = mem["autocast_copies"] + mem["activations"] + mem["logits"]
-    notes.append("weights, gradients and optimizer state are replicated on every rank (no sharding yet)")
+    notes.append("optimizer state split over the ranks (train.shard_optimizer); weights and gradients replicated"
+                 if sharded else "weights, gradients and optimizer state are replicated on every rank"
+                 + (" (train.shard_optimizer splits the optimizer state)" if gpus > 1 else ""))
     p = Plan(recipe, model.num_params(), model.num_params(exclude_embeddings=True), model.flops_per_token(),
              n_train, steps * cfg.train.batch_tokens / n_train, steps, cfg.train.batch_tokens, gpus, tokens,
              per_rank // micro, device, cfg.train.dtype, mem, persistent + max(working, mem["allreduce_buffer"]), notes)

@@ -213,6 +213,7 @@ class Run:
     total_steps: int
     micro_seqs: int  # sequences per micro-batch
     accum: int  # micro-batches per step and rank
+    shard: distributed.ShardedStep | None = None  # train.shard_optimizer
     step: int = 0
     elapsed_before_s: float = 0.0  # training time of the run before this process (resume)
     env_info: dict | None = None
@@ -281,6 +282,9 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
     opt = build_optimizers(model, cfg.optim, device)
+    if cfg.train.shard_optimizer and cfg.optim.matrix_optimizer != "muon":
+        raise ConfigError(f"train.shard_optimizer: not with optim.matrix_optimizer={cfg.optim.matrix_optimizer} (its state is not per tensor)")
+    shard = distributed.ShardedStep(list(model.parameters()), env) if cfg.train.shard_optimizer else None
     ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay > 0 else None
     teacher = None
     if cfg.distill.teacher:
@@ -302,6 +306,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
             warnings.append(f"warning: --force: continuing with the edited config.toml ({'; '.join(changes)})")
         model.load_state_dict(ck.model)
         opt.load_state_dict(ck.optimizer_states(len(opt.optimizers)))
+        if shard is not None:
+            shard.keep_own_state(opt.optimizers)
         loader.load_state_dict(ck.state["extra"]["loader"])
         if ema is not None and ck.ema() is not None:
             ema.load_raw_state(ck.ema())
@@ -316,7 +322,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     for text in warnings:
         log.line(text)
     run = Run(cfg, run_dir, env, ds, loader, sched, model, torch.compile(model) if cfg.train.compile else model, opt, ema,
-              teacher, log, total_steps, micro, per_rank // micro, env_info=environment(device))
+              teacher, log, total_steps, micro, per_rank // micro, shard, env_info=environment(device))
     if ck is not None:
         run.step, run.elapsed_before_s = ck.step, float(ck.state["extra"].get("elapsed_s", 0.0))
         log.line(f"resumed from {ck.path} at step {run.step}")
@@ -336,11 +342,13 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
 
 
 def write_checkpoint(run: Run, elapsed_s: float) -> Path | None:
-    """Checkpoint the loop's whole state at run.step (rank 0 writes)."""
+    """Checkpoint the loop's whole state at run.step (rank 0 writes; every rank calls it: a
+    sharded optimizer's state is gathered first)."""
+    opt_state = run.shard.gather_state(run.opt.optimizers) if run.shard is not None else None
     if not run.env.is_main:
         return None
     extra = {"loader": run.loader.state_dict(), "elapsed_s": elapsed_s, "epochs_done": run.loader.epochs_done}
-    return save_checkpoint(run.run_dir, run.step, run.cfg, run.model.state_dict(), run.opt.state_dict(), extra,
+    return save_checkpoint(run.run_dir, run.step, run.cfg, run.model.state_dict(), opt_state or run.opt.state_dict(), extra,
                            run.ema.raw_state() if run.ema is not None else None, run.cfg.train.keep_checkpoints)
 
 
@@ -418,14 +426,24 @@ def fit(run: Run) -> FitStats:
                     p.grad = torch.zeros_like(p)
             # a signal on any rank stops every rank after this same step
             stop = torch.tensor(0.0 if signals.signum is None else 1.0, device=device)
-            distributed.all_reduce_mean([p.grad for p in params] + [loss_sum, stop], env)
+            if run.shard is not None:  # each gradient onto its owner rank
+                run.shard.reduce_grads()
+                distributed.all_reduce_mean([loss_sum, stop], env)
+            else:
+                distributed.all_reduce_mean([p.grad for p in params] + [loss_sum, stop], env)
             train_loss = loss_sum.item() / run.accum
             if not math.isfinite(train_loss):
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 log.line(f"stopping: loss is {train_loss} at step {run.step + 1}; {where}")
                 raise TrainingError(f"loss became {train_loss} at step {run.step + 1} (lower optim lr or check the data); {where}")
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf))
-            opt.step()
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+            if run.shard is not None:
+                gnorm = run.shard.clip_grad_norm(max_norm)
+                opt.step()  # each rank's own tensors (the others have no gradient)
+                run.shard.broadcast_params()
+            else:
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                opt.step()
             opt.zero_grad()
             run.step += 1
             step = run.step
