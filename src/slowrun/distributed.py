@@ -84,7 +84,7 @@ def shutdown(env: DistEnv) -> None:
 
 
 def assign_owners(sizes: list[int], world: int) -> list[int]:
-    """The rank that owns each tensor's optimizer step: largest first onto the least-loaded
+    """The rank that owns each item (a bucket of tensors): largest first onto the least-loaded
     rank (ties by rank), so every rank holds about 1/world of the elements."""
     load = [0] * world
     owner = [0] * len(sizes)
@@ -94,53 +94,113 @@ def assign_owners(sizes: list[int], world: int) -> list[int]:
     return owner
 
 
+BUCKET_ELEMENTS = 25_000_000  # at most 100 MB of fp32 gradients per reduce (unless one tensor is larger)
+
+
+def make_buckets(params: list[torch.Tensor], world: int, cap: int = BUCKET_ELEMENTS) -> list[list[int]]:
+    """Tensor indices in buckets, in reverse order (the order backward finishes them), each of
+    one dtype and at most max(cap, total / (4 world)) elements, so every rank owns several."""
+    cap = max(1, min(cap, -(-sum(p.numel() for p in params) // (4 * world))))
+    buckets: list[list[int]] = []
+    size = 0
+    for i in reversed(range(len(params))):
+        if buckets and size + params[i].numel() <= cap and params[buckets[-1][0]].dtype == params[i].dtype:
+            buckets[-1].append(i)
+            size += params[i].numel()
+        else:
+            buckets.append([i])
+            size = params[i].numel()
+    return buckets
+
+
 class ShardedStep:
     """A ZeRO-2-style split of the optimizer step over the ranks (train.shard_optimizer), the
     reference's design with whole tensors as the unit, so that Muon orthogonalizes whole
     matrices:
 
-    - each tensor has one owner rank (`assign_owners`); after backward its gradient is summed
-      onto its owner only (one `reduce` per owner and dtype, over a flat bucket) and averaged
-      there; the other ranks drop it, so gradients beyond the backward pass and optimizer
-      state (created on a tensor's first step) live on one rank each;
+    - the tensors are grouped into buckets in backward order (`make_buckets`), each owned by
+      one rank (`assign_owners`); during the last micro-batch's backward a bucket's gradients
+      are summed onto its owner (an asynchronous `reduce`) as soon as all of them are ready,
+      so communication overlaps the rest of the backward pass; afterwards the owner averages
+      them and the other ranks drop them;
+    - optimizer state is created on a tensor's first step, so it lives on its owner only;
     - the global gradient norm is the all-reduced sum of each rank's owned squares;
-    - each rank steps its own tensors, then every owner broadcasts them (one bucket per owner
-      and dtype), so every rank ends the step with the same full weights.
+    - each rank steps its own tensors, then every owner broadcasts its buckets, so every rank
+      ends the step with the same full weights.
 
     A reduce plus a broadcast moves as many bytes as the all-reduce it replaces. One process:
     every tensor is rank 0's and nothing is communicated. Checkpoints hold the whole state
-    (`gather_state` on rank 0); a resumed rank keeps only its own (`keep_own_state`).
+    (`gather_state` on rank 0); a resumed run, on any number of ranks, keeps each rank's own
+    (`keep_own_state`).
     """
 
     def __init__(self, params: list[torch.Tensor], env: DistEnv) -> None:
         self.params, self.env = params, env
-        self.owner = assign_owners([p.numel() for p in params], env.world_size)
+        self.buckets = make_buckets(params, env.world_size)
+        bucket_owner = assign_owners([sum(params[i].numel() for i in b) for b in self.buckets], env.world_size)
+        self.owner = [0] * len(params)
+        self.bucket_of: dict[int, int] = {}
+        for k, (b, r) in enumerate(zip(self.buckets, bucket_owner)):
+            for i in b:
+                self.owner[i] = r
+                self.bucket_of[id(params[i])] = k
+        self.bucket_owner = bucket_owner
         self.own = {id(p) for p, r in zip(params, self.owner) if r == env.rank}
+        self.armed = False
+        self.overlapped = 0
+        self.pending: list[int] = []
+        self.works: dict[int, tuple] = {}
+        if env.distributed:
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._grad_ready)
 
-    def _buckets(self, tensors: list[torch.Tensor]) -> list[tuple[int, list[int]]]:
-        """(owner, indices) per owner and dtype, in a fixed order on every rank."""
-        out: dict[tuple[int, str], list[int]] = {}
-        for i, r in enumerate(self.owner):
-            out.setdefault((r, str(tensors[i].dtype)), []).append(i)
-        return [(r, idx) for (r, _), idx in sorted(out.items())]
+    def describe(self) -> str:
+        mine = [p.numel() for p, r in zip(self.params, self.owner) if r == self.env.rank]
+        total = sum(p.numel() for p in self.params)
+        return (f"optimizer step sharded over {self.env.world_size} rank(s): rank {self.env.rank} owns {len(mine)} of "
+                f"{len(self.params)} tensors ({sum(mine) / total:.1%} of the elements) in {len(self.buckets)} buckets, "
+                f"{self.overlapped} reduced during the last backward")
+
+    def arm(self) -> None:
+        """Call before the step's last backward: its finished buckets are reduced right away."""
+        self.armed, self.works = self.env.distributed, {}
+        self.pending = [len(b) for b in self.buckets]
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        k = self.bucket_of[id(p)]
+        self.pending[k] -= 1
+        if self.pending[k] == 0:
+            self._launch(k)
+
+    def _launch(self, k: int) -> None:
+        flat = torch.cat([self.params[i].grad.reshape(-1) for i in self.buckets[k]])
+        self.works[k] = (dist.reduce(flat, dst=self.bucket_owner[k], op=dist.ReduceOp.SUM, async_op=True), flat)
 
     def reduce_grads(self) -> None:
-        """Average each gradient onto its owner; the other ranks' copies are dropped."""
-        grads = [p.grad for p in self.params]
-        for r, idx in self._buckets(grads):
-            if self.env.distributed:
-                flat = torch.cat([grads[i].reshape(-1) for i in idx])
-                dist.reduce(flat, dst=r, op=dist.ReduceOp.SUM)
-                if r == self.env.rank:
-                    flat /= self.env.world_size
-                    offset = 0
-                    for i in idx:
-                        n = grads[i].numel()
-                        grads[i].copy_(flat[offset: offset + n].view_as(grads[i]))
-                        offset += n
-            if r != self.env.rank:
+        """After backward (every gradient present): reduce the buckets not yet sent (a block
+        skipped by stochastic depth, or no `arm`), wait for all, average on the owners."""
+        if not self.env.distributed:
+            return
+        self.overlapped = len(self.works)  # buckets sent while backward was still running
+        for k in range(len(self.buckets)):
+            if k not in self.works:
+                self._launch(k)
+        for k, (work, flat) in sorted(self.works.items()):
+            work.wait()
+            idx = self.buckets[k]
+            if self.bucket_owner[k] == self.env.rank:
+                flat /= self.env.world_size
+                offset = 0
+                for i in idx:
+                    g = self.params[i].grad
+                    g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                    offset += g.numel()
+            else:
                 for i in idx:
                     self.params[i].grad = None
+        self.armed, self.works = False, {}
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global L2 norm of the gradients (each counted on its owner); scaled to `max_norm`
@@ -158,10 +218,10 @@ class ShardedStep:
 
     @torch.no_grad()
     def broadcast_params(self) -> None:
-        """Every owner sends its freshly stepped tensors to the other ranks."""
+        """Every owner sends its freshly stepped buckets to the other ranks."""
         if not self.env.distributed:
             return
-        for r, idx in self._buckets(self.params):
+        for idx, r in zip(self.buckets, self.bucket_owner):
             flat = torch.cat([self.params[i].detach().reshape(-1) for i in idx])
             dist.broadcast(flat, src=r)
             if r != self.env.rank:

@@ -285,7 +285,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     if cfg.train.shard_optimizer and cfg.optim.matrix_optimizer != "muon":
         raise ConfigError(f"train.shard_optimizer: not with optim.matrix_optimizer={cfg.optim.matrix_optimizer} (its state is not per tensor)")
     shard = distributed.ShardedStep(list(model.parameters()), env) if cfg.train.shard_optimizer else None
-    ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_every) if cfg.optim.ema_decay > 0 else None
+    ema_start = round(cfg.optim.ema_start_frac * total_steps) if cfg.optim.ema_start_frac > 0 else None  # None: from step 0
+    ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_every, ema_start) if cfg.optim.ema_decay > 0 else None
     teacher = None
     if cfg.distill.teacher:
         teacher, _, textra = load_model(cfg.distill.teacher, device)
@@ -419,6 +420,8 @@ def fit(run: Run) -> FitStats:
                         distill = DistillTarget(t_logits, cfg.distill.alpha, cfg.distill.temperature, cfg.distill.mtp_inside)
                     _, loss = run.fwd_model(x, y, return_logits=False, loop_active=loop_active, distill=distill,
                                             depth_scales=depth_scales)
+                if run.shard is not None and i == run.accum - 1:
+                    run.shard.arm()  # the last backward: buckets are reduced as they finish
                 (loss / run.accum).backward()
                 loss_sum += loss.detach()
             for p in params:
@@ -447,6 +450,8 @@ def fit(run: Run) -> FitStats:
             opt.zero_grad()
             run.step += 1
             step = run.step
+            if run.shard is not None and steps_timed == 0:  # this process's first step
+                log.line(f"# {run.shard.describe()}")
             if ema is not None:
                 ema.update(model, step)
             dt = time.time() - t0
