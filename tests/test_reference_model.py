@@ -430,3 +430,111 @@ def test_trainer_switches_window_stages_at_epoch_boundaries(bpe_ds, tmp_path, mo
     import math
 
     assert first_stage1 == math.ceil(result["unique_tokens"] / 8192)
+
+
+# ---- 13. stochastic depth drawn at every block call, the MTP block too ---------------------
+
+PER_CALL = dict(n_layer=4, loop_start=1, loop_end=2, loop_repeats=3, stoch_depth=0.6, stoch_depth_per_call=True,
+                mtp_weight=0.3, mtp_style="reference", unet=False)
+LOOPED_CALLS = [0, 1, 2, 1, 2, 1, 2, 3]  # blocks 1-2 run three times
+
+
+def hand_scales(seed, step, calls, stoch_depth=0.6, L=4, rescale=True, micro=0):
+    """The reference's draws, one `rand(())` per block call in order and then the MTP block's
+    (layer L, p = stoch_depth * L / (L - 1)): keep = u >= p, from the (seed, step) generator."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    for _ in range(micro * (len(calls) + 1)):  # the earlier micro-steps' draws
+        torch.rand((), generator=g)
+    out = []
+    for layer in [*calls, L]:
+        p = stoch_depth * layer / (L - 1)
+        keep = torch.rand((), generator=g).item() >= p
+        out.append((1 / (1 - p) if rescale else 1.0) if keep else 0.0)
+    return out
+
+
+def test_stoch_depth_per_call_draws_equal_a_hand_replay():
+    cfg = model_of(**PER_CALL).cfg
+    for loop_active, calls in ((True, LOOPED_CALLS), (False, [0, 1, 2, 3])):
+        for step in range(30):
+            for micro in (0, 2):
+                got = stoch_depth_scales(cfg, seed=5, step=step, loop_active=loop_active, micro=micro)
+                assert got.tolist() == pytest.approx(hand_scales(5, step, calls, micro=micro), rel=1e-6), (step, micro)
+    assert torch.equal(stoch_depth_scales(cfg, 5, 7), stoch_depth_scales(cfg, 5, 7, loop_active=True))  # None: as trained
+    assert torch.equal(stoch_depth_scales(cfg, 5, 7, True), stoch_depth_scales(cfg, 5, 7, True))  # the same on every rank
+    assert not torch.equal(stoch_depth_scales(cfg, 5, 7, True, micro=1), stoch_depth_scales(cfg, 5, 7, True))
+    flat = model_of(**PER_CALL, stoch_depth_rescale=False).cfg
+    for step in range(30):
+        assert stoch_depth_scales(flat, 5, step, True).tolist() == hand_scales(5, step, LOOPED_CALLS, rescale=False)
+    # the default: one scale per block index, the MTP block never dropped
+    assert stoch_depth_scales(model_of(**{**PER_CALL, "stoch_depth_per_call": False}).cfg, 5, 7, True).shape == (4,)
+
+
+def test_stoch_depth_per_call_redraws_each_replay_and_drops_the_mtp_block():
+    cfg = model_of(**PER_CALL).cfg
+    n = 3000
+    s = torch.stack([stoch_depth_scales(cfg, seed=0, step=k, loop_active=True) for k in range(n)])  # (n, 9)
+    assert any(s[k, 1] != s[k, 3] or s[k, 3] != s[k, 5] for k in range(n))  # block 1's three passes draw apart
+    p = 0.6 * torch.tensor([*LOOPED_CALLS, 4.0]) / 3  # the MTP block (last): 0.6 * 4 / 3 = 0.8
+    freq = (s == 0).float().mean(0)
+    assert torch.all((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-9), freq
+    assert s[:, -1].max().item() == pytest.approx(5.0)  # a kept MTP block: 1 / (1 - 0.8)
+    both = ((s[:, 1] == 0) & (s[:, 3] == 0)).float().mean().item()  # two passes of block 1 dropped together
+    assert both == pytest.approx(0.2 * 0.2, abs=4 * math.sqrt(0.04 * 0.96 / n))  # independent draws
+
+
+def per_call_by_hand(m, x, y, s):
+    """The per-call training loss unrolled: block call k scaled by s[k] (skipped at 0), the MTP block by s[-1]."""
+    norm = lambda z: F.rms_norm(z, (32,))
+    h = x0 = norm(m.wte(x))
+    for k, i in enumerate(LOOPED_CALLS):
+        h = m.lambda_r[i] * h + m.lambda_0[i] * x0
+        if s[k] > 0:
+            h = m.blocks[i](h, x0, rope_of(m), scale=s[k])
+    z = torch.cat((norm(h)[:, :-1], norm(m.wte(y[:, :-1]))), dim=-1) @ m.mtp_proj.weight.T
+    out = m.mtp_block(z, z, rope_of(m, 15), scale=s[-1]) if s[-1] > 0 else z
+    return softcap_ce(m, h, y) + 0.3 * softcap_ce(m, out, y[:, 1:])
+
+
+def test_stoch_depth_per_call_forward_equals_a_hand_unrolled_forward():
+    m = model_of(**PER_CALL).train()
+    with torch.no_grad():
+        m.lambda_r.copy_(torch.linspace(0.8, 1.2, 4))
+    x, y = batch()
+    dropped = [1.0, 1.25, 0.0, 1.25, 5 / 3, 0.0, 5 / 3, 2.5, 0.0]  # block 2's 1st pass, block 1's 3rd, the MTP block
+    kept = [1.0, 0.0, 5 / 3, 1.25, 0.0, 1.25, 5 / 3, 2.5, 5.0]
+    for s in (dropped, kept):
+        _, loss = m(x, y, return_logits=False, loop_active=True, depth_scales=torch.tensor(s))
+        assert loss.item() == pytest.approx(per_call_by_hand(m, x, y, s).item(), rel=1e-5)
+    m.zero_grad()
+    m(x, y, loop_active=True, depth_scales=torch.tensor(dropped))[1].backward()
+    assert all(p.grad is None for p in m.mtp_block.parameters())  # eager: a dropped MTP block does not run
+    assert m.mtp_proj.weight.grad is not None
+    with pytest.raises(ValueError, match="loop_active"):  # scales drawn for the looped order, a forward without it
+        m(x, y, loop_active=False, depth_scales=torch.tensor(dropped))
+    ref = model_of(**{**PER_CALL, "stoch_depth": 0.0})
+    ref.load_state_dict(m.state_dict())
+    m.eval(), ref.eval()
+    assert torch.equal(m(x, y)[1], ref(x, y)[1])  # evaluation drops nothing
+    off = model_of(**{**PER_CALL, "stoch_depth_per_call": False}).train()
+    off.hidden(x, depth_scales=torch.zeros(4))
+    assert off.mtp_depth_scale is None  # per block index: the MTP block is never dropped
+
+
+def test_stoch_depth_per_call_compiles_without_graph_break_or_recompile():
+    m = model_of(**PER_CALL).train()
+    x, _ = batch()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=backend)
+    for step in range(4):
+        s = stoch_depth_scales(m.cfg, seed=0, step=step, loop_active=True)
+        assert torch.allclose(compiled(x, loop_active=True, depth_scales=s)[0], m(x, loop_active=True, depth_scales=s)[0],
+                              atol=1e-5)
+    assert len(graphs) == 1
+    torch._dynamo.reset()

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from slowrun.averaging import EMA
 from slowrun.config import OptimConfig, build_config
 from slowrun.gpt import GPT
-from slowrun.optim import AdamW, Muon, build_optimizers, muon_chunks, orthogonalize
+from slowrun.optim import AdamW, Muon, build_optimizers, muon_chunks, orthogonalize, scalar_part_rules
 from slowrun.schedules import Schedule
 
 # ---------------------------------------------------------------------------------------
@@ -325,3 +326,139 @@ def test_optimizer_state_round_trips_through_a_checkpoint_with_the_new_groups(tm
         assert torch.equal(p, q), n
     muon = ropts.optimizers[-1]
     assert any("col_sq" in muon.state[p] for g in muon.param_groups for p in g["params"])  # the wide matrices' stats came back
+
+
+# ---------------------------------------------------------------------------------------
+# head-gate and XSA betas (the tiny track's attn_gate (0.9, 0.99) and xsa (0.9, 0.95) groups)
+
+
+def _gated(xsa="tanh", **optim):
+    cfg = build_config("smoke", {"model.vocab_size": 64, "model.xsa": xsa, "optim.scalar_lr": 0.2, "optim.beta1": 0.8,
+                                 "optim.beta2": 0.95, **{f"optim.{k}": v for k, v in optim.items()}})
+    torch.manual_seed(0)
+    return GPT(cfg.model), cfg
+
+
+def test_head_gate_and_xsa_groups_have_their_betas_and_step_as_torch_adamw():
+    model, cfg = _gated(head_gate_betas=[0.9, 0.99], xsa_betas=[0.9, 0.95])
+    opts = build_optimizers(model, cfg.optim)
+    where = _where(opts, model)
+    scalar_lr = where["lambda_0"][1]["base_lr"]
+    gates = [n for n in where if n.endswith("head_gate.weight")]
+    xsa = [n for n in where if n.endswith("xsa_alpha")]
+    assert len(gates) == len(xsa) == cfg.model.n_layer
+    for names, kind, betas in ((gates, "head_gate", (0.9, 0.99)), (xsa, "xsa", (0.9, 0.95))):
+        for n in names:
+            opt, g = where[n]
+            assert opt is AdamW and g["kind"] == kind and g["betas"] == betas
+            assert g["base_lr"] == scalar_lr and g["base_wd"] == 0
+    for n in ("lambda_0", "blocks.0.attn.v_gate.weight"):
+        assert where[n][1]["kind"] == "scalar" and where[n][1]["betas"] == (0.8, 0.95)
+    opts.set_schedule(0.5, 1.0)
+    # each group steps as torch's AdamW with its own betas
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    ours = [dict(model.named_parameters())[n] for n in (gates[0], xsa[0])]
+    refs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    trefs = [torch.optim.AdamW([r], lr=0.1, betas=b, eps=cfg.optim.eps, weight_decay=0.0)
+             for r, b in zip(refs, ((0.9, 0.99), (0.9, 0.95)))]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, r in zip(ours, refs):
+            p.grad = torch.randn(p.shape, generator=g)
+            r.grad = p.grad.clone()
+        opts.optimizers[0].step()
+        for t in trefs:
+            t.step()
+    for p, r in zip(ours, refs):
+        assert torch.allclose(p, r, atol=1e-7)
+
+
+def test_head_gate_and_xsa_betas_apply_where_those_parameters_are():
+    model, cfg = _gated(xsa="learnable", xsa_betas=[0.9, 0.95])
+    where = _where(build_optimizers(model, cfg.optim), model)
+    assert where["blocks.1.attn.xsa_gate"][1]["kind"] == "xsa" and where["blocks.1.attn.xsa_gate"][1]["betas"] == (0.9, 0.95)
+    assert where["blocks.1.attn.head_gate.weight"][1]["kind"] == "scalar"  # head_gate_betas unset
+    # gates in Muon: no head-gate AdamW group
+    model, cfg = _gated(head_gate_betas=[0.9, 0.99], gates_in_muon="both")
+    opts = build_optimizers(model, cfg.optim)
+    assert "head_gate" not in {g["kind"] for g in opts.groups()}
+    assert _where(opts, model)["blocks.0.attn.head_gate.weight"][0] is Muon
+    # unset: today's single scalar group, XSA scales included
+    model, cfg = _gated()
+    opts = build_optimizers(model, cfg.optim)
+    assert sorted({g["kind"] for g in opts.groups()}) == ["embed", "head", "matrix", "scalar"]
+    assert scalar_part_rules(cfg.optim) == {}
+
+
+# ---------------------------------------------------------------------------------------
+# EMA from a start step (the unlimited track: from the weights at 90% of the run, no bias correction)
+
+
+def _lin(value: float) -> torch.nn.Module:
+    m = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(value * torch.arange(6.0).view(2, 3) + 1)
+    return m
+
+
+def test_ema_started_at_step_k_equals_a_hand_lerp_from_the_step_k_weights():
+    m = _lin(0.0)
+    ema = EMA(m, decay=0.9, every=2, start=5)
+    weights = {}
+    for step in range(1, 13):
+        with torch.no_grad():
+            m.weight.copy_(_lin(float(step)).weight)
+        weights[step] = m.weight.detach().clone()
+        ema.update(m, step)
+        if step < 6:  # before the start (and step 5 is no update step): nothing averaged
+            assert not ema.started and torch.equal(ema.shadow["weight"], torch.zeros(2, 3))
+        if step == 8:
+            resumed = EMA(_lin(0.0), decay=0.9, every=2, start=5)
+            resumed.load_raw_state({k: v.clone() for k, v in ema.raw_state().items()})
+    d = 0.9**2  # per update
+    e = weights[6]  # the first update at or after step 5: the weights themselves
+    for step in (8, 10, 12):
+        e = e + (1 - d) * (weights[step] - e)
+    assert torch.allclose(ema.state_dict()["weight"], e, atol=1e-6) and ema.weight == 1.0
+    for step in (10, 12):  # a resume mid-way continues exactly
+        with torch.no_grad():
+            m.weight.copy_(weights[step])
+        resumed.update(m, step)
+    assert torch.equal(resumed.state_dict()["weight"], ema.state_dict()["weight"])
+
+
+def test_trainer_starts_the_ema_at_its_fraction_and_resumes_it_exactly(bpe_ds, tmp_path):
+    import shutil
+
+    from slowrun.checkpoint import list_checkpoints, load_checkpoint, read_weights
+    from slowrun.train import train
+    from tests.conftest import smoke_config
+
+    over = {"train.max_steps": 8, "train.checkpoint_every": 2, "train.keep_checkpoints": 8, "eval.max_tokens": 512,
+            "optim.ema_decay": 0.9, "optim.ema_every": 2, "optim.ema_start_frac": 0.5}
+    run = tmp_path / "run"
+    train(smoke_config(bpe_ds, **over), run, echo=False)
+    cks = {int(p.name.split("_")[1]): p for p in list_checkpoints(run)}
+    assert {2, 4, 6, 8} <= set(cks)
+    assert load_checkpoint(cks[2]).ema()["__weight__"].item() == 0.0  # step 2 < round(0.5 * 8): not started
+    w = {s: load_checkpoint(cks[s]).model for s in (4, 6, 8)}
+    d = 0.9**2
+    ema, _, _ = read_weights(run / "ema.safetensors")
+    for k, v in ema.items():  # from the step-4 weights, then two updates
+        e = w[4][k].float()
+        for s in (6, 8):
+            e = e + (1 - d) * (w[s][k].float() - e)
+        assert torch.allclose(v.float(), e, atol=1e-6), k
+    for at in (2, 6):  # resumed before and after the start: the same EMA
+        again = tmp_path / f"from{at}"
+        shutil.copytree(run, again)
+        (again / "result.json").unlink()
+        for s, p in cks.items():
+            if s > at:
+                shutil.rmtree(again / p.relative_to(run))
+        train(None, again, resume=True, echo=False)
+        assert "resumed from" in (again / "log.txt").read_text()
+        got, _, _ = read_weights(again / "ema.safetensors")
+        for k in ema:
+            assert torch.equal(got[k], ema[k]), (at, k)

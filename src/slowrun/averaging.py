@@ -10,24 +10,38 @@ import torch
 class EMA:
     """Exponential moving average of the parameters, updated every `every` steps.
 
-    Starts from zeros and is bias-corrected (divided by 1 - decay^updates), so early on it
-    is the plain weighted average of the weights seen, not a pull towards the init.
+    Default (`start` None): starts from zeros and is bias-corrected (divided by
+    1 - decay^updates), so early on it is the plain weighted average of the weights seen, not
+    a pull towards the init. With `start` (optim.ema_start_frac, the reference's unlimited
+    track): nothing is averaged before step `start`; the first update at or after it (a
+    multiple of `every`) takes the weights themselves, the later ones lerp towards the
+    weights; no correction is needed, the average starts from real weights.
     Each update counts as `every` steps of `decay`.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float, every: int = 1) -> None:
-        self.decay, self.every = decay, every
+    def __init__(self, model: torch.nn.Module, decay: float, every: int = 1, start: int | None = None) -> None:
+        self.decay, self.every, self.start = decay, every, start
         self.shadow = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in model.state_dict().items()}
-        self.weight = 0.0  # 1 - decay^(every*updates)
+        self.weight = 0.0  # 1 - decay^(every*updates); with `start`: 0 before it, then 1
+
+    @property
+    def started(self) -> bool:
+        """Whether any weights have been averaged yet (else `state_dict` holds zeros)."""
+        return self.weight > 0
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        if step % self.every:
+        if step % self.every or (self.start is not None and step < self.start):
             return
         d = self.decay**self.every
         for k, v in model.state_dict().items():
-            self.shadow[k].mul_(d).add_(v.float(), alpha=1 - d)
-        self.weight = 1 - (1 - self.weight) * d
+            if self.start is None:
+                self.shadow[k].mul_(d).add_(v.float(), alpha=1 - d)
+            elif self.started:
+                self.shadow[k].lerp_(v.float(), 1 - d)
+            else:  # the start: this step's weights
+                self.shadow[k].copy_(v.float())
+        self.weight = 1 - (1 - self.weight) * d if self.start is None else 1.0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The bias-corrected average, in the model's dtypes."""

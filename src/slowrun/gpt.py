@@ -7,8 +7,8 @@ U-Net skips, logit softcap, dropout, stochastic depth, layer looping, a
 multi-token-prediction head, sliding-window attention, XSA (exclusive self attention) and
 IHA (interleaved head attention). The reference benchmark's variants of these (value
 projections on the last block's parity, skips re-added on every loop pass, its init, its MTP
-head, IHA without an output scale, half-truncated RoPE, a partial key offset, tanh-gated XSA)
-are flags too. Architecture and initialization only: no training logic.
+head, IHA without an output scale, half-truncated RoPE, a partial key offset, tanh-gated XSA,
+stochastic depth drawn at every block call) are flags too. Architecture and initialization only: no training logic.
 """
 
 from __future__ import annotations
@@ -38,13 +38,22 @@ def has_value_proj(cfg: ModelConfig, layer: int) -> bool:
     return layer % 2 == (0 if cfg.value_proj_layers == "even" else (cfg.n_layer - 1) % 2)
 
 
-def stoch_depth_scales(cfg: ModelConfig, seed: int | None = None, step: int = 0) -> torch.Tensor | None:
-    """Stochastic depth's decisions for one training step: a (n_layer,) float32 CPU tensor of
-    residual scales, 0.0 for a skipped block and 1 / (1 - p_i) for a kept one (1.0 without
-    model.stoch_depth_rescale, the reference's), with p_i = stoch_depth * i / (n_layer - 1).
-    None when stochastic depth is off.
+def stoch_depth_scales(cfg: ModelConfig, seed: int | None = None, step: int = 0, loop_active: bool | None = None,
+                       micro: int = 0) -> torch.Tensor | None:
+    """Stochastic depth's decisions for one training step: a float32 CPU tensor of residual
+    scales, 0.0 for a skipped block and 1 / (1 - p) for a kept one (1.0 without
+    model.stoch_depth_rescale, the reference's). None when stochastic depth is off.
 
-    A pure function of (seed, step, block), drawn on the host from a generator seeded with
+    Default: one scale per block index (n_layer,), p_i = stoch_depth * i / (n_layer - 1); every
+    pass of a looped block shares its scale and the MTP block is never dropped.
+    model.stoch_depth_per_call (the reference's): one scale per block call, in the order of
+    `GPT.block_order(loop_active)` (each replay of a looped block draws again; None = the
+    trained architecture, as `GPT.hidden`), then one for the MTP block with
+    p = stoch_depth * n_layer / (n_layer - 1); micro-step `micro` takes the next draws of the
+    step's stream, so each micro-step can draw again as in the reference (the per-block
+    default ignores it).
+
+    A pure function of (seed, step, micro), drawn on the host from a generator seeded with
     (seed, step) and not the rank, so every rank skips the same blocks (their gradients stay
     comparable). seed None draws from torch's global generator (a direct training call).
     """
@@ -52,10 +61,27 @@ def stoch_depth_scales(cfg: ModelConfig, seed: int | None = None, step: int = 0)
     if cfg.stoch_depth <= 0 or L < 2:
         return None
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1)) if seed is not None else None
-    p = cfg.stoch_depth * torch.arange(L, dtype=torch.float32) / (L - 1)
-    u = torch.rand(L, generator=g)
+    if cfg.stoch_depth_per_call:
+        layers = torch.tensor([*block_order(cfg, cfg.loop_start >= 0 if loop_active is None else loop_active), L],
+                              dtype=torch.float32)  # the calls' blocks, the MTP block (index L) last
+        if micro > 0:
+            torch.rand(micro * len(layers), generator=g)  # the earlier micro-steps' draws
+    else:
+        layers = torch.arange(L, dtype=torch.float32)
+    p = cfg.stoch_depth * layers / (L - 1)
+    u = torch.rand(len(layers), generator=g)
     kept = 1.0 / (1.0 - p) if cfg.stoch_depth_rescale else torch.ones(())
     return torch.where(u < p, torch.zeros(()), kept)
+
+
+def block_order(cfg: ModelConfig, loop_active: bool = False) -> list[int]:
+    """Indices of the blocks in execution order (the looped span repeats when `loop_active`:
+    the trainer sets it from model.loop_from_epoch)."""
+    order = list(range(cfg.n_layer))
+    if cfg.loop_start >= 0 and loop_active and cfg.loop_repeats > 1:
+        span = order[cfg.loop_start : cfg.loop_end + 1]
+        order = order[: cfg.loop_start] + span * cfg.loop_repeats + order[cfg.loop_end + 1 :]
+    return order
 
 
 class Norm(nn.Module):
@@ -303,6 +329,8 @@ class GPT(nn.Module):
         # MTP head: a full-context block; the reference style first projects [norm(h_t), norm(wte(y_t))] (2C -> C)
         self.mtp_block = Block(cfg, False, L) if cfg.mtp_weight > 0 else None
         self.mtp_proj = nn.Linear(2 * C, C, bias=False) if cfg.mtp_weight > 0 and cfg.mtp_style == "reference" else None
+        # model.stoch_depth_per_call: the MTP block's scale from the last training `hidden` (None: not dropped)
+        self.mtp_depth_scale: float | torch.Tensor | None = None
         if cfg.pos == "rope":
             # with IHA the pseudo-heads are interleaved into the sequence: iha_pseudo positions per token
             cos, sin = rotary_tables(cfg.seq_len * self.rope_stride, C // cfg.n_head, cfg.rope_base, cfg.rope_frac)
@@ -433,14 +461,8 @@ class GPT(nn.Module):
         return int(6 * matmul + 12 * layers * cfg.n_embd * cfg.seq_len)
 
     def block_order(self, loop_active: bool = False) -> list[int]:
-        """Indices of the blocks in execution order (the looped span repeats when `loop_active`:
-        the trainer sets it from model.loop_from_epoch)."""
-        cfg = self.cfg
-        order = list(range(cfg.n_layer))
-        if cfg.loop_start >= 0 and loop_active and cfg.loop_repeats > 1:
-            span = order[cfg.loop_start : cfg.loop_end + 1]
-            order = order[: cfg.loop_start] + span * cfg.loop_repeats + order[cfg.loop_end + 1 :]
-        return order
+        """Indices of the blocks in execution order (`block_order`)."""
+        return block_order(self.cfg, loop_active)
 
     def hidden(self, idx: torch.Tensor, loop_active: bool | None = None,
                depth_scales: torch.Tensor | None = None) -> torch.Tensor:
@@ -456,18 +478,27 @@ class GPT(nn.Module):
         by 0: no graph break and no recompilation per skip pattern (a tuple of constants would
         recompile for each new set of skipped blocks), at the cost of the skipped compute
         (mean sum_i p_i / n_layer = stoch_depth / 2 of the blocks, 2.5% at 0.05).
+        With model.stoch_depth_per_call the scales are per block call of this forward's
+        order, the last one the MTP block's: kept in `mtp_depth_scale` for `mtp_hidden`.
         """
         cfg = self.cfg
         if loop_active is None:
             loop_active = cfg.loop_start >= 0
+        order = self.block_order(loop_active)
+        per_call = cfg.stoch_depth_per_call
         scales: list[float] | torch.Tensor | None = None
         if self.training and cfg.stoch_depth > 0:
             if depth_scales is None:
-                depth_scales = stoch_depth_scales(cfg)
+                depth_scales = stoch_depth_scales(cfg, loop_active=loop_active)
+            if per_call and depth_scales.numel() != len(order) + 1:
+                raise ValueError(f"model.stoch_depth_per_call: {depth_scales.numel()} depth scales for {len(order)} block "
+                                 f"calls and the MTP block; draw them with this step's loop_active")
             if torch.compiler.is_compiling():
                 scales = depth_scales.to(idx.device)  # mask multiply inside the graph
             else:
                 scales = depth_scales.tolist()  # host floats: a skipped block is not run
+        if per_call:
+            self.mtp_depth_scale = scales[-1] if scales is not None else None
         B, T = idx.shape
         x = self.wte(idx)  # (B, T, C)
         if cfg.embed_norm:
@@ -479,7 +510,7 @@ class GPT(nn.Module):
         L = cfg.n_layer
         skips: dict[int, torch.Tensor] = {}
         seen: set[int] = set()
-        for i in self.block_order(loop_active):
+        for k, i in enumerate(order):
             first = i not in seen
             seen.add(i)
             # decoder block: add its encoder skip (on every pass of a looped span with loop_skips = "every")
@@ -488,10 +519,11 @@ class GPT(nn.Module):
                 x = x + self.unet_w[j] * skips[j]
             if self.lambda_r is not None:
                 x = self.lambda_r[i] * x + self.lambda_0[i] * x0
-            if scales is None:
+            s = None if scales is None else scales[k if per_call else i]  # per call, or per block index
+            if s is None:
                 x = self.blocks[i](x, x0, rope)
-            elif isinstance(scales, torch.Tensor) or scales[i] > 0:  # eager: a 0 scale skips the block
-                x = self.blocks[i](x, x0, rope, scale=scales[i])
+            elif isinstance(s, torch.Tensor) or s > 0:  # eager: a 0 scale skips the block
+                x = self.blocks[i](x, x0, rope, scale=s)
             if self.unet_w is not None and first and i < L // 2:
                 skips[i] = x
         return x
@@ -523,13 +555,23 @@ class GPT(nn.Module):
             e = rms_norm(self.wte(targets[:, :-1]))  # (B, T-1, C) embedding of token t+1
             x = self.mtp_proj(torch.cat((self.norm_f(h[:, :-1]), e), dim=-1))  # (B, T-1, 2C) -> (B, T-1, C)
             rope = (self.rope_cos[:, : T * self.rope_stride], self.rope_sin[:, : T * self.rope_stride]) if self.cfg.pos == "rope" else None
-            return self.mtp_block(x, e, rope)  # x0 is unused: the MTP block has no value projection
+            return self.run_mtp_block(x, e, rope)  # x0 is unused: the MTP block has no value projection
         x0 = self.wte(idx)
         if self.cfg.embed_norm:
             x0 = rms_norm(x0)
         T = idx.size(1)
         rope = (self.rope_cos[:, : T * self.rope_stride], self.rope_sin[:, : T * self.rope_stride]) if self.cfg.pos == "rope" else None
-        return self.mtp_block(h, x0, rope)[:, :-1]
+        return self.run_mtp_block(h, x0, rope)[:, :-1]
+
+    def run_mtp_block(self, x: torch.Tensor, x0: torch.Tensor, rope) -> torch.Tensor:
+        """The MTP block, dropped in training with the last `hidden` call's draw under
+        model.stoch_depth_per_call (eager: a dropped block is not run; compiled: scaled by 0)."""
+        s = self.mtp_depth_scale if self.training else None
+        if s is None:
+            return self.mtp_block(x, x0, rope)
+        if isinstance(s, torch.Tensor) or s > 0:
+            return self.mtp_block(x, x0, rope, scale=s)
+        return x
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True,
                 loop_active: bool | None = None, distill: DistillTarget | None = None,

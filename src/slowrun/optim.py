@@ -5,8 +5,10 @@ output head, scalars/gates/norms, IHA's head-mixing tensors, and 2-D hidden matr
 assertion checks that every parameter lands in exactly one. With `optim.name = "muon"` the hidden matrices use Muon
 and everything else AdamW; with `adamw`, AdamW throughout. The reference benchmark's choices
 are flags: the gate matrices in Muon (`optim.gates_in_muon`), the residual lambdas and U-Net
-weights at a fraction of the scalar rate (`optim.resid_lr_frac`) and the x0 lambdas with their
-own beta1 (`optim.x0_beta1`), each in an AdamW group of its own. `optim.matrix_optimizer` swaps
+weights at a fraction of the scalar rate (`optim.resid_lr_frac`), the x0 lambdas with their
+own beta1 (`optim.x0_beta1`), the head gates and the XSA scales with their own betas
+(`optim.head_gate_betas`, `optim.xsa_betas`), each in an AdamW group of its own
+(`scalar_part_rules`). `optim.matrix_optimizer` swaps
 Muon for an optimizer that preconditions both sides of each matrix, from heavyball (SOAP,
 KL-Shampoo, PSGD-Kron; the `second-order` extra), run eagerly (no torch.compile) so it
 works on CPU; its nested state goes through checkpoints as flat tensors plus JSON.
@@ -39,7 +41,8 @@ GROUP_KINDS = ("matrix", "embed", "head", "scalar", "iha")
 RESID_PARAMS = ("lambda_r", "unet_w")  # the reference's resid_lambdas and skip_weights: optim.resid_lr_frac
 X0_PARAMS = ("lambda_0",)  # the reference's x0_lambdas: optim.x0_beta1
 VALUE_GATES = ("v_gate.weight",)  # value-projection gates (optim.gates_in_muon = value or both)
-HEAD_GATES = ("head_gate.weight",)  # attention head gates (optim.gates_in_muon = both)
+HEAD_GATES = ("head_gate.weight",)  # attention head gates (optim.gates_in_muon = both; optim.head_gate_betas)
+XSA_PARAMS = ("attn.xsa_gate", "attn.xsa_alpha")  # XSA's per-head scales (optim.xsa_betas)
 HEAVYBALL = {"soap": "SOAP", "kl_shampoo": "KLShampoo", "psgd_kron": "PSGDKron"}  # optim.matrix_optimizer -> class
 # heavyball keeps counters in its param groups; these are restored on resume, every other
 # group setting comes from this run's config
@@ -410,18 +413,32 @@ def split_params(model: torch.nn.Module, gates_in_muon: str = "none") -> dict[st
     return groups
 
 
+def scalar_part_rules(cfg: OptimConfig) -> dict[str, tuple[tuple[str, ...], float, tuple[float, float] | None]]:
+    """The parts split off the scalar group into AdamW groups of their own (the reference's),
+    each only when its flag is set, so that by default the scalars stay one "scalar" group
+    (and checkpoints keep their layout): part -> (parameter names or name endings, learning
+    rate as a fraction of the scalar rate, AdamW betas or None for optim.beta1, beta2)."""
+    rules: dict[str, tuple[tuple[str, ...], float, tuple[float, float] | None]] = {}
+    if cfg.resid_lr_frac != 1.0:
+        rules["resid"] = (RESID_PARAMS, cfg.resid_lr_frac, None)
+    if cfg.x0_beta1 != -1:
+        rules["x0"] = (X0_PARAMS, 1.0, (cfg.x0_beta1, cfg.beta2))
+    if cfg.head_gate_betas:
+        rules["head_gate"] = (HEAD_GATES, 1.0, (float(cfg.head_gate_betas[0]), float(cfg.head_gate_betas[1])))
+    if cfg.xsa_betas:
+        rules["xsa"] = (XSA_PARAMS, 1.0, (float(cfg.xsa_betas[0]), float(cfg.xsa_betas[1])))
+    return rules
+
+
 def scalar_parts(plist: list[tuple[str, Tensor]], cfg: OptimConfig) -> dict[str, list[Tensor]]:
-    """The scalar group split by kind, order kept: the residual lambdas and U-Net weights
-    ("resid") when optim.resid_lr_frac != 1, the x0 lambdas ("x0") when optim.x0_beta1 is set;
-    with neither, one "scalar" group as before (so checkpoints keep their layout)."""
-    parts: dict[str, list[Tensor]] = {"scalar": [], "resid": [], "x0": []}
+    """The scalar group split by `scalar_part_rules`, order kept: "scalar" holds the rest (with
+    no rule set, every scalar as before)."""
+    rules = scalar_part_rules(cfg)
+    parts: dict[str, list[Tensor]] = {"scalar": [], **{k: [] for k in rules}}
     for name, p in plist:
-        if cfg.resid_lr_frac != 1.0 and name in RESID_PARAMS:
-            parts["resid"].append(p)
-        elif cfg.x0_beta1 != -1 and name in X0_PARAMS:
-            parts["x0"].append(p)
-        else:
-            parts["scalar"].append(p)
+        part = next((k for k, (names, _, _) in rules.items()
+                     if name in names or name.endswith(tuple("." + n for n in names))), "scalar")
+        parts[part].append(p)
     return {k: v for k, v in parts.items() if v}
 
 
@@ -446,9 +463,11 @@ def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device | None =
             for chunks, params in sorted(by_chunks.items()):
                 muon_groups.append(dict(params=params, kind=kind, base_lr=lr, base_wd=wd, lr=lr, weight_decay=wd, chunks=chunks))
         elif kind == "scalar":
+            rules = scalar_part_rules(cfg)
             for part, params in scalar_parts(plist, cfg).items():
-                plr = lr * cfg.resid_lr_frac if part == "resid" else lr
-                extra = dict(betas=(cfg.x0_beta1, cfg.beta2)) if part == "x0" else {}
+                _, frac, betas = rules.get(part, ((), 1.0, None))
+                plr = lr * frac
+                extra = dict(betas=betas) if betas is not None else {}
                 adam_groups.append(dict(params=params, kind=part, base_lr=plr, base_wd=wd, lr=plr, weight_decay=wd, **extra))
         else:
             adam_groups.append(dict(params=[p for _, p in plist], kind=kind, base_lr=lr, base_wd=wd, lr=lr, weight_decay=wd))
