@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the CUDA path: the slowrun recipe at a GPU size (~110M parameters: depth 12,
+# GPU check of the CUDA path (then benchmarks/gpu_scale.sh unless SCALE_CHECK=0): the slowrun recipe at a GPU size (~110M parameters: depth 12,
 # n_embd 768, bpe:8192, sequence 1024) for a few hundred steps on the builtin data, bf16
 # autocast and torch.compile; prints tokens/s and MFU against the H100's ~990 TFLOP/s bf16
 # dense peak and writes benchmarks/results/gpu_check.json.
@@ -44,3 +44,5 @@ res = {"device": r["environment"]["device"], "params": r["params"], "flops_per_t
 json.dump(res, open(out, "w"), indent=2)
 print(f"{res['device']}: {r['params'] / 1e6:.0f}M params, {tok_s:,.0f} tok/s, MFU {mfu:.1%} (target >= 40%)")
 PY
+# then the scale check of the 1-hour track (the `limited` recipe at full size on this GPU)
+if [ "${SCALE_CHECK:-1}" = 1 ]; then bash benchmarks/gpu_scale.sh; fi

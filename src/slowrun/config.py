@@ -233,7 +233,7 @@ class OptimConfig:
     wd_points: list = opt([], "wd_shape=points: [[fraction of steps, multiplier], ...] from fraction 0 to 1, linear between (the tiny track: [[0, 1], [0.1333, 1], [0.5333, 0.125], [1, 1.1625]])")
     wd_end_frac: float = opt(1.0, "weight decay at the end of the LR decay as a fraction of weight_decay (held, then lowered with the LR)")
     wd_swa_frac: float = opt(1.0, "weight decay during SWA cycles as a fraction of weight_decay, raised against the falling LR")
-    ema_decay: float = opt(-1.0, "EMA of the weights (per update, bias-corrected); -1 disables")
+    ema_decay: float = opt(-1.0, "EMA of the weights: decay per step (an update every ema_every steps applies ema_decay^ema_every), bias-corrected unless ema_start_frac > 0; -1 disables")
     ema_every: int = opt(10, "update the EMA every N steps")
     ema_start_frac: float = opt(0.0, "fraction of the steps before the EMA starts, from the weights of that step (the reference's unlimited track: 0.9); 0 = from step 0")
 

@@ -392,6 +392,7 @@ def fit(run: Run) -> FitStats:
     params = list(model.parameters())
     t_loop = time.time()
     steps_timed, time_in_steps = 0, 0.0
+    first_step = run.step  # where this process starts (resume)
     last_ckpt: Path | None = (list_checkpoints(run.run_dir) or [None])[-1] if env.is_main else None
     model.train()
     if run.teacher is not None:
@@ -406,10 +407,12 @@ def fit(run: Run) -> FitStats:
                 model.set_window_stage(window_stage_of(cfg.model, epoch_before))
             lr_mult, wd_mult = sched.lr(run.step), sched.wd(run.step)
             opt.set_schedule(lr_mult, wd_mult, sched.momentum(run.step))
-            depth_scales = stoch_depth_scales(cfg.model, cfg.train.seed, run.step)  # the same on every rank
+            depth_scales = stoch_depth_scales(cfg.model, cfg.train.seed, run.step, loop_active)  # the same on every rank
             x_all, y_all = loader.next_batch()
             loss_sum = torch.zeros((), device=device)
             for i in range(run.accum):
+                if cfg.model.stoch_depth_per_call and i > 0:  # the reference draws again at every micro-step
+                    depth_scales = stoch_depth_scales(cfg.model, cfg.train.seed, run.step, loop_active, micro=i)
                 x = x_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
                 y = y_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
                 with autocast(device, cfg.train.dtype):
@@ -450,7 +453,7 @@ def fit(run: Run) -> FitStats:
             opt.zero_grad()
             run.step += 1
             step = run.step
-            if run.shard is not None and steps_timed == 0:  # this process's first step
+            if run.shard is not None and env.distributed and step == first_step + 1:
                 log.line(f"# {run.shard.describe()}")
             if ema is not None:
                 ema.update(model, step)
@@ -510,10 +513,11 @@ def finish(run: Run, stats: FitStats, t_start: float) -> dict:
         fp = {"dataset": ds.fingerprint, "step": run.step}
         if cfg.train.save_final:
             save_weights(run.run_dir / VARIANT_FILES["final"], model.state_dict(), cfg, fp)
-        if run.ema is not None:
+        if run.ema is not None and run.ema.started:
             save_weights(run.run_dir / VARIANT_FILES["ema"], run.ema.state_dict(), cfg, fp)
     distributed.barrier(env)  # rank 0 has written the last SWA snapshot: every rank reads them
-    result = final_evaluation(model, cfg, ds, run.run_dir, run.ema, log, env)
+    ema = run.ema if run.ema is not None and run.ema.started else None  # an EMA that never started holds nothing
+    result = final_evaluation(model, cfg, ds, run.run_dir, ema, log, env)
     if env.is_main:
         tokens_seen = run.step * run.tokens_per_step
         result.update({
