@@ -318,3 +318,50 @@ def test_edited_manifest_is_refused_in_one_line(tmp_path, gpt2_ds, edit, rehash_
         Dataset.open(ds, verify=False)
     r = subprocess.run([sys.executable, "-m", "slowrun", "data", "info", str(ds)], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_val_loss_on_the_references_files_equals_the_references_way(tmp_path):
+    """Its .pt files prepared by `slowrun prepare` (the whole val file, no test split): our val
+    loss with eval.reference_batch equals the reference's loader computed on the raw .pt
+    tokens (chunks of T+1 of the val file, RandomState(42) order, whole batches of world x B)."""
+    import torch.nn.functional as F
+
+    from slowrun.config import build_config
+    from slowrun.evaluate import evaluate, split_tokens
+    from slowrun.gpt import GPT
+
+    rng = np.random.default_rng(1)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    _write_pt(ref / "fineweb_val.pt", [list(rng.integers(0, 50000, rng.integers(5, 400))) for _ in range(160)])
+    _write_pt(ref / "fineweb_train.pt", [list(rng.integers(0, 50000, rng.integers(5, 60))) for _ in range(60)])
+    val = torch.load(ref / "fineweb_val.pt", weights_only=True)
+    L = 6_000  # the val file's length: as 10M tokens at T = 2048, its eval steps cover n - n % (world x B) chunks
+    torch.save({"tokens": val["tokens"][:L], "doc_starts": val["doc_starts"][val["doc_starts"] < L], "bos_id": 50256},
+               ref / "fineweb_val.pt")
+    raw = torch.load(ref / "fineweb_val.pt", weights_only=True)["tokens"].long()
+    out = prepare(PrepareConfig(source=str(ref), tokenizer="gpt2", train_tokens=500, val_tokens=len(raw), test_tokens=0,
+                                out=str(tmp_path / "ds"), progress=False))
+    ds = Dataset.open(out)
+    T, B, world = 128, 2, 2
+    cfg = build_config("limited", {"model.vocab_size": 50257, "model.n_layer": 2, "model.n_embd": 32, "model.n_head": 2,
+                                   "model.seq_len": T, "model.short_window": 32, "model.loop_start": -1,
+                                   "model.dropout": 0.0, "eval.reference_batch": B * world})
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    n = len(raw) // (T + 1)
+    chunks = raw[: n * (T + 1)].view(n, T + 1)
+    order = np.random.RandomState(42).permutation(n)
+    total, count = 0.0, 0
+    steps = len(raw) // (B * T * world)  # the reference's eval_steps = EVAL_TOKENS // (B * T * world)
+    assert n % (B * world) and steps * B * world == n - n % (B * world)  # some chunks are never scored
+    with torch.no_grad():
+        for step in range(steps):
+            for rank in range(world):
+                x = chunks[order[(step * world + rank) * B: (step * world + rank + 1) * B]]
+                logits, _ = model(x[:, :-1])
+                total += F.cross_entropy(logits.double().flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+                count += x[:, 1:].numel()
+    ours = evaluate(model, split_tokens(ds, "val", T, cfg.eval.reference_batch), T, ds.token_bytes)
+    assert ds.num_tokens("val") == len(raw) and ds.num_tokens("test") == 0
+    assert ours.targets == count < n * T and abs(ours.loss - total / count) < 1e-4
