@@ -186,9 +186,8 @@ def test_stochastic_depth_skips_blocks_and_never_in_eval():
     assert m.blocks[0].mlp.c_fc.weight.grad is not None
 
 
-def test_stochastic_depth_compiles_without_graph_break_or_recompile():
-    m = model_of(stoch_depth=0.9).train()
-    x, _ = batch()
+def compile_counting_graphs(m):
+    """torch.compile(m) with a backend that records each graph Dynamo hands it (after a reset)."""
     graphs = []
 
     def backend(gm, example_inputs):
@@ -196,7 +195,13 @@ def test_stochastic_depth_compiles_without_graph_break_or_recompile():
         return gm.forward
 
     torch._dynamo.reset()
-    compiled = torch.compile(m, backend=backend)
+    return torch.compile(m, backend=backend), graphs
+
+
+def test_stochastic_depth_compiles_without_graph_break_or_recompile():
+    m = model_of(stoch_depth=0.9).train()
+    x, _ = batch()
+    compiled, graphs = compile_counting_graphs(m)
     for step in range(4):
         s = stoch_depth_scales(m.cfg, seed=0, step=step)
         # the compiled mask multiply equals eager's skipping

@@ -522,16 +522,11 @@ def test_stoch_depth_per_call_forward_equals_a_hand_unrolled_forward():
 
 
 def test_stoch_depth_per_call_compiles_without_graph_break_or_recompile():
+    from tests.test_gpt import compile_counting_graphs
+
     m = model_of(**PER_CALL).train()
     x, _ = batch()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(m, backend=backend)
+    compiled, graphs = compile_counting_graphs(m)
     for step in range(4):
         s = stoch_depth_scales(m.cfg, seed=0, step=step, loop_active=True)
         assert torch.allclose(compiled(x, loop_active=True, depth_scales=s)[0], m(x, loop_active=True, depth_scales=s)[0],
