@@ -102,3 +102,35 @@ def test_ledger_expand_refine_seeds(bpe_ds, tmp_path):
     assert not (tmp_path / "b" / "runs").exists()
     assert again["chosen"][0]["test_loss"] == c["test_loss"] and again["chosen"][0]["point"] == c["point"]
     assert len(ledger.read_text().splitlines()) == len(lines)  # nothing appended twice
+
+
+def test_expansion_walks_through_points_found_in_the_ledger(bpe_ds, tmp_path, monkeypatch):
+    """The size axis grows past several finished points: with n_layer 2 and 3 already in the
+    ledger (3 the best so far), the sweep goes on to train n_layer 4, instead of stopping at
+    the first finished point it meets and choosing n_layer 2 (the bug: it did)."""
+    from slowrun import sweep as sweep_mod
+
+    losses = {1: 5.0, 2: 4.0, 3: 3.0, 4: 3.5}  # val loss by n_layer: best at 3, 4 worse
+    trained = []
+
+    def entry(n):
+        return {"variants": {"final": {"val_loss": losses[n]}}, "best": "final", "config": {"model": {"n_layer": n}}}
+
+    def fake_run_jobs(jobs, *a, on_done=None, **k):
+        for j in jobs:
+            trained.append(j.tag["point"]["model.n_layer"])
+            runs.results[j.run_dir] = entry(j.tag["point"]["model.n_layer"])
+        return {}
+
+    def from_ledger(self, job):  # n_layer 2 and 3 finished on another machine
+        if job.tag["point"]["model.n_layer"] in (2, 3):
+            self.results[job.run_dir] = entry(job.tag["point"]["model.n_layer"])
+
+    monkeypatch.setattr(sweep_mod, "run_jobs", fake_run_jobs)
+    monkeypatch.setattr(sweep_mod.Runs, "_lookup", from_ledger)
+    cfg = SweepConfig("smoke", str(bpe_ds), str(tmp_path / "a"), budgets=[1], grid={"model.n_layer": [1]},
+                      progress=False, expand="model.n_layer")
+    runs = sweep_mod.Runs(cfg)
+    runs.run([runs.job(1, {"model.n_layer": 1})], "grid")
+    sweep_mod.expand(runs)
+    assert trained == [1, 4] and runs.value(runs.best(1), "model.n_layer") == 3

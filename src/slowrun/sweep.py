@@ -192,7 +192,9 @@ class Runs:
 
 
 def expansions(runs: Runs) -> list[TrainJob]:
-    """Points that move a budget's best off the edge of the expanded axis."""
+    """Points that move a budget's best off the edge of the expanded axis: the next value past
+    each edge-bound best, finished already (the ledger) or not; the caller trains the rest and
+    asks again, so the frontier walks through finished points as through new ones."""
     axis, out = runs.cfg.expand, []
     for b in runs.cfg.budgets:
         best = runs.best(b)
@@ -202,7 +204,17 @@ def expansions(runs: Runs) -> list[TrainJob]:
             job = runs.job(b, {**best.tag["point"], axis: nxt}, "expand")
             if job.run_dir not in runs.failures:
                 out.append(job)
-    return [j for j in out if j.run_dir not in runs.results]
+    return out
+
+
+def expand(runs: Runs, rounds: int = 8) -> None:
+    """Grow the expanded axis until every budget's best is inside it (each round moves every
+    edge-bound budget by one value; points already finished cost nothing)."""
+    for _ in range(rounds):
+        extra = expansions(runs)
+        if not extra:
+            return
+        runs.run(extra, f"expand {runs.cfg.expand}")
 
 
 def refinements(runs: Runs) -> list[TrainJob]:
@@ -227,11 +239,7 @@ def sweep(cfg: SweepConfig) -> dict:
           f"the ledger) over {len(cfg.budgets)} budget(s) in {cfg.out}", flush=True)
     runs.run(list(runs.jobs), "grid")
     if cfg.expand:
-        for _ in range(8):  # each round moves every edge-bound budget by one value
-            extra = expansions(runs)
-            if not extra:
-                break
-            runs.run(extra, f"expand {cfg.expand}")
+        expand(runs)
     if cfg.refine:
         runs.run(refinements(runs), "refine")
     if cfg.seeds > 1:
