@@ -31,6 +31,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .config import OptimConfig
 
 
@@ -181,14 +183,9 @@ class Schedule:
         return 1.0 - (1.0 - c.wd_swa_low) * decay
 
     def _wd_points(self, step: int) -> float:
-        """Linear between the points (fraction of N rounded to a step, multiplier), as np.interp."""
-        pts = [(round(f * self.total_steps), float(m)) for f, m in self.cfg.wd_points]
-        if step <= pts[0][0]:
-            return pts[0][1]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            if step <= x1:  # here x0 < step <= x1
-                return y0 + (y1 - y0) * (step - x0) / (x1 - x0)
-        return pts[-1][1]
+        """Linear between the points (fraction of N rounded to a step, multiplier), as the reference's np.interp."""
+        return float(np.interp(step, [round(f * self.total_steps) for f, _ in self.cfg.wd_points],
+                               [float(m) for _, m in self.cfg.wd_points]))
 
     def momentum(self, step: int) -> float:
         """Muon momentum at `step`; the warmup ramp takes precedence over the warmdown one (as nanochat)."""
