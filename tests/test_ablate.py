@@ -37,13 +37,22 @@ def test_every_off_override_turns_its_technique_off():
 def test_ablate_smoke_two_techniques(gpt2_ds, tmp_path):
     out = tmp_path / "ab"
     ab = ablate(AblateConfig("smoke", str(gpt2_ds), str(out), seeds=2, only=["value_proj", "swiglu"], jobs=2, threads=1,
-                             fixed={"train.max_steps": 3}, progress=False, ledger=str(tmp_path / "ledger.jsonl")))
+                             fixed={"train.max_steps": 3}, progress=False, ledger=str(tmp_path / "ledger.jsonl"),
+                             variants={"wd0": {"optim.weight_decay": 0.0}}))
     saved = json.loads((out / "ablation.json").read_text())
     assert saved["full"] == json.loads(json.dumps(ab["full"]))
-    assert [v["technique"] for v in saved["variants"]] == ["swiglu", "value_proj"]  # table order
+    assert [v["technique"] for v in saved["variants"]] == ["swiglu", "value_proj", "wd0"]  # table order, swaps last
     full = [_test_loss(d) for d in saved["full"]["run_dirs"]]
     assert saved["full"]["seeds"] == 2 and len(set(saved["full"]["run_dirs"])) == 2
-    for v in saved["variants"]:
+    swap = saved["variants"][2]  # a swap: the recipe with weight decay 0, p that it is better
+    assert swap["swap"] and "p_hurts" not in swap and swap["off"] == {"optim.weight_decay": 0.0}
+    assert all(json.loads((Path(d) / "result.json").read_text())["config"]["optim"]["weight_decay"] == 0.0
+               for d in swap["run_dirs"])
+    from scipy import stats
+
+    want_p = stats.ttest_ind([t for t, _ in full], swap["test_losses"], equal_var=False, alternative="greater").pvalue
+    assert swap["p_better"] == pytest.approx(want_p, rel=1e-9)
+    for v in saved["variants"][:2]:
         assert v["seeds"] == 2 and len(v["test_losses"]) == 2
         losses = [_test_loss(d) for d in v["run_dirs"]]
         cfgs = [json.loads((Path(d) / "result.json").read_text())["config"] for d in v["run_dirs"]]
@@ -57,17 +66,18 @@ def test_ablate_smoke_two_techniques(gpt2_ds, tmp_path):
         assert v["delta_val"] == pytest.approx(statistics.fmean(x for _, x in losses) - statistics.fmean(x for _, x in full), abs=1e-12)
         assert 0.0 <= v["p_hurts"] <= 1.0
         assert v["wall_s"] > 0
-    assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 6
+    assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 8
     # a rerun through the CLI trains nothing and prints the same table
     mtimes = {d: (Path(d) / "result.json").stat().st_mtime for v in [saved["full"]] + saved["variants"] for d in v["run_dirs"]}
     r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(gpt2_ds), "--out", str(out),
-                        "--seeds", "2", "--only", "value_proj,swiglu", "--set", "train.max_steps=3", "--no-progress"], capture_output=True, text=True)
+                        "--seeds", "2", "--only", "value_proj,swiglu", "--set", "train.max_steps=3", "--variant",
+                        "wd0:optim.weight_decay=0.0", "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "6 runs (6 already finished" in r.stdout and "to train" not in r.stdout
+    assert "8 runs (8 already finished" in r.stdout and "to train" not in r.stdout
     assert all((Path(d) / "result.json").stat().st_mtime == t for d, t in mtimes.items())
     again = json.loads((out / "ablation.json").read_text())
     assert [v["delta_test"] for v in again["variants"]] == [v["delta_test"] for v in saved["variants"]]
-    assert "value_proj" in r.stdout and "model.mlp=relu2" in r.stdout
+    assert "value_proj" in r.stdout and "model.mlp=relu2" in r.stdout and "optim.weight_decay=0.0" in r.stdout
 
 
 def test_bad_only_is_one_line(gpt2_ds, tmp_path):
@@ -75,6 +85,9 @@ def test_bad_only_is_one_line(gpt2_ds, tmp_path):
                         "--out", str(tmp_path / "x"), "--only", "value_proj,warp_drive"], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "--only warp_drive: not a technique" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(gpt2_ds),
+                        "--out", str(tmp_path / "x"), "--variant", "soap=optim.matrix_optimizer"], capture_output=True, text=True)
+    assert r.returncode == 2 and "expected NAME:key=value" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     with pytest.raises(AblateError, match="--only dropout: not on in this recipe"):  # smoke trains without dropout
         techniques_on(build_config("smoke"), ["dropout"])
     assert not (tmp_path / "x").exists()

@@ -10,6 +10,10 @@ one-sided Welch p-value of "removing it raises the test loss", val losses beside
 data efficiency on a baseline curve if one is given, and wall time. Written as
 `ablation.json` in the output directory and printed as a table; `slowrun report
 --ablation FILE` draws the deltas with error bars.
+
+Swaps (`variants`, `--variant NAME:key=value,...`) sit in the same table: the recipe with
+something changed rather than removed (another matrix optimizer, a curriculum), over the
+same seeds, with the one-sided Welch p of "the swap lowers the test loss" (`p_better`).
 """
 
 from __future__ import annotations
@@ -112,6 +116,18 @@ class AblateConfig:
     ledger: str = ""
     curve: str = ""  # a baseline curve to place every variant on; "" = none
     progress: bool = True
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # swaps: name -> overrides
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """`NAME:key=value,key=value` (values as TOML literals) -> (name, overrides)."""
+    from .config import parse_value
+
+    name, sep, body = text.partition(":")
+    pairs = [x for x in body.split(",") if x.strip()]
+    if not sep or not name.strip() or not pairs or any("=" not in x for x in pairs):
+        raise AblateError(f"--variant {text!r}: expected NAME:key=value[,key=value...]")
+    return name.strip(), {k.strip(): parse_value(v.strip()) for k, v in (x.split("=", 1) for x in pairs)}
 
 
 def techniques_on(cfg: RunConfig, only: list[str] | None = None) -> list[Technique]:
@@ -134,8 +150,9 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def welch_hurts(without: list[float], full: list[float]) -> float | None:
-    """One-sided Welch p of H1: mean(without) > mean(full) (removing the technique hurts);
-    None with fewer than 2 values on a side or no variance at all."""
+    """One-sided Welch p of H1: mean(without) > mean(full) (removing the technique hurts;
+    with the arguments swapped: a swap is better than the full recipe); None with fewer than 2
+    values on a side or no variance at all."""
     from scipy import stats
 
     if len(without) < 2 or len(full) < 2:
@@ -177,8 +194,14 @@ def ablate(cfg: AblateConfig) -> dict:
         check_same_data(curve, runs.base.fingerprint)
     variants: list[tuple[str, str, dict[str, Any]]] = [("full", "the recipe as it is", {})]
     variants += [(t.name, t.what, t.off(base)) for t in techs]
+    for name, over in cfg.variants.items():
+        if name in {v[0] for v in variants}:
+            raise AblateError(f"--variant {name}: the name of a technique or another variant")
+        build_config(cfg.recipe, {**cfg.fixed, **over, "data.path": cfg.data})  # a wrong key fails before any run
+        variants.append((name, "swap: " + ", ".join(f"{k}={v}" for k, v in over.items()), over))
+    swaps = set(cfg.variants)
     jobs = {name: [runs.job(1.0, {**off, "train.seed": s}, name) for s in range(cfg.seeds)] for name, _, off in variants}
-    print(f"ablate: {len(variants) - 1} technique(s) x {cfg.seeds} seed(s) + the full recipe = {len(runs.jobs)} runs "
+    print(f"ablate: {len(variants) - 1} technique(s) and swap(s) x {cfg.seeds} seed(s) + the full recipe = {len(runs.jobs)} runs "
           f"({len(runs.results)} already finished, {runs.from_ledger} of them found in the ledger) in {cfg.out}", flush=True)
     runs.run(list(runs.jobs), "ablate")
 
@@ -208,7 +231,11 @@ def ablate(cfg: AblateConfig) -> dict:
         for split in ("test", "val"):
             m = rec[f"{split}_mean"]
             rec[f"delta_{split}"] = m - full[f"{split}_mean"] if m is not None else None
-        rec["p_hurts"] = welch_hurts(rec["test_losses"], full["test_losses"])
+        if rec["technique"] in swaps:
+            rec["swap"] = True
+            rec["p_better"] = welch_hurts(full["test_losses"], rec["test_losses"])
+        else:
+            rec["p_hurts"] = welch_hurts(rec["test_losses"], full["test_losses"])
     out = {
         "format": FORMAT, "recipe": cfg.recipe, "data": str(cfg.data), "dataset": runs.base.fingerprint, "seeds": cfg.seeds,
         "fixed": cfg.fixed, "curve": curve.name if curve is not None else None, "efficiency_metric": metric,
@@ -226,11 +253,11 @@ def _pm(mean: float | None, std: float | None) -> str:
 
 def describe(ab: dict) -> str:
     """The ablation as a table: one line per technique, the full recipe first."""
-    lines = [f"{'technique':<15} {'test loss without':>19} {'delta':>8} {'p hurts':>8} {'val loss':>19} {'eff':>7} "
-             f"{'wall':>7}  off"]
+    lines = [f"{'technique':<15} {'test loss without':>19} {'delta':>8} {'p':>8} {'val loss':>19} {'eff':>7} "
+             f"{'wall':>7}  off / swap"]
     for rec in [ab["full"]] + ab["variants"]:
         delta = rec.get("delta_test")
-        p = rec.get("p_hurts")
+        p = rec.get("p_better") if rec.get("swap") else rec.get("p_hurts")
         eff = rec.get("efficiency")
         wall = rec.get("wall_s")
         lines.append(f"{rec['technique']:<15} {_pm(rec['test_mean'], rec['test_std']):>19} "
@@ -239,6 +266,7 @@ def describe(ab: dict) -> str:
                      f"{(f'{wall:.0f}s' if wall is not None else '-'):>7}  "
                      + (", ".join(f"{k}={v}" for k, v in rec["off"].items()) or "-")
                      + (f" [{len(rec['errors'])} failed: {rec['errors'][0]}]" if rec.get("errors") else ""))
-    lines.append(f"delta = mean test loss without the technique - the full recipe's (> 0: the technique helps); "
-                 f"p hurts = one-sided Welch p that removing it raises the test loss; {ab['seeds']} seed(s) each")
+    lines.append(f"delta = mean test loss without the technique (or with the swap) - the full recipe's (> 0: the "
+                 f"technique helps, the swap hurts); p = one-sided Welch p that removing a technique raises the test "
+                 f"loss, or that a swap lowers it; {ab['seeds']} seed(s) each")
     return "\n".join(lines)

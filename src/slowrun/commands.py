@@ -317,6 +317,9 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared dataset directory")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 of the full recipe and of every variant (default 3)")
     p.add_argument("--only", default="", metavar="A,B", help="ablate only these techniques (default: every one the recipe turns on)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="a swap measured beside the ablations, e.g. soap:optim.matrix_optimizer=soap (repeatable); "
+                        "its p is that it lowers the test loss")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override of every run, the full recipe's too (repeatable)")
     p.add_argument("--out", default=None, help="ablation directory (runs, ablation.json); rerunning continues it (default runs/ablate-RECIPE)")
     p.add_argument("--curve", default="", help="a baseline curve (curve.json or fineweb) to place every variant on")
@@ -327,7 +330,7 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_ablate(a: argparse.Namespace) -> int:
-    from .ablate import AblateConfig, ablate, describe
+    from .ablate import AblateConfig, ablate, describe, parse_variant
     from .config import parse_value
 
     fixed = {}
@@ -336,7 +339,9 @@ def _run_ablate(a: argparse.Namespace) -> int:
         fixed[key] = parse_value(value)
     out = a.out or f"runs/ablate-{Path(a.recipe).stem}"
     only = [n.strip() for n in a.only.split(",") if n.strip()]
-    ab = ablate(AblateConfig(a.recipe, a.data, out, a.seeds, only, fixed, a.jobs, a.threads, a.ledger, a.curve, not a.no_progress))
+    variants = dict(parse_variant(v) for v in a.variant)
+    ab = ablate(AblateConfig(a.recipe, a.data, out, a.seeds, only, fixed, a.jobs, a.threads, a.ledger, a.curve, not a.no_progress,
+                             variants))
     print(describe(ab))
     print(f"wrote {Path(out) / 'ablation.json'}")
     return 0
