@@ -337,8 +337,9 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.window_stage = -1  # model.window_schedule: a model starts (and is evaluated) at its last stage
-        if window_stages(cfg):
-            self.set_window_stage(len(window_stages(cfg)) - 1)
+        stages = window_stages(cfg)
+        if stages:
+            self.set_window_stage(len(stages) - 1)
         self.init_weights()
 
     @torch.no_grad()
@@ -360,6 +361,13 @@ class GPT(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
         self.window_stage = stage
+
+    def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary tables of T tokens (T * rope_stride positions), None without RoPE."""
+        if self.cfg.pos != "rope":
+            return None
+        n = T * self.rope_stride
+        return self.rope_cos[:, :n], self.rope_sin[:, :n]
 
     @property
     def rope_stride(self) -> int:
@@ -506,7 +514,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
         x0 = x
-        rope = (self.rope_cos[:, : T * self.rope_stride], self.rope_sin[:, : T * self.rope_stride]) if cfg.pos == "rope" else None
+        rope = self.rope(T)
         L = cfg.n_layer
         skips: dict[int, torch.Tensor] = {}
         seen: set[int] = set()
@@ -554,13 +562,13 @@ class GPT(nn.Module):
             T = idx.size(1) - 1
             e = rms_norm(self.wte(targets[:, :-1]))  # (B, T-1, C) embedding of token t+1
             x = self.mtp_proj(torch.cat((self.norm_f(h[:, :-1]), e), dim=-1))  # (B, T-1, 2C) -> (B, T-1, C)
-            rope = (self.rope_cos[:, : T * self.rope_stride], self.rope_sin[:, : T * self.rope_stride]) if self.cfg.pos == "rope" else None
+            rope = self.rope(T)
             return self.run_mtp_block(x, e, rope)  # x0 is unused: the MTP block has no value projection
         x0 = self.wte(idx)
         if self.cfg.embed_norm:
             x0 = rms_norm(x0)
         T = idx.size(1)
-        rope = (self.rope_cos[:, : T * self.rope_stride], self.rope_sin[:, : T * self.rope_stride]) if self.cfg.pos == "rope" else None
+        rope = self.rope(T)
         return self.run_mtp_block(h, x0, rope)[:, :-1]
 
     def run_mtp_block(self, x: torch.Tensor, x0: torch.Tensor, rope) -> torch.Tensor:

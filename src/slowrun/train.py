@@ -509,14 +509,14 @@ def finish(run: Run, stats: FitStats, t_start: float) -> dict:
     result.json (rank 0)."""
     cfg, env, ds, model, loader, log = run.cfg, run.env, run.ds, run.model, run.loader, run.log
     device = env.device
+    ema = run.ema if run.ema is not None and run.ema.started else None  # an EMA that never started holds nothing
     if env.is_main:
         fp = {"dataset": ds.fingerprint, "step": run.step}
         if cfg.train.save_final:
             save_weights(run.run_dir / VARIANT_FILES["final"], model.state_dict(), cfg, fp)
-        if run.ema is not None and run.ema.started:
-            save_weights(run.run_dir / VARIANT_FILES["ema"], run.ema.state_dict(), cfg, fp)
+        if ema is not None:
+            save_weights(run.run_dir / VARIANT_FILES["ema"], ema.state_dict(), cfg, fp)
     distributed.barrier(env)  # rank 0 has written the last SWA snapshot: every rank reads them
-    ema = run.ema if run.ema is not None and run.ema.started else None  # an EMA that never started holds nothing
     result = final_evaluation(model, cfg, ds, run.run_dir, ema, log, env)
     if env.is_main:
         tokens_seen = run.step * run.tokens_per_step
@@ -560,7 +560,8 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
     device = env.device
     T, bs, dt = cfg.model.seq_len, cfg.eval.batch_seqs, cfg.train.dtype
     splits = ["val"] + (["test"] if cfg.eval.test and ds.num_tokens("test") > T + 1 else [])
-    tb = {s: target_byte_counts(split_tokens(ds, s, T, cfg.eval.reference_batch), T, ds.token_bytes) for s in splits}
+    tokens = {s: split_tokens(ds, s, T, cfg.eval.reference_batch) for s in splits}  # built once, scored by every pass
+    tb = {s: target_byte_counts(tokens[s], T, ds.token_bytes) for s in splits}
     variants: dict[str, dict] = {}
     snaps = sorted(run_dir.glob(MEMBER_SNAPSHOTS["swa_probs"]))
     epochs = sorted(run_dir.glob(MEMBER_SNAPSHOTS["epochs_probs"])) if cfg.train.epoch_snapshots else []
@@ -582,7 +583,7 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
         nonlocal done
         done += 1
         log.line(f"final evaluation {done}/{passes}: {what} on {' and '.join(splits)}")
-        return {s: target_logprobs(m, split_tokens(ds, s, T, cfg.eval.reference_batch), T, bs, device, dt, env=env) for s in splits}
+        return {s: target_logprobs(m, tokens[s], T, bs, device, dt, env=env) for s in splits}
 
     record("final", logprobs_of(model, "final weights"))
     saved = {k: v.clone() for k, v in model.state_dict().items()}
