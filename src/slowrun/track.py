@@ -81,7 +81,9 @@ class TrackDef:
         "optim.lr_scale": [0.5, 1.0, 2.0],
         "train.batch_tokens": [1024, 2048],
     })
-    curve_fixed: dict[str, Any] = field(default_factory=dict)
+    # a checkpoint every 128 steps: a 4x-16x run takes hours on this CPU, and a run stopped with its
+    # session resumes from the last one (the ledger key leaves checkpointing out, so finished points stand)
+    curve_fixed: dict[str, Any] = field(default_factory=lambda: {"train.checkpoint_every": 128})
     # 2x-16x: lr and batch held at what won at 1x; four sizes each, around where the size is expected to win
     # (at 1x the largest of depth 2-5 won, so the sets start at 4 and move up with the data)
     curve_grid_by_budget: dict[float, dict[str, list]] = field(default_factory=lambda: {
