@@ -34,20 +34,24 @@ def test_every_off_override_turns_its_technique_off():
     assert muon["optim.name"] == "adamw" and muon["optim.embed_lr"] == cfg.optim.lr  # the other groups keep their lr
 
 
-def test_ablate_smoke_two_techniques(gpt2_ds, tmp_path):
+def test_ablate_smoke_two_techniques(gpt2_ds, tmp_path, monkeypatch):
     out = tmp_path / "ab"
+    # the swap at equal wall time: 1.5x the full recipe's step time (as timed here) -> 2 steps of the full's 3
+    monkeypatch.setattr("slowrun.ablate.step_time", lambda r, d, over, dtype, th: 0.15 if "optim.weight_decay" in over else 0.1)
     ab = ablate(AblateConfig("smoke", str(gpt2_ds), str(out), seeds=2, only=["value_proj", "swiglu"], jobs=2, threads=1,
                              fixed={"train.max_steps": 3}, progress=False, ledger=str(tmp_path / "ledger.jsonl"),
-                             variants={"wd0": {"optim.weight_decay": 0.0}}))
+                             variants={"wd0": {"optim.weight_decay": 0.0}}, equal_time=True))
     saved = json.loads((out / "ablation.json").read_text())
     assert saved["full"] == json.loads(json.dumps(ab["full"]))
     assert [v["technique"] for v in saved["variants"]] == ["swiglu", "value_proj", "wd0"]  # table order, swaps last
     full = [_test_loss(d) for d in saved["full"]["run_dirs"]]
     assert saved["full"]["seeds"] == 2 and len(set(saved["full"]["run_dirs"])) == 2
     swap = saved["variants"][2]  # a swap: the recipe with weight decay 0, p that it is better
-    assert swap["swap"] and "p_hurts" not in swap and swap["off"] == {"optim.weight_decay": 0.0}
-    assert all(json.loads((Path(d) / "result.json").read_text())["config"]["optim"]["weight_decay"] == 0.0
-               for d in swap["run_dirs"])
+    assert swap["swap"] and "p_hurts" not in swap and swap["off"] == {"optim.weight_decay": 0.0, "train.max_steps": 2}
+    assert swap["step_s"] == 0.15 and saved["full"]["step_s"] == 0.1 and saved["equal_time"]
+    for d in swap["run_dirs"]:
+        r = json.loads((Path(d) / "result.json").read_text())
+        assert r["config"]["optim"]["weight_decay"] == 0.0 and r["config"]["train"]["max_steps"] == 2 and r["steps"] == 2
     from scipy import stats
 
     want_p = stats.ttest_ind([t for t, _ in full], swap["test_losses"], equal_var=False, alternative="greater").pvalue
@@ -71,7 +75,8 @@ def test_ablate_smoke_two_techniques(gpt2_ds, tmp_path):
     mtimes = {d: (Path(d) / "result.json").stat().st_mtime for v in [saved["full"]] + saved["variants"] for d in v["run_dirs"]}
     r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(gpt2_ds), "--out", str(out),
                         "--seeds", "2", "--only", "value_proj,swiglu", "--set", "train.max_steps=3", "--variant",
-                        "wd0:optim.weight_decay=0.0", "--no-progress"], capture_output=True, text=True)
+                        "wd0:optim.weight_decay=0.0", "--equal-time", "--threads", "1", "--no-progress"],
+                       capture_output=True, text=True)  # the step times come from equal_time.json: no timing, no new run
     assert r.returncode == 0, r.stderr
     assert "8 runs (8 already finished" in r.stdout and "to train" not in r.stdout
     assert all((Path(d) / "result.json").stat().st_mtime == t for d, t in mtimes.items())
@@ -119,3 +124,46 @@ def test_ablate_has_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["ablate", "--help"])
     assert e.value.code == 0 and "--only A,B" in capsys.readouterr().out
+
+
+def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path, monkeypatch):
+    """A swap twice as slow per step trains half the steps (or epochs); the step times are kept,
+    so a rerun plans the same runs without timing again."""
+    times = {(): 0.2, (("optim.matrix_optimizer", "soap"),): 0.4, (("data.curriculum", "easy_to_hard"),): 0.25}
+    calls = []
+
+    def fake(recipe, data, overrides, dtype, threads):
+        calls.append(overrides)
+        return times[tuple(sorted((k, v) for k, v in overrides.items() if k != "train.max_steps"))]
+
+    from slowrun import ablate as ab_mod
+
+    swaps = {"soap": {"optim.matrix_optimizer": "soap"}, "e2h": {"data.curriculum": "easy_to_hard"}}
+    cfg = AblateConfig("smoke", "unused", str(tmp_path / "ab"), fixed={"train.max_steps": 8}, variants=swaps, equal_time=True)
+    base = build_config("smoke", {"train.max_steps": 8})
+    over, step_s = ab_mod.equal_time_overrides(cfg, base, fake)
+    assert over == {"soap": {"optim.matrix_optimizer": "soap", "train.max_steps": 4},
+                    "e2h": {"data.curriculum": "easy_to_hard", "train.max_steps": 6}}  # 8 x 0.2 / 0.25 = 6.4
+    assert step_s == {"full": 0.2, "soap": 0.4, "e2h": 0.25} and len(calls) == 3
+    assert ab_mod.equal_time_overrides(cfg, base, fake) == (over, step_s) and len(calls) == 3  # from equal_time.json
+    # without max_steps the recipe's epochs are scaled
+    cfg2 = AblateConfig("slowrun", "unused", str(tmp_path / "ab2"), variants={"soap": swaps["soap"]}, equal_time=True)
+    base2 = build_config("slowrun", {})
+    assert base2.train.max_steps == -1
+    over2, _ = ab_mod.equal_time_overrides(cfg2, base2, fake)
+    assert over2["soap"]["train.epochs"] == pytest.approx(base2.train.epochs / 2)
+    with pytest.raises(AblateError, match="sets train.epochs"):
+        ab_mod.equal_time_overrides(AblateConfig("slowrun", "unused", str(tmp_path / "ab3"), variants={"x": {"train.epochs": 2.0}},
+                                                 equal_time=True), base2, fake)
+    (tmp_path / "ab" / "equal_time.json").write_text("{not json")
+    with pytest.raises(AblateError, match="not an equal-time file"):
+        ab_mod.equal_time_overrides(cfg, base, fake)
+
+
+def test_step_time_is_the_trainers_median(gpt2_ds):
+    from slowrun.ablate import step_time
+
+    t = step_time("smoke", str(gpt2_ds), {}, "fp32", 1)
+    assert 0 < t < 60
+    with pytest.raises(AblateError, match="timing a step of smoke"):
+        step_time("smoke", str(gpt2_ds), {"model.no_such_key": 1}, "fp32", 1)

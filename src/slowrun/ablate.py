@@ -14,12 +14,22 @@ data efficiency on a baseline curve if one is given, and wall time. Written as
 Swaps (`variants`, `--variant NAME:key=value,...`) sit in the same table: the recipe with
 something changed rather than removed (another matrix optimizer, a curriculum), over the
 same seeds, with the one-sided Welch p of "the swap lowers the test loss" (`p_better`).
+With `equal_time` (`--equal-time`) each swap trains for the full recipe's wall time rather
+than its steps: the trainer's step time of the full recipe and of the swap are measured
+(`slowrun.speed`, each in its own process, median of a few steps) and the swap's
+`train.epochs` (or `train.max_steps`, when the runs set it) is scaled by their ratio. The
+measurements are kept in `equal_time.json` in the output directory, so a rerun plans the
+same runs rather than re-timing them into new configs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +40,8 @@ from .config import RunConfig, build_config
 from .storage import atomic_write_json
 
 FORMAT = "slowrun-ablation/1"
+EQUAL_TIME_FORMAT = "slowrun-equal-time/1"
+EQUAL_TIME_STEPS, EQUAL_TIME_WARMUP = 6, 2  # timed steps (median) after untimed ones
 # AdamW learning rate of the hidden matrices when Muon is ablated: the middle of the 1e-3..3e-3
 # range usual for AdamW at the widths of the CPU recipes (256-384); the other groups keep theirs
 ADAMW_MATRIX_LR = 2e-3
@@ -117,6 +129,7 @@ class AblateConfig:
     curve: str = ""  # a baseline curve to place every variant on; "" = none
     progress: bool = True
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # swaps: name -> overrides
+    equal_time: bool = False  # swaps train for the full recipe's wall time (their epochs scaled by measured step times)
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -174,6 +187,56 @@ def _efficiency(curve, loss: float | None, metric: str) -> tuple[float | None, s
         return None, str(e)
 
 
+def step_time(recipe: str, data: str, overrides: dict[str, Any], dtype: str, threads: int) -> float:
+    """Median step time (s) of the trainer on `recipe` + `overrides`, measured by
+    `slowrun.speed` in a process of its own (so one measurement cannot warm or slow another)."""
+    over = {**overrides, **({"train.num_threads": threads} if threads > 0 else {})}
+    cmd = [sys.executable, "-m", "slowrun.speed", recipe, dtype, str(EQUAL_TIME_STEPS), str(EQUAL_TIME_WARMUP), data,
+           *(f"--{k}={json.dumps(v)}" for k, v in over.items())]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        raise AblateError(f"timing a step of {recipe} with {over}: {lines[-1] if lines else f'exit code {r.returncode}'}")
+    return float(json.loads(r.stdout.strip().splitlines()[-1])["step_s_median"])
+
+
+def equal_time_overrides(cfg: AblateConfig, base: RunConfig,
+                         measure: Callable[..., float] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """(each swap's overrides plus the run length that gives it the full recipe's wall time:
+    `train.epochs` (or `train.max_steps` when the runs set it) x full step time / swap step
+    time, the step times by name ("full" and each swap)). The step times are measured once and kept in OUT/equal_time.json (keyed by what
+    was timed), so that a rerun plans the same runs."""
+    measure = measure or step_time
+    path = Path(cfg.out) / "equal_time.json"
+    cache: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            cache = json.loads(path.read_text())["step_s"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise AblateError(f"{path}: not an equal-time file of slowrun ablate ({e}); move it away to time again") from None
+    by_steps = base.train.max_steps > 0
+    length_key = "train.max_steps" if by_steps else "train.epochs"
+
+    def timed(over: dict[str, Any]) -> float:
+        what = {"recipe": cfg.recipe, "fixed": cfg.fixed, "overrides": over, "threads": cfg.threads, "dtype": base.train.dtype}
+        key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if key not in cache:
+            cache[key] = {**what, "step_s": measure(cfg.recipe, cfg.data, {**cfg.fixed, **over}, base.train.dtype, cfg.threads)}
+            atomic_write_json(path, {"format": EQUAL_TIME_FORMAT, "step_s": cache})
+        return cache[key]["step_s"]
+
+    step_s = {"full": timed({})}
+    out = {}
+    for name, over in cfg.variants.items():
+        if length_key in over:
+            raise AblateError(f"--variant {name}: sets {length_key}, which --equal-time sets from the measured step times")
+        step_s[name] = timed(over)
+        scale = step_s["full"] / step_s[name]
+        length = max(1, round(base.train.max_steps * scale)) if by_steps else round(base.train.epochs * scale, 3)
+        out[name] = {**over, length_key: length}
+    return out, step_s
+
+
 def ablate(cfg: AblateConfig) -> dict:
     from .efficiency import Curve, check_same_data
     from .sweep import Runs, SweepConfig
@@ -198,6 +261,8 @@ def ablate(cfg: AblateConfig) -> dict:
         if name in {v[0] for v in variants}:
             raise AblateError(f"--variant {name}: the name of a technique or another variant")
         build_config(cfg.recipe, {**cfg.fixed, **over, "data.path": cfg.data})  # a wrong key fails before any run
+    swap_overrides, step_s = equal_time_overrides(cfg, base) if cfg.equal_time else (cfg.variants, {})
+    for name, over in swap_overrides.items():
         variants.append((name, "swap: " + ", ".join(f"{k}={v}" for k, v in over.items()), over))
     swaps = set(cfg.variants)
     jobs = {name: [runs.job(1.0, {**off, "train.seed": s}, name) for s in range(cfg.seeds)] for name, _, off in variants}
@@ -217,6 +282,8 @@ def ablate(cfg: AblateConfig) -> dict:
         rec["seeds"] = len(rec["test_losses"])
         walls = [runs.results[j.run_dir]["wall_s"] for j in jobs[name] if j.run_dir in runs.results]
         rec["wall_s"] = round(sum(walls) / len(walls), 1) if walls else None
+        if name in step_s:  # the step time the equal-time scaling used
+            rec["step_s"] = step_s[name]
         failed = [runs.failures[j.run_dir] for j in jobs[name] if j.run_dir in runs.failures]
         if failed:
             rec["errors"] = failed
@@ -239,7 +306,7 @@ def ablate(cfg: AblateConfig) -> dict:
     out = {
         "format": FORMAT, "recipe": cfg.recipe, "data": str(cfg.data), "dataset": runs.base.fingerprint, "seeds": cfg.seeds,
         "fixed": cfg.fixed, "curve": curve.name if curve is not None else None, "efficiency_metric": metric,
-        "full": full, "variants": rows[1:], "wall_s": round(time.time() - t0, 1),
+        "full": full, "variants": rows[1:], "wall_s": round(time.time() - t0, 1), "equal_time": cfg.equal_time,
     }
     atomic_write_json(Path(cfg.out) / "ablation.json", out)
     return out
@@ -268,5 +335,7 @@ def describe(ab: dict) -> str:
                      + (f" [{len(rec['errors'])} failed: {rec['errors'][0]}]" if rec.get("errors") else ""))
     lines.append(f"delta = mean test loss without the technique (or with the swap) - the full recipe's (> 0: the "
                  f"technique helps, the swap hurts); p = one-sided Welch p that removing a technique raises the test "
-                 f"loss, or that a swap lowers it; {ab['seeds']} seed(s) each")
+                 f"loss, or that a swap lowers it; {ab['seeds']} seed(s) each"
+                 + ("; swaps at the full recipe's wall time (run length scaled by measured step times)"
+                    if ab.get("equal_time") else ""))
     return "\n".join(lines)

@@ -320,6 +320,8 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="a swap measured beside the ablations, e.g. soap:optim.matrix_optimizer=soap (repeatable); "
                         "its p is that it lowers the test loss")
+    p.add_argument("--equal-time", action="store_true",
+                   help="swaps train for the full recipe's wall time: their epochs scaled by measured step times")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override of every run, the full recipe's too (repeatable)")
     p.add_argument("--out", default=None, help="ablation directory (runs, ablation.json); rerunning continues it (default runs/ablate-RECIPE)")
     p.add_argument("--curve", default="", help="a baseline curve (curve.json or fineweb) to place every variant on")
@@ -341,7 +343,7 @@ def _run_ablate(a: argparse.Namespace) -> int:
     only = [n.strip() for n in a.only.split(",") if n.strip()]
     variants = dict(parse_variant(v) for v in a.variant)
     ab = ablate(AblateConfig(a.recipe, a.data, out, a.seeds, only, fixed, a.jobs, a.threads, a.ledger, a.curve, not a.no_progress,
-                             variants))
+                             variants, a.equal_time))
     print(describe(ab))
     print(f"wrote {Path(out) / 'ablation.json'}")
     return 0

@@ -147,9 +147,9 @@ def measure_one(recipe: str, dtype: str, steps: int, warmup: int, data: str, ove
     ds = Dataset.open(data)
     name = "baseline" if recipe == "minimal" else recipe
     # every step logged, nothing but steps inside the loop: no evaluation, no checkpoint but the last
-    timing = {"train.max_steps": warmup + steps, "train.log_every": 1, "train.progress": False, "train.device": "cpu",
+    timing = {"train.max_steps": warmup + steps, "train.log_every": 1, "train.progress": False,
               "eval.every_steps": -1, "eval.at_epoch_end": False, "train.checkpoint_every": -1}
-    cfg = build_config(name, {**parse_overrides(overrides), **timing, "data.path": str(ds.path),
+    cfg = build_config(name, {"train.device": "cpu", **parse_overrides(overrides), **timing, "data.path": str(ds.path),
                               "model.vocab_size": ds.vocab_size, "train.dtype": dtype})
     if recipe == "minimal":
         times, params, flops = _minimal_step_times(cfg, ds, dtype, steps, warmup)
