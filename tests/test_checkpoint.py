@@ -326,6 +326,35 @@ def test_edited_config_is_refused_unless_forced(short_run, tmp_path):
     _one_line_error(r, "not valid TOML")
 
 
+def test_a_skipped_checkpoint_is_said_on_stderr_even_when_quiet(short_run, tmp_path):
+    run = _copy(short_run, tmp_path)
+    newest = list_checkpoints(run)[-1]
+    state = json.loads((newest / "state.json").read_text())
+    state["step"] += 1
+    (newest / "state.json").write_text(json.dumps(state))
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--resume", str(run), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"warning: skipping checkpoint: {newest / 'state.json'}: edited or corrupt" in r.stderr
+
+
+def test_forced_edit_that_changes_a_shape_is_one_line(short_run, tmp_path):
+    run = _copy(short_run, tmp_path)
+    toml = (run / "config.toml").read_text()
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    (run / "config.toml").write_text(_set_width(toml))
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--resume", str(run), "--force"], capture_output=True, text=True)
+    _one_line_error(r, "does not fit the model of config.toml", "undo the edit")
+    after = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "config.toml"}
+    assert after == {k: v for k, v in before.items() if k != "config.toml"}  # nothing else touched
+
+
+def _set_width(toml: str) -> str:
+    import re
+
+    width = int(re.search(r"^n_embd = (\d+)$", toml, re.M).group(1))
+    return re.sub(r"^n_embd = \d+$", f"n_embd = {2 * width}", toml, count=1, flags=re.M)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_writes_a_checkpoint_and_prints_the_resume_command(bpe_ds, tmp_path, capsys, sig, code):
     from slowrun import cli

@@ -58,8 +58,24 @@ def _one_line(r, *needles):
 def test_usage_errors_are_one_line(tmp_path):
     _one_line(run("prepare", "--train-tokens", "-5", "--out", str(tmp_path / "ds")), "--train-tokens", "'-5'")
     _one_line(run("prepare", "--train-tokens", "1.0001k", "--out", str(tmp_path / "ds")), "not a whole number")
-    _one_line(run("prepare", "--test-tokens", "0", "--out", str(tmp_path / "ds")), "--test-tokens: must be > 0")
+    # "-5k" (a suffix, no "=") is a value to refuse, not a flag argparse does not know
+    _one_line(run("prepare", "--train-tokens", "-5k", "--out", str(tmp_path / "ds")), "not a non-negative token count: '-5k'")
+    _one_line(run("prepare", "--val-tokens", "-1.5M", "--out", str(tmp_path / "ds")), "'-1.5M'")
     assert not (tmp_path / "ds").exists()
+
+
+def test_no_test_split_reports_val_only(tmp_path):
+    """--test-tokens 0 (the reference's own data has only train + val) is allowed with a note;
+    a run on it prints '-' for test and says why, never nan."""
+    r = run("prepare", "--tokenizer", "bpe:300", "--train-tokens", "6k", "--val-tokens", "2k", "--test-tokens", "0",
+            "--out", str(tmp_path / "ds"), "--no-progress")
+    assert r.returncode == 0 and "no test split" in r.stderr, r.stderr
+    r = run("train", "--recipe", "smoke", "--data", str(tmp_path / "ds"), "--run-dir", str(tmp_path / "run"),
+            "--train.max_steps=2", "--train.num_threads=1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "nan" not in r.stdout and "(no test losses: the dataset has no test split" in r.stdout, r.stdout
+    final = r.stdout.splitlines()[1].split()
+    assert final[0] == "final" and final[-2:] == ["-", "-"]
 
 
 def test_missing_source_is_the_error_even_when_the_default_out_is_taken(tmp_path):
@@ -79,7 +95,19 @@ def test_paths_that_are_files_are_named(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "metrics.jsonl").write_text("")
     _one_line(run("report", str(tmp_path / "r"), "--out", str(f)), f"--out {f}: exists and is not a directory")
+    # a path through a file: the OS error in one line
+    _one_line(run("train", "--recipe", "smoke", "--run-dir", str(f / "sub")), "Not a directory")
+    _one_line(run("report", str(tmp_path / "r"), "--out", str(f / "x")), "Not a directory")
     assert f.read_text() == "keep me"
+
+
+def test_a_device_that_is_not_here_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    _one_line(run("train", "--recipe", "smoke", "--run-dir", str(tmp_path / "r"), "--train.device=cuda"),
+              "train.device=cuda: no CUDA device is available here")
 
 
 def test_eval_max_tokens_zero_is_refused(tmp_path):

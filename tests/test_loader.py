@@ -159,3 +159,9 @@ def test_document_scores_by_a_model_are_cached(gpt2_ds, tmp_path, smoke_cfg, mon
     assert scores[0] == pytest.approx(want, rel=1e-5) and np.isfinite(scores).all()
     monkeypatch.setattr("slowrun.checkpoint.load_model", lambda *a, **k: pytest.fail("the cache was not used"))
     assert np.array_equal(loader_mod.document_scores(ds, str(tmp_path), 16), scores)
+    monkeypatch.undo()
+    # a cache file replaced (other scores, or a pickled object array) is not its hash: scored again
+    (npy,) = tmp_path.glob("doc_scores-*.npy")
+    for bad in (np.zeros_like(scores), np.array([{"x": 1}], dtype=object)):
+        np.save(npy, bad, allow_pickle=True)
+        assert np.array_equal(loader_mod.document_scores(ds, str(tmp_path), 16), scores)

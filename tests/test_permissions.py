@@ -30,6 +30,23 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mask, file_mode, dir_m
     assert _mode(tmp_path / "dataset") == dir_mode and _mode(tmp_path / "dataset" / "manifest.json") == file_mode
 
 
+def test_weights_and_checkpoints_respect_the_umask(tmp_path, umask):
+    """safetensors' save_file makes 0600 whatever the umask; written weights get the umask's mode."""
+    import torch
+
+    from slowrun.checkpoint import save_checkpoint, save_weights
+    from slowrun.config import build_config
+
+    umask(0o022)
+    cfg = build_config("smoke", {})
+    state = {"w": torch.ones(2, 2)}
+    save_weights(tmp_path / "run" / "model.safetensors", state, cfg)
+    save_checkpoint(tmp_path / "run", 1, cfg, state, [{"state": {}, "param_groups": []}], extra={})
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.name == "optim.safetensors" for p in files) and any(p.parent.name.startswith("step_") for p in files)
+    assert {p.name: _mode(p) for p in files} == {p.name: 0o644 for p in files}
+
+
 def test_a_report_is_readable_by_others(tmp_path, umask):
     from slowrun.report import build_report
 

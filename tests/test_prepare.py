@@ -320,6 +320,43 @@ def test_edited_manifest_is_refused_in_one_line(tmp_path, gpt2_ds, edit, rehash_
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_a_manifest_without_its_own_hash_is_checked_against_the_tokens(tmp_path, gpt2_ds):
+    """A manifest from before the hash existed, edited so the file sizes still agree (dtype
+    uint32, half the tokens): the token ids read that way lie outside the vocabulary."""
+    ds = tmp_path / "ds"
+    shutil.copytree(gpt2_ds, ds)
+
+    def edit(m):
+        del m["sha256"]
+        m["dtype"] = "uint32"
+        for s in m["splits"].values():
+            s["tokens"] //= 2
+
+    _edit_manifest(ds, edit)
+    Dataset.open(ds, verify=False)  # the cheap checks cannot see it
+    with pytest.raises(DatasetError, match="outside the manifest's vocabulary of 50,257"):
+        Dataset.open(ds)
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--recipe", "smoke", "--data", str(ds), "--run-dir",
+                        str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "outside the manifest's vocabulary" in r.stderr
+
+
+def test_binary_files_are_not_read_as_text(tmp_path):
+    import numpy as np
+
+    from slowrun.sources import SourceError, local_corpus
+
+    np.save(tmp_path / "tokens.npy", np.arange(100, dtype=np.uint16))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "nul.txt").write_bytes(b"text\0with a NUL")
+    for name, kind in (("tokens.npy", "a numpy array"), ("objects.npy", "a numpy array"), ("nul.txt", "NUL bytes")):
+        with pytest.raises(SourceError, match=kind):
+            local_corpus(tmp_path / name)
+    r = subprocess.run([sys.executable, "-m", "slowrun", "prepare", "--source", str(tmp_path / "tokens.npy"), "--separator",
+                        "\\x00\\x00", "--out", str(tmp_path / "ds")], capture_output=True, text=True)
+    assert r.returncode == 2 and "a numpy array, not text" in r.stderr and not (tmp_path / "ds").exists()
+
+
 def test_val_loss_on_the_references_files_equals_the_references_way(tmp_path):
     """Its .pt files prepared by `slowrun prepare` (the whole val file, no test split): our val
     loss with eval.reference_batch equals the reference's loader computed on the raw .pt

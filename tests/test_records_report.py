@@ -164,6 +164,11 @@ def test_report_refuses_bad_results_in_one_line(seeds, tmp_path):
     (run / "result.json").write_text(json.dumps({**res, "best": "swa_probs"}))
     with pytest.raises(ResultError, match="no variant 'swa_probs'"):
         build_report([str(run)], tmp_path / "rep")
+    best = res["best"]
+    (run / "result.json").write_text(json.dumps({**res, "variants": {**res["variants"], best: {**res["variants"][best],
+                                                                                               "val_loss": "x"}}}))
+    with pytest.raises(ResultError, match="losses that are not numbers"):
+        build_report([str(run)], tmp_path / "rep")
     (run / "result.json").write_text(json.dumps(res)[:50])
     r = subprocess.run([sys.executable, "-m", "slowrun", "report", str(run), "--out", str(tmp_path / "rep")],
                        capture_output=True, text=True)

@@ -25,7 +25,7 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)  # fails after the temp file is written, before the rename
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match=f"could not write {f}: No space"):  # the file is named
         atomic_write_json(f, {"x": 2})
     assert json.loads(f.read_text()) == {"x": 1} and [p.name for p in tmp_path.iterdir()] == ["a.json"]
 

@@ -174,6 +174,42 @@ def test_failed_start_leaves_the_run_dir_reusable(bpe_ds, tmp_path):
     assert (run / "result.json").is_file() and not (run / ".lock").exists()
 
 
+def test_a_logging_backend_that_is_not_installed_is_refused_before_any_file(bpe_ds, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(SlowrunError, match=r"train.wandb=true needs the wandb package"):
+        train(smoke_config(bpe_ds, **{"train.max_steps": 1, "train.wandb": True}), tmp_path / "run", echo=False)
+    assert not (tmp_path / "run" / "config.toml").exists()
+
+
+def test_a_start_stopped_before_its_first_checkpoint_is_replaced_by_a_new_start(bpe_ds, tmp_path, monkeypatch, capsys):
+    """A NaN at step 1 leaves config.toml, log.txt and metrics.jsonl but no checkpoint: a new
+    start into the same --run-dir (with a changed config) replaces them and says so; a run with
+    a checkpoint is still refused."""
+    run = tmp_path / "run"
+    real = GPT.forward
+
+    def poisoned(self, *a, **kw):
+        logits, loss = real(self, *a, **kw)
+        return logits, (loss * float("nan") if self.training else loss)
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(TrainingError, match="no checkpoint was written yet"):
+        train(smoke_config(bpe_ds, **{"train.max_steps": 3}), run, echo=False)
+    assert (run / "config.toml").is_file() and not list_checkpoints(run)
+    monkeypatch.setattr(GPT, "forward", real)
+    train(smoke_config(bpe_ds, **{"train.max_steps": 2, "eval.test": False, "optim.lr": 1e-3}), run)
+    assert "held a start that stopped before its first checkpoint; starting it anew" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("kind") == "train"] == [1, 2]  # the new start's rows only
+    assert "loss is nan" not in (run / "log.txt").read_text()
+    assert config_from_dict(tomllib.loads((run / "config.toml").read_text())).optim.lr == 1e-3
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(smoke_config(bpe_ds, **{"train.max_steps": 2}), run, echo=False)
+
+
 def test_relative_data_path_is_stored_absolute(bpe_ds, tmp_path, monkeypatch):
     monkeypatch.chdir(bpe_ds.parent)
     train(smoke_config(bpe_ds.name, **{"train.max_steps": 1, "eval.test": False}), tmp_path / "run", echo=False)

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from . import SlowrunError
 from .config import RunConfig, config_from_dict, config_to_dict
-from .storage import atomic_directory, atomic_write_text, sha256_file, sha256_json
+from .storage import atomic_directory, atomic_write_text, sha256_file, sha256_json, umask_mode
 
 CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
@@ -63,6 +63,7 @@ def _write_weights_file(path: Path, state: dict[str, torch.Tensor], meta: dict[s
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file(_contiguous(state), str(tmp), metadata=meta)
+        umask_mode(tmp)  # safetensors creates 0600 whatever the umask
         digest = sha256_file(tmp)
         tmp.replace(path)
         atomic_write_text(sidecar(path), f"{digest}  {path.name}\n")
@@ -183,6 +184,7 @@ def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model_state: dict[
                                            {"format": "slowrun-weights/1", "config": json.dumps(config_to_dict(cfg))})
         try:
             save_file(_contiguous(extra_tensors), str(tmp / "optim.safetensors"))
+            umask_mode(tmp / "optim.safetensors")
             state = {"format": CKPT_FORMAT, "step": step, "config": config_to_dict(cfg),
                      "optim_scalars": opt_scalars, "extra": extra,
                      "files": {"model.safetensors": model_digest, "optim.safetensors": sha256_file(tmp / "optim.safetensors")}}

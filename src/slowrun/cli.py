@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -39,6 +40,12 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors (a bad flag value, a missing argument) in one line, exit 2: the usage block
     is one `--help` away."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # "-5k" is a (negative) value, as "-5" is, so the count parser refuses it in one line rather
+        # than argparse taking it for an unknown flag
+        self._negative_number_matcher = re.compile(r"^-\d*\.?\d+[kMB]?$")
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -53,7 +60,7 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="bpe:8192", help="bpe:N (byte-level BPE with N tokens trained on the training text; default bpe:8192), gpt2 (the exact GPT-2 BPE, offline), or a path to a tokenizer.json (to share one tokenizer between datasets)")
     p.add_argument("--train-tokens", type=count, default=262_144, help="training budget in tokens, exact (default 262144; suffixes k, M, B)")
     p.add_argument("--val-tokens", type=count, default=131_072, help="validation split in tokens (default 131072)")
-    p.add_argument("--test-tokens", type=count, default=131_072, help="test split in tokens, > 0 (default 131072)")
+    p.add_argument("--test-tokens", type=count, default=131_072, help="test split in tokens (default 131072; 0: none, e.g. for the reference's train + val files)")
     p.add_argument("--out", default="data/builtin", help="output directory (default data/builtin)")
     p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (default 0)")
     p.add_argument("--separator", default=None, help="split .txt files into documents at this string (default: one document per file); \\n escapes allowed")
@@ -72,8 +79,9 @@ def _run_prepare(a: argparse.Namespace) -> int:
     from .sources import require_source
     from .tokenizer import parse_tokenizer_spec
 
-    if a.test_tokens == 0:  # a run on it would print nan test losses, and records are scored on test
-        raise PrepareError("--test-tokens: must be > 0")
+    if a.test_tokens == 0:  # the reference's own data (train + val) has none; runs then report val only
+        print("note: --test-tokens 0: no test split; runs on this dataset report val losses only, and records "
+              "(scored on test) cannot be made from them", file=sys.stderr)
     require_source(a.source)  # before --out is looked at: a missing source is the error to report
     sep = a.separator.encode().decode("unicode_escape") if a.separator else None
     cfg = PrepareConfig(source=a.source, tokenizer=a.tokenizer, train_tokens=a.train_tokens, val_tokens=a.val_tokens,
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except SlowrunError as e:
         print(f"slowrun {argv[0]}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as e:
+    except OSError as e:  # a missing file, a path through a file, a full disk, no permission: one line
         print(f"slowrun {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # train's Interrupted carries the resume command and 128 + the signal number

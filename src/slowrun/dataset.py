@@ -42,6 +42,8 @@ def read_manifest(path: str | Path) -> dict:
         raise DatasetError(f"{mf}: unknown format {fmt!r} (expected {FORMAT})")
     try:
         _check_manifest(path, manifest)
+    except DatasetError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
         raise DatasetError(f"{mf}: malformed manifest ({type(e).__name__}: {e})") from None
     return manifest
@@ -84,6 +86,16 @@ def verify_dataset(path: str | Path, manifest: dict | None = None) -> dict:
             raise DatasetError(f"{f}: missing (listed in the manifest)")
         if sha256_file(f) != digest:
             raise DatasetError(f"{f}: sha256 does not match the manifest (the file was modified or corrupted)")
+    # every token id inside the vocabulary: catches a manifest whose dtype or vocab_size was edited
+    # (one without its own hash, from before the hash existed, is not caught above)
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    for split in SPLITS:
+        f = path / f"{split}.bin"
+        if f.is_file() and f.stat().st_size:
+            top = int(np.memmap(f, dtype=manifest["dtype"], mode="r").max())
+            if top >= vocab:
+                raise DatasetError(f"{f}: holds token id {top:,}, outside the manifest's vocabulary of {vocab:,} "
+                                   "(the manifest's dtype or vocab_size was edited?)")
     return manifest
 
 

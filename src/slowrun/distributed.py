@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import SlowrunError
+
 
 @dataclass
 class DistEnv:
@@ -30,12 +32,16 @@ class DistEnv:
         return self.world_size > 1
 
 
+class DeviceError(SlowrunError):
+    pass
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is available")
+            raise DeviceError("train.device=cuda: no CUDA device is available here (use train.device=auto or cpu)")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

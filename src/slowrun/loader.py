@@ -20,6 +20,7 @@ random draws, the same batches.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 
@@ -58,15 +59,21 @@ def document_scores(dataset: Dataset, score: str, seq_len: int, fitness_tokens: 
     if score == "length":
         return lens.astype(np.float64)
     from .checkpoint import load_model, weights_path
-    from .dataset import require_comparable
-    from .storage import atomic_write_json, sha256_file
+    from .dataset import load_array, require_comparable
+    from .storage import atomic_write_bytes, atomic_write_json, sha256_file
 
     weights = weights_path(score)
     key = {"weights": sha256_file(weights), "train": dataset.manifest["files"].get("train.bin"), "docs": len(starts),
            "seq_len": seq_len}
     cache = weights.with_name(f"doc_scores-{key['weights'][:12]}-{str(key['train'])[:12]}-{len(starts)}-{seq_len}")
-    if cache.with_suffix(".json").is_file() and json.loads(cache.with_suffix(".json").read_text()) == key:
-        return np.load(cache.with_suffix(".npy"))
+    npy, meta = cache.with_suffix(".npy"), cache.with_suffix(".json")
+    try:  # the cache is used only when its key matches and the scores are the file it hashed
+        stored = json.loads(meta.read_text()) if meta.is_file() else None
+        if isinstance(stored, dict) and {k: stored.get(k) for k in key} == key and npy.is_file() \
+                and stored.get("scores") == sha256_file(npy):
+            return load_array(npy)
+    except (ValueError, OSError):
+        pass  # an unreadable cache is computed again
     model, cfg, extra = load_model(weights, device)
     if extra.get("dataset"):
         require_comparable(extra["dataset"], dataset.fingerprint, f"the scoring model {score} and {dataset.path}")
@@ -80,8 +87,10 @@ def document_scores(dataset: Dataset, score: str, seq_len: int, fitness_tokens: 
             logits, _ = model(doc[:, :-1])
             out[i] = torch.nn.functional.cross_entropy(logits[0].float(), doc[0, 1:]).item()
     out[np.isnan(out)] = np.nanmedian(out) if np.isfinite(out).any() else 0.0  # one-token documents: middling
-    np.save(cache.with_suffix(".npy"), out)
-    atomic_write_json(cache.with_suffix(".json"), key)
+    buf = io.BytesIO()
+    np.save(buf, out)
+    atomic_write_bytes(npy, buf.getvalue())
+    atomic_write_json(meta, {**key, "scores": sha256_file(npy)})
     return out
 
 

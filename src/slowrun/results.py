@@ -73,6 +73,9 @@ def chosen(result: dict, variant: str | None = None) -> tuple[str, dict]:
     losses = table[name]
     if not isinstance(losses, dict) or "val_loss" not in losses:
         raise ResultError(f"variant '{name}' has no losses in the result ({losses})")
+    bad = {k: v for k, v in losses.items() if k.endswith(("_loss", "_bpb")) and not isinstance(v, (int, float))}
+    if bad:
+        raise ResultError(f"variant '{name}': losses that are not numbers in the result ({bad})")
     return name, losses
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import SlowrunError, __version__
 
 
 def git_commit() -> str:
@@ -50,11 +50,26 @@ def fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+class LoggingError(SlowrunError):
+    pass
+
+
+def require_backends(wandb: bool, tensorboard: bool) -> None:
+    """Refuse, before the run directory gets any file, a logging backend that is not installed."""
+    import importlib.util
+
+    if wandb and importlib.util.find_spec("wandb") is None:
+        raise LoggingError("train.wandb=true needs the wandb package: pip install 'slowrun[wandb]'")
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise LoggingError("train.tensorboard=true needs tensorboard: pip install 'slowrun[tensorboard]'")
+
+
 class RunLogger:
     """Rank 0 writes `log.txt` and `metrics.jsonl` (appending, so a resumed run continues them)."""
 
     def __init__(self, run_dir: Path | None, enabled: bool = True, echo: bool = True, progress_total: int = 0,
                  progress: bool = True, wandb: bool = False, tensorboard: bool = False, config: dict | None = None) -> None:
+        self.main = enabled  # rank 0
         self.enabled = enabled and run_dir is not None
         self.echo = echo and enabled
         self.log_f = open(run_dir / "log.txt", "a") if self.enabled else None
@@ -63,17 +78,15 @@ class RunLogger:
         if enabled and progress and progress_total and sys.stderr.isatty():
             self.bar = tqdm(total=progress_total, unit="step", dynamic_ncols=True, leave=False)
         self.wandb = self.tb = None
+        if self.enabled:
+            require_backends(wandb, tensorboard)
         if self.enabled and wandb:
-            try:
-                import wandb as _wandb
-            except ImportError:
-                raise RuntimeError("train.wandb=true needs the wandb package: pip install 'slowrun[wandb]'") from None
+            import wandb as _wandb
+
             self.wandb = _wandb.init(project="slowrun", dir=str(run_dir), config=config, name=run_dir.name, resume="allow")
         if self.enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise RuntimeError("train.tensorboard=true needs tensorboard: pip install 'slowrun[tensorboard]'") from None
+            from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(run_dir / "tb"))
 
     def line(self, text: str, echo: bool = True) -> None:
@@ -86,6 +99,14 @@ class RunLogger:
                 self.bar.write(text)
             else:
                 print(text, flush=True)
+
+    def warn(self, text: str) -> None:
+        """Append to log.txt and print on stderr (rank 0), quiet or not."""
+        if self.log_f:
+            self.log_f.write(text + "\n")
+            self.log_f.flush()
+        if self.main:
+            print(text, file=sys.stderr, flush=True)
 
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.enabled:

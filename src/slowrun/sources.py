@@ -170,7 +170,19 @@ def _iter_files(root: Path) -> list[Path]:
     return files
 
 
+# leading bytes of binary formats a user may hand to --source by mistake
+BINARY_MAGIC = {b"\x93NUMPY": "a numpy array", b"PK\x03\x04": "a zip archive (.npz or .pt?)", b"\x80": "a pickle",
+                b"\x1f\x8b": "gzip-compressed", b"PAR1": "parquet without the .parquet suffix"}
+
+
 def _read_txt(path: Path, separator: str | None) -> list[str]:
+    """A text file (undecodable bytes replaced, as web text has some); a binary file is refused."""
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    kind = next((k for magic, k in BINARY_MAGIC.items() if head.startswith(magic)), "binary (NUL bytes)" if b"\0" in head else None)
+    if kind is not None:
+        raise SourceError(f"--source {path}: {kind}, not text (sources: .txt, .jsonl, .parquet, a .pt tokens file, "
+                          "a directory of them, builtin or hf:DATASET)")
     text = path.read_text(encoding="utf-8", errors="replace")
     parts = text.split(separator) if separator else [text]
     return [p.strip() for p in parts if p.strip()]

@@ -50,6 +50,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def umask_mode(path: str | Path) -> None:
+    """Give a file the mode open() would have given it (0666 less the umask): for writers,
+    such as safetensors' save_file, that always create 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,9 +67,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # e.g. a full disk: name the file it was for
+            raise OSError(e.errno, f"could not write {path}: {e.strerror}") from None
         raise
 
 

@@ -14,6 +14,7 @@ checkpoint and stop with the command that resumes it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import signal
@@ -27,7 +28,7 @@ import torch
 
 from . import SlowrunError, distributed
 from .averaging import EMA, average_weights
-from .checkpoint import (Checkpoint, latest_good_checkpoint, list_checkpoints, load_model, read_weights,
+from .checkpoint import (CKPT_DIR, Checkpoint, latest_good_checkpoint, list_checkpoints, load_model, read_weights,
                          save_checkpoint, save_weights, sidecar)
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, tomllib
 from .dataset import Dataset, require_comparable
@@ -39,7 +40,7 @@ from .optim import Optimizers, build_optimizers
 from .prepare import PrepareConfig, prepare
 from .results import (EPOCH_SNAPSHOT_FILE, MEMBER_SNAPSHOTS, RESULT_FILE, SNAPSHOT_FILE, VARIANT_FILES, ResultError,
                       member_weights, read_result)
-from .runlog import RunLogger, environment, fmt_time
+from .runlog import RunLogger, environment, fmt_time, require_backends
 from .schedules import Schedule
 from .storage import atomic_write_json, atomic_write_text, exclusive_lock
 
@@ -223,7 +224,25 @@ class Run:
         return self.cfg.train.batch_tokens
 
 
-def _check_fresh_run_dir(run_dir: Path) -> None:
+# what a start that stopped before its first checkpoint leaves (a failed start): a new start replaces it
+START_FILES = ("config.toml", "log.txt", "metrics.jsonl")
+
+
+def _failed_start(run_dir: Path) -> bool:
+    """config.toml but no checkpoint, no final weights and no result: nothing a new start would lose."""
+    return ((run_dir / "config.toml").is_file() and not list_checkpoints(run_dir) and not (run_dir / RESULT_FILE).exists()
+            and not (run_dir / "model.safetensors").exists())
+
+
+def _check_fresh_run_dir(run_dir: Path, echo: bool) -> None:
+    """Refuse a directory holding a run or other files; clear a failed start's files (said in a line)."""
+    if _failed_start(run_dir):
+        for name in START_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (run_dir / CKPT_DIR).rmdir()  # only when empty
+        if echo:
+            print(f"note: {run_dir} held a start that stopped before its first checkpoint; starting it anew", flush=True)
     if (run_dir / "config.toml").exists():
         raise TrainingError(f"--run-dir {run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
     others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
@@ -237,8 +256,9 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     refuse the run is checked before config.toml is written, so a failed start leaves the
     run directory reusable."""
     device = env.device
+    require_backends(cfg.train.wandb, cfg.train.tensorboard)
     if env.is_main and not resume:
-        _check_fresh_run_dir(run_dir)
+        _check_fresh_run_dir(run_dir, echo)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     if device.type == "cpu":
@@ -305,8 +325,12 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
                                 f"{'; '.join(changes)}; undo the edit, or pass --force to continue with config.toml")
         if changes:
             warnings.append(f"warning: --force: continuing with the edited config.toml ({'; '.join(changes)})")
-        model.load_state_dict(ck.model)
-        opt.load_state_dict(ck.optimizer_states(len(opt.optimizers)))
+        try:
+            model.load_state_dict(ck.model)
+            opt.load_state_dict(ck.optimizer_states(len(opt.optimizers)))
+        except (RuntimeError, ValueError, KeyError) as e:  # --force with an edit that changes a tensor's shape
+            raise TrainingError(f"--resume {run_dir}: {ck.path.name} does not fit the model of config.toml "
+                                f"({str(e).splitlines()[0][:200]}); undo the edit") from None
         if shard is not None:
             shard.keep_own_state(opt.optimizers)
         loader.load_state_dict(ck.state["extra"]["loader"])
@@ -321,7 +345,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     log = RunLogger(run_dir, env.is_main, echo, total_steps, cfg.train.progress, cfg.train.wandb, cfg.train.tensorboard,
                     config_to_dict(cfg))
     for text in warnings:
-        log.line(text)
+        log.warn(text)
     run = Run(cfg, run_dir, env, ds, loader, sched, model, torch.compile(model) if cfg.train.compile else model, opt, ema,
               teacher, log, total_steps, micro, per_rank // micro, shard, env_info=environment(device))
     if ck is not None:
@@ -560,6 +584,9 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
     device = env.device
     T, bs, dt = cfg.model.seq_len, cfg.eval.batch_seqs, cfg.train.dtype
     splits = ["val"] + (["test"] if cfg.eval.test and ds.num_tokens("test") > T + 1 else [])
+    if cfg.eval.test and "test" not in splits:
+        log.line(f"note: no test losses: {ds.path} has {ds.num_tokens('test'):,} test tokens, fewer than one "
+                 f"sequence of {T + 1}")
     tokens = {s: split_tokens(ds, s, T, cfg.eval.reference_batch) for s in splits}  # built once, scored by every pass
     tb = {s: target_byte_counts(tokens[s], T, ds.token_bytes) for s in splits}
     variants: dict[str, dict] = {}
@@ -626,10 +653,19 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
 
 
 def result_table(result: dict) -> str:
-    rows = [f"{'variant':<16}{'val loss':>10}{'val bpb':>10}{'test loss':>11}{'test bpb':>10}"]
+    """The final evaluation as a table; a test column of '-' says why it is empty."""
+    width = max([16] + [len(name) + 3 for name in result["variants"]])
+
+    def cell(v: dict, key: str, w: int) -> str:
+        return f"{v[key]:>{w}.4f}" if key in v else f"{'-':>{w}}"
+
+    rows = [f"{'variant':<{width}}{'val loss':>10}{'val bpb':>10}{'test loss':>11}{'test bpb':>10}"]
     for name, v in result["variants"].items():
-        rows.append(f"{name + (' *' if name == result['best'] else ''):<16}{v['val_loss']:>10.4f}{v['val_bpb']:>10.4f}"
-                    f"{v.get('test_loss', float('nan')):>11.4f}{v.get('test_bpb', float('nan')):>10.4f}")
+        rows.append(f"{name + (' *' if name == result['best'] else ''):<{width}}{cell(v, 'val_loss', 10)}{cell(v, 'val_bpb', 10)}"
+                    f"{cell(v, 'test_loss', 11)}{cell(v, 'test_bpb', 10)}")
+    if not any("test_loss" in v for v in result["variants"].values()):
+        why = "eval.test is off" if not result["config"]["eval"]["test"] else "the dataset has no test split (or one too short)"
+        rows.append(f"(no test losses: {why})")
     rows.append(f"(* = best on val) {result['steps']} steps, {result['tokens_seen']:,} tokens seen "
                 f"({result['epochs']:.1f} epochs of {result['unique_tokens']:,}), {fmt_time(result['wall_s'])}, "
                 f"{result['tokens_per_s']:,.0f} tok/s")
