@@ -95,13 +95,22 @@ def _open_dataset(weights_extra: dict, cfg, data: str | None, ref: str):
     return ds
 
 
+def _max_tokens(text: str) -> int:
+    from .cli import count
+
+    return -1 if text.strip() == "-1" else count(text)
+
+
 def _add_eval(p: argparse.ArgumentParser) -> None:
+    from .results import MEMBER_SNAPSHOTS, VARIANT_FILES
+
     p.add_argument("ref", metavar="RUN_DIR|CHECKPOINT", help="a finished run directory (the variant it chose on val), a checkpoint directory, or a .safetensors file")
-    p.add_argument("--variant", default=None, help="a finished run's variant: final, ema, swa_params, swa_probs, snapshot_params, "
-                   "snapshot_probs, epochs_probs, epochs_probs_recency (the *_probs ones average the probabilities of the swa/cycle_* or epochs/epoch_* snapshots); default: result.json's best")
+    p.add_argument("--variant", default=None, help=f"a finished run's variant: {', '.join([*VARIANT_FILES, *MEMBER_SNAPSHOTS])} "
+                   "(the *_probs ones average the probabilities of the swa/cycle_* or epochs/epoch_* snapshots); default: result.json's best")
     p.add_argument("--split", choices=("val", "test"), default="val", help="held-out split (default val)")
     p.add_argument("--data", default=None, help="dataset directory (default: the one the model was trained on)")
-    p.add_argument("--max-tokens", type=int, default=-1, help="evaluate only the first N tokens (> 0); -1 = the whole split (default)")
+    p.add_argument("--max-tokens", type=_max_tokens, default=-1,
+                   help="evaluate only the first N tokens (> 0; suffixes k, M, B); -1 = the whole split (default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="evaluation precision (default: the run's train.dtype)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
