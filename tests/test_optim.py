@@ -254,3 +254,34 @@ def test_matrix_optimizer_needs_muon_groups():
         OptimConfig(name="adamw", matrix_optimizer="soap")
     with pytest.raises(ConfigError, match="optim.matrix_optimizer: must be one of"):
         OptimConfig(matrix_optimizer="shampoo")
+
+
+@pytest.mark.parametrize("name", ["soap", "psgd_kron"])
+def test_heavyball_under_torchrun_two_gloo_ranks_equal_one_process(name, bpe_ds, tmp_path):
+    """Each rank steps its own heavyball optimizer on the all-reduced gradients, with the same
+    seeded draws: two ranks follow one process (up to the reduction order of the gradients)."""
+    pytest.importorskip("heavyball")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    common = ["--recipe", "smoke", "--data", str(bpe_ds), "--train.max_steps=4", "--train.batch_tokens=2048",
+              "--eval.max_tokens=512", "--quiet", "--train.num_threads=1", f"--optim.matrix_optimizer={name}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "slowrun", "train", "--run-dir", str(tmp_path / "one"), *common],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    assert "Learning rate changed" not in one.stderr  # heavyball's notice of our schedules is not shown
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
+                          "-m", "slowrun", "train", "--run-dir", str(tmp_path / "two"), *common],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(d):
+        rows = [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r.get("kind") == "train"]
+
+    a, b = losses("one"), losses("two")
+    assert len(a) == len(b) == 4 and b == pytest.approx(a, abs=2e-4)
+    assert a[-1] < a[0]  # it trains

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -327,7 +328,9 @@ def heavyball_step(opt: torch.optim.Optimizer) -> None:
     a resume, and the training's random stream left untouched."""
     n = opt.param_groups[0].get("step_count", 0)
     dev = opt.param_groups[0]["params"][0].device
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), warnings.catch_warnings():
+        # the schedules change the learning rate every step, by design: heavyball's notice of it is noise
+        warnings.filterwarnings("ignore", message="Learning rate changed between steps")
         torch.manual_seed(1_000_003 + int(n))
         opt.step()
 
