@@ -53,6 +53,43 @@ def test_jobs_on_fake_devices_get_distinct_ids_and_never_more_than_the_devices(t
     assert max(running) >= 2  # `parallel=1` is for CPU: the devices set the concurrency
 
 
+# As FAKE, but a device may be shared: each job notes how many jobs hold its device beside it.
+SHARED = """
+import json, os, sys, time
+work, run_dir = sys.argv[1], sys.argv[2]
+(d,) = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+mine = os.path.join(work, "running", "dev" + d + "-" + os.path.basename(run_dir))
+open(mine, "w").close()
+time.sleep(1.5)
+names = os.listdir(os.path.join(work, "running"))
+on_mine, running = sum(n.startswith("dev" + d + "-") for n in names), len(names)
+time.sleep(0.2)
+os.remove(mine)
+os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(run_dir, "result.json"), "w") as f:
+    json.dump({"ids": [d], "on_device": on_mine, "running": running}, f)
+"""
+
+
+class SharedJob(TrainJob):
+    def command(self, threads: int = -1, nproc: int = 1) -> list[str]:
+        return [sys.executable, "-c", SHARED, str(self.data), str(self.run_dir)]
+
+
+def test_jobs_share_each_device_with_parallel(tmp_path, monkeypatch):
+    """`--jobs 2` on 2 devices: 4 at once, never more than 2 on a device."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    (tmp_path / "running").mkdir()
+    jobs = [SharedJob(tmp_path / "runs" / f"job{i}", "smoke", tmp_path) for i in range(6)]
+    assert run_jobs(jobs, parallel=2, progress=False, num_devices=2) == {}
+    results = [j.result() for j in jobs]
+    assert all(r["ids"][0] in {"0", "1"} for r in results)
+    assert max(r["on_device"] for r in results) == 2 and max(r["running"] for r in results) <= 4
+    with pytest.raises(PlacementError, match="share a device only with one device each"):
+        run_jobs(jobs[:1] + [SharedJob(tmp_path / "runs" / "new", "smoke", tmp_path)], parallel=2, progress=False,
+                 gpus_per_job=2, num_devices=4)
+
+
 def test_gpus_per_job_gives_each_job_its_own_devices_through_torchrun(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     jobs = fake_jobs(tmp_path, 3)

@@ -97,3 +97,25 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     assert all(pr.wait() == 0 for pr in procs)
     keys = [e["key"] for e in Ledger.open(p).entries]
     assert len(keys) == 600 and set(keys) == {f"{w}{i}" for w in "abc" for i in range(200)}
+
+
+def test_a_ledger_from_another_machine_merges_in_without_repeats(tmp_path):
+    """Points run elsewhere (a lent GPU) come back as that machine's copy of the ledger: the
+    entries this one lacks are appended once, in order; merging again adds nothing."""
+    here = Ledger(tmp_path / "here.jsonl")
+    here.append(entry("k1"))
+    there = Ledger(tmp_path / "there.jsonl")
+    for e in (entry("k1"), entry("k2"), entry("k1", val="other-val"), entry("k3")):
+        there.append({**e, "device": "cuda"})
+    r = subprocess.run([sys.executable, "-m", "slowrun.ledger", "merge", str(there.path), str(here.path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "merged 3 of 4 entries" in r.stdout, r.stderr
+    merged = Ledger.open(here.path)
+    assert [(e["key"], e["dataset"]["val"]) for e in merged.entries] == [("k1", "v"), ("k2", "v"), ("k1", "other-val"),
+                                                                          ("k3", "v")]
+    assert merged.entries[0].get("device") is None and merged.entries[1]["device"] == "cuda"
+    assert Ledger.open(here.path).merge(Ledger.open(there.path)) == 0
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    r = subprocess.run([sys.executable, "-m", "slowrun.ledger", "merge", str(tmp_path / "bad.jsonl"), str(here.path)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "bad.jsonl:1: corrupt ledger line" in r.stderr

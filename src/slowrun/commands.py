@@ -228,7 +228,7 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
                    help="replace a grid axis at budget B only, e.g. --budget-grid 16:optim.lr=3e-4,6e-4,1.2e-3 (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every point (repeatable)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time on CPU, each its own process (default 1); "
-                   "with CUDA, one run per device (or per --gpus-per-job devices)")
+                   "with CUDA, runs sharing each device (or one run per --gpus-per-job devices)")
     p.add_argument("--gpus-per-job", type=int, default=1, metavar="K",
                    help="CUDA devices per run, launched with torchrun when K > 1 (default 1)")
     p.add_argument("--threads", type=int, default=-1, help="torch threads per run (default: torch's choice)")
@@ -334,7 +334,7 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override of every run, the full recipe's too (repeatable)")
     p.add_argument("--out", default=None, help="ablation directory (runs, ablation.json); rerunning continues it (default runs/ablate-RECIPE)")
     p.add_argument("--curve", default="", help="a baseline curve (curve.json or fineweb) to place every variant on")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process (default 1; with CUDA, per device)")
     p.add_argument("--threads", type=int, default=-1, help="torch threads per run (default: torch's choice)")
     p.add_argument("--ledger", default="", metavar="FILE", help="JSON Lines file of finished runs (as sweep's --ledger)")
     p.add_argument("--no-progress", action="store_true")
@@ -370,7 +370,7 @@ def _add_ensemble(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None, help="distillation weight a in (1-a)*CE + a*T^2*KL (default: the recipe's distill.alpha)")
     p.add_argument("--temperature", type=float, default=None, help="distillation temperature T (default: the recipe's distill.temperature)")
     p.add_argument("--jobs", type=int, default=1, help="members trained at a time without --distill on CPU (default 1); "
-                   "with CUDA, one member per device (or per --gpus-per-job devices)")
+                   "with CUDA, members sharing each device (or one member per --gpus-per-job devices)")
     p.add_argument("--gpus-per-job", type=int, default=1, metavar="K",
                    help="CUDA devices per member, launched with torchrun when K > 1 (default 1)")
     p.add_argument("--threads", type=int, default=-1, help="torch threads per member (default: torch's choice)")
@@ -528,7 +528,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     track.add_argument("--budgets", nargs="+", type=float, default=None,
                        help="measure only these budgets of the baseline curve (into the ledger), e.g. --budgets 8; "
                             "nothing else is computed or written")
-    track.add_argument("--jobs", type=int, default=2, help="runs at a time for the curve and independent members (default 2)")
+    track.add_argument("--jobs", type=int, default=2, help="runs at a time for the curve and independent members (default 2; "
+                       "with CUDA, per device)")
     track.add_argument("--threads", type=int, default=1, help="torch threads per run when --jobs > 1 (default 1)")
     add_args(sub.add_parser("throughput", help="tokens/s, MFU and peak RSS of recipes vs a minimal loop, fp32 and bf16"))
 

@@ -8,7 +8,9 @@ Placement: on a machine with N CUDA devices, N // K jobs run at once, each with
 `CUDA_VISIBLE_DEVICES` set to K devices of its own (K = gpus_per_job, default 1) taken from
 a pool and given back when it ends; a job with K > 1 is launched through torchrun
 (`python -m torch.distributed.run --standalone --nproc_per_node=K`, a free rendezvous port
-each). Without CUDA, `parallel` jobs run at once with no device assignment.
+each). With K = 1, `parallel` jobs share each device (small models, such as the CPU track's
+curve, leave a GPU mostly idle one at a time). Without CUDA, `parallel` jobs run at once
+with no device assignment.
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
     `on_done(job)` is called (one at a time) as soon as each job has finished, e.g. to record it.
 
     With CUDA devices (`num_devices`, default torch.cuda.device_count()), N // gpus_per_job
-    jobs run at once, each on devices of its own (`parallel` is for CPU machines); without,
-    `parallel` at a time."""
+    jobs run at once, each on devices of its own, or with gpus_per_job = 1, `parallel` jobs on
+    each device; without, `parallel` at a time."""
     todo = [j for j in jobs if not j.done()]
     failures: dict[Path, str] = {}
     if not todo:
@@ -114,8 +116,10 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
         raise PlacementError(f"--gpus-per-job {k}: only {len(ids)} CUDA device(s) here")
     if not ids and k > 1:
         raise PlacementError(f"--gpus-per-job {k}: no CUDA device here")
-    pool = DevicePool(ids) if ids else None
-    workers = len(ids) // k if pool is not None else max(1, parallel)
+    if ids and k > 1 and parallel > 1:
+        raise PlacementError(f"--jobs {parallel} with --gpus-per-job {k}: jobs share a device only with one device each")
+    pool = DevicePool(ids * max(1, parallel)) if ids else None  # with k = 1, `parallel` slots per device
+    workers = pool.size // k if pool is not None else max(1, parallel)
     lock = threading.Lock()
     bar = tqdm(total=len(todo), unit="run", desc=desc, disable=not progress, dynamic_ncols=True)
 

@@ -156,3 +156,26 @@ class Ledger:
         finally:
             os.close(fd)
         self.entries.append({**entry, "_line": None})
+
+    def merge(self, other: "Ledger") -> int:
+        """Append every entry of `other` that this ledger lacks (the same config on the same
+        dataset), in its order; returns how many. For points run on another machine."""
+        added = 0
+        for e in other.entries:
+            if self.find(e["key"], e["dataset"], warn=lambda _: None) is None:
+                self.append(e)
+                added += 1
+        return added
+
+
+if __name__ == "__main__":  # python -m slowrun.ledger merge SRC DST: a ledger brought back from another machine
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "merge":
+        raise SystemExit("usage: python -m slowrun.ledger merge SRC DST")
+    try:
+        src, dst = Ledger.open(sys.argv[2]), Ledger.open(sys.argv[3])
+    except LedgerError as e:
+        raise SystemExit(f"error: {e}") from None
+    n = dst.merge(src)
+    print(f"merged {n} of {len(src.entries)} entries of {src.path} into {dst.path} ({len(dst.entries)} now)")

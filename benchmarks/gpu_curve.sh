@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The CPU track's nanochat curve on a lent GPU: `slowrun bench cpu-track --parts baseline` for the
+# budgets in BUDGETS (default "8 16"), JOBS runs sharing the GPU at once (default 4: the curve's
+# models, 3-50M parameters, leave an H100 mostly idle one at a time). The configs are the CPU's own
+# (bf16 autocast, same seeds); the ledger's keys leave the device out, so a point finished here is
+# done for every machine, and its ledger line records the device.
+#
+#   bash benchmarks/gpu_curve.sh              # from the repository root, on the GPU machine
+#
+# The datasets must travel with the tree: the track's are prepared from the builtin corpus, whose
+# packages a machine without a network may lack (with the device tool, carry
+# benchmarks/work/cpu-track/data and benchmarks/work/cpu-track/nanochat-curve/data). Their
+# manifests name the tokenizer by a path relative to the repository root, so the same relative
+# layout reuses them as they are. Finished points are appended to benchmarks/results/ledger.jsonl;
+# with $OUT set (the device tool's folder that comes back), a copy of the ledger is left there every
+# 20 s and at the end. Back on the development machine:
+#
+#   python -m slowrun.ledger merge OUT/ledger.jsonl benchmarks/results/ledger.jsonl
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUDGETS="${BUDGETS:-8 16}"
+JOBS="${JOBS:-4}"
+LEDGER=benchmarks/results/ledger.jsonl
+if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  (while sleep 20; do cp "$LEDGER" "$OUT/ledger.jsonl.tmp" && mv "$OUT/ledger.jsonl.tmp" "$OUT/ledger.jsonl"; done) &
+  COPIER=$!
+  trap 'kill $COPIER 2>/dev/null; cp "$LEDGER" "$OUT/ledger.jsonl"' EXIT
+fi
+before=$(wc -l < "$LEDGER")
+# shellcheck disable=SC2086
+"${SLOWRUN[@]}" bench cpu-track --parts baseline --budgets $BUDGETS --jobs "$JOBS"
+echo "ledger: $before -> $(wc -l < "$LEDGER") lines"
