@@ -155,6 +155,12 @@ def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path, monkeypatc
     with pytest.raises(AblateError, match="sets train.epochs"):
         ab_mod.equal_time_overrides(AblateConfig("slowrun", "unused", str(tmp_path / "ab3"), variants={"x": {"train.epochs": 2.0}},
                                                  equal_time=True), base2, fake)
+    # kept where told (a committed file): another output directory plans the same lengths without timing
+    elsewhere = AblateConfig("smoke", "unused", str(tmp_path / "other"), fixed={"train.max_steps": 8}, variants=swaps,
+                             equal_time=True, equal_time_file=str(tmp_path / "ab" / "equal_time.json"))
+    n = len(calls)
+    assert ab_mod.equal_time_overrides(elsewhere, base, fake) == (over, step_s) and len(calls) == n
+    assert techniques_on(base2, ["none"]) == []  # --only none: the swaps alone
     (tmp_path / "ab" / "equal_time.json").write_text("{not json")
     with pytest.raises(AblateError, match="not an equal-time file"):
         ab_mod.equal_time_overrides(cfg, base, fake)

@@ -18,8 +18,9 @@ With `equal_time` (`--equal-time`) each swap trains for the full recipe's wall t
 than its steps: the trainer's step time of the full recipe and of the swap are measured
 (`slowrun.speed`, each in its own process, median of a few steps) and the swap's
 `train.epochs` (or `train.max_steps`, when the runs set it) is scaled by their ratio. The
-measurements are kept in `equal_time.json` in the output directory, so a rerun plans the
-same runs rather than re-timing them into new configs.
+measurements are kept in `equal_time.json` in the output directory (or `equal_time_file`, e.g.
+a committed one), so a rerun, on any machine, plans the same runs rather than re-timing them
+into new configs.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class AblateConfig:
     progress: bool = True
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # swaps: name -> overrides
     equal_time: bool = False  # swaps train for the full recipe's wall time (their epochs scaled by measured step times)
+    equal_time_file: str = ""  # where the measured step times are kept; "" = OUT/equal_time.json
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -144,10 +146,13 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def techniques_on(cfg: RunConfig, only: list[str] | None = None) -> list[Technique]:
-    """The techniques the config turns on (in table order), or the named ones, each checked."""
+    """The techniques the config turns on (in table order), or the named ones, each checked;
+    `["none"]`: no technique (the swaps alone)."""
     on = [t for t in TECHNIQUES if t.is_on(cfg)]
     if not only:
         return on
+    if only == ["none"]:
+        return []
     for name in only:
         if name not in NAMES:
             raise AblateError(f"--only {name}: not a technique (known: {', '.join(NAMES)})")
@@ -207,7 +212,7 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig,
     time, the step times by name ("full" and each swap)). The step times are measured once and kept in OUT/equal_time.json (keyed by what
     was timed), so that a rerun plans the same runs."""
     measure = measure or step_time
-    path = Path(cfg.out) / "equal_time.json"
+    path = Path(cfg.equal_time_file or Path(cfg.out) / "equal_time.json")
     cache: dict[str, Any] = {}
     if path.is_file():
         try:

@@ -325,12 +325,15 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="slowrun", help="recipe whose techniques are ablated (default slowrun)")
     p.add_argument("--data", required=True, help="prepared dataset directory")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 of the full recipe and of every variant (default 3)")
-    p.add_argument("--only", default="", metavar="A,B", help="ablate only these techniques (default: every one the recipe turns on)")
+    p.add_argument("--only", default="", metavar="A,B", help="ablate only these techniques (default: every one the recipe turns on; "
+                   "none: only the --variant swaps)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="a swap measured beside the ablations, e.g. soap:optim.matrix_optimizer=soap (repeatable); "
                         "its p is that it lowers the test loss")
     p.add_argument("--equal-time", action="store_true",
                    help="swaps train for the full recipe's wall time: their epochs scaled by measured step times")
+    p.add_argument("--equal-time-file", default="", metavar="FILE",
+                   help="where --equal-time keeps the step times (default OUT/equal_time.json); commit it so every machine plans the same runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override of every run, the full recipe's too (repeatable)")
     p.add_argument("--out", default=None, help="ablation directory (runs, ablation.json); rerunning continues it (default runs/ablate-RECIPE)")
     p.add_argument("--curve", default="", help="a baseline curve (curve.json or fineweb) to place every variant on")
@@ -352,7 +355,7 @@ def _run_ablate(a: argparse.Namespace) -> int:
     only = [n.strip() for n in a.only.split(",") if n.strip()]
     variants = dict(parse_variant(v) for v in a.variant)
     ab = ablate(AblateConfig(a.recipe, a.data, out, a.seeds, only, fixed, a.jobs, a.threads, a.ledger, a.curve, not a.no_progress,
-                             variants, a.equal_time))
+                             variants, a.equal_time, a.equal_time_file))
     print(describe(ab))
     print(f"wrote {Path(out) / 'ablation.json'}")
     return 0
