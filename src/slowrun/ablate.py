@@ -17,7 +17,9 @@ same seeds, with the one-sided Welch p of "the swap lowers the test loss" (`p_be
 With `equal_time` (`--equal-time`) each swap trains for the full recipe's wall time rather
 than its steps: the trainer's step time of the full recipe and of the swap are measured
 (`slowrun.speed`, each in its own process, median of a few steps) and the swap's
-`train.epochs` (or `train.max_steps`, when the runs set it) is scaled by their ratio. The
+`train.epochs` (or `train.max_steps`, when the runs set it) is scaled by their ratio; a swap
+of the data order alone (`ORDER_KEYS`, e.g. a curriculum) computes the recipe's steps and keeps
+its length untimed. The
 measurements are kept in `equal_time.json` in the output directory (or `equal_time_file`, e.g.
 a committed one), so a rerun, on any machine, plans the same runs rather than re-timing them
 into new configs.
@@ -43,6 +45,10 @@ from .storage import atomic_write_json
 FORMAT = "slowrun-ablation/1"
 EQUAL_TIME_FORMAT = "slowrun-equal-time/1"
 EQUAL_TIME_STEPS, EQUAL_TIME_WARMUP = 6, 2  # timed steps (median) after untimed ones
+# keys that change only which tokens a step sees, never what it computes: a swap of these alone
+# has the recipe's step time by construction, so it is not timed (timing noise of a few percent
+# would otherwise cut its run short of the recipe's)
+ORDER_KEYS = ("data.curriculum", "data.curriculum_score", "data.doc_shuffle", "data.seq_shuffle")
 # AdamW learning rate of the hidden matrices when Muon is ablated: the middle of the 1e-3..3e-3
 # range usual for AdamW at the widths of the CPU recipes (256-384); the other groups keep theirs
 ADAMW_MATRIX_LR = 2e-3
@@ -235,6 +241,9 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig,
     for name, over in cfg.variants.items():
         if length_key in over:
             raise AblateError(f"--variant {name}: sets {length_key}, which --equal-time sets from the measured step times")
+        if all(k in ORDER_KEYS for k in over):  # the same steps as the recipe's: its length as it is
+            out[name], step_s[name] = dict(over), step_s["full"]
+            continue
         step_s[name] = timed(over)
         scale = step_s["full"] / step_s[name]
         length = max(1, round(base.train.max_steps * scale)) if by_steps else round(base.train.epochs * scale, 3)
