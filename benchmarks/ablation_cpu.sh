@@ -5,6 +5,7 @@
 # bpe:8192, 262,144 training tokens; batch 4,096, periodic evals on 32k val tokens).
 #
 #   bash benchmarks/ablation_cpu.sh                 # ONLY=none: the swaps only; JOBS=2 THREADS=1
+#   NO_TRAIN=1 bash benchmarks/ablation_cpu.sh      # the table of the runs finished so far, nothing trained
 #
 # Needs the second-order extra (pip install -e ".[second-order]") for the optimizer swaps.
 # Every finished run is appended to benchmarks/results/ablation_ledger.jsonl (commit it as runs
@@ -28,6 +29,6 @@ DATA=benchmarks/work/cpu-track/data/1x
   --variant mixed:data.curriculum=mixed \
   --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json \
   --ledger benchmarks/results/ablation_ledger.jsonl --out benchmarks/work/ablation-cpu \
-  --jobs "$JOBS" --threads "$THREADS" --no-progress
+  --jobs "$JOBS" --threads "$THREADS" --no-progress ${NO_TRAIN:+--no-train}
 cp benchmarks/work/ablation-cpu/ablation.json benchmarks/results/ablation_cpu.json
 echo "wrote benchmarks/results/ablation_cpu.json"

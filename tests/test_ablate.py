@@ -83,6 +83,31 @@ def test_ablate_smoke_two_techniques(gpt2_ds, tmp_path, monkeypatch):
     again = json.loads((out / "ablation.json").read_text())
     assert [v["delta_test"] for v in again["variants"]] == [v["delta_test"] for v in saved["variants"]]
     assert "value_proj" in r.stdout and "model.mlp=relu2" in r.stdout and "optim.weight_decay=0.0" in r.stdout
+    assert again["finished"] == again["runs"] == 8 and "partial" not in r.stdout
+
+
+def test_no_train_writes_the_table_of_what_finished(gpt2_ds, tmp_path):
+    """An ablation measured over several sessions: --no-train tabulates the runs finished so far
+    (here none, then one), trains nothing and says the table is partial."""
+    out = tmp_path / "ab"
+    common = dict(seeds=2, only=["value_proj"], threads=1, fixed={"train.max_steps": 2}, progress=False,
+                  ledger=str(tmp_path / "ledger.jsonl"))
+    ab = ablate(AblateConfig("smoke", str(gpt2_ds), str(out), train=False, **common))
+    assert ab["finished"] == 0 and ab["runs"] == 4 and not (out / "runs").exists()
+    assert ab["full"]["test_mean"] is None and ab["variants"][0]["delta_test"] is None
+    from slowrun.config import build_config as bc
+    from slowrun.train import train
+
+    seed0 = Path(ab["full"]["run_dirs"][0])
+    train(bc("smoke", {"train.max_steps": 2, "data.path": str(gpt2_ds), "train.seed": 0, "train.num_threads": 1}), seed0,
+          echo=False)
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(gpt2_ds), "--out",
+                        str(out), "--seeds", "2", "--only", "value_proj", "--set", "train.max_steps=2", "--threads", "1",
+                        "--no-train", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((out / "ablation.json").read_text())
+    assert saved["finished"] == 1 and saved["full"]["test_losses"] == [_test_loss(seed0)[0]]
+    assert "partial: 1 of 4 runs finished" in r.stdout and len(list((out / "runs" / "1x").iterdir())) == 1
 
 
 def test_bad_only_is_one_line(gpt2_ds, tmp_path):

@@ -138,6 +138,7 @@ class AblateConfig:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # swaps: name -> overrides
     equal_time: bool = False  # swaps train for the full recipe's wall time (their epochs scaled by measured step times)
     equal_time_file: str = ""  # where the measured step times are kept; "" = OUT/equal_time.json
+    train: bool = True  # False: the table of the runs finished so far (ledger or run directories), nothing trained
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -282,7 +283,8 @@ def ablate(cfg: AblateConfig) -> dict:
     jobs = {name: [runs.job(1.0, {**off, "train.seed": s}, name) for s in range(cfg.seeds)] for name, _, off in variants}
     print(f"ablate: {len(variants) - 1} technique(s) and swap(s) x {cfg.seeds} seed(s) + the full recipe = {len(runs.jobs)} runs "
           f"({len(runs.results)} already finished, {runs.from_ledger} of them found in the ledger) in {cfg.out}", flush=True)
-    runs.run(list(runs.jobs), "ablate")
+    if cfg.train:
+        runs.run(list(runs.jobs), "ablate")
 
     metric = curve.metric() if curve is not None else "test"
     rows = []
@@ -306,12 +308,12 @@ def ablate(cfg: AblateConfig) -> dict:
             rec["efficiency_reason"] = reason
         rows.append(rec)
     full = rows[0]
-    if full["test_mean"] is None:
+    if full["test_mean"] is None and cfg.train:
         raise AblateError(f"the full recipe finished no run: {'; '.join(full.get('errors', [])) or 'no test loss'}")
     for rec in rows[1:]:
         for split in ("test", "val"):
-            m = rec[f"{split}_mean"]
-            rec[f"delta_{split}"] = m - full[f"{split}_mean"] if m is not None else None
+            m, f = rec[f"{split}_mean"], full[f"{split}_mean"]
+            rec[f"delta_{split}"] = m - f if m is not None and f is not None else None
         if rec["technique"] in swaps:
             rec["swap"] = True
             rec["p_better"] = welch_hurts(full["test_losses"], rec["test_losses"])
@@ -321,6 +323,7 @@ def ablate(cfg: AblateConfig) -> dict:
         "format": FORMAT, "recipe": cfg.recipe, "data": str(cfg.data), "dataset": runs.base.fingerprint, "seeds": cfg.seeds,
         "fixed": cfg.fixed, "curve": curve.name if curve is not None else None, "efficiency_metric": metric,
         "full": full, "variants": rows[1:], "wall_s": round(time.time() - t0, 1), "equal_time": cfg.equal_time,
+        "runs": len(runs.jobs), "finished": sum(j.run_dir in runs.results for j in runs.jobs),
     }
     atomic_write_json(Path(cfg.out) / "ablation.json", out)
     return out
@@ -347,6 +350,8 @@ def describe(ab: dict) -> str:
                      f"{(f'{wall:.0f}s' if wall is not None else '-'):>7}  "
                      + (", ".join(f"{k}={v}" for k, v in rec["off"].items()) or "-")
                      + (f" [{len(rec['errors'])} failed: {rec['errors'][0]}]" if rec.get("errors") else ""))
+    if ab.get("finished", ab.get("runs")) != ab.get("runs"):
+        lines.append(f"partial: {ab['finished']} of {ab['runs']} runs finished; means over the seeds that finished")
     lines.append(f"delta = mean test loss without the technique (or with the swap) - the full recipe's (> 0: the "
                  f"technique helps, the swap hurts); p = one-sided Welch p that removing a technique raises the test "
                  f"loss, or that a swap lowers it; {ab['seeds']} seed(s) each"

@@ -332,6 +332,8 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
                         "its p is that it lowers the test loss")
     p.add_argument("--equal-time", action="store_true",
                    help="swaps train for the full recipe's wall time: their epochs scaled by measured step times")
+    p.add_argument("--no-train", action="store_true",
+                   help="write the table of the runs finished so far (from --ledger or the run directories); train nothing")
     p.add_argument("--equal-time-file", default="", metavar="FILE",
                    help="where --equal-time keeps the step times (default OUT/equal_time.json); commit it so every machine plans the same runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override of every run, the full recipe's too (repeatable)")
@@ -355,7 +357,7 @@ def _run_ablate(a: argparse.Namespace) -> int:
     only = [n.strip() for n in a.only.split(",") if n.strip()]
     variants = dict(parse_variant(v) for v in a.variant)
     ab = ablate(AblateConfig(a.recipe, a.data, out, a.seeds, only, fixed, a.jobs, a.threads, a.ledger, a.curve, not a.no_progress,
-                             variants, a.equal_time, a.equal_time_file))
+                             variants, a.equal_time, a.equal_time_file, not a.no_train))
     print(describe(ab))
     print(f"wrote {Path(out) / 'ablation.json'}")
     return 0
