@@ -101,6 +101,32 @@ def ledger(path: str = "benchmarks/results/ledger.jsonl") -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for t, d, lr, b, seed, recipe, n, v, te, dev, w in sorted(rows):
         print(f"| {t:,} | {recipe} | {d} | {lr:g} | {b} | {seed} | {n:,} | {v:.4f} | {te:.4f} | {dev} | {w / 60:.1f} |")
+    chosen_so_far(rows)
+
+
+def chosen_so_far(rows: list[tuple]) -> None:
+    """Per budget, at the track's fixed lr and batch: the sizes tried, the best on val (seed 0),
+    whether it sits at an edge of the sizes tried, and the mean and spread of its seeds."""
+    from slowrun.track import CURVE_BATCH, CURVE_LR_SCALE, TRACK
+
+    base = TRACK.budget
+    print("\n| budget | train tokens | sizes tried | chosen (best val, seed 0) | seeds | val | test | seed spread (test) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for t in sorted({r[0] for r in rows}):
+        grid = [r for r in rows if r[0] == t and r[2] == CURVE_LR_SCALE and r[3] == CURVE_BATCH]
+        first = {r[1]: r for r in grid if r[4] == 0}
+        if not first:
+            continue
+        best = min(first.values(), key=lambda r: r[7])[1]
+        depths = sorted(first)
+        seeds = [r for r in grid if r[1] == best]
+        tests = [r[8] for r in seeds]
+        where = f"depth {best}" + (" (one size so far)" if len(depths) == 1 else
+                                   ", at the edge" if best in (depths[0], depths[-1]) else " (inside)")
+        spread = f"{max(tests) - min(tests):.4f}" if len(tests) > 1 else "-"
+        tried = f"depth {depths[0]}-{depths[-1]}" if len(depths) > 1 else f"depth {depths[0]}"
+        print(f"| {t / base:g}x | {t:,} | {tried} | {where} | {len(seeds)} | "
+              f"{sum(r[7] for r in seeds) / len(seeds):.4f} | {sum(tests) / len(tests):.4f} | {spread} |")
 
 
 if __name__ == "__main__":
