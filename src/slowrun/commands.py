@@ -73,7 +73,7 @@ def _run_train(a: argparse.Namespace) -> int:
     else:
         result = train(build_run_config(a), a.run_dir or _run_dir_default(a.recipe), echo=not a.quiet)
     if a.quiet and result:  # quiet hides the per-step lines, never the answer
-        from .train import result_table
+        from .variants import result_table
 
         print(result_table(result))
     return 0
