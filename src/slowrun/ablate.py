@@ -31,8 +31,6 @@ import hashlib
 import json
 import math
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,24 +198,25 @@ def _efficiency(curve, loss: float | None, metric: str) -> tuple[float | None, s
 
 
 def step_time(recipe: str, data: str, overrides: dict[str, Any], dtype: str, threads: int) -> float:
-    """Median step time (s) of the trainer on `recipe` + `overrides`, measured by
-    `slowrun.speed` in a process of its own (so one measurement cannot warm or slow another)."""
+    """Median step time (s) of the trainer on `recipe` + `overrides` (`speed.measure_in_process`)."""
+    from .speed import SpeedError, measure_in_process
+
     over = {**overrides, **({"train.num_threads": threads} if threads > 0 else {})}
-    cmd = [sys.executable, "-m", "slowrun.speed", recipe, dtype, str(EQUAL_TIME_STEPS), str(EQUAL_TIME_WARMUP), data,
-           *(f"--{k}={json.dumps(v)}" for k, v in over.items())]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        lines = (r.stderr or r.stdout).strip().splitlines()
-        raise AblateError(f"timing a step of {recipe} with {over}: {lines[-1] if lines else f'exit code {r.returncode}'}")
-    return float(json.loads(r.stdout.strip().splitlines()[-1])["step_s_median"])
+    try:
+        row = measure_in_process(recipe, dtype, EQUAL_TIME_STEPS, EQUAL_TIME_WARMUP, data,
+                                 [f"--{k}={json.dumps(v)}" for k, v in over.items()])
+    except SpeedError as e:
+        raise AblateError(str(e)) from None
+    return float(row["step_s_median"])
 
 
 def equal_time_overrides(cfg: AblateConfig, base: RunConfig,
                          measure: Callable[..., float] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-    """(each swap's overrides plus the run length that gives it the full recipe's wall time:
-    `train.epochs` (or `train.max_steps` when the runs set it) x full step time / swap step
-    time, the step times by name ("full" and each swap)). The step times are measured once and kept in OUT/equal_time.json (keyed by what
-    was timed), so that a rerun plans the same runs."""
+    """(each swap's overrides plus the run length that gives it the full recipe's wall time,
+    the step times by name: "full" and each swap). The length is `train.epochs` (or
+    `train.max_steps` when the runs set it) x full step time / swap step time. Step times are
+    measured once and kept in the equal-time file (keyed by what was timed), so that a rerun
+    plans the same runs."""
     measure = measure or step_time
     path = Path(cfg.equal_time_file or Path(cfg.out) / "equal_time.json")
     cache: dict[str, Any] = {}

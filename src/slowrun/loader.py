@@ -60,7 +60,7 @@ def document_scores(dataset: Dataset, score: str, seq_len: int, fitness_tokens: 
         return lens.astype(np.float64)
     from .checkpoint import load_model, weights_path
     from .dataset import load_array, require_comparable
-    from .storage import atomic_write_bytes, atomic_write_json, sha256_file
+    from .storage import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 
     weights = weights_path(score)
     key = {"weights": sha256_file(weights), "train": dataset.manifest["files"].get("train.bin"), "docs": len(starts),
@@ -90,7 +90,7 @@ def document_scores(dataset: Dataset, score: str, seq_len: int, fitness_tokens: 
     buf = io.BytesIO()
     np.save(buf, out)
     atomic_write_bytes(npy, buf.getvalue())
-    atomic_write_json(meta, {**key, "scores": sha256_file(npy)})
+    atomic_write_json(meta, {**key, "scores": sha256_bytes(buf.getvalue())})
     return out
 
 

@@ -78,9 +78,7 @@ class RunLogger:
         if enabled and progress and progress_total and sys.stderr.isatty():
             self.bar = tqdm(total=progress_total, unit="step", dynamic_ncols=True, leave=False)
         self.wandb = self.tb = None
-        if self.enabled:
-            require_backends(wandb, tensorboard)
-        if self.enabled and wandb:
+        if self.enabled and wandb:  # installed: train.setup checked it before any file was written
             import wandb as _wandb
 
             self.wandb = _wandb.init(project="slowrun", dir=str(run_dir), config=config, name=run_dir.name, resume="allow")
@@ -91,20 +89,21 @@ class RunLogger:
 
     def line(self, text: str, echo: bool = True) -> None:
         """Append to log.txt; also print it (rank 0, unless quiet) when `echo`."""
-        if self.log_f:
-            self.log_f.write(text + "\n")
-            self.log_f.flush()
+        self._append(text)
         if self.echo and echo:
             if self.bar is not None:
                 self.bar.write(text)
             else:
                 print(text, flush=True)
 
-    def warn(self, text: str) -> None:
-        """Append to log.txt and print on stderr (rank 0), quiet or not."""
+    def _append(self, text: str) -> None:
         if self.log_f:
             self.log_f.write(text + "\n")
             self.log_f.flush()
+
+    def warn(self, text: str) -> None:
+        """Append to log.txt and print on stderr (rank 0), quiet or not."""
+        self._append(text)
         if self.main:
             print(text, file=sys.stderr, flush=True)
 

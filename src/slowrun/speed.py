@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import SlowrunError
+
 
 
 def peak_matmul_flops(dtype: torch.dtype, sizes=(512, 1024, 2048), reps: int = 10) -> float:
@@ -162,6 +164,22 @@ def measure_one(recipe: str, dtype: str, steps: int, warmup: int, data: str, ove
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+class SpeedError(SlowrunError):
+    pass
+
+
+def measure_in_process(recipe: str, dtype: str, steps: int, warmup: int, data: str, overrides: list[str]) -> dict:
+    """`measure_one` in a process of its own (so its peak RSS is its own, and one measurement
+    cannot warm or slow another); a failure is one line naming what was timed."""
+    cmd = [sys.executable, "-m", "slowrun.speed", recipe, dtype, str(steps), str(warmup), data, *overrides]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        raise SpeedError(f"timing a step of {recipe} ({dtype}, {' '.join(overrides) or 'no overrides'}): "
+                         f"{lines[-1] if lines else f'exit code {r.returncode}'}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--recipes", nargs="+", default=["minimal", "baseline", "slowrun"],
                     help="recipes to time; 'minimal' is the plain nanoGPT-style loop at the baseline's size")
@@ -185,9 +203,7 @@ def run(a: argparse.Namespace) -> dict:
     rows = []
     for recipe in a.recipes:
         for dtype in a.dtypes:
-            cmd = [sys.executable, "-m", "slowrun.speed", recipe, dtype, str(a.steps), str(a.warmup), a.data, *overrides]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            row = json.loads(out.strip().splitlines()[-1])
+            row = measure_in_process(recipe, dtype, a.steps, a.warmup, a.data, overrides)
             row["mfu"] = round(row["flops_per_token"] * row["tokens_per_s"] / peaks[dtype], 4)
             rows.append(row)
             print(f"{recipe:>9} {dtype}: {row['tokens_per_s']:>9,.0f} tok/s | MFU {row['mfu']:6.1%} | "

@@ -50,10 +50,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask."""
+    return 0o666 & ~_umask()
+
+
 def umask_mode(path: str | Path) -> None:
-    """Give a file the mode open() would have given it (0666 less the umask): for writers,
-    such as safetensors' save_file, that always create 0600."""
-    os.chmod(path, 0o666 & ~_umask())
+    """Give a file `file_mode()`: for writers, such as safetensors' save_file, that always create 0600."""
+    os.chmod(path, file_mode())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -61,7 +65,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets what open() would give it
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; a written file gets what open() would give it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
