@@ -119,3 +119,32 @@ def test_a_ledger_from_another_machine_merges_in_without_repeats(tmp_path):
     r = subprocess.run([sys.executable, "-m", "slowrun.ledger", "merge", str(tmp_path / "bad.jsonl"), str(here.path)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "bad.jsonl:1: corrupt ledger line" in r.stderr
+
+
+def test_a_tree_exported_by_git_archive_still_names_its_commit(tmp_path):
+    """Long runs go from a `git archive` snapshot (no .git): the repository's own COMMIT file and
+    .gitattributes make the export carry the commit that the ledger's lines then record."""
+    import shutil
+    from pathlib import Path
+
+    from slowrun.runlog import exported_commit
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo, out = tmp_path / "repo", tmp_path / "out"
+    (repo / "src" / "slowrun").mkdir(parents=True)
+    shutil.copy(root / "src" / "slowrun" / "COMMIT", repo / "src" / "slowrun" / "COMMIT")
+    shutil.copy(root / ".gitattributes", repo / ".gitattributes")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    archive = subprocess.run([*git, "archive", "HEAD"], check=True, capture_output=True).stdout
+    out.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    assert exported_commit(out / "src" / "slowrun" / "COMMIT") == head[:12]
+    # in a checkout the file is not substituted, and a missing file names no commit either
+    assert exported_commit(repo / "src" / "slowrun" / "COMMIT") == "unknown"
+    assert exported_commit(tmp_path / "absent") == "unknown"

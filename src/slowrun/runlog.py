@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -18,16 +19,29 @@ from . import SlowrunError, __version__
 
 
 def git_commit() -> str:
+    """The commit of the code running: `git rev-parse` (with "-dirty" for uncommitted changes to
+    tracked files) in a checkout; in a tree exported by `git archive`, which has no .git, the
+    commit that `export-subst` wrote into the package's COMMIT file; else "unknown"."""
+    here = Path(__file__).resolve().parent
     try:
-        here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        if out.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
+        pass
+    return exported_commit(here / "COMMIT")
+
+
+def exported_commit(path: Path) -> str:
+    """The commit `git archive` substituted into `path` (12 hex digits), or "unknown" where the
+    file is missing or was never substituted (it then still reads "$Format:%H$")."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
         return "unknown"
+    return text[:12] if re.fullmatch(r"[0-9a-f]{40}", text) else "unknown"
 
 
 def device_name(device: torch.device) -> str:
