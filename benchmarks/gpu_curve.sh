@@ -16,6 +16,11 @@
 # 20 s and at the end. Back on the development machine:
 #
 #   python -m slowrun.ledger merge OUT/ledger.jsonl benchmarks/results/ledger.jsonl
+#
+# First (CROSS=1, the default), one CPU point is trained again here, 1x depth 8 seed 0 (ledger key
+# 6b40254cbf22543c, 256 steps), and its losses compared with the CPU's: how far this device's
+# points differ from the CPU's by numerics alone ($OUT/cross_check.json), which the README must
+# state beside the points that ran here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGETS="${BUDGETS:-8 16}"
@@ -28,6 +33,11 @@ if [ -n "${OUT:-}" ]; then
   (while sleep 20; do cp "$LEDGER" "$OUT/ledger.jsonl.tmp" && mv "$OUT/ledger.jsonl.tmp" "$OUT/ledger.jsonl"; done) &
   COPIER=$!
   trap 'kill $COPIER 2>/dev/null; cp "$LEDGER" "$OUT/ledger.jsonl"' EXIT
+fi
+if [ "${CROSS:-1}" = 1 ]; then
+  rm -rf benchmarks/work/gpu-cross
+  python3 -m slowrun.ledger rerun "$LEDGER" 6b40254cbf22543c --data benchmarks/work/cpu-track/data/1x \
+    --run-dir benchmarks/work/gpu-cross --out "${OUT:-benchmarks/work}/cross_check.json" --train.device=cuda
 fi
 before=$(wc -l < "$LEDGER")
 # shellcheck disable=SC2086

@@ -1,6 +1,7 @@
 """The results ledger: keys, lookup, refusal of foreign datasets, corrupt lines, concurrent writers."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -148,3 +149,51 @@ def test_a_tree_exported_by_git_archive_still_names_its_commit(tmp_path):
     # in a checkout the file is not substituted, and a missing file names no commit either
     assert exported_commit(repo / "src" / "slowrun" / "COMMIT") == "unknown"
     assert exported_commit(tmp_path / "absent") == "unknown"
+
+
+def test_rerun_trains_a_line_again_and_compares(tmp_path, gpt2_ds):
+    """`python -m slowrun.ledger rerun` (a CPU point trained again on a lent GPU) runs the line's
+    own config: on this CPU the losses come out identical. Overrides that could change the
+    result, an unknown key and another dataset are refused in one line before any training."""
+    from slowrun.ledger import entry_from_result
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = tmp_path / "first"
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--recipe", "smoke", "--data", str(gpt2_ds), "--run-dir",
+                        str(first), "--quiet", "--train.max_steps=3", "--eval.max_tokens=2048", "--train.num_threads=1"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    led = Ledger(tmp_path / "ledger.jsonl")
+    led.append(entry_from_result(json.loads((first / "result.json").read_text()), {"budget": 1.0}))
+    key = led.entries[0]["key"]
+
+    def rerun(*args):
+        return subprocess.run([sys.executable, "-m", "slowrun.ledger", "rerun", str(led.path), *args],
+                              capture_output=True, text=True, env=env)
+
+    r = rerun(key[:8], "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "again"), "--out", str(tmp_path / "cmp.json"),
+              "--train.num_threads=1", "--train.progress=false")
+    assert r.returncode == 0, r.stderr
+    cmp = json.loads((tmp_path / "cmp.json").read_text())
+    assert cmp["key"] == key and cmp["line"] == 1 and set(cmp["variants"]) == set(led.entries[0]["variants"])
+    for splits in cmp["variants"].values():
+        assert splits["val_loss"]["diff"] == 0.0 and splits["test_loss"]["diff"] == 0.0
+        assert splits["val_loss"]["here"] == pytest.approx(5.0, abs=6)  # a real loss, not a placeholder
+    assert f"{key} ({led.path}:1)" in r.stdout
+
+    r = rerun(key, "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "x"), "--train.max_steps=4")
+    assert r.returncode != 0 and "--train.max_steps=4: a rerun takes only settings that cannot change" in r.stderr
+    r = rerun("ffff", "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "x"))
+    assert r.returncode != 0 and "no config key starts with 'ffff'" in r.stderr
+    other = tmp_path / "other"
+    other_ds = _prepare_other(other)
+    r = rerun(key, "--data", str(other_ds), "--run-dir", str(tmp_path / "x"))
+    assert r.returncode != 0 and "is not the dataset of" in r.stderr
+    assert not (tmp_path / "x").exists() and "Traceback" not in r.stderr
+
+
+def _prepare_other(out):
+    from slowrun.prepare import PrepareConfig, prepare
+
+    return prepare(PrepareConfig(source="builtin", tokenizer="gpt2", train_tokens=10_000, val_tokens=4_000,
+                                 test_tokens=4_000, out=str(out), progress=False))

@@ -168,14 +168,86 @@ class Ledger:
         return added
 
 
-if __name__ == "__main__":  # python -m slowrun.ledger merge SRC DST: a ledger brought back from another machine
-    import sys
+def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str]) -> dict[str, Any]:
+    """Train a ledger line's config again on this machine (e.g. a CPU point on a GPU, to learn
+    how far points from the two devices may be mixed) and compare every variant's losses.
 
-    if len(sys.argv) != 4 or sys.argv[1] != "merge":
-        raise SystemExit("usage: python -m slowrun.ledger merge SRC DST")
+    `key` is a line's config key or a unique prefix of one; the dataset in `data` must be the
+    line's own (same tokenizer and split hashes). `overrides` (--section.key=value) may only set
+    what cannot change the losses (NON_RESULT_KEYS: device, threads, logging), so the rerun is
+    the line's config exactly."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import tomli_w
+
+    from .dataset import Dataset
+
+    for o in overrides:
+        sec, _, name = o.removeprefix("--").partition("=")[0].partition(".")
+        if name not in NON_RESULT_KEYS.get(sec, ()):
+            allowed = ", ".join(f"{s}.{k}" for s, ks in NON_RESULT_KEYS.items() for k in ks if s == "train")
+            raise LedgerError(f"{o}: a rerun takes only settings that cannot change the losses ({allowed})")
+    hits = [e for e in ledger.entries if e["key"].startswith(key)]
+    if len({e["key"] for e in hits}) != 1:
+        raise LedgerError(f"{ledger.path}: {'no' if not hits else 'more than one'} config key starts with {key!r}")
+    ds = dataset_identity(Dataset.open(data).manifest)
+    entry = next((e for e in hits if e["dataset"] == ds), None)
+    if entry is None:
+        raise LedgerError(f"{data} is not the dataset of {ledger.path}:{hits[0]['_line']} (tokenizer or split hashes differ)")
+    with tempfile.TemporaryDirectory(prefix="slowrun-rerun-") as tmp:
+        recipe = Path(tmp) / "recipe.toml"
+        recipe.write_text(tomli_w.dumps(entry["config"]), encoding="utf-8")
+        cmd = [sys.executable, "-m", "slowrun", "train", "--recipe", str(recipe), "--data", data, "--run-dir", run_dir,
+               "--quiet", *overrides]
+        if subprocess.run(cmd).returncode != 0:
+            raise LedgerError(f"the rerun of {entry['key']} failed: see {run_dir}/log.txt")
+    result = json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8"))
+    here = entry_from_result(result)
+    rows = {v: {f"{split}_loss": {"ledger": entry["variants"][v][f"{split}_loss"], "here": here["variants"][v][f"{split}_loss"],
+                                  "diff": here["variants"][v][f"{split}_loss"] - entry["variants"][v][f"{split}_loss"]}
+                for split in ("val", "test") if f"{split}_loss" in here["variants"][v]}
+            for v in here["variants"] if v in entry["variants"]}
+    return {"key": entry["key"], "line": entry["_line"], "tag": entry.get("tag"), "ledger_device": entry["device"],
+            "device": here["device"], "ledger_wall_s": entry["wall_s"], "wall_s": here["wall_s"], "variants": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m slowrun.ledger merge SRC DST | rerun LEDGER KEY --data DIR --run-dir DIR [--out F] [overrides]"""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m slowrun.ledger")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="append a ledger brought back from another machine (only lines DST lacks)")
+    m.add_argument("src")
+    m.add_argument("dst")
+    r = sub.add_parser("rerun", help="train one line's config again here and compare its losses with the line's")
+    r.add_argument("ledger")
+    r.add_argument("key", help="the line's config key, or a unique prefix of it")
+    r.add_argument("--data", required=True, help="the line's dataset, prepared here")
+    r.add_argument("--run-dir", required=True)
+    r.add_argument("--out", help="write the comparison as JSON here too")
+    a, overrides = ap.parse_known_args(argv)
     try:
-        src, dst = Ledger.open(sys.argv[2]), Ledger.open(sys.argv[3])
-    except LedgerError as e:
+        if a.cmd == "merge":
+            src, dst = Ledger.open(a.src), Ledger.open(a.dst)
+            n = dst.merge(src)
+            print(f"merged {n} of {len(src.entries)} entries of {src.path} into {dst.path} ({len(dst.entries)} now)")
+            return
+        if a.cmd == "rerun":
+            bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
+            if bad:
+                ap.error(f"unrecognized arguments: {' '.join(bad)}")
+            cmp = rerun(Ledger.open(a.ledger), a.key, a.data, a.run_dir, overrides)
+    except (LedgerError, SlowrunError) as e:
         raise SystemExit(f"error: {e}") from None
-    n = dst.merge(src)
-    print(f"merged {n} of {len(src.entries)} entries of {src.path} into {dst.path} ({len(dst.entries)} now)")
+    print(f"{cmp['key']} ({a.ledger}:{cmp['line']}): {cmp['ledger_device']} -> {cmp['device']}")
+    for v, splits in cmp["variants"].items():
+        print(f"  {v:<12}" + "  ".join(f"{k} {d['ledger']:.4f} -> {d['here']:.4f} ({d['diff']:+.4f})" for k, d in splits.items()))
+    if a.out:
+        Path(a.out).write_text(json.dumps(cmp, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
