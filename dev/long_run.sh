@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run a long job (a curve sweep, an ablation) from a snapshot of the committed code, so that
+# editing src/ while it runs changes nothing in it: `git archive HEAD` into
+# $SNAPSHOTS/<commit> (made once), then the command with that snapshot's src on PYTHONPATH, one
+# torch thread (NICE, THREADS to change), at nice 19, from the repository root. The snapshot's
+# src/slowrun/COMMIT names the commit, so its runs' ledger lines record it.
+#
+#   dev/long_run.sh slowrun bench cpu-track --parts baseline --budgets 8 --jobs 1 --threads 1
+#   dev/long_run.sh bash benchmarks/ablation_cpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -gt 0 ] || { echo "usage: dev/long_run.sh COMMAND [ARGS...]" >&2; exit 2; }
+commit=$(git rev-parse --short=12 HEAD)
+snap="${SNAPSHOTS:-/tmp/slowrun-snapshots}/$commit"
+if [ ! -f "$snap/src/slowrun/COMMIT" ]; then
+  mkdir -p "$snap.tmp" && git archive HEAD | tar -x -C "$snap.tmp" && mv "$snap.tmp" "$snap"
+fi
+# the repository's virtual environment first (a script's `slowrun` and `python3` are its own); the
+# snapshot's src on PYTHONPATH comes before the editable install's finder
+[ -d .venv/bin ] && export PATH="$PWD/.venv/bin:$PATH"
+export PYTHONPATH="$snap/src" OMP_NUM_THREADS="${THREADS:-1}"
+echo "long_run: code of $commit from $snap" >&2
+exec nice -n "${NICE:-19}" "$@"
