@@ -134,3 +134,64 @@ def test_expansion_walks_through_points_found_in_the_ledger(bpe_ds, tmp_path, mo
     runs.run([runs.job(1, {"model.n_layer": 1})], "grid")
     sweep_mod.expand(runs)
     assert trained == [1, 4] and runs.value(runs.best(1), "model.n_layer") == 3
+
+
+def test_plan_names_each_budgets_next_runs_and_trains_nothing(bpe_ds, tmp_path, monkeypatch):
+    """`--plan` walks the sweep's phases as results come in (grid, then the size past an edge-bound
+    best, then the refinement, then the second seed, then done), and prices the runs from the
+    ledger's CPU runs, counting only what a started run has left after its checkpoint."""
+    from slowrun import sweep as sweep_mod
+    from slowrun.config import build_config
+    from slowrun.gpt import GPT
+
+    losses = {1: 5.0, 2: 4.0, 3: 4.5}
+    finished = set()  # (n_layer, lr_scale, seed)
+
+    def fake_lookup(self, job):
+        p = job.tag["point"]
+        k = (p["model.n_layer"], p.get("optim.lr_scale", 1.0), p.get("train.seed", 0))
+        if k in finished:
+            self.results[job.run_dir] = {"variants": {"final": {"val_loss": losses[k[0]] + (k[1] != 1.0) * 0.1}},
+                                         "best": "final", "config": {"model": {"n_layer": k[0]}, "optim": {"lr_scale": k[1]}}}
+
+    def no_training(*a, **k):
+        raise AssertionError("plan trained a run")
+
+    monkeypatch.setattr(sweep_mod.Runs, "_lookup", fake_lookup)
+    monkeypatch.setattr(sweep_mod, "run_jobs", no_training)
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(json.dumps({"format": "slowrun-ledger/1", "key": "x", "dataset": {}, "device": "cpu (x86_64, 1 threads)",
+                                  "threads": 1, "train_wall_s": 100.0, "params": 1000, "tokens_seen": 1000}) + "\n")
+    cfg = SweepConfig("smoke", str(bpe_ds), str(tmp_path / "sw"), budgets=[1], grid={"model.n_layer": [1, 2]},
+                      fixed={"train.max_steps": -1, "train.epochs": 1.0}, threads=1, progress=False, ledger=str(ledger),
+                      expand="model.n_layer", refine={1: {"optim.lr_scale": [0.5]}}, seeds=2)
+
+    def step():
+        runs, (p,) = sweep_mod.plan(cfg)
+        return runs, p.phase, [j.tag["point"] for j in p.jobs]
+
+    assert step()[1:] == ("grid", [{"model.n_layer": 1}, {"model.n_layer": 2}])
+    finished |= {(1, 1.0, 0), (2, 1.0, 0)}
+    assert step()[1:] == ("expand", [{"model.n_layer": 3}])
+    finished.add((3, 1.0, 0))
+    assert step()[1:] == ("refine", [{"model.n_layer": 2, "optim.lr_scale": 0.5}])
+    finished.add((2, 0.5, 0))
+    runs, phase, points = step()
+    assert (phase, points) == ("seeds", [{"model.n_layer": 2, "train.seed": 1}])
+
+    # the price: 1e-4 s per parameter-token (the ledger's one CPU run) x the model's parameters x its tokens
+    smoke = build_config("smoke", {"model.n_layer": 2, "model.vocab_size": 512, "data.path": str(bpe_ds)})
+    params = GPT(smoke.model).num_params()
+    job = runs.jobs[-1]
+    tokens = 40_000
+    text = sweep_mod.describe_plan(runs, sweep_mod.plan(cfg)[1])
+    assert f"~{1e-4 * params * tokens / 3600:.1f} CPU h" in text and "median of 1 CPU run(s)" in text
+    assert f"{params / 1e6:6.1f}M params" in text and "n_layer=2, seed=1" in text
+    (job.run_dir / "checkpoints" / "step_0000004").mkdir(parents=True)  # started: 4 steps done
+    left = 1 - 4 * smoke.train.batch_tokens / tokens
+    text = sweep_mod.describe_plan(runs, sweep_mod.plan(cfg)[1])
+    assert f"~{1e-4 * params * tokens * left / 3600:.1f} CPU h (resumes at {1 - left:.0%}: step_0000004)" in text
+
+    finished.add((2, 1.0, 1))
+    assert step()[1:] == ("done", [])
+    assert "    1x  done" in sweep_mod.describe_plan(*sweep_mod.plan(cfg))

@@ -242,6 +242,9 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine", action="append", default=[], metavar="B:KEY=F1,F2",
                    help="at budget B also run the chosen point with KEY times each factor, e.g. 16:optim.lr_scale=0.5,2")
     p.add_argument("--seeds", type=int, default=1, help="seeds of each budget's chosen point; the curve uses their mean (default 1)")
+    p.add_argument("--plan", action="store_true",
+                   help="train nothing: print each budget's next runs (from the run directories and the ledger), "
+                        "with their sizes and estimated CPU hours")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -258,7 +261,7 @@ def _budget_axis(flag: str, item: str) -> tuple[float, str, list]:
 
 def _run_sweep(a: argparse.Namespace) -> int:
     from .config import parse_value
-    from .sweep import SweepConfig, describe, sweep
+    from .sweep import SweepConfig, describe, describe_plan, plan, sweep
 
     grid = dict(_grid_arg(g) for g in a.grid)
     by_budget: dict[float, dict] = {}
@@ -277,9 +280,12 @@ def _run_sweep(a: argparse.Namespace) -> int:
         from .config import ConfigError
 
         raise ConfigError(f"--seeds: must be >= 1, got {a.seeds}")
-    curve = sweep(SweepConfig(a.recipe, a.data, a.out, a.budgets, grid, fixed, by_budget, a.jobs, a.threads, a.fit_params,
-                              a.name, not a.no_progress, a.ledger, a.expand, refine=refine, seeds=a.seeds,
-                              gpus_per_job=a.gpus_per_job))
+    cfg = SweepConfig(a.recipe, a.data, a.out, a.budgets, grid, fixed, by_budget, a.jobs, a.threads, a.fit_params,
+                      a.name, not a.no_progress, a.ledger, a.expand, refine=refine, seeds=a.seeds, gpus_per_job=a.gpus_per_job)
+    if a.plan:
+        print(describe_plan(*plan(cfg)))
+        return 0
+    curve = sweep(cfg)
     print(describe(curve))
     print(f"wrote {Path(a.out) / 'curve.json'}")
     return 0
@@ -536,6 +542,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     track.add_argument("--jobs", type=int, default=2, help="runs at a time for the curve and independent members (default 2; "
                        "with CUDA, per device)")
     track.add_argument("--threads", type=int, default=1, help="torch threads per run when --jobs > 1 (default 1)")
+    track.add_argument("--plan", action="store_true",
+                       help="train nothing: print the baseline curve's next runs per budget (all, or --budgets), with "
+                            "their sizes and estimated CPU hours from the ledger's runs")
     add_args(sub.add_parser("throughput", help="tokens/s, MFU and peak RSS of recipes vs a minimal loop, fp32 and bf16"))
 
 
@@ -545,8 +554,11 @@ def _run_bench(a: argparse.Namespace) -> int:
 
         run(a)
         return 0
-    from .track import TRACK, run_track
+    from .track import TRACK, plan_curve, run_track
 
+    if a.plan:
+        print(plan_curve(TRACK, a.work, a.out, a.jobs, a.threads, a.budgets))
+        return 0
     run_track(TRACK, a.work, a.out, a.report, tuple(a.parts), a.jobs, a.threads, a.budgets)
     return 0
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import SlowrunError
+from .checkpoint import list_checkpoints
 from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import fit_power_law
@@ -191,12 +192,12 @@ class Runs:
         return self.results[job.run_dir]["config"][sec][name]
 
 
-def expansions(runs: Runs) -> list[TrainJob]:
+def expansions(runs: Runs, budgets: list[float] | None = None) -> list[TrainJob]:
     """Points that move a budget's best off the edge of the expanded axis: the next value past
     each edge-bound best, finished already (the ledger) or not; the caller trains the rest and
     asks again, so the frontier walks through finished points as through new ones."""
     axis, out = runs.cfg.expand, []
-    for b in runs.cfg.budgets:
+    for b in runs.cfg.budgets if budgets is None else budgets:
         best = runs.best(b)
         v = runs.value(best, axis)
         tried = {runs.value(j, axis) for j in runs.tuning(b)}
@@ -217,9 +218,11 @@ def expand(runs: Runs, rounds: int = 8) -> None:
         runs.run(extra, f"expand {runs.cfg.expand}")
 
 
-def refinements(runs: Runs) -> list[TrainJob]:
+def refinements(runs: Runs, budgets: list[float] | None = None) -> list[TrainJob]:
     out = []
     for b, keys in runs.cfg.refine.items():
+        if budgets is not None and b not in budgets:
+            continue
         if b not in runs.datasets:
             raise SweepError(f"refine: budget {budget_name(b)} is not one of the sweep's budgets")
         best = runs.best(b)
@@ -227,6 +230,106 @@ def refinements(runs: Runs) -> list[TrainJob]:
             for f in factors:
                 out.append(runs.job(b, {**best.tag["point"], key: runs.value(best, key) * f}, "refine"))
     return out
+
+
+def seed_jobs(runs: Runs, budgets: list[float]) -> list[TrainJob]:
+    return [runs.job(b, {**runs.best(b).tag["point"], "train.seed": s}, "seeds") for b in budgets
+            for s in range(1, runs.cfg.seeds)]
+
+
+@dataclass
+class Pending:
+    """A budget's next step: the unfinished runs of its first unfinished phase."""
+    budget: float
+    phase: str  # grid, expand, refine, seeds; "done" with no jobs
+    jobs: list[TrainJob]
+
+
+def plan(cfg: SweepConfig) -> tuple[Runs, list[Pending]]:
+    """What the sweep would train next, training nothing: per budget, the runs of the first
+    phase (grid, expand, refine, seeds) not yet finished here or in the ledger. Later phases
+    depend on these runs' losses, so they are not listed."""
+    runs = Runs(cfg)
+    return runs, [Pending(b, *_next_phase(runs, b)) for b in cfg.budgets]
+
+
+def _next_phase(runs: Runs, b: float) -> tuple[str, list[TrainJob]]:
+    cfg = runs.cfg
+
+    def todo(jobs: list[TrainJob]) -> list[TrainJob]:
+        return [j for j in jobs if j.run_dir not in runs.results]
+
+    grid = todo([runs.job(b, p) for p in grid_points({**cfg.grid, **cfg.grid_by_budget.get(b, {})})])
+    if grid:
+        return "grid", grid
+    if cfg.expand:
+        for _ in range(8):  # as `expand`: the frontier walks through finished points
+            extra = expansions(runs, [b])
+            if not extra:
+                break
+            if todo(extra):
+                return "expand", todo(extra)
+    refine = todo(refinements(runs, [b]))
+    if refine:
+        return "refine", refine
+    seeds = todo(seed_jobs(runs, [b])) if cfg.seeds > 1 else []
+    return ("seeds", seeds) if seeds else ("done", [])
+
+
+def run_size(runs: Runs, job: TrainJob) -> tuple[int, int, int]:
+    """(parameters, training tokens, tokens per step) of a planned run, from its config; no
+    weights allocated."""
+    import torch
+
+    from .gpt import GPT
+    from .train import resolve
+
+    ds = runs.datasets[job.tag["budget"]]
+    cfg = resolve(build_config(runs.cfg.recipe, {**job.overrides, "data.path": str(ds.path)}), ds)
+    with torch.device("meta"):
+        params = GPT(cfg.model).num_params()
+    t = cfg.train
+    tokens = t.max_steps * t.batch_tokens if t.max_steps > 0 else int(t.epochs * ds.num_tokens("train"))
+    return params, tokens, t.batch_tokens
+
+
+def seconds_per_param_token(runs: Runs) -> tuple[float, int] | None:
+    """Median training wall time per (parameter x token) of the ledger's runs on a CPU at this
+    sweep's thread count, and how many runs it is the median of; None without such runs."""
+    if runs.ledger is None:
+        return None
+    rates = sorted(e["train_wall_s"] / (e["params"] * e["tokens_seen"]) for e in runs.ledger.entries
+                   if str(e.get("device", "")).startswith("cpu") and e.get("train_wall_s") and e.get("params")
+                   and e.get("tokens_seen") and (runs.cfg.threads <= 0 or e.get("threads") == runs.cfg.threads))
+    return (rates[len(rates) // 2], len(rates)) if rates else None
+
+
+def describe_plan(runs: Runs, pending: list[Pending]) -> str:
+    """The plan as lines: a budget's next runs with their size and, from the ledger's CPU runs,
+    an estimate of their CPU hours."""
+    rate = seconds_per_param_token(runs)
+    lines, total, n = [], 0.0, 0
+    for p in pending:
+        if not p.jobs:
+            lines.append(f"{budget_name(p.budget):>6}  done")
+            continue
+        for j in p.jobs:
+            params, tokens, batch = run_size(runs, j)
+            ckpts = list_checkpoints(j.run_dir)
+            done = int(ckpts[-1].name.removeprefix("step_")) * batch if ckpts else 0
+            left = max(0.0, 1.0 - done / tokens) if done else 1.0  # a started run resumes from its checkpoint
+            hours = rate[0] * params * tokens * left / 3600 if rate else None
+            total += hours or 0.0
+            n += 1
+            point = ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in j.tag["point"].items())
+            lines.append(f"{budget_name(p.budget):>6}  {p.phase:<7} {point:<44} {params / 1e6:6.1f}M params  "
+                         f"{tokens:>11,} tokens" + (f"  ~{hours:.1f} CPU h" if hours is not None else "")
+                         + (f" (resumes at {done / tokens:.0%}: {ckpts[-1].name})" if done else ""))
+    head = f"plan: {n} run(s) next (nothing trained); later phases depend on their losses"
+    if rate and n:
+        head += (f"\n~{total:.1f} CPU hours at {runs.cfg.threads if runs.cfg.threads > 0 else 'default'} thread(s) per run, "
+                 f"from {rate[0] * 1e12:.0f} s per 1e12 parameter-tokens (median of {rate[1]} CPU run(s) in the ledger)")
+    return "\n".join([head, *lines])
 
 
 def sweep(cfg: SweepConfig) -> dict:
@@ -243,8 +346,7 @@ def sweep(cfg: SweepConfig) -> dict:
     if cfg.refine:
         runs.run(refinements(runs), "refine")
     if cfg.seeds > 1:
-        runs.run([runs.job(b, {**runs.best(b).tag["point"], "train.seed": s}, "seeds") for b in cfg.budgets
-                  for s in range(1, cfg.seeds)], "seeds")
+        runs.run(seed_jobs(runs, cfg.budgets), "seeds")
     curve = collect(runs)
     curve["wall_s"] = round(time.time() - t0, 1)
     atomic_write_json(Path(cfg.out) / "curve.json", curve)

@@ -123,23 +123,40 @@ def track_data(t: TrackDef, work: Path) -> Dataset:
     return Dataset.open(prepare(cfg))
 
 
-def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int, ledger: str = "",
-                   budgets: list[float] | None = None) -> dict:
-    """The track's baseline curve (every run recorded in `ledger`); with `budgets`, only
-    those budgets of it (the curve measured a few budgets at a time, over several sessions)."""
-    from .sweep import SweepConfig, describe, sweep
+def curve_sweep(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int, ledger: str = "",
+                budgets: list[float] | None = None):
+    """The sweep that measures the track's baseline curve (all its budgets, or `budgets`)."""
+    from .sweep import SweepConfig
 
     budgets = budgets or t.budgets
     unknown = [b for b in budgets if b not in t.budgets]
     if unknown:
         raise TrackError(f"--budgets {' '.join(f'{b:g}' for b in unknown)}: not budgets of the track ({t.budgets})")
-    cfg = SweepConfig(t.curve_recipe, str(data.path), str(work / f"{t.curve_recipe}-curve"), budgets, t.curve_grid,
-                      t.curve_fixed, {b: g for b, g in t.curve_grid_by_budget.items() if b in budgets}, jobs, threads,
-                      name=f"{t.name}-track {t.curve_recipe}", ledger=ledger, expand=t.curve_expand,
-                      refine={b: r for b, r in t.curve_refine.items() if b in budgets}, seeds=t.curve_seeds)
-    curve = sweep(cfg)
+    return SweepConfig(t.curve_recipe, str(data.path), str(work / f"{t.curve_recipe}-curve"), budgets, t.curve_grid,
+                       t.curve_fixed, {b: g for b, g in t.curve_grid_by_budget.items() if b in budgets}, jobs, threads,
+                       name=f"{t.name}-track {t.curve_recipe}", ledger=ledger, expand=t.curve_expand,
+                       refine={b: r for b, r in t.curve_refine.items() if b in budgets}, seeds=t.curve_seeds)
+
+
+def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int, ledger: str = "",
+                   budgets: list[float] | None = None) -> dict:
+    """The track's baseline curve (every run recorded in `ledger`); with `budgets`, only
+    those budgets of it (the curve measured a few budgets at a time, over several sessions)."""
+    from .sweep import describe, sweep
+
+    curve = sweep(curve_sweep(t, work, data, jobs, threads, ledger, budgets))
     print(describe(curve), flush=True)
     return curve
+
+
+def plan_curve(t: TrackDef, work: str | Path, out_json: str | Path, jobs: int, threads: int,
+               budgets: list[float] | None = None) -> str:
+    """What measuring the baseline curve trains next (nothing is trained), as text."""
+    from .sweep import describe_plan, plan
+
+    work = Path(work)
+    ledger = str(Path(out_json).parent / "ledger.jsonl")
+    return describe_plan(*plan(curve_sweep(t, work, track_data(t, work), jobs, threads, ledger, budgets)))
 
 
 def _entry_dir(work: Path, kind: str, e: Entry, data: Dataset) -> Path:
