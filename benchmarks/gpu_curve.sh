@@ -7,6 +7,12 @@
 #
 #   bash benchmarks/gpu_curve.sh              # from the repository root, on the GPU machine
 #
+# With this workplace's device tool: first `bash benchmarks/gpu_wheels.sh` here (the packages its
+# image lacks), then one `run`, timeout_s 600, carry [".whl", "benchmarks/work/cpu-track/data",
+# "benchmarks/work/cpu-track/nanochat-curve/data"], command:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && BUDGETS="16 8" timeout 540 bash benchmarks/gpu_curve.sh
+#
 # The datasets must travel with the tree: the track's are prepared from the builtin corpus, whose
 # packages a machine without a network may lack (with the device tool, carry
 # benchmarks/work/cpu-track/data and benchmarks/work/cpu-track/nanochat-curve/data). Their
@@ -33,6 +39,7 @@ if [ -n "${OUT:-}" ]; then
   (while sleep 20; do cp "$LEDGER" "$OUT/ledger.jsonl.tmp" && mv "$OUT/ledger.jsonl.tmp" "$OUT/ledger.jsonl"; done) &
   COPIER=$!
   trap 'kill $COPIER 2>/dev/null; cp "$LEDGER" "$OUT/ledger.jsonl"' EXIT
+  trap 'exit 143' TERM INT  # stopped by a timeout: the EXIT trap still leaves the ledger in $OUT
 fi
 CROSS_PID=
 if [ "${CROSS:-1}" = 1 ]; then  # beside the sweep (one more small job on the GPU); its failure stops nothing
