@@ -39,8 +39,11 @@ if [ -n "${OUT:-}" ]; then
   (while sleep 20; do cp "$LEDGER" "$OUT/ledger.jsonl.tmp" && mv "$OUT/ledger.jsonl.tmp" "$OUT/ledger.jsonl"; done) &
   COPIER=$!
   trap 'kill $COPIER 2>/dev/null; cp "$LEDGER" "$OUT/ledger.jsonl"' EXIT
-  trap 'exit 143' TERM INT  # stopped by a timeout: the EXIT trap still leaves the ledger in $OUT
 fi
+# stopped by a timeout: stop the sweep, and the EXIT trap still leaves the ledger in $OUT (the sweep
+# runs in the background because bash runs a trap only once its foreground command has ended)
+BENCH=
+trap '[ -n "$BENCH" ] && kill "$BENCH" 2>/dev/null; exit 143' TERM INT
 CROSS_PID=
 if [ "${CROSS:-1}" = 1 ]; then  # beside the sweep (one more small job on the GPU); its failure stops nothing
   rm -rf benchmarks/work/gpu-cross
@@ -51,6 +54,8 @@ if [ "${CROSS:-1}" = 1 ]; then  # beside the sweep (one more small job on the GP
 fi
 before=$(wc -l < "$LEDGER")
 # shellcheck disable=SC2086
-"${SLOWRUN[@]}" bench cpu-track --parts baseline --budgets $BUDGETS --jobs "$JOBS"
+"${SLOWRUN[@]}" bench cpu-track --parts baseline --budgets $BUDGETS --jobs "$JOBS" &
+BENCH=$!
+wait "$BENCH"
 echo "ledger: $before -> $(wc -l < "$LEDGER") lines"
 if [ -n "$CROSS_PID" ]; then wait "$CROSS_PID" || echo "the cross-device check failed: see benchmarks/work/gpu-cross/log.txt"; fi
