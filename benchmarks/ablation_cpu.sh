@@ -12,23 +12,32 @@
 # finish): a rerun on any machine trains only what is missing. The swaps' step times are measured
 # once and kept in benchmarks/results/ablation_cpu_equal_time.json (committed too), so every
 # machine plans the same runs. The table lands in benchmarks/results/ablation_cpu.json.
+#
+# On a lent GPU (CUDA is used when present; JOBS runs share it): with $OUT set, the ablation ledger
+# is copied there every 20 s and when stopped by a timeout; merge it back with
+# `python -m slowrun.ledger merge OUT/ablation_ledger.jsonl benchmarks/results/ablation_ledger.jsonl`.
+# The packages the GPU image lacks: benchmarks/gpu_wheels.sh (its header says how to install them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS="${JOBS:-2}"
 THREADS="${THREADS:-1}"
 ONLY="${ONLY:-}"  # e.g. "none" (swaps only) or "muon,swa"
 if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
+LEDGER=benchmarks/results/ablation_ledger.jsonl
+# shellcheck source=benchmarks/out_copies.sh
+. benchmarks/out_copies.sh
+keep_copies "$LEDGER" benchmarks/results/ablation_cpu.json
 DATA=benchmarks/work/cpu-track/data/1x
 [ -f "$DATA/manifest.json" ] || "${SLOWRUN[@]}" prepare --source builtin --tokenizer bpe:8192 --train-tokens 262144 \
   --val-tokens 131072 --test-tokens 131072 --out "$DATA" --no-progress
-"${SLOWRUN[@]}" ablate --recipe slowrun --data "$DATA" --seeds 3 ${ONLY:+--only "$ONLY"} \
+stoppable "${SLOWRUN[@]}" ablate --recipe slowrun --data "$DATA" --seeds 3 ${ONLY:+--only "$ONLY"} \
   --set eval.max_tokens=32768 --set train.batch_tokens=4096 \
   --variant soap:optim.matrix_optimizer=soap --variant kl_shampoo:optim.matrix_optimizer=kl_shampoo \
   --variant psgd_kron:optim.matrix_optimizer=psgd_kron \
   --variant easy_to_hard:data.curriculum=easy_to_hard --variant hard_to_easy:data.curriculum=hard_to_easy \
   --variant mixed:data.curriculum=mixed \
   --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json \
-  --ledger benchmarks/results/ablation_ledger.jsonl --out benchmarks/work/ablation-cpu \
+  --ledger "$LEDGER" --out benchmarks/work/ablation-cpu \
   --jobs "$JOBS" --threads "$THREADS" --no-progress ${NO_TRAIN:+--no-train}
 cp benchmarks/work/ablation-cpu/ablation.json benchmarks/results/ablation_cpu.json
 echo "wrote benchmarks/results/ablation_cpu.json"

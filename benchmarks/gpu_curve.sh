@@ -34,16 +34,9 @@ JOBS="${JOBS:-4}"
 LEDGER=benchmarks/results/ledger.jsonl
 if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)"
-if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT"
-  (while sleep 20; do cp "$LEDGER" "$OUT/ledger.jsonl.tmp" && mv "$OUT/ledger.jsonl.tmp" "$OUT/ledger.jsonl"; done) &
-  COPIER=$!
-  trap 'kill $COPIER 2>/dev/null; cp "$LEDGER" "$OUT/ledger.jsonl"' EXIT
-fi
-# stopped by a timeout: stop the sweep, and the EXIT trap still leaves the ledger in $OUT (the sweep
-# runs in the background because bash runs a trap only once its foreground command has ended)
-BENCH=
-trap '[ -n "$BENCH" ] && kill "$BENCH" 2>/dev/null; exit 143' TERM INT
+# shellcheck source=benchmarks/out_copies.sh
+. benchmarks/out_copies.sh
+keep_copies "$LEDGER"
 CROSS_PID=
 if [ "${CROSS:-1}" = 1 ]; then  # beside the sweep (one more small job on the GPU); its failure stops nothing
   rm -rf benchmarks/work/gpu-cross
@@ -54,8 +47,6 @@ if [ "${CROSS:-1}" = 1 ]; then  # beside the sweep (one more small job on the GP
 fi
 before=$(wc -l < "$LEDGER")
 # shellcheck disable=SC2086
-"${SLOWRUN[@]}" bench cpu-track --parts baseline --budgets $BUDGETS --jobs "$JOBS" &
-BENCH=$!
-wait "$BENCH"
+stoppable "${SLOWRUN[@]}" bench cpu-track --parts baseline --budgets $BUDGETS --jobs "$JOBS"
 echo "ledger: $before -> $(wc -l < "$LEDGER") lines"
 if [ -n "$CROSS_PID" ]; then wait "$CROSS_PID" || echo "the cross-device check failed: see benchmarks/work/gpu-cross/log.txt"; fi
