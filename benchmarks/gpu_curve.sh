@@ -23,8 +23,8 @@
 #
 #   python -m slowrun.ledger merge OUT/ledger.jsonl benchmarks/results/ledger.jsonl
 #
-# Beside the sweep (CROSS=1, the default), one CPU point is trained again here, 1x depth 8 seed 0 (ledger key
-# 6b40254cbf22543c, 256 steps), and its losses compared with the CPU's: how far this device's
+# Beside the sweep (CROSS=1, the default), one CPU point is trained again here, 1x depth 8 seed 0 (the ledger's
+# line 30, 256 steps), and its losses compared with the CPU's: how far this device's
 # points differ from the CPU's by numerics alone ($OUT/cross_check.json), which the README must
 # state beside the points that ran here.
 set -euo pipefail
@@ -41,7 +41,7 @@ CROSS_PID=
 if [ "${CROSS:-1}" = 1 ]; then  # beside the sweep (one more small job on the GPU); its failure stops nothing
   rm -rf benchmarks/work/gpu-cross
   mkdir -p "${OUT:-benchmarks/work}"
-  python3 -m slowrun.ledger rerun "$LEDGER" 6b40254cbf22543c --data benchmarks/work/cpu-track/data/1x \
+  python3 -m slowrun.ledger rerun "$LEDGER" @30 --data benchmarks/work/cpu-track/data/1x \
     --run-dir benchmarks/work/gpu-cross --out "${OUT:-benchmarks/work}/cross_check.json" --train.device=cuda &
   CROSS_PID=$!
 fi

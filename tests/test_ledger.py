@@ -181,6 +181,11 @@ def test_rerun_trains_a_line_again_and_compares(tmp_path, gpt2_ds):
         assert splits["val_loss"]["here"] == pytest.approx(5.0, abs=6)  # a real loss, not a placeholder
     assert f"{key} ({led.path}:1)" in r.stdout
 
+    # by line number: keys follow the version's config_key, a line number does not
+    r = rerun("@1", "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "again2"), "--train.num_threads=1")
+    assert r.returncode == 0 and "(+0.0000)" in r.stdout and f"{key} ({led.path}:1)" in r.stdout, r.stderr
+    r = rerun("@2", "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "x"))
+    assert r.returncode != 0 and "no line 2 (it has 1 entries)" in r.stderr
     r = rerun(key, "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "x"), "--train.max_steps=4")
     assert r.returncode != 0 and "--train.max_steps=4: a rerun takes only settings that cannot change" in r.stderr
     r = rerun("ffff", "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "x"))

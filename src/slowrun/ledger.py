@@ -172,8 +172,10 @@ def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str
     """Train a ledger line's config again on this machine (e.g. a CPU point on a GPU, to learn
     how far points from the two devices may be mixed) and compare every variant's losses.
 
-    `key` is a line's config key or a unique prefix of one; the dataset in `data` must be the
-    line's own (same tokenizer and split hashes). `overrides` (--section.key=value) may only set
+    `key` is a line's config key (as this version computes it) or a unique prefix of one, or
+    "@N" for the ledger's line N (lines are only ever appended, so N stays the same point while
+    keys follow the version); the dataset in `data` must be the line's own (same tokenizer and
+    split hashes). `overrides` (--section.key=value) may only set
     what cannot change the losses (NON_RESULT_KEYS: device, threads, logging), so the rerun is
     the line's config exactly."""
     import subprocess
@@ -189,9 +191,14 @@ def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str
         if name not in NON_RESULT_KEYS.get(sec, ()):
             allowed = ", ".join(f"{s}.{k}" for s, ks in NON_RESULT_KEYS.items() for k in ks if s == "train")
             raise LedgerError(f"{o}: a rerun takes only settings that cannot change the losses ({allowed})")
-    hits = [e for e in ledger.entries if e["key"].startswith(key)]
-    if len({e["key"] for e in hits}) != 1:
-        raise LedgerError(f"{ledger.path}: {'no' if not hits else 'more than one'} config key starts with {key!r}")
+    if key.startswith("@"):
+        hits = [e for e in ledger.entries if str(e["_line"]) == key[1:]]
+        if not hits:
+            raise LedgerError(f"{ledger.path}: no line {key[1:]} (it has {len(ledger.entries)} entries)")
+    else:
+        hits = [e for e in ledger.entries if e["key"].startswith(key)]
+        if len({e["key"] for e in hits}) != 1:
+            raise LedgerError(f"{ledger.path}: {'no' if not hits else 'more than one'} config key starts with {key!r}")
     ds = dataset_identity(Dataset.open(data).manifest)
     entry = next((e for e in hits if e["dataset"] == ds), None)
     if entry is None:
@@ -224,30 +231,29 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("dst")
     r = sub.add_parser("rerun", help="train one line's config again here and compare its losses with the line's")
     r.add_argument("ledger")
-    r.add_argument("key", help="the line's config key, or a unique prefix of it")
+    r.add_argument("key", help="the line's config key, a unique prefix of it, or @N for line N")
     r.add_argument("--data", required=True, help="the line's dataset, prepared here")
     r.add_argument("--run-dir", required=True)
     r.add_argument("--out", help="write the comparison as JSON here too")
     a, overrides = ap.parse_known_args(argv)
+    bad = [o for o in overrides if a.cmd == "merge" or not o.startswith("--") or "=" not in o]
+    if bad:
+        ap.error(f"unrecognized arguments: {' '.join(bad)}")
     try:
         if a.cmd == "merge":
             src, dst = Ledger.open(a.src), Ledger.open(a.dst)
             n = dst.merge(src)
             print(f"merged {n} of {len(src.entries)} entries of {src.path} into {dst.path} ({len(dst.entries)} now)")
             return
-        if a.cmd == "rerun":
-            bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
-            if bad:
-                ap.error(f"unrecognized arguments: {' '.join(bad)}")
-            cmp = rerun(Ledger.open(a.ledger), a.key, a.data, a.run_dir, overrides)
-    except (LedgerError, SlowrunError) as e:
+        cmp = rerun(Ledger.open(a.ledger), a.key, a.data, a.run_dir, overrides)
+        print(f"{cmp['key']} ({a.ledger}:{cmp['line']}): {cmp['ledger_device']} -> {cmp['device']}")
+        for v, splits in cmp["variants"].items():
+            print(f"  {v:<12}" + "  ".join(f"{k} {d['ledger']:.4f} -> {d['here']:.4f} ({d['diff']:+.4f})"
+                                           for k, d in splits.items()))
+        if a.out:
+            Path(a.out).write_text(json.dumps(cmp, indent=2) + "\n", encoding="utf-8")
+    except (SlowrunError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"{cmp['key']} ({a.ledger}:{cmp['line']}): {cmp['ledger_device']} -> {cmp['device']}")
-    for v, splits in cmp["variants"].items():
-        print(f"  {v:<12}" + "  ".join(f"{k} {d['ledger']:.4f} -> {d['here']:.4f} ({d['diff']:+.4f})" for k, d in splits.items()))
-    if a.out:
-        Path(a.out).write_text(json.dumps(cmp, indent=2) + "\n", encoding="utf-8")
-
 
 if __name__ == "__main__":
     main()
