@@ -186,7 +186,7 @@ def test_plan_names_each_budgets_next_runs_and_trains_nothing(bpe_ds, tmp_path, 
     tokens = 40_000
     text = sweep_mod.describe_plan(runs, sweep_mod.plan(cfg)[1])
     assert f"~{1e-4 * params * tokens / 3600:.1f} CPU h" in text and "median of 1 CPU run(s)" in text
-    assert f"{params / 1e6:6.1f}M params" in text and "n_layer=2, seed=1" in text
+    assert f"{params / 1e6:7.2f}M params" in text and "n_layer=2, seed=1" in text
     (job.run_dir / "checkpoints" / "step_0000004").mkdir(parents=True)  # started: 4 steps done
     left = 1 - 4 * smoke.train.batch_tokens / tokens
     text = sweep_mod.describe_plan(runs, sweep_mod.plan(cfg)[1])

@@ -322,7 +322,7 @@ def describe_plan(runs: Runs, pending: list[Pending]) -> str:
             total += hours or 0.0
             n += 1
             point = ", ".join(f"{k.rpartition('.')[2]}={v}" for k, v in j.tag["point"].items())
-            lines.append(f"{budget_name(p.budget):>6}  {p.phase:<7} {point:<44} {params / 1e6:6.1f}M params  "
+            lines.append(f"{budget_name(p.budget):>6}  {p.phase:<7} {point:<44} {params / 1e6:7.2f}M params  "
                          f"{tokens:>11,} tokens" + (f"  ~{hours:.1f} CPU h" if hours is not None else "")
                          + (f" (resumes at {done / tokens:.0%}: {ckpts[-1].name})" if done else ""))
     head = f"plan: {n} run(s) next (nothing trained); later phases depend on their losses"
