@@ -197,6 +197,14 @@ def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model_state: dict[
     return final
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory (checkpoints/step_NNNNNNN) was written at."""
+    m = _STEP_RE.match(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{path}: not a checkpoint directory (step_NNNNNNN)")
+    return int(m.group(1))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint directories of a run, oldest first."""
     ckdir = Path(run_dir) / CKPT_DIR

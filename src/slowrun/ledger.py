@@ -184,13 +184,14 @@ def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str
 
     import tomli_w
 
+    from .config import parse_overrides
     from .dataset import Dataset
 
-    for o in overrides:
-        sec, _, name = o.removeprefix("--").partition("=")[0].partition(".")
+    for k, v in parse_overrides(overrides).items():
+        sec, _, name = k.partition(".")
         if name not in NON_RESULT_KEYS.get(sec, ()):
-            allowed = ", ".join(f"{s}.{k}" for s, ks in NON_RESULT_KEYS.items() for k in ks if s == "train")
-            raise LedgerError(f"{o}: a rerun takes only settings that cannot change the losses ({allowed})")
+            allowed = ", ".join(f"train.{k}" for k in NON_RESULT_KEYS["train"])
+            raise LedgerError(f"--{k}={v}: a rerun takes only settings that cannot change the losses ({allowed})")
     if key.startswith("@"):
         hits = [e for e in ledger.entries if str(e["_line"]) == key[1:]]
         if not hits:

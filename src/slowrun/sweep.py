@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import SlowrunError
-from .checkpoint import list_checkpoints
+from .checkpoint import checkpoint_step, list_checkpoints
 from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import fit_power_law
@@ -116,6 +116,7 @@ class Runs:
                 raise SweepError(f"--budgets: {b} is not a positive multiple")
             self.datasets[b] = nested_dataset(self.base, b, Path(cfg.out) / "data" / budget_name(b), progress=cfg.progress)
         self.jobs: list[TrainJob] = []
+        self.configs: dict[Path, Any] = {}  # run_dir -> the RunConfig the run will record
         self.results: dict[Path, dict] = {}  # run_dir -> ledger entry of a finished run
         self.failures: dict[Path, str] = {}
         self.from_ledger = 0
@@ -137,6 +138,7 @@ class Runs:
                        {"budget": budget, "point": point, "phase": phase, "key": config_key(config_to_dict(resolved)),
                         "dataset": dataset_identity(ds.manifest)})
         self.jobs.append(job)
+        self.configs[run_dir] = resolved
         self._lookup(job)
         return job
 
@@ -208,7 +210,10 @@ def expansions(runs: Runs, budgets: list[float] | None = None) -> list[TrainJob]
     return out
 
 
-def expand(runs: Runs, rounds: int = 8) -> None:
+EXPAND_ROUNDS = 8  # the most values the expanded axis grows by in one sweep
+
+
+def expand(runs: Runs, rounds: int = EXPAND_ROUNDS) -> None:
     """Grow the expanded axis until every budget's best is inside it (each round moves every
     edge-bound budget by one value; points already finished cost nothing)."""
     for _ in range(rounds):
@@ -263,7 +268,7 @@ def _next_phase(runs: Runs, b: float) -> tuple[str, list[TrainJob]]:
     if grid:
         return "grid", grid
     if cfg.expand:
-        for _ in range(8):  # as `expand`: the frontier walks through finished points
+        for _ in range(EXPAND_ROUNDS):  # as `expand`: the frontier walks through finished points
             extra = expansions(runs, [b])
             if not extra:
                 break
@@ -282,10 +287,8 @@ def run_size(runs: Runs, job: TrainJob) -> tuple[int, int, int]:
     import torch
 
     from .gpt import GPT
-    from .train import resolve
 
-    ds = runs.datasets[job.tag["budget"]]
-    cfg = resolve(build_config(runs.cfg.recipe, {**job.overrides, "data.path": str(ds.path)}), ds)
+    ds, cfg = runs.datasets[job.tag["budget"]], runs.configs[job.run_dir]
     with torch.device("meta"):
         params = GPT(cfg.model).num_params()
     t = cfg.train
@@ -316,7 +319,7 @@ def describe_plan(runs: Runs, pending: list[Pending]) -> str:
         for j in p.jobs:
             params, tokens, batch = run_size(runs, j)
             ckpts = list_checkpoints(j.run_dir)
-            done = int(ckpts[-1].name.removeprefix("step_")) * batch if ckpts else 0
+            done = checkpoint_step(ckpts[-1]) * batch if ckpts else 0
             left = max(0.0, 1.0 - done / tokens) if done else 1.0  # a started run resumes from its checkpoint
             hours = rate[0] * params * tokens * left / 3600 if rate else None
             total += hours or 0.0

@@ -149,14 +149,18 @@ def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: i
     return curve
 
 
+def ledger_of(out_json: str | Path) -> str:
+    """The results ledger beside the track's results file (benchmarks/results/ledger.jsonl)."""
+    return str(Path(out_json).parent / "ledger.jsonl")
+
+
 def plan_curve(t: TrackDef, work: str | Path, out_json: str | Path, jobs: int, threads: int,
                budgets: list[float] | None = None) -> str:
     """What measuring the baseline curve trains next (nothing is trained), as text."""
     from .sweep import describe_plan, plan
 
     work = Path(work)
-    ledger = str(Path(out_json).parent / "ledger.jsonl")
-    return describe_plan(*plan(curve_sweep(t, work, track_data(t, work), jobs, threads, ledger, budgets)))
+    return describe_plan(*plan(curve_sweep(t, work, track_data(t, work), jobs, threads, ledger_of(out_json), budgets)))
 
 
 def _entry_dir(work: Path, kind: str, e: Entry, data: Dataset) -> Path:
@@ -306,7 +310,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
     t0 = time.time()
     out_path = Path(out_json)
     if budgets and sorted(budgets) != sorted(t.budgets):
-        return baseline_curve(t, work, track_data(t, work), jobs, threads, str(out_path.parent / "ledger.jsonl"), budgets)
+        return baseline_curve(t, work, track_data(t, work), jobs, threads, ledger_of(out_path), budgets)
     results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
     data = track_data(t, work)
     results["track"] = {**asdict(t), "rules": __doc__.split("Rules (also in the README):")[1].split("`run_track`")[0].strip()}
@@ -314,7 +318,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
                           "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit()}
     curve_file = out_path.parent / "curves" / f"cpu_{t.curve_recipe}.json"
     if "baseline" in parts or "curve" in parts:
-        curve_dict = baseline_curve(t, work, data, jobs, threads, str(out_path.parent / "ledger.jsonl"))
+        curve_dict = baseline_curve(t, work, data, jobs, threads, ledger_of(out_path))
         atomic_write_json(curve_file, committed_curve(curve_dict))
     elif curve_file.is_file():
         curve_dict = json.loads(curve_file.read_text())
