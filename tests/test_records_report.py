@@ -174,3 +174,51 @@ def test_report_refuses_bad_results_in_one_line(seeds, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "corrupt" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "rep").exists()  # nothing is written for a report that cannot be made
+
+
+def _track_results():
+    """A CPU track results file as `slowrun bench cpu-track` writes it (the fields the report reads)."""
+    chosen = [{"budget": 1, "point": {"model.depth": 8}, "params": 1000, "seeds": 2, "val_loss": 5.4, "test_loss": 5.38,
+               "test_spread": 0.004},
+              {"budget": 2, "point": {"model.depth": 6}, "params": 900, "seeds": 2, "val_loss": 5.05, "test_loss": 5.0,
+               "test_spread": 0.003}]
+    entry = {"members": 1, "variant": "swa_probs", "test_loss": 5.19, "test_bpb": 1.7, "wall_s": 1500.0,
+             "efficiency": 1.5, "efficiency_extrapolated": False,
+             "efficiency_second": {"curve": "gpt2", "efficiency": 12.75, "efficiency_extrapolated": False}}
+    ens = {**entry, "members": 2, "variant": "probability average", "test_loss": 4.95, "efficiency": 2.1234,
+           "efficiency_extrapolated": True, "per_k": [{"k": 1, "probs_test_loss": 5.19, "logits_test_loss": 5.19},
+                                                      {"k": 2, "probs_test_loss": 4.95, "logits_test_loss": 4.97}],
+           "efficiency_by_k": [{"efficiency": 1.5, "efficiency_extrapolated": False},
+                               {"efficiency": 2.1234, "efficiency_extrapolated": True}]}
+    return {"baseline_curve": {"recipe": "nanochat", "tokens": [1000, 2000], "chosen": chosen,
+                               "losses": {"val": [5.4, 5.05], "test": [5.38, 5.0]}, "pending": {"4x": "seeds, 1 run(s) to train"}},
+            "gpt2_curve": {"name": "gpt2", "tokens": [1000, 2000], "losses": {"test": [6.0, 5.5]}},
+            "single": entry, "ensemble": ens}
+
+
+def test_report_of_the_cpu_track_from_its_results_file(tmp_path):
+    """The track's page needs no run directory: the curve (with what is pending of it) and every
+    entry's efficiency on both curves come from the results file; a plot of an earlier build
+    that the page no longer shows is removed; a file that is no track results is one line."""
+    res = tmp_path / "cpu_track.json"
+    res.write_text(json.dumps(_track_results()))
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "loss_by_step.png").write_bytes(b"stale")  # from a build that had the entries' run directories
+    (out / "notes.png").write_bytes(b"mine")  # not a plot of the report's: kept
+    page = build_report([], out, track_results=str(res)).read_text()
+    assert (out / "track_curves.png").stat().st_size > 1000 and not (out / "loss_by_step.png").exists()
+    assert (out / "notes.png").read_bytes() == b"mine"
+    text = re.sub(r"\|+", "|", re.sub(r"<[^>]+>", "|", page))
+    assert "|single model|1|swa_probs|5.1900|1.7000|1.50x|12.75x|" in text
+    assert "|ensemble|2|probability average|4.9500|1.7000|2.12x (extrapolated)|12.75x|" in text
+    assert "|4x|-|pending: seeds, 1 run(s) to train|" in text
+    assert "|1x|1000|depth 8|1000|2|5.4000|5.3800|0.0040|" in text
+    assert "|ensemble|2|4.9500|2.12x (extrapolated)|4.9700|" in text  # by ensemble size
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"single": {}}))
+    with pytest.raises(ReportError, match="not a results file of `slowrun bench cpu-track`"):
+        build_report([], tmp_path / "rep2", track_results=str(bad))
+    r = subprocess.run([sys.executable, "-m", "slowrun", "report", "--out", str(tmp_path / "rep3"), "--track-results",
+                        str(res)], capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "rep3" / "track_curves.png").is_file(), r.stderr

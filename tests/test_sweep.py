@@ -195,3 +195,45 @@ def test_plan_names_each_budgets_next_runs_and_trains_nothing(bpe_ds, tmp_path, 
     finished.add((2, 1.0, 1))
     assert step()[1:] == ("done", [])
     assert "    1x  done" in sweep_mod.describe_plan(*sweep_mod.plan(cfg))
+
+
+def test_no_train_curve_holds_only_finished_budgets(bpe_ds, tmp_path, monkeypatch):
+    """`sweep(train=False)`: a curve from the runs finished so far, training nothing. A budget
+    enters it only when every phase is finished (1x and 2x here: grid and second seed); 4x, its
+    grid half finished, is named under `pending` with its next phase; with no budget finished
+    the sweep says so instead of writing an empty curve."""
+    from slowrun import sweep as sweep_mod
+    from slowrun.sweep import SweepError
+
+    val = {(1, 1, 0): 5.0, (1, 2, 0): 4.0, (1, 2, 1): 4.2, (2, 1, 0): 3.5, (2, 2, 0): 3.0, (2, 2, 1): 3.2,
+           (4, 1, 0): 2.5}  # (budget, n_layer, seed) -> val loss
+
+    def fake_lookup(self, job):
+        p = job.tag["point"]
+        k = (job.tag["budget"], p["model.n_layer"], p.get("train.seed", 0))
+        if k in val:
+            self.results[job.run_dir] = {"variants": {"final": {"val_loss": val[k], "test_loss": val[k] + 0.1,
+                                                                "val_bpb": 1.0, "test_bpb": 1.0}},
+                                         "best": "final", "params": 1000, "wall_s": 1.0, "device": "cpu",
+                                         "config": {"model": {"n_layer": k[1]}}}
+
+    def no_training(*a, **k):
+        raise AssertionError("a no-train sweep trained a run")
+
+    monkeypatch.setattr(sweep_mod.Runs, "_lookup", fake_lookup)
+    monkeypatch.setattr(sweep_mod, "run_jobs", no_training)
+    cfg = SweepConfig("smoke", str(bpe_ds), str(tmp_path / "sw"), budgets=[1, 2, 4], grid={"model.n_layer": [1, 2]},
+                      fixed={"train.max_steps": -1, "train.epochs": 1.0}, progress=False, seeds=2)
+    curve = sweep(cfg, train=False)
+    assert [c["budget"] for c in curve["chosen"]] == [1, 2] and curve["tokens"] == [40_000, 80_000]
+    assert curve["losses"]["val"] == [pytest.approx(4.1), pytest.approx(3.1)]  # each the mean of its 2 seeds
+    assert curve["losses"]["test"] == [pytest.approx(4.2), pytest.approx(3.2)]
+    assert curve["pending"] == {"4x": "grid, 1 run(s) to train"}
+    assert json.loads((tmp_path / "sw" / "curve.json").read_text())["pending"] == curve["pending"]
+    assert "4x  not in the curve yet: grid, 1 run(s) to train" in sweep_mod.describe(curve)
+    # usable by `slowrun efficiency` as it stands: halfway between the 1x and 2x test losses is 1.5x
+    assert place(Curve.load(str(tmp_path / "sw" / "curve.json")), 3.7).efficiency == pytest.approx(1.5)
+    val.pop((1, 2, 1))
+    val.pop((2, 2, 1))  # neither second seed finished: no budget is complete
+    with pytest.raises(SweepError, match=r"no budget is complete yet \(1x: seeds, 2x: seeds, 4x: grid\)"):
+        sweep(cfg, train=False)

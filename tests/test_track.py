@@ -60,7 +60,8 @@ def test_track_pipeline_end_to_end(tmp_path):
     assert d["per_k"][0]["probs_test_loss"] == pytest.approx(saved["ensemble"]["per_k"][0]["probs_test_loss"])
     second = json.loads((Path(d["run_dir"]) / "member_1" / "result.json").read_text())
     assert second["config"]["distill"]["teacher"].startswith(str(Path(d["run_dir"]) / "member_0"))
-    assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report" / "efficiency.png").is_file()
+    page = (tmp_path / "report" / "index.html").read_text()  # the entries placed from the results file
+    assert (tmp_path / "report" / "track_curves.png").is_file() and f"{saved['single']['test_loss']:.4f}" in page
     # cached: a second invocation trains nothing new and gives the same numbers
     again = run_track(t, tmp_path / "work", out, tmp_path / "report", parts=("single",), jobs=2, threads=1)
     assert again["single"]["test_loss"] == res["single"]["test_loss"]
@@ -69,6 +70,20 @@ def test_track_pipeline_end_to_end(tmp_path):
     assert not (tmp_path / "fresh-work" / "nanochat-curve" / "runs").exists()
     assert fresh["baseline_curve"]["losses"] == bc["losses"]
     assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == len(ledger)
+    # the curve as the ledger has it, training nothing: with 3x's lines missing, 1x and 2x make the curve
+    # and 3x is named as pending (the curve used while it is measured over several sessions)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "ledger.jsonl").write_text("".join(line + "\n" for line in ledger if json.loads(line)["tag"]["budget"] != 3))
+    part = run_track(t, tmp_path / "partial-work", partial / "cpu_track.json", partial / "report", parts=("baseline",),
+                     train_curve=False)
+    assert not (tmp_path / "partial-work" / "nanochat-curve" / "runs").exists()
+    assert part["baseline_curve"]["tokens"] == [20_000, 40_000]
+    assert part["baseline_curve"]["losses"]["test"] == bc["losses"]["test"][:2]
+    assert part["baseline_curve"]["pending"] == {"3x": "grid, 2 run(s) to train"}
+    assert json.loads((partial / "curves" / "cpu_nanochat.json").read_text())["pending"] == {"3x": "grid, 2 run(s) to train"}
+    assert "pending" not in run_track(t, tmp_path / "fresh-work", out, tmp_path / "report", parts=("baseline",),
+                                      train_curve=False)["baseline_curve"]  # every budget finished: the whole curve
     # one budget at a time (the curve measured over several sessions): from the ledger, nothing else written
     before = out.read_text()
     one = run_track(t, tmp_path / "fresh-work", out, tmp_path / "report", parts=("baseline",), budgets=[2])

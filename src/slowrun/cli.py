@@ -75,7 +75,7 @@ def _run_prepare(a: argparse.Namespace) -> int:
     import time
 
     from .dataset import Dataset
-    from .prepare import PrepareConfig, PrepareError, prepare
+    from .prepare import PrepareConfig, prepare
     from .sources import require_source
     from .tokenizer import parse_tokenizer_spec
 

@@ -245,6 +245,9 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", action="store_true",
                    help="train nothing: print each budget's next runs (from the run directories and the ledger), "
                         "with their sizes and estimated CPU hours")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: write curve.json from the runs finished so far, with the budgets whose every "
+                        "phase is finished (the others listed as pending)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -285,7 +288,7 @@ def _run_sweep(a: argparse.Namespace) -> int:
     if a.plan:
         print(describe_plan(*plan(cfg)))
         return 0
-    curve = sweep(cfg)
+    curve = sweep(cfg, train=not a.no_train)
     print(describe(curve))
     print(f"wrote {Path(a.out) / 'curve.json'}")
     return 0
@@ -465,6 +468,8 @@ def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (index.html and PNGs)")
     p.add_argument("--ablation", default=None, metavar="FILE", help="an ablation.json of `slowrun ablate` (or its directory): a bar chart of the deltas")
     p.add_argument("--curve", default=None, help="a baseline curve (curve.json, or fineweb) to place the runs on")
+    p.add_argument("--track-results", default=None, metavar="FILE",
+                   help="a CPU track results file (benchmarks/results/cpu_track.json): its curves and entries")
     p.add_argument("--records", default=None, help="records directory, for the records table")
     p.add_argument("--track", default="cpu", help="records track (default cpu)")
     p.add_argument("--title", default="slowrun report")
@@ -473,9 +478,10 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 def _run_report(a: argparse.Namespace) -> int:
     from .report import ReportError, build_report
 
-    if not a.runs and not a.ablation:
-        raise ReportError("give run directories, --ablation FILE, or both")
-    page = build_report(a.runs, a.out, a.curve, a.records, a.track if a.records else None, a.title, a.ablation)
+    if not a.runs and not a.ablation and not a.track_results:
+        raise ReportError("give run directories, --ablation FILE, --track-results FILE, or several")
+    page = build_report(a.runs, a.out, a.curve, a.records, a.track if a.records else None, a.title, a.ablation,
+                        a.track_results)
     print(f"wrote {page}")
     return 0
 
@@ -545,6 +551,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     track.add_argument("--plan", action="store_true",
                        help="train nothing: print the baseline curve's next runs per budget (all, or --budgets), with "
                             "their sizes and estimated CPU hours from the ledger's runs")
+    track.add_argument("--no-train", action="store_true",
+                       help="the baseline part trains nothing: the curve from the ledger's finished budgets (the others "
+                            "listed as pending), the entries placed on it")
     add_args(sub.add_parser("throughput", help="tokens/s, MFU and peak RSS of recipes vs a minimal loop, fp32 and bf16"))
 
 
@@ -559,7 +568,7 @@ def _run_bench(a: argparse.Namespace) -> int:
     if a.plan:
         print(plan_curve(TRACK, a.work, a.out, a.jobs, a.threads, a.budgets))
         return 0
-    run_track(TRACK, a.work, a.out, a.report, tuple(a.parts), a.jobs, a.threads, a.budgets)
+    run_track(TRACK, a.work, a.out, a.report, tuple(a.parts), a.jobs, a.threads, a.budgets, train_curve=not a.no_train)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Plots: train/val loss of each run by step and by epoch (the final evaluation of the
 variant the run chose included); the baseline curve with the runs placed on it (their data
-efficiency shown); the per-K curve of each ensemble; and a records table. Every number in
+efficiency shown); the per-K curve of each ensemble; a records table; the CPU track's curves
+and entries from its results file; an ablation's deltas. Every number in
 the page's tables is taken from the JSON files it cites. A run still in progress (no
 result.json yet) gets its plots from metrics.jsonl and no final numbers.
 """
@@ -229,6 +230,84 @@ def ablation_section(path: str | Path, out: Path) -> str:
             + f"<p>Source: <code>{html.escape(str(path))}</code></p>")
 
 
+TRACK_ENTRIES = (("single", "single model"), ("ensemble", "ensemble"), ("distill", "chain-distilled ensemble"))
+
+
+def track_plot(res: dict, out: Path) -> str:
+    """The track's baseline curve (test loss, seed spread as error bars), the second comparator
+    curve beside it, and each entry at its efficiency on the first (hollow where extrapolated)."""
+    plt = _plt()
+    bc = res["baseline_curve"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    half = [c.get("test_spread", 0.0) / 2 for c in bc["chosen"]]
+    ax.errorbar(bc["tokens"], bc["losses"]["test"], yerr=half, fmt="o-", color="black", capsize=3,
+                label=f"{bc.get('recipe')} curve (mean of seeds; bars: seed range)")
+    if "gpt2_curve" in res:
+        g = res["gpt2_curve"]
+        ax.plot(g["tokens"], g["losses"]["test"], "o--", color="gray", label=f"{g['name']} (second comparator)")
+    budget = bc["tokens"][0] / bc["chosen"][0]["budget"]
+    for kind, label in TRACK_ENTRIES:
+        e = res.get(kind)
+        if not e:
+            continue
+        ax.axhline(e["test_loss"], ls=":", lw=1, color="tab:blue")
+        if e.get("efficiency") is not None:
+            x, extra = e["efficiency"] * budget, e.get("efficiency_extrapolated")
+            ax.plot([x], [e["test_loss"]], "s", color="tab:red", mfc="none" if extra else "tab:red")
+            ax.annotate(f"{label}: {e['efficiency']:.2f}x" + (" (extrapolated)" if extra else ""), (x, e["test_loss"]),
+                        textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("baseline training tokens")
+    ax.set_ylabel("test loss")
+    ax.set_title("CPU track: entries placed on the baseline curve")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "track_curves.png", dpi=110)
+    plt.close(fig)
+    return "track_curves.png"
+
+
+def track_section(path: str | Path, out: Path) -> str:
+    """The CPU track from its results file (`slowrun bench cpu-track`): the baseline curve, what
+    is still pending of it, and every entry placed on it and on the second comparator. Needs
+    no run directory: everything is read from the results file."""
+    from .track import describe_efficiency as eff
+
+    path = Path(path)
+    try:
+        res = json.loads(path.read_text())
+        bc = res["baseline_curve"]
+        bc["tokens"], bc["losses"]["test"], bc["chosen"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ReportError(f"--track-results {path}: not a results file of `slowrun bench cpu-track` ({e})") from None
+    crows = [[f"{c['budget']:g}x", t, ", ".join(f"{k.rpartition('.')[2]} {v:g}" for k, v in c["point"].items())
+              + (" (at the edge)" if "at_edge" in c else "") + (" (refined)" if "refined_from" in c else ""),
+              c.get("params"), c.get("seeds", 1), c.get("val_loss"), c.get("test_loss"), c.get("test_spread")]
+             for c, t in zip(bc["chosen"], bc["tokens"])]
+    crows += [[b, None, f"pending: {why}", None, None, None, None, None] for b, why in bc.get("pending", {}).items()]
+    erows, krows = [], []
+    for kind, label in TRACK_ENTRIES:
+        e = res.get(kind)
+        if not e:
+            continue
+        erows.append([label, e.get("members", 1), e.get("variant"), e["test_loss"], e.get("test_bpb"), eff(e),
+                      eff(e.get("efficiency_second", {})), fmt_time(e["wall_s"]) if "wall_s" in e else None])
+        for row, pk in zip(e.get("per_k", []), e.get("efficiency_by_k", [])):
+            krows.append([label, row["k"], row.get("probs_test_loss"), eff(pk), row.get("logits_test_loss")])
+    html_out = (f"<h2>CPU track: the {html.escape(str(bc.get('recipe')))} curve and the entries on it</h2>"
+                + f'<img src="{track_plot(res, out)}" alt="track curves">'
+                + _table(["entry", "members", "variant", "test loss", "test bpb", "efficiency",
+                          f"on {res.get('gpt2_curve', {}).get('name', 'the second curve')}", "wall time"], erows)
+                + "<h3>Baseline curve (the mean of each chosen point's seeds)</h3>"
+                + _table(["budget", "train tokens", "chosen point", "params", "seeds", "val loss", "test loss",
+                          "seed spread (test)"], crows))
+    if krows:
+        html_out += ("<h3>Ensembles by size (first k members)</h3>"
+                     + _table(["entry", "k", "prob. average test loss", "efficiency", "logit average test loss"], krows))
+    return html_out + f"<p>Source: <code>{html.escape(str(path))}</code></p>"
+
+
 CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4;padding:1px 4px}"""
@@ -245,8 +324,14 @@ def _open_run(p: Path) -> dict | None:
     raise ReportError(f"{p}: not a run or ensemble (no {RESULT_FILE}, metrics.jsonl or config.toml)")
 
 
+# every plot this module writes; a rebuilt report removes those it did not write again (stale)
+PLOTS = ("loss_by_step.png", "val_by_epoch.png", "efficiency.png", "ensemble_per_k.png", "ablation.png",
+         "track_curves.png")
+
+
 def build_report(runs: list[str], out: str | Path, curve: str | None = None, records_dir: str | Path | None = None,
-                 track: str | None = None, title: str = "slowrun report", ablation: str | None = None) -> Path:
+                 track: str | None = None, title: str = "slowrun report", ablation: str | None = None,
+                 track_results: str | None = None) -> Path:
     out = Path(out)
     paths = [Path(r) for r in runs]
     results = {p: _open_run(p) for p in paths}
@@ -254,6 +339,8 @@ def build_report(runs: list[str], out: str | Path, curve: str | None = None, rec
         raise ReportError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     sections = [f"<h1>{html.escape(title)}</h1>"]
+    if track_results:
+        sections.append(track_section(track_results, out))
     if ablation:
         sections.append(ablation_section(ablation, out))
 
@@ -320,4 +407,7 @@ def build_report(runs: list[str], out: str | Path, curve: str | None = None, rec
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>" \
            + "\n".join(sections) + "</body></html>\n"
     atomic_write_text(out / "index.html", page)
+    for name in PLOTS:  # a plot of an earlier build that this page no longer shows
+        if f'src="{name}"' not in page:
+            (out / name).unlink(missing_ok=True)
     return out / "index.html"

@@ -335,7 +335,22 @@ def describe_plan(runs: Runs, pending: list[Pending]) -> str:
     return "\n".join([head, *lines])
 
 
-def sweep(cfg: SweepConfig) -> dict:
+def sweep(cfg: SweepConfig, train: bool = True) -> dict:
+    """Train what the sweep still needs and write its curve.json. With `train=False` nothing is
+    trained: the curve is built from the runs finished so far (here or in the ledger) and holds
+    only the budgets whose every phase is finished; the others are named under `pending` with
+    their next phase, so a curve measured over several sessions can be used before it is whole."""
+    if not train:
+        runs, pending = plan(cfg)
+        complete = [p.budget for p in pending if p.phase == "done"]
+        if not complete:
+            raise SweepError("no budget is complete yet (" + ", ".join(
+                f"{budget_name(p.budget)}: {p.phase}" for p in pending) + "); `--plan` shows what each needs")
+        curve = collect(runs, complete)
+        curve["pending"] = {budget_name(p.budget): f"{p.phase}, {len(p.jobs)} run(s) to train"
+                            for p in pending if p.phase != "done"}
+        atomic_write_json(Path(cfg.out) / "curve.json", curve)
+        return curve
     t0 = time.time()
     runs = Runs(cfg)
     for b in cfg.budgets:
@@ -356,7 +371,8 @@ def sweep(cfg: SweepConfig) -> dict:
     return curve
 
 
-def collect(runs: Runs) -> dict:
+def collect(runs: Runs, budgets: list[float] | None = None) -> dict:
+    """The curve: every planned point, and the chosen point of each of `budgets` (default all)."""
     cfg, base = runs.cfg, runs.base
     points = []
     for j in runs.jobs:
@@ -373,7 +389,7 @@ def collect(runs: Runs) -> dict:
             rec.update({"val_loss": None, "error": runs.failures.get(j.run_dir, "not run")})
         points.append(rec)
     chosen = []
-    for b in cfg.budgets:
+    for b in cfg.budgets if budgets is None else budgets:
         best = runs.best(b)
         seeds = [best] + [j for j in runs.jobs if j.tag["budget"] == b and runs.loss(j) is not None
                           and j.tag["point"].get("train.seed", 0) != 0
@@ -445,6 +461,8 @@ def describe(curve: dict) -> str:
                      + ", ".join(f"{k}={v}" for k, v in c["point"].items()) + spread
                      + (f" [refined from {c['refined_from']}]" if "refined_from" in c else "")
                      + (f" [AT THE EDGE: {c['at_edge']}]" if "at_edge" in c else ""))
+    for b, why in curve.get("pending", {}).items():
+        lines.append(f"{b:>8}  not in the curve yet: {why}")
     if "scaling" in curve and "fit" in curve["scaling"]:
         f = curve["scaling"]["fit"]
         if f["status"] == "ok":

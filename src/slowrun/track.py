@@ -139,12 +139,16 @@ def curve_sweep(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int,
 
 
 def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int, ledger: str = "",
-                   budgets: list[float] | None = None) -> dict:
+                   budgets: list[float] | None = None, train: bool = True) -> dict:
     """The track's baseline curve (every run recorded in `ledger`); with `budgets`, only
-    those budgets of it (the curve measured a few budgets at a time, over several sessions)."""
-    from .sweep import describe, sweep
+    those budgets of it (the curve measured a few budgets at a time, over several sessions);
+    with `train=False`, the budgets finished so far, training nothing (the rest `pending`)."""
+    from .sweep import SweepError, describe, sweep
 
-    curve = sweep(curve_sweep(t, work, data, jobs, threads, ledger, budgets))
+    try:
+        curve = sweep(curve_sweep(t, work, data, jobs, threads, ledger, budgets), train=train)
+    except SweepError as e:
+        raise TrackError(f"baseline curve: {e}") from None
     print(describe(curve), flush=True)
     return curve
 
@@ -297,9 +301,11 @@ def memory(t: TrackDef, work: Path, data: Dataset) -> dict:
 def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track",
               out_json: str | Path = "benchmarks/results/cpu_track.json", report_dir: str | Path = "benchmarks/results/cpu_track",
               parts: tuple[str, ...] = ("baseline", "single", "ensemble", "distill", "throughput", "memory"), jobs: int = 2,
-              threads: int = 1, budgets: list[float] | None = None) -> dict:
+              threads: int = 1, budgets: list[float] | None = None, train_curve: bool = True) -> dict:
     """Run the parts of the track. With `budgets` (a subset of the track's), only the baseline
-    curve at those budgets is measured (into the ledger) and nothing else is written."""
+    curve at those budgets is measured (into the ledger) and nothing else is written. With
+    `train_curve=False` the baseline part trains nothing: the curve holds the budgets the ledger
+    has finished, the others are listed as pending, and the entries are placed on it."""
     import torch
 
     from .report import build_report
@@ -310,7 +316,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
     t0 = time.time()
     out_path = Path(out_json)
     if budgets and sorted(budgets) != sorted(t.budgets):
-        return baseline_curve(t, work, track_data(t, work), jobs, threads, ledger_of(out_path), budgets)
+        return baseline_curve(t, work, track_data(t, work), jobs, threads, ledger_of(out_path), budgets, train_curve)
     results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
     data = track_data(t, work)
     results["track"] = {**asdict(t), "rules": __doc__.split("Rules (also in the README):")[1].split("`run_track`")[0].strip()}
@@ -318,7 +324,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
                           "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit()}
     curve_file = out_path.parent / "curves" / f"cpu_{t.curve_recipe}.json"
     if "baseline" in parts or "curve" in parts:
-        curve_dict = baseline_curve(t, work, data, jobs, threads, ledger_of(out_path))
+        curve_dict = baseline_curve(t, work, data, jobs, threads, ledger_of(out_path), train=train_curve)
         atomic_write_json(curve_file, committed_curve(curve_dict))
     elif curve_file.is_file():
         curve_dict = json.loads(curve_file.read_text())
@@ -326,7 +332,9 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
         raise TrackError(f"no baseline curve yet ({curve_file}): run `slowrun bench cpu-track --parts baseline` first")
     results["baseline_curve"] = {k: curve_dict.get(k) for k in ("name", "recipe", "tokens", "losses", "budget", "grid",
                                                                  "grid_by_budget", "fixed", "expand", "refine", "seeds",
-                                                                 "chosen", "dataset", "budgets", "points")}
+                                                                 "chosen", "dataset", "budgets", "pending", "points")}
+    if not results["baseline_curve"]["pending"]:
+        del results["baseline_curve"]["pending"]
     results.pop("gpt2_curve", None)
     curve = Curve.load(str(curve_file))
     second = Curve.load(t.gpt2_curve) if t.gpt2_curve and Path(t.gpt2_curve).is_file() else None
@@ -358,7 +366,8 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
         results["memory"] = memory(t, work, data)
     results["wall_s_this_invocation"] = round(time.time() - t0, 1)
     atomic_write_json(out_path, results)
-    if runs:
-        build_report(runs, report_dir, str(curve_file), title="slowrun CPU track")
+    # the entries are placed from the results file (their run directories may be on another machine); the
+    # runs found here add their training curves
+    build_report(runs, report_dir, title="slowrun CPU track", track_results=str(out_path))
     print(f"wrote {out_path} and {Path(report_dir) / 'index.html'}")
     return results
