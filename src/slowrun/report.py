@@ -256,6 +256,9 @@ def track_plot(res: dict, out: Path) -> str:
             ax.plot([x], [e["test_loss"]], "s", color="tab:red", mfc="none" if extra else "tab:red")
             ax.annotate(f"{label}: {e['efficiency']:.2f}x" + (" (extrapolated)" if extra else ""), (x, e["test_loss"]),
                         textcoords="offset points", xytext=(6, 4), fontsize=8)
+        else:  # beyond the curve with no usable fit: the table says why
+            ax.annotate(f"{label}: no efficiency", (bc["tokens"][0], e["test_loss"]), textcoords="offset points",
+                        xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("baseline training tokens")
     ax.set_ylabel("test loss")

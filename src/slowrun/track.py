@@ -85,10 +85,12 @@ class TrackDef:
     # session resumes from the last one (the ledger key leaves checkpointing out, so finished points stand)
     curve_fixed: dict[str, Any] = field(default_factory=lambda: {"train.checkpoint_every": 128})
     # 2x-16x: lr and batch held at what won at 1x; four sizes each, around where the size is expected to win
-    # (at 1x the largest of depth 2-5 won, so the sets start at 4 and move up with the data)
+    # (at 1x the largest of depth 2-5 won, so the sets start at 4 and move up with the data). 16x (set
+    # 2026-11-28, before any 16x run): depth 9 won at 4x and 8x's best was at least 7, so 7-10, which on a
+    # GPU is one round of four parallel runs instead of a grid and then expansion rounds one size at a time
     curve_grid_by_budget: dict[float, dict[str, list]] = field(default_factory=lambda: {
         b: {"model.depth": depths, "optim.lr_scale": [CURVE_LR_SCALE], "train.batch_tokens": [CURVE_BATCH]}
-        for b, depths in ((2, [4, 5, 6, 7]), (4, [4, 5, 6, 7]), (8, [5, 6, 7, 8]), (16, [5, 6, 7, 8]))})
+        for b, depths in ((2, [4, 5, 6, 7]), (4, [4, 5, 6, 7]), (8, [5, 6, 7, 8]), (16, [7, 8, 9, 10]))})
     curve_expand: str = "model.depth"
     # 1x: the winner's lr and batch each halved once more, in case the best sits at the grid's low edge;
     # 16x: the chosen size at 0.5x and 2x the fixed lr (the check that one lr serves every budget)
