@@ -30,6 +30,9 @@ keep_copies "$LEDGER" benchmarks/results/ablation_cpu.json
 DATA=benchmarks/work/cpu-track/data/1x
 [ -f "$DATA/manifest.json" ] || "${SLOWRUN[@]}" prepare --source builtin --tokenizer bpe:8192 --train-tokens 262144 \
   --val-tokens 131072 --test-tokens 131072 --out "$DATA" --no-progress
+# every variant placed on the track's nanochat curve once it is committed (the table only: no run changes)
+CURVE=()
+[ -f benchmarks/results/curves/cpu_nanochat.json ] && CURVE=(--curve benchmarks/results/curves/cpu_nanochat.json)
 stoppable "${SLOWRUN[@]}" ablate --recipe slowrun --data "$DATA" --seeds 3 ${ONLY:+--only "$ONLY"} \
   --set eval.max_tokens=32768 --set train.batch_tokens=4096 \
   --variant soap:optim.matrix_optimizer=soap --variant kl_shampoo:optim.matrix_optimizer=kl_shampoo \
@@ -37,7 +40,7 @@ stoppable "${SLOWRUN[@]}" ablate --recipe slowrun --data "$DATA" --seeds 3 ${ONL
   --variant easy_to_hard:data.curriculum=easy_to_hard --variant hard_to_easy:data.curriculum=hard_to_easy \
   --variant mixed:data.curriculum=mixed \
   --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json \
-  --ledger "$LEDGER" --out benchmarks/work/ablation-cpu \
+  --ledger "$LEDGER" --out benchmarks/work/ablation-cpu "${CURVE[@]}" \
   --jobs "$JOBS" --threads "$THREADS" --no-progress ${NO_TRAIN:+--no-train}
 cp benchmarks/work/ablation-cpu/ablation.json benchmarks/results/ablation_cpu.json
 echo "wrote benchmarks/results/ablation_cpu.json"
