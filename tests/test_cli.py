@@ -130,3 +130,12 @@ def test_quiet_still_prints_the_results_table(bpe_ds, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "(* = best on val)" in r.stdout and "val loss" in r.stdout
     assert not any(line.startswith("step ") for line in r.stdout.splitlines())  # the per-step lines stay hidden
+
+
+def test_cpu_track_no_train_refuses_parts_that_train(tmp_path):
+    """`bench cpu-track --no-train` trains nothing: with parts that would train entries (or time the
+    throughput) it stops before anything is prepared or written."""
+    r = run("bench", "cpu-track", "--no-train", "--parts", "baseline", "single", "--work", str(tmp_path / "w"),
+            "--out", str(tmp_path / "r.json"))
+    _one_line(r, "--no-train trains nothing: --parts baseline single")
+    assert not any(tmp_path.iterdir())

@@ -530,6 +530,9 @@ def _run_plan(a: argparse.Namespace) -> int:
 # bench
 
 
+TRACK_PARTS = ("baseline", "single", "ensemble", "distill", "throughput", "memory")
+
+
 def _add_bench(p: argparse.ArgumentParser) -> None:
     from .speed import add_args
 
@@ -538,10 +541,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     track.add_argument("--work", default="benchmarks/work/cpu-track", help="runs and datasets (cached; rerunning continues)")
     track.add_argument("--out", default="benchmarks/results/cpu_track.json", help="results JSON")
     track.add_argument("--report", default="benchmarks/results/cpu_track", help="report directory (index.html + PNGs)")
-    parts = ["baseline", "single", "ensemble", "distill", "throughput", "memory"]
-    track.add_argument("--parts", nargs="+", default=parts, choices=parts + ["curve"],
-                       help="what to (re)compute (curve = baseline); entries not recomputed are placed again on the "
-                            "current curves from their stored losses")
+    track.add_argument("--parts", nargs="+", default=None, choices=list(TRACK_PARTS) + ["curve"],
+                       help="what to (re)compute (default: all; curve = baseline); entries not recomputed are placed "
+                            "again on the current curves from their stored losses")
     track.add_argument("--budgets", nargs="+", type=float, default=None,
                        help="measure only these budgets of the baseline curve (into the ledger), e.g. --budgets 8; "
                             "nothing else is computed or written")
@@ -552,8 +554,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
                        help="train nothing: print the baseline curve's next runs per budget (all, or --budgets), with "
                             "their sizes and estimated CPU hours from the ledger's runs")
     track.add_argument("--no-train", action="store_true",
-                       help="the baseline part trains nothing: the curve from the ledger's finished budgets (the others "
-                            "listed as pending), the entries placed on it")
+                       help="train nothing: the curve from the ledger's finished budgets (the others listed as pending), "
+                            "the stored entries placed on it (implies --parts baseline)")
     add_args(sub.add_parser("throughput", help="tokens/s, MFU and peak RSS of recipes vs a minimal loop, fp32 and bf16"))
 
 
@@ -563,12 +565,16 @@ def _run_bench(a: argparse.Namespace) -> int:
 
         run(a)
         return 0
-    from .track import TRACK, plan_curve, run_track
+    from .track import TRACK, TrackError, plan_curve, run_track
 
+    parts = a.parts or (["baseline"] if a.no_train else list(TRACK_PARTS))
+    if a.no_train and set(parts) - {"baseline", "curve"}:
+        raise TrackError(f"--no-train trains nothing: --parts {' '.join(parts)} would train entries or measure speed; "
+                         "use --parts baseline (the entries are placed from their stored losses)")
     if a.plan:
         print(plan_curve(TRACK, a.work, a.out, a.jobs, a.threads, a.budgets))
         return 0
-    run_track(TRACK, a.work, a.out, a.report, tuple(a.parts), a.jobs, a.threads, a.budgets, train_curve=not a.no_train)
+    run_track(TRACK, a.work, a.out, a.report, tuple(parts), a.jobs, a.threads, a.budgets, train_curve=not a.no_train)
     return 0
 
 
