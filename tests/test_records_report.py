@@ -208,6 +208,7 @@ def test_report_of_the_cpu_track_from_its_results_file(tmp_path):
     (out / "notes.png").write_bytes(b"mine")  # not a plot of the report's: kept
     page = build_report([], out, track_results=str(res)).read_text()
     assert (out / "track_curves.png").stat().st_size > 1000 and not (out / "loss_by_step.png").exists()
+    assert (out / "track_per_k.png").stat().st_size > 1000
     assert (out / "notes.png").read_bytes() == b"mine"
     text = re.sub(r"\|+", "|", re.sub(r"<[^>]+>", "|", page))
     assert "|single model|1|swa_probs|5.1900|1.7000|1.50x|12.75x|" in text

@@ -170,7 +170,7 @@ def curve_plot(curve: Curve, placed: list[tuple[str, float, float | None]], out:
     return "efficiency.png"
 
 
-def per_k_plot(ensembles: list[tuple[str, dict]], out: Path, metric: str) -> str:
+def per_k_plot(ensembles: list[tuple[str, dict]], out: Path, metric: str, name: str = "ensemble_per_k.png") -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, res in ensembles:
@@ -178,15 +178,16 @@ def per_k_plot(ensembles: list[tuple[str, dict]], out: Path, metric: str) -> str
         ax.plot(ks, [r[f"probs_{metric}_loss"] for r in res["per_k"]], "o-", label=f"{label} (prob avg)")
         if f"logits_{metric}_loss" in res["per_k"][0]:
             ax.plot(ks, [r[f"logits_{metric}_loss"] for r in res["per_k"]], "s--", label=f"{label} (logit avg)")
+    ax.set_xticks(sorted({r["k"] for _, res in ensembles for r in res["per_k"]}))
     ax.set_xlabel("members k")
     ax.set_ylabel(f"{metric} loss of the first k members")
     ax.set_title("ensemble size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "ensemble_per_k.png", dpi=110)
+    fig.savefig(out / name, dpi=110)
     plt.close(fig)
-    return "ensemble_per_k.png"
+    return name
 
 
 def ablation_plot(ab: dict, out: Path) -> str:
@@ -306,7 +307,9 @@ def track_section(path: str | Path, out: Path) -> str:
                 + _table(["budget", "train tokens", "chosen point", "params", "seeds", "val loss", "test loss",
                           "seed spread (test)"], crows))
     if krows:
+        ensembles = [(label, res[kind]) for kind, label in TRACK_ENTRIES if res.get(kind, {}).get("per_k")]
         html_out += ("<h3>Ensembles by size (first k members)</h3>"
+                     + f'<img src="{per_k_plot(ensembles, out, "test", "track_per_k.png")}" alt="per-K">'
                      + _table(["entry", "k", "prob. average test loss", "efficiency", "logit average test loss"], krows))
     return html_out + f"<p>Source: <code>{html.escape(str(path))}</code></p>"
 
@@ -329,7 +332,7 @@ def _open_run(p: Path) -> dict | None:
 
 # every plot this module writes; a rebuilt report removes those it did not write again (stale)
 PLOTS = ("loss_by_step.png", "val_by_epoch.png", "efficiency.png", "ensemble_per_k.png", "ablation.png",
-         "track_curves.png")
+         "track_curves.png", "track_per_k.png")
 
 
 def build_report(runs: list[str], out: str | Path, curve: str | None = None, records_dir: str | Path | None = None,
