@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from slowrun.track import describe_efficiency as eff
+from slowrun.track import describe_fit
 
 
 def _point(p: dict) -> str:
@@ -42,10 +43,15 @@ def main(path: str = "benchmarks/results/cpu_track.json") -> None:
             continue
         print(f"| {p['budget']:g}x | {_point(p['point'])} | {p.get('phase', 'grid')} | {p['params']:,} | "
               f"{p['val_loss']:.4f} | {p['test_loss']:.4f} | {p.get('device') or '-'} | {p['wall_s'] / 60:.1f} |")
+    for b, why in c.get("pending", {}).items():
+        print(f"\n{b}: not in the curve yet ({why})")
+    if "fit" in c:
+        print(f"\nPower-law fit of the curve: {describe_fit(c['fit'])}")
     if "gpt2_curve" in r:
         g = r["gpt2_curve"]
         print(f"\nSecond comparator: {g['name']} ({g['file']}), test loss "
-              + ", ".join(f"{t:,}: {x:.3f}" for t, x in zip(g["tokens"], g["losses"]["test"])))
+              + ", ".join(f"{t:,}: {x:.3f}" for t, x in zip(g["tokens"], g["losses"]["test"]))
+              + (f"; power-law fit: {describe_fit(g['fit'])}" if "fit" in g else ""))
     print("\nEntries (test loss of the variant chosen on val; efficiency on the curve above, and on the GPT-2 curve):\n")
     print("| entry | members | test loss | test bpb | val loss | efficiency | on GPT-2 curve | wall (min) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -28,6 +28,9 @@ def test_track_pipeline_end_to_end(tmp_path):
     assert {"baseline_curve", "gpt2_curve", "single", "ensemble", "machine", "track"} <= set(saved)
     bc = saved["baseline_curve"]
     assert bc["tokens"] == [20_000, 40_000, 60_000] and bc["recipe"] == "nanochat"
+    # each curve's power-law fit is reported, with its residuals (or the bound it hit), needed or not
+    for fit in (bc["fit"], saved["gpt2_curve"]["fit"]):
+        assert fit["metric"] == "test" and len(fit["residuals"]) == 3 and (fit["status"] == "ok") == ("E" in fit)
     for c in bc["chosen"]:  # each curve point is the mean of 2 seeds
         assert c["seeds"] == 2 and c["test_loss"] == pytest.approx(sum(c["test_losses"]) / 2)
     assert any(p["phase"] == "refine" and p["budget"] == 3 for p in bc["points"])

@@ -277,6 +277,7 @@ def track_section(path: str | Path, out: Path) -> str:
     is still pending of it, and every entry placed on it and on the second comparator. Needs
     no run directory: everything is read from the results file."""
     from .track import describe_efficiency as eff
+    from .track import describe_fit
 
     path = Path(path)
     try:
@@ -306,6 +307,10 @@ def track_section(path: str | Path, out: Path) -> str:
                 + "<h3>Baseline curve (the mean of each chosen point's seeds)</h3>"
                 + _table(["budget", "train tokens", "chosen point", "params", "seeds", "val loss", "test loss",
                           "seed spread (test)"], crows))
+    second = res.get("gpt2_curve", {})
+    fits = [(f"the {bc.get('recipe')} curve", bc.get("fit")), (second.get("name"), second.get("fit"))]
+    html_out += "".join(f"<p>Power-law fit of {html.escape(str(name))}: {html.escape(describe_fit(fit))}</p>"
+                        for name, fit in fits if fit)
     if krows:
         ensembles = [(label, res[kind]) for kind, label in TRACK_ENTRIES if res.get(kind, {}).get("per_k")]
         html_out += ("<h3>Ensembles by size (first k members)</h3>"

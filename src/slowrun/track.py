@@ -39,7 +39,7 @@ from typing import Any
 from . import SlowrunError
 from .config import build_config, config_to_dict
 from .dataset import Dataset
-from .efficiency import Curve, EfficiencyError, place
+from .efficiency import Curve, EfficiencyError, fit_power_law, place
 from .prepare import PrepareConfig, prepare
 from .results import RESULT_FILE, chosen, is_ensemble, read_result
 
@@ -265,6 +265,26 @@ def efficiency_on(curve: Curve, test_loss: float) -> dict:
     return out
 
 
+def curve_fit(curve: Curve) -> dict:
+    """The power-law fit of a curve's test (else val) losses, as extrapolation would use it: its
+    parameters and residuals, or the bound it hit, or why there is none; reported for every curve,
+    whether or not an entry needs it."""
+    metric = curve.metric()
+    try:
+        return {"metric": metric, **fit_power_law(curve.tokens, curve.losses[metric]).as_dict()}
+    except EfficiencyError as e:
+        return {"metric": metric, "status": f"no fit: {e}"}
+
+
+def describe_fit(fit: dict) -> str:
+    """What `curve_fit` returned, in words."""
+    if fit.get("status") == "ok":
+        return (f"L = {fit['A']:.4g} / D^{fit['alpha']:.4f} + {fit['E']:.4f} on {fit['metric']} loss "
+                f"(rms residual {fit['rms_residual']:.4f})")
+    rms = f" (rms residual {fit['rms_residual']:.4f})" if "rms_residual" in fit else ""
+    return f"{fit.get('status', 'no fit')}{rms}"
+
+
 def describe_efficiency(e: dict) -> str:
     """`12.75x`, `0.16x (extrapolated)`, or why there is no number: for what `efficiency_on` returned."""
     if e.get("efficiency") is None:
@@ -339,9 +359,11 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
         del results["baseline_curve"]["pending"]
     results.pop("gpt2_curve", None)
     curve = Curve.load(str(curve_file))
+    results["baseline_curve"]["fit"] = curve_fit(curve)
     second = Curve.load(t.gpt2_curve) if t.gpt2_curve and Path(t.gpt2_curve).is_file() else None
     if second is not None:
-        results["gpt2_curve"] = {"file": t.gpt2_curve, "name": second.name, "tokens": second.tokens, "losses": second.losses}
+        results["gpt2_curve"] = {"file": t.gpt2_curve, "name": second.name, "tokens": second.tokens, "losses": second.losses,
+                                 "fit": curve_fit(second)}
     runs = []
     first_member = _entry_dir(work, "ensemble", t.ensemble, data) / "member_0"
     for kind, entry in (("ensemble", t.ensemble), ("single", t.single), ("distill", t.distill)):
