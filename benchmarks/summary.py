@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from slowrun.track import describe_efficiency as eff
-from slowrun.track import describe_fit
+from slowrun.efficiency import describe_efficiency as eff
+from slowrun.efficiency import describe_fit
 
 
 def _point(p: dict) -> str:

@@ -108,6 +108,20 @@ def test_no_train_writes_the_table_of_what_finished(gpt2_ds, tmp_path):
     saved = json.loads((out / "ablation.json").read_text())
     assert saved["finished"] == 1 and saved["full"]["test_losses"] == [_test_loss(seed0)[0]]
     assert "partial: 1 of 4 runs finished" in r.stdout and len(list((out / "runs" / "1x").iterdir())) == 1
+    # placed on a curve (one with no dataset fingerprint is taken as given): interpolated where the curve
+    # reaches the loss (halfway from 1x to 2x: 1.5x), extrapolated on its power-law fit and marked so where not
+    x = _test_loss(seed0)[0]
+    curve = tmp_path / "curve.json"
+    curve.write_text(json.dumps({"name": "mini", "budget": 1000, "tokens": [1000, 2000, 4000],
+                                 "losses": {"test": [x + 1.0, x - 1.0, x - 1.5]}}))
+    placed = ablate(AblateConfig("smoke", str(gpt2_ds), str(out), train=False, curve=str(curve), **common))
+    assert placed["full"]["efficiency"] == pytest.approx(1.5) and not placed["full"]["efficiency_extrapolated"]
+    assert placed["variants"][0]["efficiency"] is None and placed["variants"][0]["efficiency_error"] == "no finished run"
+    curve.write_text(json.dumps({"name": "mini", "budget": 1000, "tokens": [1000, 2000, 4000],
+                                 "losses": {"test": [x - 1 + 4 / d**0.5 for d in (1, 2, 4)]}}))  # reaches x at 16x
+    beyond = ablate(AblateConfig("smoke", str(gpt2_ds), str(out), train=False, curve=str(curve), **common))["full"]
+    assert beyond["efficiency_extrapolated"] and beyond["efficiency_fit"]["status"] == "ok"
+    assert beyond["efficiency"] == pytest.approx(16, rel=0.05)
 
 
 def test_bad_only_is_one_line(gpt2_ds, tmp_path):
@@ -131,13 +145,17 @@ def test_report_draws_the_ablation(tmp_path):
                 "val_mean": statistics.fmean(losses) + 0.01, "seeds": len(losses), "efficiency": None, **kw}
 
     ab = {"format": "slowrun-ablation/1", "recipe": "smoke", "seeds": 2, "full": rec("full", [3.0, 3.1]),
-          "variants": [rec("unet", [3.2, 3.3], delta_test=0.2, p_hurts=0.04), rec("ema", [2.9, 3.0], delta_test=-0.1, p_hurts=0.9)]}
+          "variants": [rec("unet", [3.2, 3.3], delta_test=0.2, p_hurts=0.04), rec("ema", [2.9, 3.0], delta_test=-0.1, p_hurts=0.9),
+                       rec("soap", [2.8, 2.9], delta_test=-0.2, p_better=0.02, swap=True, efficiency=1.5,
+                           efficiency_extrapolated=True)]}
     (tmp_path / "ab").mkdir()
     (tmp_path / "ab" / "ablation.json").write_text(json.dumps(ab))
     page = build_report([], tmp_path / "rep", ablation=str(tmp_path / "ab"))
     text = page.read_text()
     assert (tmp_path / "rep" / "ablation.png").stat().st_size > 1000 and "Ablation: smoke" in text
     assert "<td>unet</td><td>3.2500</td>" in text and "<td>0.0400</td>" in text and "<h2>Runs</h2>" not in text
+    # a swap is named as one, with its own p (that it helps) and its efficiency marked as extrapolated
+    assert "<td>soap (swap)</td><td>2.8500</td>" in text and "<td>0.0200</td>" in text and "1.50x (extrapolated)" in text
     (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ReportError, match="not an ablation.json"):
         build_report([], tmp_path / "rep2", ablation=str(tmp_path / "bad.json"))

@@ -184,19 +184,6 @@ def welch_hurts(without: list[float], full: list[float]) -> float | None:
     return p if math.isfinite(p) else None
 
 
-def _efficiency(curve, loss: float | None, metric: str) -> tuple[float | None, str | None]:
-    from .efficiency import EfficiencyError, place
-
-    if curve is None:
-        return None, None
-    if loss is None:
-        return None, "no loss"
-    try:
-        return place(curve, loss, metric).efficiency, None
-    except EfficiencyError as e:
-        return None, str(e)
-
-
 def step_time(recipe: str, data: str, overrides: dict[str, Any], dtype: str, threads: int) -> float:
     """Median step time (s) of the trainer on `recipe` + `overrides` (`speed.measure_in_process`)."""
     from .speed import SpeedError, measure_in_process
@@ -252,7 +239,7 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig,
 
 
 def ablate(cfg: AblateConfig) -> dict:
-    from .efficiency import Curve, check_same_data
+    from .efficiency import Curve, check_same_data, efficiency_on
     from .sweep import Runs, SweepConfig
 
     if cfg.seeds < 1:
@@ -302,9 +289,11 @@ def ablate(cfg: AblateConfig) -> dict:
         failed = [runs.failures[j.run_dir] for j in jobs[name] if j.run_dir in runs.failures]
         if failed:
             rec["errors"] = failed
-        rec["efficiency"], reason = _efficiency(curve, rec[f"{metric}_mean"], metric)
-        if reason:
-            rec["efficiency_reason"] = reason
+        if curve is not None:  # interpolated, else extrapolated and marked so, else None with the reason
+            rec.update(efficiency_on(curve, rec[f"{metric}_mean"], metric) if rec[f"{metric}_mean"] is not None
+                       else {"efficiency": None, "efficiency_error": "no finished run"})
+        else:
+            rec["efficiency"] = None
         rows.append(rec)
     full = rows[0]
     if full["test_mean"] is None and cfg.train:
@@ -334,6 +323,11 @@ def _pm(mean: float | None, std: float | None) -> str:
     return f"{mean:.4f}" + (f" +- {std:.4f}" if std is not None else "")
 
 
+def _eff(rec: dict) -> str:
+    eff = rec.get("efficiency")
+    return "-" if eff is None else f"{eff:.2f}x" + ("~" if rec.get("efficiency_extrapolated") else "")
+
+
 def describe(ab: dict) -> str:
     """The ablation as a table: one line per technique, the full recipe first."""
     lines = [f"{'technique':<15} {'test loss without':>19} {'delta':>8} {'p':>8} {'val loss':>19} {'eff':>7} "
@@ -341,11 +335,10 @@ def describe(ab: dict) -> str:
     for rec in [ab["full"]] + ab["variants"]:
         delta = rec.get("delta_test")
         p = rec.get("p_better") if rec.get("swap") else rec.get("p_hurts")
-        eff = rec.get("efficiency")
         wall = rec.get("wall_s")
         lines.append(f"{rec['technique']:<15} {_pm(rec['test_mean'], rec['test_std']):>19} "
                      f"{(f'{delta:+.4f}' if delta is not None else '-'):>8} {(f'{p:.3f}' if p is not None else '-'):>8} "
-                     f"{_pm(rec['val_mean'], rec['val_std']):>19} {(f'{eff:.2f}x' if eff is not None else '-'):>7} "
+                     f"{_pm(rec['val_mean'], rec['val_std']):>19} {_eff(rec):>7} "
                      f"{(f'{wall:.0f}s' if wall is not None else '-'):>7}  "
                      + (", ".join(f"{k}={v}" for k, v in rec["off"].items()) or "-")
                      + (f" [{len(rec['errors'])} failed: {rec['errors'][0]}]" if rec.get("errors") else ""))
@@ -355,5 +348,6 @@ def describe(ab: dict) -> str:
                  f"technique helps, the swap hurts); p = one-sided Welch p that removing a technique raises the test "
                  f"loss, or that a swap lowers it; {ab['seeds']} seed(s) each"
                  + ("; swaps at the full recipe's wall time (run length scaled by measured step times)"
-                    if ab.get("equal_time") else ""))
+                    if ab.get("equal_time") else "")
+                 + (f"; eff = data efficiency on {ab['curve']} (~: extrapolated on its power-law fit)" if ab.get("curve") else ""))
     return "\n".join(lines)

@@ -189,6 +189,49 @@ def place(curve: Curve, loss: float, metric: str | None = None, extrapolate: boo
     return Placement(loss, tokens, tokens / budget, metric, extrapolated=True, fit=fit)
 
 
+def efficiency_on(curve: Curve, loss: float, metric: str = "test") -> dict:
+    """Data efficiency of a loss on the curve: interpolated, else extrapolated on the curve's
+    power-law fit (and marked so), else None with the reason; never clamped."""
+    try:
+        try:
+            pl = place(curve, loss, metric)
+        except EfficiencyError:
+            pl = place(curve, loss, metric, extrapolate=True)
+    except EfficiencyError as e:
+        return {"efficiency": None, "efficiency_error": str(e)}
+    out = {"efficiency": pl.efficiency, "efficiency_tokens": pl.tokens, "efficiency_extrapolated": pl.extrapolated}
+    if pl.fit:
+        out["efficiency_fit"] = pl.fit.as_dict()
+    return out
+
+
+def describe_efficiency(e: dict) -> str:
+    """`12.75x`, `0.16x (extrapolated)`, or why there is no number: for what `efficiency_on` returned."""
+    if e.get("efficiency") is None:
+        return e.get("efficiency_error", "n/a")
+    return f"{e['efficiency']:.2f}x" + (" (extrapolated)" if e.get("efficiency_extrapolated") else "")
+
+
+def curve_fit(curve: Curve) -> dict:
+    """The power-law fit of a curve's test (else val) losses, as extrapolation would use it: its
+    parameters and residuals, or the bound it hit, or why there is none; reported for a curve
+    whether or not anything placed on it needs the fit."""
+    metric = curve.metric()
+    try:
+        return {"metric": metric, **fit_power_law(curve.tokens, curve.losses[metric]).as_dict()}
+    except EfficiencyError as e:
+        return {"metric": metric, "status": f"no fit: {e}"}
+
+
+def describe_fit(fit: dict) -> str:
+    """What `curve_fit` returned, in words."""
+    if fit.get("status") == "ok":
+        return (f"L = {fit['A']:.4g} / D^{fit['alpha']:.4f} + {fit['E']:.4f} on {fit['metric']} loss "
+                f"(rms residual {fit['rms_residual']:.4f})")
+    rms = f" (rms residual {fit['rms_residual']:.4f})" if "rms_residual" in fit else ""
+    return f"{fit.get('status', 'no fit')}{rms}"
+
+
 def check_same_data(curve: Curve, run_dataset: dict) -> None:
     """Refuse a run and a curve whose tokenizer or val/test files differ (an external curve
     that records no dataset is taken as given)."""

@@ -199,10 +199,11 @@ def ablation_plot(ab: dict, out: Path) -> str:
     se = [math.sqrt((v["test_std"] or 0) ** 2 / max(v["seeds"], 1) + (full["test_std"] or 0) ** 2 / max(full["seeds"], 1))
           for v in rows]
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.5))
-    ax.barh([v["technique"] for v in rows], [v["delta_test"] for v in rows], xerr=se, capsize=3,
-            color=["tab:green" if v["delta_test"] > 0 else "tab:red" for v in rows])
+    # green: the recipe gains from it (a technique whose removal raises the loss, a swap that lowers it)
+    ax.barh([v["technique"] + (" (swap)" if v.get("swap") else "") for v in rows], [v["delta_test"] for v in rows],
+            xerr=se, capsize=3, color=["tab:green" if (v["delta_test"] > 0) != bool(v.get("swap")) else "tab:red" for v in rows])
     ax.axvline(0, color="black", lw=1)
-    ax.set_xlabel("test loss without the technique - full recipe (> 0: the technique helps)")
+    ax.set_xlabel("test loss - the full recipe's (a technique removed: > 0, it helps; a swap: < 0, it helps)")
     ax.set_title(f"leave-one-out ablation of {ab['recipe']} ({ab['seeds']} seeds; bars: +- 1 standard error)")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
@@ -221,13 +222,18 @@ def ablation_section(path: str | Path, out: Path) -> str:
         raise ReportError(f"--ablation {path}: not readable as JSON ({e})") from None
     if not isinstance(ab, dict) or ab.get("format") != "slowrun-ablation/1":
         raise ReportError(f"--ablation {path}: not an ablation.json of `slowrun ablate`")
+    from .efficiency import describe_efficiency
+
+    def eff(v: dict) -> str:
+        return describe_efficiency(v) if v.get("efficiency") is not None or "efficiency_error" in v else "-"
+
     full = ab["full"]
-    rows = [["(full recipe)", full["test_mean"], full["test_std"], None, None, full["val_mean"], full.get("efficiency"), full["seeds"]]]
-    rows += [[v["technique"], v["test_mean"], v["test_std"], v.get("delta_test"), v.get("p_hurts"), v["val_mean"],
-              v.get("efficiency"), v["seeds"]] for v in ab["variants"]]
+    rows = [["(full recipe)", full["test_mean"], full["test_std"], None, None, full["val_mean"], eff(full), full["seeds"]]]
+    rows += [[v["technique"] + (" (swap)" if v.get("swap") else ""), v["test_mean"], v["test_std"], v.get("delta_test"),
+              v.get("p_better" if v.get("swap") else "p_hurts"), v["val_mean"], eff(v), v["seeds"]] for v in ab["variants"]]
     return (f"<h2>Ablation: {html.escape(ab['recipe'])}</h2>" + f'<img src="{ablation_plot(ab, out)}" alt="ablation">'
-            + _table(["technique removed", "test loss mean", "std", "delta", "p (removing hurts)", "val loss mean",
-                      "efficiency", "seeds"], rows)
+            + _table(["technique removed, or swap", "test loss mean", "std", "delta", "p (removing hurts; a swap helps)",
+                      "val loss mean", "efficiency", "seeds"], rows)
             + f"<p>Source: <code>{html.escape(str(path))}</code></p>")
 
 
@@ -276,8 +282,8 @@ def track_section(path: str | Path, out: Path) -> str:
     """The CPU track from its results file (`slowrun bench cpu-track`): the baseline curve, what
     is still pending of it, and every entry placed on it and on the second comparator. Needs
     no run directory: everything is read from the results file."""
-    from .track import describe_efficiency as eff
-    from .track import describe_fit
+    from .efficiency import describe_efficiency as eff
+    from .efficiency import describe_fit
 
     path = Path(path)
     try:

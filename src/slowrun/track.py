@@ -39,7 +39,7 @@ from typing import Any
 from . import SlowrunError
 from .config import build_config, config_to_dict
 from .dataset import Dataset
-from .efficiency import Curve, EfficiencyError, fit_power_law, place
+from .efficiency import Curve, curve_fit, describe_efficiency, efficiency_on
 from .prepare import PrepareConfig, prepare
 from .results import RESULT_FILE, chosen, is_ensemble, read_result
 
@@ -248,48 +248,6 @@ def committed_curve(curve: dict) -> dict:
     out["points"] = [{k: v for k, v in p.items() if k not in ("run_dir", "overrides", "config")} for p in curve["points"]]
     out["chosen"] = [{k: v for k, v in c.items() if k != "run_dir"} for c in curve["chosen"]]
     return out
-
-
-def efficiency_on(curve: Curve, test_loss: float) -> dict:
-    """Data efficiency of a test loss on the curve: interpolated, else extrapolated (and marked so)."""
-    try:
-        try:
-            pl = place(curve, test_loss, "test")
-        except EfficiencyError:
-            pl = place(curve, test_loss, "test", extrapolate=True)
-    except EfficiencyError as e:
-        return {"efficiency": None, "efficiency_error": str(e)}
-    out = {"efficiency": pl.efficiency, "efficiency_tokens": pl.tokens, "efficiency_extrapolated": pl.extrapolated}
-    if pl.fit:
-        out["efficiency_fit"] = pl.fit.as_dict()
-    return out
-
-
-def curve_fit(curve: Curve) -> dict:
-    """The power-law fit of a curve's test (else val) losses, as extrapolation would use it: its
-    parameters and residuals, or the bound it hit, or why there is none; reported for every curve,
-    whether or not an entry needs it."""
-    metric = curve.metric()
-    try:
-        return {"metric": metric, **fit_power_law(curve.tokens, curve.losses[metric]).as_dict()}
-    except EfficiencyError as e:
-        return {"metric": metric, "status": f"no fit: {e}"}
-
-
-def describe_fit(fit: dict) -> str:
-    """What `curve_fit` returned, in words."""
-    if fit.get("status") == "ok":
-        return (f"L = {fit['A']:.4g} / D^{fit['alpha']:.4f} + {fit['E']:.4f} on {fit['metric']} loss "
-                f"(rms residual {fit['rms_residual']:.4f})")
-    rms = f" (rms residual {fit['rms_residual']:.4f})" if "rms_residual" in fit else ""
-    return f"{fit.get('status', 'no fit')}{rms}"
-
-
-def describe_efficiency(e: dict) -> str:
-    """`12.75x`, `0.16x (extrapolated)`, or why there is no number: for what `efficiency_on` returned."""
-    if e.get("efficiency") is None:
-        return e.get("efficiency_error", "n/a")
-    return f"{e['efficiency']:.2f}x" + (" (extrapolated)" if e.get("efficiency_extrapolated") else "")
 
 
 def _rss_of(cmd: list[str]) -> float:
