@@ -134,3 +134,35 @@ def test_device_ids_stay_inside_the_visible_devices(monkeypatch):
     assert sorted(a + b) == ["0", "1", "2"]
     pool.give(a)
     assert sorted(pool.take(2)) == sorted(a)
+
+
+# A stand-in that writes the trainer's step lines to its log.txt, slowly, then finishes.
+STEPPING = """
+import json, os, sys, time
+run_dir = sys.argv[1]
+os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(run_dir, "log.txt"), "w") as log:
+    log.write("slowrun 0.1 | torch 2.13.0\\n")
+    for step in (1, 2):
+        log.write(f"step {step:>7}/10 | epoch   0.10 | loss 5.0000 | lr 1.000 | gnorm 1.000 | 144 tok/s | "
+                  f"elapsed 0m0{step}s | ETA 1m{step}0s\\n")
+        log.flush()
+        time.sleep(0.8)
+with open(os.path.join(run_dir, "result.json"), "w") as f:
+    json.dump({}, f)
+"""
+
+
+class SteppingJob(TrainJob):
+    def command(self, threads: int = -1, nproc: int = 1) -> list[str]:
+        return [sys.executable, "-c", STEPPING, str(self.run_dir)]
+
+
+def test_running_jobs_report_their_step_and_eta(tmp_path, capsys):
+    """A sweep's runs take hours: without a bar, the running jobs' steps and ETAs (from their
+    log.txt) are printed every status_every_s seconds, so the log of a long sweep shows where it is."""
+    jobs = [SteppingJob(tmp_path / "runs" / "4x" / "depth=9_seed=1-bab19250", "smoke", tmp_path)]
+    assert run_jobs(jobs, progress=False, desc="seeds", status_every_s=0.3) == {}
+    out = capsys.readouterr().out
+    assert "seeds: 0/1 done; running: 4x/depth=9_seed=1 1/10 ETA 1m10s" in out
+    assert "4x/depth=9_seed=1 2/10 ETA 1m20s" in out
