@@ -36,6 +36,7 @@ def test_track_pipeline_end_to_end(tmp_path):
     assert any(p["phase"] == "refine" and p["budget"] == 3 for p in bc["points"])
     committed = json.loads((tmp_path / "curves" / "cpu_nanochat.json").read_text())
     assert committed["losses"] == bc["losses"] and "run_dir" not in json.dumps(committed)
+    assert "run_dir" not in json.dumps(bc) and all("config" not in p for p in bc["points"])  # the ledger has them
     ledger = (tmp_path / "ledger.jsonl").read_text().splitlines()
     assert len(ledger) == sum(p["val_loss"] is not None for p in bc["points"])
     for kind in ("single", "ensemble"):

@@ -304,8 +304,9 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
                           "torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit()}
     curve_file = out_path.parent / "curves" / f"cpu_{t.curve_recipe}.json"
     if "baseline" in parts or "curve" in parts:
-        curve_dict = baseline_curve(t, work, data, jobs, threads, ledger_of(out_path), train=train_curve)
-        atomic_write_json(curve_file, committed_curve(curve_dict))
+        # the committed form in both files: no machine-local paths, no per-point config (the ledger has them)
+        curve_dict = committed_curve(baseline_curve(t, work, data, jobs, threads, ledger_of(out_path), train=train_curve))
+        atomic_write_json(curve_file, curve_dict)
     elif curve_file.is_file():
         curve_dict = json.loads(curve_file.read_text())
     else:
