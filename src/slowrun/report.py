@@ -146,6 +146,21 @@ def _run_loss(result: dict, metric: str) -> float | None:
     return chosen(result)[1].get(f"{metric}_loss")
 
 
+def _save_tokens_plot(fig, ax, metric: str, title: str, out: Path, name: str) -> str:
+    """Finish a loss-against-baseline-tokens plot (log tokens, grid, legend) and write it as `name`."""
+    plt = _plt()
+    ax.set_xscale("log")
+    ax.set_xlabel("baseline training tokens")
+    ax.set_ylabel(f"{metric} loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def curve_plot(curve: Curve, placed: list[tuple[str, float, float | None]], out: Path, metric: str) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -158,16 +173,7 @@ def curve_plot(curve: Curve, placed: list[tuple[str, float, float | None]], out:
         else:
             ax.annotate(f"{label} (off the curve)", (curve.tokens[0], loss), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axvline(curve.budget, color="gray", lw=1, ls="--", label=f"budget {curve.budget:,} tokens")
-    ax.set_xscale("log")
-    ax.set_xlabel("baseline training tokens")
-    ax.set_ylabel(f"{metric} loss")
-    ax.set_title("runs placed on the baseline curve (data efficiency)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "efficiency.png", dpi=110)
-    plt.close(fig)
-    return "efficiency.png"
+    return _save_tokens_plot(fig, ax, metric, "runs placed on the baseline curve (data efficiency)", out, "efficiency.png")
 
 
 def per_k_plot(ensembles: list[tuple[str, dict]], out: Path, metric: str, name: str = "ensemble_per_k.png") -> str:
@@ -266,16 +272,7 @@ def track_plot(res: dict, out: Path) -> str:
         else:  # beyond the curve with no usable fit: the table says why
             ax.annotate(f"{label}: no efficiency", (bc["tokens"][0], e["test_loss"]), textcoords="offset points",
                         xytext=(6, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("baseline training tokens")
-    ax.set_ylabel("test loss")
-    ax.set_title("CPU track: entries placed on the baseline curve")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "track_curves.png", dpi=110)
-    plt.close(fig)
-    return "track_curves.png"
+    return _save_tokens_plot(fig, ax, "test", "CPU track: entries placed on the baseline curve", out, "track_curves.png")
 
 
 def track_section(path: str | Path, out: Path) -> str:
