@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13 on the CPU track: what each technique of the `slowrun` recipe is worth (leave-one-out),
 # and the swaps the reference names next (second-order optimizers, curriculum), each over 3 seeds,
-# the swaps at the full recipe's wall time. The CPU track's single entry's settings (builtin data,
+# the swaps at the full recipe's wall time; beside them the recipe's own default batch (2,048, where
+# the track's entry pins 4,096), at equal wall time too. The CPU track's single entry's settings (builtin data,
 # bpe:8192, 262,144 training tokens; batch 4,096, periodic evals on 32k val tokens).
 #
 #   bash benchmarks/ablation_cpu.sh                 # ONLY=none: the swaps only; JOBS=2 THREADS=1
@@ -35,6 +36,7 @@ CURVE=()
 [ -f benchmarks/results/curves/cpu_nanochat.json ] && CURVE=(--curve benchmarks/results/curves/cpu_nanochat.json)
 stoppable "${SLOWRUN[@]}" ablate --recipe slowrun --data "$DATA" --seeds 3 ${ONLY:+--only "$ONLY"} \
   --set eval.max_tokens=32768 --set train.batch_tokens=4096 \
+  --variant batch_2048:train.batch_tokens=2048 \
   --variant soap:optim.matrix_optimizer=soap --variant kl_shampoo:optim.matrix_optimizer=kl_shampoo \
   --variant psgd_kron:optim.matrix_optimizer=psgd_kron \
   --variant easy_to_hard:data.curriculum=easy_to_hard --variant hard_to_easy:data.curriculum=hard_to_easy \

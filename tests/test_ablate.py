@@ -210,6 +210,29 @@ def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path, monkeypatc
         ab_mod.equal_time_overrides(cfg, base, fake)
 
 
+def test_equal_time_of_a_batch_swap_is_equal_wall_time_per_epoch(gpt2_ds, tmp_path):
+    """Half the batch: twice the steps an epoch; at 0.6x the step time an epoch takes 1.2x the
+    wall time, so the swap trains 1/1.2 of the recipe's epochs (not 1/0.6 of them)."""
+    from slowrun import ablate as ab_mod
+    from slowrun.dataset import Dataset
+    from slowrun.loader import TrainLoader
+
+    by_epochs = {"train.max_steps": -1}
+    base = build_config("smoke", {**by_epochs, "data.path": str(gpt2_ds)})
+    half = base.train.batch_tokens // 2
+    fake = lambda recipe, data, overrides, dtype, threads: 0.06 if "train.batch_tokens" in overrides else 0.1  # noqa: E731
+    cfg = AblateConfig("smoke", str(gpt2_ds), str(tmp_path / "ab"), fixed=by_epochs,
+                       variants={"half": {"train.batch_tokens": half}}, equal_time=True)
+    over, _ = ab_mod.equal_time_overrides(cfg, base, fake)
+    # the steps per epoch as the trainer's loader counts them, at each batch
+    T = base.model.seq_len
+    spe = [TrainLoader(Dataset.open(gpt2_ds), T, b // T).seqs_per_epoch / (b // T) for b in (base.train.batch_tokens, half)]
+    assert spe[1] == pytest.approx(2 * spe[0], rel=0.02)
+    want = base.train.epochs * (0.1 * spe[0]) / (0.06 * spe[1])
+    assert over["half"]["train.epochs"] == pytest.approx(want, abs=1e-3)
+    assert over["half"]["train.epochs"] < base.train.epochs  # slower per epoch: fewer epochs
+
+
 def test_step_time_is_the_trainers_median(gpt2_ds):
     from slowrun.ablate import step_time
 

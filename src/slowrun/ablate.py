@@ -17,8 +17,9 @@ same seeds, with the one-sided Welch p of "the swap lowers the test loss" (`p_be
 With `equal_time` (`--equal-time`) each swap trains for the full recipe's wall time rather
 than its steps: the trainer's step time of the full recipe and of the swap are measured
 (`slowrun.speed`, each in its own process, median of a few steps) and the swap's
-`train.epochs` (or `train.max_steps`, when the runs set it) is scaled by their ratio; a swap
-of the data order alone (`ORDER_KEYS`, e.g. a curriculum) computes the recipe's steps and keeps
+`train.epochs` (or `train.max_steps`, when the runs set it) is scaled by their ratio (a swap
+that changes the steps an epoch takes, e.g. the batch size, scales its epochs by the ratio of
+wall time per epoch instead); a swap of the data order alone (`ORDER_KEYS`, e.g. a curriculum) computes the recipe's steps and keeps
 its length untimed. The
 measurements are kept in `equal_time.json` in the output directory (or `equal_time_file`, e.g.
 a committed one), so a rerun, on any machine, plans the same runs rather than re-timing them
@@ -47,6 +48,9 @@ EQUAL_TIME_STEPS, EQUAL_TIME_WARMUP = 6, 2  # timed steps (median) after untimed
 # has the recipe's step time by construction, so it is not timed (timing noise of a few percent
 # would otherwise cut its run short of the recipe's)
 ORDER_KEYS = ("data.curriculum", "data.curriculum_score", "data.doc_shuffle", "data.seq_shuffle")
+# keys that change how many steps an epoch takes: a swap of these at equal time scales its epochs by
+# wall time per epoch (step time x steps per epoch), not by step time alone
+EPOCH_KEYS = ("train.batch_tokens", "model.seq_len", "data.fitness_tokens")
 # AdamW learning rate of the hidden matrices when Muon is ablated: the middle of the 1e-3..3e-3
 # range usual for AdamW at the widths of the CPU recipes (256-384); the other groups keep theirs
 ADAMW_MATRIX_LR = 2e-3
@@ -201,7 +205,8 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig,
                          measure: Callable[..., float] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """(each swap's overrides plus the run length that gives it the full recipe's wall time,
     the step times by name: "full" and each swap). The length is `train.epochs` (or
-    `train.max_steps` when the runs set it) x full step time / swap step time. Step times are
+    `train.max_steps` when the runs set it) x full step time / swap step time (for epochs, times
+    too the full recipe's steps per epoch / the swap's, where the swap changes them). Step times are
     measured once and kept in the equal-time file (keyed by what was timed), so that a rerun
     plans the same runs."""
     measure = measure or step_time
@@ -223,6 +228,13 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig,
             atomic_write_json(path, {"format": EQUAL_TIME_FORMAT, "step_s": cache})
         return cache[key]["step_s"]
 
+    def epoch_steps(over: dict[str, Any]) -> float:  # optimizer steps per epoch, as the trainer counts them
+        from .dataset import Dataset
+        from .loader import seqs_per_epoch
+
+        c = build_config(cfg.recipe, {**cfg.fixed, **over})
+        return seqs_per_epoch(Dataset.open(cfg.data), c.model.seq_len, c.data.fitness_tokens) / (c.train.batch_tokens // c.model.seq_len)
+
     step_s = {"full": timed({})}
     out = {}
     for name, over in cfg.variants.items():
@@ -233,6 +245,8 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig,
             continue
         step_s[name] = timed(over)
         scale = step_s["full"] / step_s[name]
+        if not by_steps and any(k in EPOCH_KEYS for k in over):  # an epoch of the swap takes another number of steps
+            scale *= epoch_steps({}) / epoch_steps(over)
         length = max(1, round(base.train.max_steps * scale)) if by_steps else round(base.train.epochs * scale, 3)
         out[name] = {**over, length_key: length}
     return out, step_s

@@ -42,6 +42,11 @@ def fitness_slice(dataset: Dataset, tokens: int) -> np.ndarray:
     return train[len(train) - tokens:]
 
 
+def seqs_per_epoch(dataset: Dataset, seq_len: int, fitness_tokens: int = 0) -> int:
+    """How many training sequences of `seq_len` tokens one epoch serves (the fitness slice cut off)."""
+    return (len(dataset.tokens("train")) - len(fitness_slice(dataset, fitness_tokens)) - 1) // seq_len
+
+
 def _doc_bounds(dataset: Dataset, fitness_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(start, length) of every training document the loader serves (the fitness slice cut off)."""
     n = len(dataset.tokens("train")) - len(fitness_slice(dataset, fitness_tokens))
@@ -120,7 +125,7 @@ class TrainLoader:
             raise ValueError(f"curriculum {curriculum} needs one score per training document ({len(self.doc_starts)})")
         self.curriculum, self.doc_scores = curriculum, doc_scores
         self.seq_len = seq_len
-        self.seqs_per_epoch = (n - 1) // seq_len
+        self.seqs_per_epoch = seqs_per_epoch(dataset, seq_len, fitness_tokens)
         if self.seqs_per_epoch < batch_seqs:
             raise ValueError(f"the training split ({n:,} tokens) holds {self.seqs_per_epoch} sequences of {seq_len}, "
                              f"fewer than one batch ({batch_seqs})")
