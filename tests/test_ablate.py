@@ -48,7 +48,7 @@ def test_ablate_smoke_two_techniques(gpt2_ds, tmp_path, monkeypatch):
     assert saved["full"]["seeds"] == 2 and len(set(saved["full"]["run_dirs"])) == 2
     swap = saved["variants"][2]  # a swap: the recipe with weight decay 0, p that it is better
     assert swap["swap"] and "p_hurts" not in swap and swap["off"] == {"optim.weight_decay": 0.0, "train.max_steps": 2}
-    assert swap["step_s"] == 0.15 and saved["full"]["step_s"] == 0.1 and saved["equal_time"]
+    assert swap["step_s"] == 0.15 and swap["full_step_s"] == 0.1 and "step_s" not in saved["full"] and saved["equal_time"]
     for d in swap["run_dirs"]:
         r = json.loads((Path(d) / "result.json").read_text())
         assert r["config"]["optim"]["weight_decay"] == 0.0 and r["config"]["train"]["max_steps"] == 2 and r["steps"] == 2
@@ -169,15 +169,19 @@ def test_ablate_has_help(capsys):
     assert e.value.code == 0 and "--only A,B" in capsys.readouterr().out
 
 
-def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path, monkeypatch):
-    """A swap twice as slow per step trains half the steps (or epochs); the step times are kept,
-    so a rerun plans the same runs without timing again."""
-    times = {(): 0.2, (("optim.matrix_optimizer", "soap"),): 0.4, (("data.curriculum", "easy_to_hard"),): 0.25}
+def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path):
+    """A swap twice as slow per step trains half the steps (or epochs), however loaded the machine
+    is: the full recipe is timed round-robin beside the swaps, and a swap added later is timed
+    beside a fresh timing of the full recipe. The step times are kept, so a rerun plans the same
+    runs without timing again."""
+    times = {(): 0.2, (("optim.matrix_optimizer", "soap"),): 0.4, (("optim.matrix_optimizer", "kl_shampoo"),): 0.3,
+             (("data.curriculum", "easy_to_hard"),): 0.25}
     calls = []
+    load = {"x": 1.0}  # the machine's load: every step time is multiplied by it
 
     def fake(recipe, data, overrides, dtype, threads):
         calls.append(overrides)
-        return times[tuple(sorted((k, v) for k, v in overrides.items() if k != "train.max_steps"))]
+        return load["x"] * times[tuple(sorted((k, v) for k, v in overrides.items() if k != "train.max_steps"))]
 
     from slowrun import ablate as ab_mod
 
@@ -188,8 +192,18 @@ def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path, monkeypatc
     # a curriculum computes the recipe's steps: not timed (0.25 would be noise), its length kept
     assert over == {"soap": {"optim.matrix_optimizer": "soap", "train.max_steps": 4},
                     "e2h": {"data.curriculum": "easy_to_hard"}}
-    assert step_s == {"full": 0.2, "soap": 0.4, "e2h": 0.2} and len(calls) == 2
-    assert ab_mod.equal_time_overrides(cfg, base, fake) == (over, step_s) and len(calls) == 2  # from equal_time.json
+    assert step_s == {"soap": {"step_s": 0.4, "full_step_s": 0.2}}
+    assert calls == [{"train.max_steps": 8}, {"train.max_steps": 8, "optim.matrix_optimizer": "soap"}] * ab_mod.EQUAL_TIME_ROUNDS
+    n = len(calls)
+    assert ab_mod.equal_time_overrides(cfg, base, fake) == (over, step_s) and len(calls) == n  # from equal_time.json
+    # a swap added later, on a machine 1.5x as loaded: timed beside the full recipe again, so 0.3 / 0.2
+    load["x"] = 1.5
+    more = AblateConfig("smoke", "unused", str(tmp_path / "ab"), fixed={"train.max_steps": 8},
+                        variants={**swaps, "kl": {"optim.matrix_optimizer": "kl_shampoo"}}, equal_time=True)
+    over_more, step_more = ab_mod.equal_time_overrides(more, base, fake)
+    assert over_more["kl"]["train.max_steps"] == round(8 * 0.2 / 0.3) and over_more["soap"] == over["soap"]
+    assert step_more["kl"] == {"step_s": pytest.approx(0.45), "full_step_s": pytest.approx(0.3)}
+    assert len(calls) == n + 2 * ab_mod.EQUAL_TIME_ROUNDS  # only the new swap and the full recipe timed
     # without max_steps the recipe's epochs are scaled
     cfg2 = AblateConfig("slowrun", "unused", str(tmp_path / "ab2"), variants={"soap": swaps["soap"]}, equal_time=True)
     base2 = build_config("slowrun", {})
@@ -205,6 +219,14 @@ def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path, monkeypatc
     n = len(calls)
     assert ab_mod.equal_time_overrides(elsewhere, base, fake) == (over, step_s) and len(calls) == n
     assert techniques_on(base2, ["none"]) == []  # --only none: the swaps alone
+    # a file of the first format (each config timed alone, at its own time) is timed again, beside the full recipe
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "slowrun-equal-time/1", "step_s": {"x": {"step_s": 9.0}}}))
+    load["x"] = 1.0
+    ab_mod.equal_time_overrides(AblateConfig("smoke", "unused", str(tmp_path / "o"), fixed={"train.max_steps": 8}, variants=swaps,
+                                             equal_time=True, equal_time_file=str(old)), base, fake)
+    assert len(calls) == n + 2 * ab_mod.EQUAL_TIME_ROUNDS
+    assert json.loads(old.read_text())["format"] == ab_mod.EQUAL_TIME_FORMAT and "x" not in json.loads(old.read_text())["step_s"]
     (tmp_path / "ab" / "equal_time.json").write_text("{not json")
     with pytest.raises(AblateError, match="not an equal-time file"):
         ab_mod.equal_time_overrides(cfg, base, fake)

@@ -15,15 +15,15 @@ Swaps (`variants`, `--variant NAME:key=value,...`) sit in the same table: the re
 something changed rather than removed (another matrix optimizer, a curriculum), over the
 same seeds, with the one-sided Welch p of "the swap lowers the test loss" (`p_better`).
 With `equal_time` (`--equal-time`) each swap trains for the full recipe's wall time rather
-than its steps: the trainer's step time of the full recipe and of the swap are measured
-(`slowrun.speed`, each in its own process, median of a few steps) and the swap's
-`train.epochs` (or `train.max_steps`, when the runs set it) is scaled by their ratio (a swap
-that changes the steps an epoch takes, e.g. the batch size, scales its epochs by the ratio of
-wall time per epoch instead); a swap of the data order alone (`ORDER_KEYS`, e.g. a curriculum) computes the recipe's steps and keeps
-its length untimed. The
-measurements are kept in `equal_time.json` in the output directory (or `equal_time_file`, e.g.
-a committed one), so a rerun, on any machine, plans the same runs rather than re-timing them
-into new configs.
+than its steps: the trainer's step times of the full recipe and of the swap are measured
+(`slowrun.speed`, each in its own process, median of a few steps), round-robin beside each
+other so that both see the same load, and the swap's `train.epochs` (or `train.max_steps`,
+when the runs set it) is scaled by their ratio (a swap that changes the steps an epoch takes,
+e.g. the batch size, by the ratio of wall time per epoch); a swap of the data order alone
+(`ORDER_KEYS`, e.g. a curriculum) computes the recipe's steps and keeps its length untimed.
+The measurements are kept in `equal_time.json` in the output directory (or
+`equal_time_file`, e.g. a committed one), so a rerun, on any machine, plans the same runs
+rather than re-timing them into new configs.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from .config import RunConfig, build_config
 from .storage import atomic_write_json
 
 FORMAT = "slowrun-ablation/1"
-EQUAL_TIME_FORMAT = "slowrun-equal-time/1"
+EQUAL_TIME_FORMAT = "slowrun-equal-time/2"
 EQUAL_TIME_STEPS, EQUAL_TIME_WARMUP = 6, 2  # timed steps (median) after untimed ones
+EQUAL_TIME_ROUNDS = 3  # the full recipe and the swaps timed round-robin, this many times (median of each)
 # keys that change only which tokens a step sees, never what it computes: a swap of these alone
 # has the recipe's step time by construction, so it is not timed (timing noise of a few percent
 # would otherwise cut its run short of the recipe's)
@@ -201,32 +202,37 @@ def step_time(recipe: str, data: str, overrides: dict[str, Any], dtype: str, thr
     return float(row["step_s_median"])
 
 
-def equal_time_overrides(cfg: AblateConfig, base: RunConfig,
-                         measure: Callable[..., float] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[..., float] | None = None,
+                         ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
     """(each swap's overrides plus the run length that gives it the full recipe's wall time,
-    the step times by name: "full" and each swap). The length is `train.epochs` (or
-    `train.max_steps` when the runs set it) x full step time / swap step time (for epochs, times
-    too the full recipe's steps per epoch / the swap's, where the swap changes them). Step times are
-    measured once and kept in the equal-time file (keyed by what was timed), so that a rerun
-    plans the same runs."""
+    each timed swap's step time and the full recipe's beside it: {"step_s", "full_step_s"}).
+
+    The length is `train.epochs` (or `train.max_steps` when the runs set it) x full step time /
+    swap step time (for epochs, times too the full recipe's steps per epoch / the swap's, where
+    the swap changes them). The swaps not timed yet are timed together with the full recipe,
+    round-robin (full, swap, swap, ..., EQUAL_TIME_ROUNDS times; the median of each), so that a
+    ratio never compares timings taken under different loads of the machine (measured here: the
+    full recipe's step at 2.34 s and 1.57 s, an hour apart). The times are kept in the
+    equal-time file (keyed by what was timed), so that a rerun plans the same runs."""
     measure = measure or step_time
     path = Path(cfg.equal_time_file or Path(cfg.out) / "equal_time.json")
     cache: dict[str, Any] = {}
     if path.is_file():
         try:
-            cache = json.loads(path.read_text())["step_s"]
+            saved = json.loads(path.read_text())
+            cache = saved["step_s"]
         except (ValueError, KeyError, TypeError) as e:
             raise AblateError(f"{path}: not an equal-time file of slowrun ablate ({e}); move it away to time again") from None
+        if saved.get("format") != EQUAL_TIME_FORMAT:  # timed one config at a time: not comparable, timed again
+            print(f"ablate: {path} holds step times of {saved.get('format')}, each config timed alone; timing the swaps "
+                  f"again beside the full recipe ({EQUAL_TIME_FORMAT})", flush=True)
+            cache = {}
     by_steps = base.train.max_steps > 0
     length_key = "train.max_steps" if by_steps else "train.epochs"
 
-    def timed(over: dict[str, Any]) -> float:
+    def key(over: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         what = {"recipe": cfg.recipe, "fixed": cfg.fixed, "overrides": over, "threads": cfg.threads, "dtype": base.train.dtype}
-        key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        if key not in cache:
-            cache[key] = {**what, "step_s": measure(cfg.recipe, cfg.data, {**cfg.fixed, **over}, base.train.dtype, cfg.threads)}
-            atomic_write_json(path, {"format": EQUAL_TIME_FORMAT, "step_s": cache})
-        return cache[key]["step_s"]
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16], what
 
     def epoch_steps(over: dict[str, Any]) -> float:  # optimizer steps per epoch, as the trainer counts them
         from .dataset import Dataset
@@ -235,21 +241,37 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig,
         c = build_config(cfg.recipe, {**cfg.fixed, **over})
         return seqs_per_epoch(Dataset.open(cfg.data), c.model.seq_len, c.data.fitness_tokens) / (c.train.batch_tokens // c.model.seq_len)
 
-    step_s = {"full": timed({})}
-    out = {}
+    timed = {}
     for name, over in cfg.variants.items():
         if length_key in over:
             raise AblateError(f"--variant {name}: sets {length_key}, which --equal-time sets from the measured step times")
-        if all(k in ORDER_KEYS for k in over):  # the same steps as the recipe's: its length as it is
-            out[name], step_s[name] = dict(over), step_s["full"]
+        if not all(k in ORDER_KEYS for k in over):  # a swap of the data order alone keeps the recipe's length untimed
+            timed[name] = over
+    todo = {name: over for name, over in timed.items() if key(over)[0] not in cache}
+    if todo:
+        rounds: dict[str, list[float]] = {name: [] for name in ["\0full", *todo]}
+        for _ in range(EQUAL_TIME_ROUNDS):
+            for name in rounds:
+                over = {} if name == "\0full" else todo[name]
+                rounds[name].append(measure(cfg.recipe, cfg.data, {**cfg.fixed, **over}, base.train.dtype, cfg.threads))
+        full = statistics.median(rounds["\0full"])
+        for name, over in todo.items():
+            k, what = key(over)
+            cache[k] = {**what, "step_s": statistics.median(rounds[name]), "full_step_s": full, "rounds": EQUAL_TIME_ROUNDS}
+        atomic_write_json(path, {"format": EQUAL_TIME_FORMAT, "step_s": cache})
+    out, times = {}, {}
+    for name, over in cfg.variants.items():
+        if name not in timed:
+            out[name] = dict(over)
             continue
-        step_s[name] = timed(over)
-        scale = step_s["full"] / step_s[name]
+        entry = cache[key(over)[0]]
+        times[name] = {"step_s": entry["step_s"], "full_step_s": entry["full_step_s"]}
+        scale = entry["full_step_s"] / entry["step_s"]
         if not by_steps and any(k in EPOCH_KEYS for k in over):  # an epoch of the swap takes another number of steps
             scale *= epoch_steps({}) / epoch_steps(over)
         length = max(1, round(base.train.max_steps * scale)) if by_steps else round(base.train.epochs * scale, 3)
         out[name] = {**over, length_key: length}
-    return out, step_s
+    return out, times
 
 
 def ablate(cfg: AblateConfig) -> dict:
@@ -276,7 +298,7 @@ def ablate(cfg: AblateConfig) -> dict:
         if name in {v[0] for v in variants}:
             raise AblateError(f"--variant {name}: the name of a technique or another variant")
         build_config(cfg.recipe, {**cfg.fixed, **over, "data.path": cfg.data})  # a wrong key fails before any run
-    swap_overrides, step_s = equal_time_overrides(cfg, base) if cfg.equal_time else (cfg.variants, {})
+    swap_overrides, times = equal_time_overrides(cfg, base) if cfg.equal_time else (cfg.variants, {})
     for name, over in swap_overrides.items():
         variants.append((name, "swap: " + ", ".join(f"{k}={v}" for k, v in over.items()), over))
     swaps = set(cfg.variants)
@@ -298,8 +320,7 @@ def ablate(cfg: AblateConfig) -> dict:
         rec["seeds"] = len(rec["test_losses"])
         walls = [runs.results[j.run_dir]["wall_s"] for j in jobs[name] if j.run_dir in runs.results]
         rec["wall_s"] = round(sum(walls) / len(walls), 1) if walls else None
-        if name in step_s:  # the step time the equal-time scaling used
-            rec["step_s"] = step_s[name]
+        rec.update(times.get(name, {}))  # the step times the equal-time scaling used
         failed = [runs.failures[j.run_dir] for j in jobs[name] if j.run_dir in runs.failures]
         if failed:
             rec["errors"] = failed
