@@ -97,6 +97,8 @@ def ledger(path: str = "benchmarks/results/ledger.jsonl") -> None:
     """Every run in the ledger, by budget and size: the curve while it is being measured."""
     from slowrun.ledger import Ledger
 
+    if not Path(path).is_file():  # a ledger opens empty when missing: here that is a wrong path
+        raise FileNotFoundError(path)
     rows = []
     for e in Ledger.open(path).entries:
         tag, cfg, best = e.get("tag", {}), e["config"], e["variants"][e["best"]]
@@ -136,7 +138,14 @@ def chosen_so_far(rows: list[tuple]) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--ledger"]:
-        ledger(*sys.argv[2:])
-    else:
-        main(*sys.argv[1:])
+    args = sys.argv[1:]
+    if args[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        sys.exit(0)
+    show, args = (ledger, args[1:]) if args[:1] == ["--ledger"] else (main, args)
+    if len(args) > 1 or any(a.startswith("-") for a in args):
+        sys.exit(f"summary.py: unexpected arguments {' '.join(args)} (--help says how to call it)")
+    try:
+        show(*args)
+    except FileNotFoundError as e:
+        sys.exit(f"summary.py: no such file: {e.filename or e}")

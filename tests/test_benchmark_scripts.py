@@ -1,17 +1,19 @@
-"""The benchmark scripts' shell helpers (benchmarks/out_copies.sh): what a lent machine's $OUT
-brings back when the script is stopped by a timeout."""
+"""The benchmark scripts: the shell helpers (benchmarks/out_copies.sh), what a lent machine's $OUT
+brings back when the script is stopped by a timeout; and summary.py's tables of the committed ledger."""
 
+import json
 import shutil
+import sys
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-HELPERS = Path(__file__).resolve().parents[1] / "benchmarks" / "out_copies.sh"
-
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and timeout")
+ROOT = Path(__file__).resolve().parents[1]
+HELPERS = ROOT / "benchmarks" / "out_copies.sh"
+needs_shell = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                 reason="needs bash and timeout")
 
 
 def run_script(tmp_path, body: str, out: Path | None, limit: int = 3) -> subprocess.CompletedProcess:
@@ -21,6 +23,7 @@ def run_script(tmp_path, body: str, out: Path | None, limit: int = 3) -> subproc
     return subprocess.run(["timeout", str(limit), "bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
 
 
+@needs_shell
 def test_a_timeout_stops_the_job_and_still_brings_its_files_back(tmp_path):
     out = tmp_path / "out"
     body = ("echo first > ledger.jsonl\nkeep_copies ledger.jsonl absent.json\n"
@@ -36,9 +39,45 @@ def test_a_timeout_stops_the_job_and_still_brings_its_files_back(tmp_path):
     assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, "the stopped job still runs"
 
 
+@needs_shell
 def test_without_out_nothing_is_copied_and_a_failure_is_the_scripts(tmp_path):
     r = run_script(tmp_path, "echo x > f\nkeep_copies f\nstoppable false\necho not reached", None)
     assert r.returncode == 1 and "not reached" not in r.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "job.sh"]
     r = run_script(tmp_path, "stoppable true\necho reached", None)
     assert r.returncode == 0 and r.stdout == "reached\n"
+
+
+def summary(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summary.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_summary_of_the_ledger_chooses_each_budgets_best_size_on_val():
+    from slowrun.track import CURVE_BATCH, CURVE_LR_SCALE, TRACK
+
+    runs = {}  # train tokens -> {depth: {seed: (val, test)}}, computed here straight from the ledger's lines
+    for line in (ROOT / "benchmarks" / "results" / "ledger.jsonl").read_text().splitlines():
+        e = json.loads(line)
+        cfg, best = e["config"], e["variants"][e["best"]]
+        if cfg["optim"]["lr_scale"] == CURVE_LR_SCALE and cfg["train"]["batch_tokens"] == CURVE_BATCH:
+            runs.setdefault(e["dataset"]["train_tokens"], {}).setdefault(cfg["model"]["depth"], {})[cfg["train"]["seed"]] = (
+                best["val_loss"], best["test_loss"])
+    r = summary("--ledger")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split(" | ")[1]: line for line in r.stdout.splitlines() if line.startswith("| ") and "x | " in line[:8]}
+    assert runs and len(rows) == len(runs)
+    for tokens, by_depth in runs.items():
+        depth = min((d for d in by_depth if 0 in by_depth[d]), key=lambda d: by_depth[d][0][0])
+        seeds = by_depth[depth].values()
+        row = rows[f"{tokens:,}"]
+        assert row.startswith(f"| {tokens / TRACK.budget:g}x | ") and f"| depth {depth}" in row
+        assert f"| {len(seeds)} | {sum(v for v, _ in seeds) / len(seeds):.4f} | {sum(t for _, t in seeds) / len(seeds):.4f} |" in row
+
+
+def test_summary_names_a_missing_file_or_a_wrong_argument_in_one_line(tmp_path):
+    for args, says in [(("--ledger", str(tmp_path / "none.jsonl")), "no such file"),
+                       ((str(tmp_path / "none.json"),), "no such file"), (("--json",), "unexpected arguments")]:
+        r = summary(*args)
+        assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert summary("--help").stdout.startswith("Markdown tables")
