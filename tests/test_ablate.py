@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -227,6 +228,14 @@ def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path):
                                              equal_time=True, equal_time_file=str(old)), base, fake)
     assert len(calls) == n + 2 * ab_mod.EQUAL_TIME_ROUNDS
     assert json.loads(old.read_text())["format"] == ab_mod.EQUAL_TIME_FORMAT and "x" not in json.loads(old.read_text())["step_s"]
+    # --no-train times nothing: a swap with no kept time (here: at other --threads) is named, not timed
+    n = len(calls)
+    kept = AblateConfig("smoke", "unused", str(tmp_path / "ab"), fixed={"train.max_steps": 8}, variants=swaps,
+                        equal_time=True, train=False)
+    assert ab_mod.equal_time_overrides(kept, base, fake) == (over, step_s)
+    with pytest.raises(AblateError, match=r"no step times of soap at --threads 2, .*holds --threads -1"):
+        ab_mod.equal_time_overrides(dataclasses.replace(kept, threads=2), base, fake)
+    assert len(calls) == n
     (tmp_path / "ab" / "equal_time.json").write_text("{not json")
     with pytest.raises(AblateError, match="not an equal-time file"):
         ab_mod.equal_time_overrides(cfg, base, fake)

@@ -248,6 +248,11 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
         if not all(k in ORDER_KEYS for k in over):  # a swap of the data order alone keeps the recipe's length untimed
             timed[name] = over
     todo = {name: over for name, over in timed.items() if key(over)[0] not in cache}
+    if todo and not cfg.train:  # timing runs the model: --no-train plans only from times already kept
+        held = sorted({f"--threads {e.get('threads')}, {e.get('dtype')}" for e in cache.values()})
+        raise AblateError(f"--no-train: {path} has no step times of {', '.join(todo)} at --threads {cfg.threads}, "
+                          f"{base.train.dtype} (it holds {'; '.join(held) or 'none'}); run with the same --threads and "
+                          "--set as the timed runs, or without --no-train to time them")
     if todo:
         rounds: dict[str, list[float]] = {name: [] for name in ["\0full", *todo]}
         for _ in range(EQUAL_TIME_ROUNDS):
