@@ -241,35 +241,39 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
         c = build_config(cfg.recipe, {**cfg.fixed, **over})
         return seqs_per_epoch(Dataset.open(cfg.data), c.model.seq_len, c.data.fitness_tokens) / (c.train.batch_tokens // c.model.seq_len)
 
-    timed = {}
+    timed, keys = {}, {}
     for name, over in cfg.variants.items():
         if length_key in over:
             raise AblateError(f"--variant {name}: sets {length_key}, which --equal-time sets from the measured step times")
         if not all(k in ORDER_KEYS for k in over):  # a swap of the data order alone keeps the recipe's length untimed
-            timed[name] = over
-    todo = {name: over for name, over in timed.items() if key(over)[0] not in cache}
+            timed[name], keys[name] = over, key(over)
+    todo = {name: over for name, over in timed.items() if keys[name][0] not in cache}
     if todo and not cfg.train:  # timing runs the model: --no-train plans only from times already kept
         held = sorted({f"--threads {e.get('threads')}, {e.get('dtype')}" for e in cache.values()})
         raise AblateError(f"--no-train: {path} has no step times of {', '.join(todo)} at --threads {cfg.threads}, "
                           f"{base.train.dtype} (it holds {'; '.join(held) or 'none'}); run with the same --threads and "
                           "--set as the timed runs, or without --no-train to time them")
     if todo:
-        rounds: dict[str, list[float]] = {name: [] for name in ["\0full", *todo]}
+        def time_of(over: dict[str, Any]) -> float:
+            return measure(cfg.recipe, cfg.data, {**cfg.fixed, **over}, base.train.dtype, cfg.threads)
+
+        full_times: list[float] = []
+        swap_times: dict[str, list[float]] = {name: [] for name in todo}
         for _ in range(EQUAL_TIME_ROUNDS):
-            for name in rounds:
-                over = {} if name == "\0full" else todo[name]
-                rounds[name].append(measure(cfg.recipe, cfg.data, {**cfg.fixed, **over}, base.train.dtype, cfg.threads))
-        full = statistics.median(rounds["\0full"])
-        for name, over in todo.items():
-            k, what = key(over)
-            cache[k] = {**what, "step_s": statistics.median(rounds[name]), "full_step_s": full, "rounds": EQUAL_TIME_ROUNDS}
+            full_times.append(time_of({}))
+            for name, over in todo.items():
+                swap_times[name].append(time_of(over))
+        full = statistics.median(full_times)
+        for name in todo:
+            k, what = keys[name]
+            cache[k] = {**what, "step_s": statistics.median(swap_times[name]), "full_step_s": full, "rounds": EQUAL_TIME_ROUNDS}
         atomic_write_json(path, {"format": EQUAL_TIME_FORMAT, "step_s": cache})
     out, times = {}, {}
     for name, over in cfg.variants.items():
         if name not in timed:
             out[name] = dict(over)
             continue
-        entry = cache[key(over)[0]]
+        entry = cache[keys[name][0]]
         times[name] = {"step_s": entry["step_s"], "full_step_s": entry["full_step_s"]}
         scale = entry["full_step_s"] / entry["step_s"]
         if not by_steps and any(k in EPOCH_KEYS for k in over):  # an epoch of the swap takes another number of steps
