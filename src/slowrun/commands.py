@@ -530,11 +530,9 @@ def _run_plan(a: argparse.Namespace) -> int:
 # bench
 
 
-TRACK_PARTS = ("baseline", "single", "ensemble", "distill", "throughput", "memory")
-
-
 def _add_bench(p: argparse.ArgumentParser) -> None:
     from .speed import add_args
+    from .track import TRACK_PARTS
 
     sub = p.add_subparsers(dest="bench", required=True, metavar="{cpu-track,throughput}")
     track = sub.add_parser("cpu-track", help="the CPU track: baseline curve, single and ensemble entries, speed, memory")
@@ -565,7 +563,7 @@ def _run_bench(a: argparse.Namespace) -> int:
 
         run(a)
         return 0
-    from .track import TRACK, TrackError, plan_curve, run_track
+    from .track import TRACK, TRACK_PARTS, TrackError, plan_curve, run_track
 
     parts = a.parts or (["baseline"] if a.no_train else list(TRACK_PARTS))
     if a.no_train and set(parts) - {"baseline", "curve"}:

@@ -278,9 +278,13 @@ def memory(t: TrackDef, work: Path, data: Dataset) -> dict:
     return out
 
 
+# what `run_track` (and `slowrun bench cpu-track`) runs unless told which parts
+TRACK_PARTS = ("baseline", "single", "ensemble", "distill", "throughput", "memory")
+
+
 def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track",
               out_json: str | Path = "benchmarks/results/cpu_track.json", report_dir: str | Path = "benchmarks/results/cpu_track",
-              parts: tuple[str, ...] = ("baseline", "single", "ensemble", "distill", "throughput", "memory"), jobs: int = 2,
+              parts: tuple[str, ...] = TRACK_PARTS, jobs: int = 2,
               threads: int = 1, budgets: list[float] | None = None, train_curve: bool = True) -> dict:
     """Run the parts of the track. With `budgets` (a subset of the track's), only the baseline
     curve at those budgets is measured (into the ledger) and nothing else is written. With
