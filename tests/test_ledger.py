@@ -120,6 +120,12 @@ def test_a_ledger_from_another_machine_merges_in_without_repeats(tmp_path):
     r = subprocess.run([sys.executable, "-m", "slowrun.ledger", "merge", str(tmp_path / "bad.jsonl"), str(here.path)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "bad.jsonl:1: corrupt ledger line" in r.stderr
+    # a mistyped source is not an empty ledger: nothing merged, the destination untouched
+    before = here.path.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "slowrun.ledger", "merge", str(tmp_path / "typo.jsonl"), str(here.path)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'typo.jsonl'}: no such ledger file"
+    assert here.path.read_bytes() == before
 
 
 def test_a_tree_exported_by_git_archive_still_names_its_commit(tmp_path):

@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         ap.error(f"unrecognized arguments: {' '.join(bad)}")
     try:
+        read = a.src if a.cmd == "merge" else a.ledger
+        if not Path(read).is_file():  # Ledger.open reads a missing file as empty: right for a destination only
+            raise LedgerError(f"{read}: no such ledger file")
         if a.cmd == "merge":
             src, dst = Ledger.open(a.src), Ledger.open(a.dst)
             n = dst.merge(src)
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
             Path(a.out).write_text(json.dumps(cmp, indent=2) + "\n", encoding="utf-8")
     except (SlowrunError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+
 
 if __name__ == "__main__":
     main()
