@@ -17,7 +17,8 @@
 # finish): a rerun on any machine trains only what is missing. The swaps' step times are measured
 # once and kept in benchmarks/results/ablation_cpu_equal_time.json (committed too), so every
 # machine plans the same runs. The tables land in benchmarks/results/ablation_cpu_swaps.json and
-# benchmarks/results/ablation_cpu.json (leave-one-out).
+# benchmarks/results/ablation_cpu.json (leave-one-out), each with a report (bar chart of the deltas)
+# in the folder of the same name.
 #
 # On a lent GPU (CUDA is used when present; JOBS runs share it): with $OUT set, the ablation ledger
 # is copied there every 20 s and when stopped by a timeout; merge it back with
@@ -53,10 +54,12 @@ if [ "$PART" != loo ]; then
     --variant mixed:data.curriculum=mixed \
     --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json --out benchmarks/work/ablation-cpu
   cp benchmarks/work/ablation-cpu/ablation.json benchmarks/results/ablation_cpu_swaps.json
-  echo "wrote benchmarks/results/ablation_cpu_swaps.json"
+  "${SLOWRUN[@]}" report --ablation benchmarks/results/ablation_cpu_swaps.json --out benchmarks/results/ablation_cpu_swaps \
+    --title "CPU track: swaps against the slowrun recipe at batch 4,096"
 fi
 if [ "$PART" != swaps ]; then
   stoppable "${SLOWRUN[@]}" ablate "${COMMON[@]}" ${ONLY:+--only "$ONLY"} --out benchmarks/work/ablation-cpu-loo
   cp benchmarks/work/ablation-cpu-loo/ablation.json benchmarks/results/ablation_cpu.json
-  echo "wrote benchmarks/results/ablation_cpu.json"
+  "${SLOWRUN[@]}" report --ablation benchmarks/results/ablation_cpu.json --out benchmarks/results/ablation_cpu \
+    --title "CPU track: leave-one-out ablation of the slowrun recipe"
 fi

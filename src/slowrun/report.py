@@ -210,7 +210,9 @@ def ablation_plot(ab: dict, out: Path) -> str:
             xerr=se, capsize=3, color=["tab:green" if (v["delta_test"] > 0) != bool(v.get("swap")) else "tab:red" for v in rows])
     ax.axvline(0, color="black", lw=1)
     ax.set_xlabel("test loss - the full recipe's (a technique removed: > 0, it helps; a swap: < 0, it helps)")
-    ax.set_title(f"leave-one-out ablation of {ab['recipe']} ({ab['seeds']} seeds; bars: +- 1 standard error)")
+    swaps = [bool(v.get("swap")) for v in rows]
+    what = "swaps against" if all(swaps) else "leave-one-out ablation and swaps of" if any(swaps) else "leave-one-out ablation of"
+    ax.set_title(f"{what} {ab['recipe']} ({ab['seeds']} seeds; bars: +- 1 standard error)")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=110)
