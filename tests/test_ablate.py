@@ -35,11 +35,11 @@ def test_every_off_override_turns_its_technique_off():
     assert muon["optim.name"] == "adamw" and muon["optim.embed_lr"] == cfg.optim.lr  # the other groups keep their lr
 
 
-def test_ablate_smoke_two_techniques(gpt2_ds, tmp_path, monkeypatch):
+def test_ablate_smoke_two_techniques(bpe_ds, tmp_path, monkeypatch):
     out = tmp_path / "ab"
     # the swap at equal wall time: 1.5x the full recipe's step time (as timed here) -> 2 steps of the full's 3
     monkeypatch.setattr("slowrun.ablate.step_time", lambda r, d, over, dtype, th: 0.15 if "optim.weight_decay" in over else 0.1)
-    ab = ablate(AblateConfig("smoke", str(gpt2_ds), str(out), seeds=2, only=["value_proj", "swiglu"], jobs=2, threads=1,
+    ab = ablate(AblateConfig("smoke", str(bpe_ds), str(out), seeds=2, only=["value_proj", "swiglu"], jobs=2, threads=1,
                              fixed={"train.max_steps": 3}, progress=False, ledger=str(tmp_path / "ledger.jsonl"),
                              variants={"wd0": {"optim.weight_decay": 0.0}}, equal_time=True))
     saved = json.loads((out / "ablation.json").read_text())
@@ -74,7 +74,7 @@ def test_ablate_smoke_two_techniques(gpt2_ds, tmp_path, monkeypatch):
     assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 8
     # a rerun through the CLI trains nothing and prints the same table
     mtimes = {d: (Path(d) / "result.json").stat().st_mtime for v in [saved["full"]] + saved["variants"] for d in v["run_dirs"]}
-    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(gpt2_ds), "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(bpe_ds), "--out", str(out),
                         "--seeds", "2", "--only", "value_proj,swiglu", "--set", "train.max_steps=3", "--variant",
                         "wd0:optim.weight_decay=0.0", "--equal-time", "--threads", "1", "--no-progress"],
                        capture_output=True, text=True)  # the step times come from equal_time.json: no timing, no new run
@@ -87,22 +87,22 @@ def test_ablate_smoke_two_techniques(gpt2_ds, tmp_path, monkeypatch):
     assert again["finished"] == again["runs"] == 8 and "partial" not in r.stdout
 
 
-def test_no_train_writes_the_table_of_what_finished(gpt2_ds, tmp_path):
+def test_no_train_writes_the_table_of_what_finished(bpe_ds, tmp_path):
     """An ablation measured over several sessions: --no-train tabulates the runs finished so far
     (here none, then one), trains nothing and says the table is partial."""
     out = tmp_path / "ab"
     common = dict(seeds=2, only=["value_proj"], threads=1, fixed={"train.max_steps": 2}, progress=False,
                   ledger=str(tmp_path / "ledger.jsonl"))
-    ab = ablate(AblateConfig("smoke", str(gpt2_ds), str(out), train=False, **common))
+    ab = ablate(AblateConfig("smoke", str(bpe_ds), str(out), train=False, **common))
     assert ab["finished"] == 0 and ab["runs"] == 4 and not (out / "runs").exists()
     assert ab["full"]["test_mean"] is None and ab["variants"][0]["delta_test"] is None
     from slowrun.config import build_config as bc
     from slowrun.train import train
 
     seed0 = Path(ab["full"]["run_dirs"][0])
-    train(bc("smoke", {"train.max_steps": 2, "data.path": str(gpt2_ds), "train.seed": 0, "train.num_threads": 1}), seed0,
+    train(bc("smoke", {"train.max_steps": 2, "data.path": str(bpe_ds), "train.seed": 0, "train.num_threads": 1}), seed0,
           echo=False)
-    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(gpt2_ds), "--out",
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(bpe_ds), "--out",
                         str(out), "--seeds", "2", "--only", "value_proj", "--set", "train.max_steps=2", "--threads", "1",
                         "--no-train", "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -115,22 +115,22 @@ def test_no_train_writes_the_table_of_what_finished(gpt2_ds, tmp_path):
     curve = tmp_path / "curve.json"
     curve.write_text(json.dumps({"name": "mini", "budget": 1000, "tokens": [1000, 2000, 4000],
                                  "losses": {"test": [x + 1.0, x - 1.0, x - 1.5]}}))
-    placed = ablate(AblateConfig("smoke", str(gpt2_ds), str(out), train=False, curve=str(curve), **common))
+    placed = ablate(AblateConfig("smoke", str(bpe_ds), str(out), train=False, curve=str(curve), **common))
     assert placed["full"]["efficiency"] == pytest.approx(1.5) and not placed["full"]["efficiency_extrapolated"]
     assert placed["variants"][0]["efficiency"] is None and placed["variants"][0]["efficiency_error"] == "no finished run"
     curve.write_text(json.dumps({"name": "mini", "budget": 1000, "tokens": [1000, 2000, 4000],
                                  "losses": {"test": [x - 1 + 4 / d**0.5 for d in (1, 2, 4)]}}))  # reaches x at 16x
-    beyond = ablate(AblateConfig("smoke", str(gpt2_ds), str(out), train=False, curve=str(curve), **common))["full"]
+    beyond = ablate(AblateConfig("smoke", str(bpe_ds), str(out), train=False, curve=str(curve), **common))["full"]
     assert beyond["efficiency_extrapolated"] and beyond["efficiency_fit"]["status"] == "ok"
     assert beyond["efficiency"] == pytest.approx(16, rel=0.05)
 
 
-def test_bad_only_is_one_line(gpt2_ds, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(gpt2_ds),
+def test_bad_only_is_one_line(bpe_ds, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(bpe_ds),
                         "--out", str(tmp_path / "x"), "--only", "value_proj,warp_drive"], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "--only warp_drive: not a technique" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(gpt2_ds),
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(bpe_ds),
                         "--out", str(tmp_path / "x"), "--variant", "soap=optim.matrix_optimizer"], capture_output=True, text=True)
     assert r.returncode == 2 and "expected NAME:key=value" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     with pytest.raises(AblateError, match="--only dropout: not on in this recipe"):  # smoke trains without dropout
@@ -241,7 +241,7 @@ def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path):
         ab_mod.equal_time_overrides(cfg, base, fake)
 
 
-def test_equal_time_of_a_batch_swap_is_equal_wall_time_per_epoch(gpt2_ds, tmp_path):
+def test_equal_time_of_a_batch_swap_is_equal_wall_time_per_epoch(bpe_ds, tmp_path):
     """Half the batch: twice the steps an epoch; at 0.6x the step time an epoch takes 1.2x the
     wall time, so the swap trains 1/1.2 of the recipe's epochs (not 1/0.6 of them)."""
     from slowrun import ablate as ab_mod
@@ -249,25 +249,25 @@ def test_equal_time_of_a_batch_swap_is_equal_wall_time_per_epoch(gpt2_ds, tmp_pa
     from slowrun.loader import TrainLoader
 
     by_epochs = {"train.max_steps": -1}
-    base = build_config("smoke", {**by_epochs, "data.path": str(gpt2_ds)})
+    base = build_config("smoke", {**by_epochs, "data.path": str(bpe_ds)})
     half = base.train.batch_tokens // 2
     fake = lambda recipe, data, overrides, dtype, threads: 0.06 if "train.batch_tokens" in overrides else 0.1  # noqa: E731
-    cfg = AblateConfig("smoke", str(gpt2_ds), str(tmp_path / "ab"), fixed=by_epochs,
+    cfg = AblateConfig("smoke", str(bpe_ds), str(tmp_path / "ab"), fixed=by_epochs,
                        variants={"half": {"train.batch_tokens": half}}, equal_time=True)
     over, _ = ab_mod.equal_time_overrides(cfg, base, fake)
     # the steps per epoch as the trainer's loader counts them, at each batch
     T = base.model.seq_len
-    spe = [TrainLoader(Dataset.open(gpt2_ds), T, b // T).seqs_per_epoch / (b // T) for b in (base.train.batch_tokens, half)]
+    spe = [TrainLoader(Dataset.open(bpe_ds), T, b // T).seqs_per_epoch / (b // T) for b in (base.train.batch_tokens, half)]
     assert spe[1] == pytest.approx(2 * spe[0], rel=0.02)
     want = base.train.epochs * (0.1 * spe[0]) / (0.06 * spe[1])
     assert over["half"]["train.epochs"] == pytest.approx(want, abs=1e-3)
     assert over["half"]["train.epochs"] < base.train.epochs  # slower per epoch: fewer epochs
 
 
-def test_step_time_is_the_trainers_median(gpt2_ds):
+def test_step_time_is_the_trainers_median(bpe_ds):
     from slowrun.ablate import step_time
 
-    t = step_time("smoke", str(gpt2_ds), {}, "fp32", 1)
+    t = step_time("smoke", str(bpe_ds), {}, "fp32", 1)
     assert 0 < t < 60
     with pytest.raises(AblateError, match="timing a step of smoke"):
-        step_time("smoke", str(gpt2_ds), {"model.no_such_key": 1}, "fp32", 1)
+        step_time("smoke", str(bpe_ds), {"model.no_such_key": 1}, "fp32", 1)

@@ -157,7 +157,7 @@ def test_a_tree_exported_by_git_archive_still_names_its_commit(tmp_path):
     assert exported_commit(tmp_path / "absent") == "unknown"
 
 
-def test_rerun_trains_a_line_again_and_compares(tmp_path, gpt2_ds):
+def test_rerun_trains_a_line_again_and_compares(tmp_path, bpe_ds):
     """`python -m slowrun.ledger rerun` (a CPU point trained again on a lent GPU) runs the line's
     own config: on this CPU the losses come out identical. Overrides that could change the
     result, an unknown key and another dataset are refused in one line before any training."""
@@ -165,7 +165,7 @@ def test_rerun_trains_a_line_again_and_compares(tmp_path, gpt2_ds):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = tmp_path / "first"
-    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--recipe", "smoke", "--data", str(gpt2_ds), "--run-dir",
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--recipe", "smoke", "--data", str(bpe_ds), "--run-dir",
                         str(first), "--quiet", "--train.max_steps=3", "--eval.max_tokens=2048", "--train.num_threads=1"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
@@ -177,7 +177,7 @@ def test_rerun_trains_a_line_again_and_compares(tmp_path, gpt2_ds):
         return subprocess.run([sys.executable, "-m", "slowrun.ledger", "rerun", str(led.path), *args],
                               capture_output=True, text=True, env=env)
 
-    r = rerun(key[:8], "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "again"), "--out", str(tmp_path / "cmp.json"),
+    r = rerun(key[:8], "--data", str(bpe_ds), "--run-dir", str(tmp_path / "again"), "--out", str(tmp_path / "cmp.json"),
               "--train.num_threads=1", "--train.progress=false")
     assert r.returncode == 0, r.stderr
     cmp = json.loads((tmp_path / "cmp.json").read_text())
@@ -188,13 +188,13 @@ def test_rerun_trains_a_line_again_and_compares(tmp_path, gpt2_ds):
     assert f"{key} ({led.path}:1)" in r.stdout
 
     # by line number: keys follow the version's config_key, a line number does not
-    r = rerun("@1", "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "again2"), "--train.num_threads=1")
+    r = rerun("@1", "--data", str(bpe_ds), "--run-dir", str(tmp_path / "again2"), "--train.num_threads=1")
     assert r.returncode == 0 and "(+0.0000)" in r.stdout and f"{key} ({led.path}:1)" in r.stdout, r.stderr
-    r = rerun("@2", "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "x"))
+    r = rerun("@2", "--data", str(bpe_ds), "--run-dir", str(tmp_path / "x"))
     assert r.returncode != 0 and "no line 2 (it has 1 entries)" in r.stderr
-    r = rerun(key, "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "x"), "--train.max_steps=4")
+    r = rerun(key, "--data", str(bpe_ds), "--run-dir", str(tmp_path / "x"), "--train.max_steps=4")
     assert r.returncode != 0 and "--train.max_steps=4: a rerun takes only settings that cannot change" in r.stderr
-    r = rerun("ffff", "--data", str(gpt2_ds), "--run-dir", str(tmp_path / "x"))
+    r = rerun("ffff", "--data", str(bpe_ds), "--run-dir", str(tmp_path / "x"))
     assert r.returncode != 0 and "no config key starts with 'ffff'" in r.stderr
     other = tmp_path / "other"
     other_ds = _prepare_other(other)
