@@ -387,3 +387,23 @@ def test_attention_features_train_a_few_steps(flag):
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     new = [n for n in before if ("iha_" in n or "xsa_gate" in n)]
     assert all(not torch.equal(before[n], dict(m.named_parameters())[n]) for n in new)  # the new parameters learn
+
+
+def test_train_compile_keeps_the_fused_loss_out_of_the_graphs():
+    """Under train.compile the fused loss is a graph break by design (its loop is over data-sized
+    chunks): `losses.keep_loss_eager` (called before torch.compile, not at import, which would
+    import torch._dynamo into every command) disables it, and the compiled loss equals eager's.
+    Without it Dynamo traces the loss into the model's graph as an autograd-function op."""
+    from slowrun import losses
+
+    m = model_of().train()
+    x, y = batch()
+    losses.keep_loss_eager()
+    losses.keep_loss_eager()  # twice is once
+    assert losses.linear_cross_entropy.kept_eager and not hasattr(losses.linear_cross_entropy.__wrapped__, "kept_eager")
+    compiled, graphs = compile_counting_graphs(m)
+    _, loss = compiled(x, y, return_logits=False)
+    _, ref = m(x, y, return_logits=False)
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert graphs and not any("autograd_function_apply" in g.code for g in graphs)  # the body compiled, the loss not
+    torch._dynamo.reset()

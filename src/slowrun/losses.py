@@ -51,7 +51,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out, grad_W * grad_out, None, None, None, None
 
 
-@torch.compiler.disable
 def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, softcap: float = -1.0,
                          chunk: int = 256) -> torch.Tensor:
     """Mean cross-entropy of softcap(h @ W^T) against targets; h (N, C), W (V, C), targets (N,).
@@ -63,6 +62,16 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     with torch.autocast(dev, enabled=False):
         return _LinearCrossEntropy.apply(h, W, targets, softcap, chunk, dtype)
+
+
+def keep_loss_eager() -> None:
+    """Keep the fused loss out of torch.compile's graphs (a graph break by design: its loop is over
+    data-sized chunks); called before a model is compiled. Not a decorator at import, because
+    `torch.compiler.disable` imports torch._dynamo, ~1.5 s of every command's start."""
+    global linear_cross_entropy
+    if not getattr(linear_cross_entropy, "kept_eager", False):
+        linear_cross_entropy = torch.compiler.disable(linear_cross_entropy)
+        linear_cross_entropy.kept_eager = True
 
 
 def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,

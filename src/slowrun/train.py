@@ -33,7 +33,7 @@ from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, co
 from .dataset import Dataset, require_comparable
 from .evaluate import autocast, evaluate, split_tokens
 from .gpt import GPT, stoch_depth_scales, window_stage_of
-from .losses import DistillTarget
+from .losses import DistillTarget, keep_loss_eager
 from .loader import TrainLoader, document_scores
 from .optim import Optimizers, build_optimizers
 from .prepare import PrepareConfig, prepare
@@ -346,6 +346,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
                     config_to_dict(cfg))
     for text in warnings:
         log.warn(text)
+    if cfg.train.compile:
+        keep_loss_eager()
     run = Run(cfg, run_dir, env, ds, loader, sched, model, torch.compile(model) if cfg.train.compile else model, opt, ema,
               teacher, log, total_steps, micro, per_rank // micro, shard, env_info=environment(device))
     if ck is not None:
