@@ -18,6 +18,15 @@ def test_help_lists_the_commands():
         assert cmd in r.stdout
 
 
+def test_the_command_line_is_built_without_torch():
+    """Every command's parser (help, usage errors) is built without importing torch (~1.5 s here):
+    a command imports it when it runs."""
+    code = ("import sys; from slowrun.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("cmd", ["prepare", "data", "train", "eval", "sample", "ensemble", "sweep", "efficiency",
                                  "record", "report", "bench"])
 def test_each_command_has_help(cmd, capsys):

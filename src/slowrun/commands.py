@@ -530,8 +530,20 @@ def _run_plan(a: argparse.Namespace) -> int:
 # bench
 
 
+def _add_throughput_args(ap: argparse.ArgumentParser) -> None:
+    """`slowrun bench throughput` (`speed.run`); defined here, as speed.py imports torch, which would
+    cost every command's start a second."""
+    ap.add_argument("--recipes", nargs="+", default=["minimal", "baseline", "slowrun"],
+                    help="recipes to time; 'minimal' is the plain nanoGPT-style loop at the baseline's size")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    ap.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--data", default="data/builtin", help="prepared dataset (default: the builtin one, prepared if absent)")
+    ap.add_argument("--out", default="benchmarks/results/throughput.json", help="JSON output")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every recipe (repeatable)")
+
+
 def _add_bench(p: argparse.ArgumentParser) -> None:
-    from .speed import add_args
     from .track import TRACK_PARTS
 
     sub = p.add_subparsers(dest="bench", required=True, metavar="{cpu-track,throughput}")
@@ -554,7 +566,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     track.add_argument("--no-train", action="store_true",
                        help="train nothing: the curve from the ledger's finished budgets (the others listed as pending), "
                             "the stored entries placed on it (implies --parts baseline)")
-    add_args(sub.add_parser("throughput", help="tokens/s, MFU and peak RSS of recipes vs a minimal loop, fp32 and bf16"))
+    _add_throughput_args(sub.add_parser("throughput", help="tokens/s, MFU and peak RSS of recipes vs a minimal loop, fp32 and bf16"))
 
 
 def _run_bench(a: argparse.Namespace) -> int:

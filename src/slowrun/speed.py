@@ -180,17 +180,6 @@ def measure_in_process(recipe: str, dtype: str, steps: int, warmup: int, data: s
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def add_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--recipes", nargs="+", default=["minimal", "baseline", "slowrun"],
-                    help="recipes to time; 'minimal' is the plain nanoGPT-style loop at the baseline's size")
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
-    ap.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--data", default="data/builtin", help="prepared dataset (default: the builtin one, prepared if absent)")
-    ap.add_argument("--out", default="benchmarks/results/throughput.json", help="JSON output")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every recipe (repeatable)")
-
-
 def run(a: argparse.Namespace) -> dict:
     """Measure every (recipe, dtype) in its own process; print a table; write the JSON."""
     from .train import default_dataset
