@@ -2,7 +2,8 @@
 # Issue 13 on the CPU track, in two parts that share one ledger:
 #  - swaps: the changes the reference names next (second-order optimizers, curricula) and the
 #    recipe's own default batch (2,048 tokens), each at the wall time of the track's single entry
-#    as it was trained (the `slowrun` recipe with batch 4,096), against it;
+#    as it was trained (the `slowrun` recipe with batch 4,096), against it; the curricula order the
+#    documents by length, or by their loss under a small model (`_loss`);
 #  - loo: what each technique of the `slowrun` recipe is worth, leave-one-out, the recipe as it is
 #    (batch 2,048, which won the swaps), against it.
 # Each over 3 seeds. The CPU track's settings: builtin data, bpe:8192, 262,144 training tokens,
@@ -46,12 +47,28 @@ COMMON=(--recipe slowrun --data "$DATA" --seeds 3 --set eval.max_tokens=32768 --
         --jobs "$JOBS" --threads "$THREADS" --no-progress ${NO_TRAIN:+--no-train})
 
 if [ "$PART" != loo ]; then
+  # the curricula by model loss score each training document by its mean loss under a small model
+  # trained on the training split only: the baseline curve's depth-4 nanochat model at 1x, one epoch
+  # (seed 0; a few minutes). Its document scores are cached beside its weights.
+  SCORER=benchmarks/work/ablation-cpu/scorer-nanochat-d4
+  if [ ! -f "$SCORER/result.json" ] && [ -z "${NO_TRAIN:-}" ]; then
+    if [ -f "$SCORER/config.toml" ]; then  # stopped part way: it goes on from its last checkpoint
+      "${SLOWRUN[@]}" train --resume "$SCORER" --quiet
+    else
+      "${SLOWRUN[@]}" train --recipe nanochat --data "$DATA" --run-dir "$SCORER" --quiet --model.depth=4 \
+        --optim.lr_scale=0.5 --train.batch_tokens=1024 --eval.max_tokens=32768 --train.seed=0 \
+        --train.num_threads="$THREADS" --train.progress=false
+    fi
+  fi
   stoppable "${SLOWRUN[@]}" ablate "${COMMON[@]}" --only none --set train.batch_tokens=4096 \
     --variant batch_2048:train.batch_tokens=2048 \
     --variant soap:optim.matrix_optimizer=soap --variant kl_shampoo:optim.matrix_optimizer=kl_shampoo \
     --variant psgd_kron:optim.matrix_optimizer=psgd_kron \
     --variant easy_to_hard:data.curriculum=easy_to_hard --variant hard_to_easy:data.curriculum=hard_to_easy \
     --variant mixed:data.curriculum=mixed \
+    --variant easy_to_hard_loss:data.curriculum=easy_to_hard,data.curriculum_score=$SCORER \
+    --variant hard_to_easy_loss:data.curriculum=hard_to_easy,data.curriculum_score=$SCORER \
+    --variant mixed_loss:data.curriculum=mixed,data.curriculum_score=$SCORER \
     --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json --out benchmarks/work/ablation-cpu
   cp benchmarks/work/ablation-cpu/ablation.json benchmarks/results/ablation_cpu_swaps.json
   "${SLOWRUN[@]}" report --ablation benchmarks/results/ablation_cpu_swaps.json --out benchmarks/results/ablation_cpu_swaps \

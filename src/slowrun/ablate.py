@@ -374,13 +374,15 @@ def _eff(rec: dict) -> str:
 
 def describe(ab: dict) -> str:
     """The ablation as a table: one line per technique, the full recipe first."""
-    lines = [f"{'technique':<15} {'test loss without':>19} {'delta':>8} {'p':>8} {'val loss':>19} {'eff':>7} "
+    recs = [ab["full"]] + ab["variants"]
+    w = max(15, *(len(r["technique"]) for r in recs))
+    lines = [f"{'technique':<{w}} {'test loss without':>19} {'delta':>8} {'p':>8} {'val loss':>19} {'eff':>7} "
              f"{'wall':>7}  off / swap"]
-    for rec in [ab["full"]] + ab["variants"]:
+    for rec in recs:
         delta = rec.get("delta_test")
         p = rec.get("p_better") if rec.get("swap") else rec.get("p_hurts")
         wall = rec.get("wall_s")
-        lines.append(f"{rec['technique']:<15} {_pm(rec['test_mean'], rec['test_std']):>19} "
+        lines.append(f"{rec['technique']:<{w}} {_pm(rec['test_mean'], rec['test_std']):>19} "
                      f"{(f'{delta:+.4f}' if delta is not None else '-'):>8} {(f'{p:.3f}' if p is not None else '-'):>8} "
                      f"{_pm(rec['val_mean'], rec['val_std']):>19} {_eff(rec):>7} "
                      f"{(f'{wall:.0f}s' if wall is not None else '-'):>7}  "
