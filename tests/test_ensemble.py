@@ -71,6 +71,11 @@ def test_resumes_and_continues_where_it_stopped(ensemble_run, bpe_ds):
                            log=lambda *_: None)
     assert (run / "member_0" / "result.json").stat().st_mtime == stamp
     assert (run / "member_2" / "result.json").is_file() and len(again["per_member"]) == 3
+    # the first call trained every member: its clock time for them is at least each member's own; the second
+    # trained one of three, so the members' elapsed time is not known
+    first = ensemble_run[1]
+    walls = [json.loads((run / f"member_{k}" / "result.json").read_text())["wall_s"] for k in (0, 1)]
+    assert first["members_elapsed_s"] >= max(walls) and again["members_elapsed_s"] is None
 
 
 def test_chain_distillation(bpe_ds, tmp_path):

@@ -48,6 +48,10 @@ def test_track_pipeline_end_to_end(tmp_path):
         assert (isinstance(s["efficiency"], float) and s["efficiency"] > 0) or "hit its bound" in s["efficiency_error"]
         assert s["efficiency_second"]["curve"] == "mini gpt2" and "efficiency" in s["efficiency_second"]
     assert saved["ensemble"]["members"] == 2 and len(saved["ensemble"]["per_k"]) == 2
+    # the allowance is clock time: the members all trained in this call, so their elapsed time is known and counts
+    ens, single = saved["ensemble"], saved["single"]
+    assert ens["limit_basis"] == "elapsed" and ens["within_limit"] == (ens["members_elapsed_s"] <= ens["limit_s"])
+    assert single["limit_basis"] == "wall" and single["members_elapsed_s"] is None
     # each averaging method is placed on the curve; the probability average is the entry's own number
     by_method = saved["ensemble"]["efficiency_by_method"]
     assert set(by_method) >= {"probs", "logits"} and by_method["probs"]["efficiency"] == saved["ensemble"]["efficiency"]

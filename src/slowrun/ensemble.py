@@ -301,6 +301,9 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
     for k in range(members):
         o = {**over, "train.seed": base_cfg.train.seed + k}
         jobs.append(TrainJob(run_dir / f"member_{k}", recipe, data, o, {"k": k}))
+    # the members' elapsed time is known only when this call trains every one of them from scratch
+    fresh = not any(j.run_dir.exists() for j in jobs)
+    t_members = time.time()
     if distill:
         for k, job in enumerate(jobs):
             if k > 0:
@@ -314,6 +317,7 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
         if failures:
             raise EnsembleError("members failed: " + "; ".join(f"{p.name}: {e}" for p, e in failures.items()))
     t_eval = time.time()
+    members_elapsed = t_eval - t_members
     result = evaluate_ensemble([str(j.run_dir) for j in jobs], data, fitness_tokens=fitness_tokens, select=select, log=log)
     eval_wall = time.time() - t_eval
     member_results = [j.result() for j in jobs]
@@ -327,6 +331,9 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
         "peak_rss_mb": max(r["peak_rss_mb"] for r in member_results),
         "config": member_results[0]["config"], "seeds": [r["seed"] for r in member_results],
         "eval_wall_s": round(eval_wall, 2), "command_wall_s": round(time.time() - t0, 2),
+        # wall_s sums the members' own times, however many ran at once; this is the clock's time for
+        # training them all (null where some were trained by an earlier call)
+        "members_elapsed_s": round(members_elapsed, 2) if fresh else None,
     })
     atomic_write_json(run_dir / "result.json", result)
     return result
