@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,9 @@ def test_running_jobs_report_their_step_and_eta(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seeds: 0/1 done; running: 4x/depth=9_seed=1 1/10 ETA 1m10s" in out
     assert "4x/depth=9_seed=1 2/10 ETA 1m20s" in out
+    # once a job has finished, the count says so, with every job's ETA at the pace so far
+    two = [SteppingJob(tmp_path / "runs" / "1x" / f"depth=2_seed={s}-0000000{s}", "smoke", tmp_path) for s in (0, 1)]
+    assert run_jobs(two, parallel=1, progress=False, desc="seeds", status_every_s=0.3) == {}
+    out = capsys.readouterr().out
+    assert "seeds: 0/2 done; running: 1x/depth=2_seed=0 1/10" in out
+    assert re.search(r"seeds: 1/2 done, all ETA 0m0[1-5]s; running: 1x/depth=2_seed=1", out), out

@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from . import SlowrunError
+from .runlog import fmt_time
 
 
 class PlacementError(SlowrunError):
@@ -151,6 +153,8 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
     lock = threading.Lock()
     bar = tqdm(total=len(todo), unit="run", desc=desc, disable=not progress, dynamic_ncols=True)
     running: list[TrainJob] = []
+    finished = [0]  # the bar counts nothing when disabled
+    t0 = time.time()
     stop = threading.Event()
 
     def report_status() -> None:
@@ -160,7 +164,9 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
             if status and progress:
                 bar.set_postfix_str("; ".join(status))
             elif status:
-                print(f"{desc}: {bar.n}/{bar.total} done; running: " + "; ".join(status), flush=True)
+                n = finished[0]  # every job's ETA at the pace of those finished in this call
+                eta = f", all ETA {fmt_time((time.time() - t0) / n * (len(todo) - n))}" if n else ""
+                print(f"{desc}: {n}/{len(todo)} done{eta}; running: " + "; ".join(status), flush=True)
 
     def work(job: TrainJob) -> None:
         job.run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +187,7 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
                 bar.write(f"failed: {job.run_dir}: {failures[job.run_dir]}")
             elif on_done is not None:
                 on_done(job)
+            finished[0] += 1
             bar.update(1)
 
     reporter = threading.Thread(target=report_status, daemon=True)
