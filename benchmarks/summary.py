@@ -2,6 +2,7 @@
 
     python benchmarks/summary.py [benchmarks/results/cpu_track.json]
     python benchmarks/summary.py --ledger [benchmarks/results/ledger.jsonl]   (every finished curve run so far)
+    python benchmarks/summary.py --ablation [benchmarks/results/ablation_cpu.json]   (an ablation's table)
 
 Every number printed is read from the results file; nothing is computed here but ratios.
 """
@@ -137,15 +138,45 @@ def chosen_so_far(rows: list[tuple]) -> None:
               f"{sum(r[7] for r in seeds) / len(seeds):.4f} | {sum(tests) / len(tests):.4f} | {spread} |")
 
 
+def ablation(path: str = "benchmarks/results/ablation_cpu.json") -> None:
+    """An ablation.json of `slowrun ablate`: the full recipe, then each technique left out or swap."""
+    try:
+        ab = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(ab, dict) or ab.get("format") != "slowrun-ablation/1":
+        raise ValueError(f"{path}: not an ablation.json of `slowrun ablate`")
+
+    def pm(rec: dict, split: str) -> str:
+        m, sd = rec[f"{split}_mean"], rec[f"{split}_std"]
+        return "-" if m is None else f"{m:.4f}" + (f" +- {sd:.4f}" if sd is not None else "")
+
+    print("| technique left out, or swap | overrides | seeds | test loss | delta | p | val loss | efficiency | wall (min) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for rec in [ab["full"]] + ab["variants"]:
+        name = "the recipe" if rec is ab["full"] else rec["technique"] + (" (swap)" if rec.get("swap") else "")
+        over = ", ".join(f"{k}={v}" for k, v in rec["off"].items()) or "-"
+        delta, p = rec.get("delta_test"), rec.get("p_better" if rec.get("swap") else "p_hurts")
+        e = eff(rec) if rec.get("efficiency") is not None else "-"
+        wall = f"{rec['wall_s'] / 60:.1f}" if rec.get("wall_s") is not None else "-"
+        print(f"| {name} | {over} | {rec['seeds']} | {pm(rec, 'test')} | {'-' if delta is None else f'{delta:+.4f}'} | "
+              f"{'-' if p is None else f'{p:.3f}'} | {pm(rec, 'val')} | {e} | {wall} |")
+    if ab.get("finished") != ab.get("runs"):
+        print(f"\npartial: {ab['finished']} of {ab['runs']} runs finished; means over the seeds that finished")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] in (["-h"], ["--help"]):
         print(__doc__.strip())
         sys.exit(0)
-    show, args = (ledger, args[1:]) if args[:1] == ["--ledger"] else (main, args)
+    modes = {"--ledger": ledger, "--ablation": ablation}
+    show, args = (modes[args[0]], args[1:]) if args[:1] and args[0] in modes else (main, args)
     if len(args) > 1 or any(a.startswith("-") for a in args):
         sys.exit(f"summary.py: unexpected arguments {' '.join(args)} (--help says how to call it)")
     try:
         show(*args)
     except FileNotFoundError as e:
         sys.exit(f"summary.py: no such file: {e.filename or e}")
+    except (ValueError, KeyError) as e:  # not JSON, or not the file the mode reads
+        sys.exit(f"summary.py: {e if isinstance(e, ValueError) else f'missing field {e}'}")
