@@ -10,6 +10,7 @@ Every number printed is read from the results file; nothing is computed here but
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -166,6 +167,7 @@ def ablation(path: str = "benchmarks/results/ablation_cpu.json") -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `summary.py ... | head` ends quietly
     args = sys.argv[1:]
     if args[:1] in (["-h"], ["--help"]):
         print(__doc__.strip())
