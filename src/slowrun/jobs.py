@@ -153,7 +153,7 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
     lock = threading.Lock()
     bar = tqdm(total=len(todo), unit="run", desc=desc, disable=not progress, dynamic_ncols=True)
     running: list[TrainJob] = []
-    finished = [0]  # the bar counts nothing when disabled
+    finished = 0  # the bar counts nothing when disabled
     t0 = time.time()
     stop = threading.Event()
 
@@ -164,11 +164,12 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
             if status and progress:
                 bar.set_postfix_str("; ".join(status))
             elif status:
-                n = finished[0]  # every job's ETA at the pace of those finished in this call
+                n = finished  # every job's ETA at the pace of those finished in this call
                 eta = f", all ETA {fmt_time((time.time() - t0) / n * (len(todo) - n))}" if n else ""
                 print(f"{desc}: {n}/{len(todo)} done{eta}; running: " + "; ".join(status), flush=True)
 
     def work(job: TrainJob) -> None:
+        nonlocal finished
         job.run_dir.parent.mkdir(parents=True, exist_ok=True)
         held = pool.take(k) if pool is not None else None
         with lock:
@@ -187,7 +188,7 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
                 bar.write(f"failed: {job.run_dir}: {failures[job.run_dir]}")
             elif on_done is not None:
                 on_done(job)
-            finished[0] += 1
+            finished += 1
             bar.update(1)
 
     reporter = threading.Thread(target=report_status, daemon=True)
