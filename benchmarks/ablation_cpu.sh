@@ -4,12 +4,15 @@
 #    recipe's own default batch (2,048 tokens), each at the wall time of the track's single entry
 #    as it was trained (the `slowrun` recipe with batch 4,096), against it; the curricula order the
 #    documents by length, or by their loss under a small model (`_loss`);
+#  - steps: the two closest second-order swaps (SOAP, PSGD-Kron) at the recipe's steps instead of its
+#    wall time (8 epochs each): whether they lose per step too, or only by their cost (what matters on
+#    the unlimited track, which ranks loss alone); the full recipe's runs are the swaps' own;
 #  - loo: what each technique of the `slowrun` recipe is worth, leave-one-out, the recipe as it is
 #    (batch 2,048, which won the swaps), against it.
 # Each over 3 seeds. The CPU track's settings: builtin data, bpe:8192, 262,144 training tokens,
 # periodic evals on 32k val tokens.
 #
-#   bash benchmarks/ablation_cpu.sh                 # both parts (PART=swaps or PART=loo: one); JOBS=2 THREADS=1
+#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps or loo: one); JOBS=2 THREADS=1
 #   ONLY=muon,swa PART=loo bash benchmarks/ablation_cpu.sh   # some techniques only
 #   NO_TRAIN=1 bash benchmarks/ablation_cpu.sh      # the tables of the runs finished so far, nothing trained
 #
@@ -17,9 +20,9 @@
 # Every finished run is appended to benchmarks/results/ablation_ledger.jsonl (commit it as runs
 # finish): a rerun on any machine trains only what is missing. The swaps' step times are measured
 # once and kept in benchmarks/results/ablation_cpu_equal_time.json (committed too), so every
-# machine plans the same runs. The tables land in benchmarks/results/ablation_cpu_swaps.json and
-# benchmarks/results/ablation_cpu.json (leave-one-out), each with a report (bar chart of the deltas)
-# in the folder of the same name.
+# machine plans the same runs. The tables land in benchmarks/results/ablation_cpu_swaps.json,
+# ablation_cpu_steps.json and ablation_cpu.json (leave-one-out), each with a report (bar chart of the
+# deltas) in the folder of the same name.
 #
 # On a lent GPU (CUDA is used when present; JOBS runs share it): with $OUT set, the ablation ledger
 # is copied there every 20 s and when stopped by a timeout; merge it back with
@@ -31,12 +34,13 @@ JOBS="${JOBS:-2}"
 THREADS="${THREADS:-1}"
 PART="${PART:-all}"
 ONLY="${ONLY:-}"  # the leave-one-out part's techniques, e.g. "muon,swa"
-case "$PART" in all|swaps|loo) ;; *) echo "PART: all, swaps or loo, got '$PART'" >&2; exit 2;; esac
+case "$PART" in all|swaps|steps|loo) ;; *) echo "PART: all, swaps, steps or loo, got '$PART'" >&2; exit 2;; esac
 if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
 LEDGER=benchmarks/results/ablation_ledger.jsonl
 # shellcheck source=benchmarks/out_copies.sh
 . benchmarks/out_copies.sh
-keep_copies "$LEDGER" benchmarks/results/ablation_cpu_swaps.json benchmarks/results/ablation_cpu.json
+keep_copies "$LEDGER" benchmarks/results/ablation_cpu_swaps.json benchmarks/results/ablation_cpu_steps.json \
+  benchmarks/results/ablation_cpu.json
 DATA=benchmarks/work/cpu-track/data/1x
 [ -f "$DATA/manifest.json" ] || "${SLOWRUN[@]}" prepare --source builtin --tokenizer bpe:8192 --train-tokens 262144 \
   --val-tokens 131072 --test-tokens 131072 --out "$DATA" --no-progress
@@ -46,7 +50,7 @@ CURVE=()
 COMMON=(--recipe slowrun --data "$DATA" --seeds 3 --set eval.max_tokens=32768 --ledger "$LEDGER" "${CURVE[@]}"
         --jobs "$JOBS" --threads "$THREADS" --no-progress ${NO_TRAIN:+--no-train})
 
-if [ "$PART" != loo ]; then
+if [ "$PART" = all ] || [ "$PART" = swaps ]; then
   # the curricula by model loss score each training document by its mean loss under a small model
   # trained on the training split only: the baseline curve's depth-4 nanochat model at 1x, one epoch
   # (seed 0; a few minutes). Its document scores are cached beside its weights.
@@ -74,7 +78,15 @@ if [ "$PART" != loo ]; then
   "${SLOWRUN[@]}" report --ablation benchmarks/results/ablation_cpu_swaps.json --out benchmarks/results/ablation_cpu_swaps \
     --title "CPU track: swaps against the slowrun recipe at batch 4,096"
 fi
-if [ "$PART" != swaps ]; then
+if [ "$PART" = all ] || [ "$PART" = steps ]; then
+  stoppable "${SLOWRUN[@]}" ablate "${COMMON[@]}" --only none --set train.batch_tokens=4096 \
+    --variant soap:optim.matrix_optimizer=soap --variant psgd_kron:optim.matrix_optimizer=psgd_kron \
+    --out benchmarks/work/ablation-cpu-steps
+  cp benchmarks/work/ablation-cpu-steps/ablation.json benchmarks/results/ablation_cpu_steps.json
+  "${SLOWRUN[@]}" report --ablation benchmarks/results/ablation_cpu_steps.json --out benchmarks/results/ablation_cpu_steps \
+    --title "CPU track: second-order swaps at the slowrun recipe's steps (batch 4,096)"
+fi
+if [ "$PART" = all ] || [ "$PART" = loo ]; then
   stoppable "${SLOWRUN[@]}" ablate "${COMMON[@]}" ${ONLY:+--only "$ONLY"} --out benchmarks/work/ablation-cpu-loo
   cp benchmarks/work/ablation-cpu-loo/ablation.json benchmarks/results/ablation_cpu.json
   "${SLOWRUN[@]}" report --ablation benchmarks/results/ablation_cpu.json --out benchmarks/results/ablation_cpu \
