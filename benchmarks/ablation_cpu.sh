@@ -49,8 +49,21 @@ CURVE=()
 [ -f benchmarks/results/curves/cpu_nanochat.json ] && CURVE=(--curve benchmarks/results/curves/cpu_nanochat.json)
 COMMON=(--recipe slowrun --data "$DATA" --seeds 3 --set eval.max_tokens=32768 --ledger "$LEDGER" "${CURVE[@]}"
         --jobs "$JOBS" --threads "$THREADS" --no-progress ${NO_TRAIN:+--no-train})
+# the swaps' and the steps' baseline: the track's single entry as it was trained
+AGAINST_ENTRY=(--only none --set train.batch_tokens=4096)
 
-if [ "$PART" = all ] || [ "$PART" = swaps ]; then
+wants() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+# run_part WORK RESULT TITLE ABLATE_ARGS...: the ablation in benchmarks/work/WORK, its table into
+# benchmarks/results/RESULT.json and its report into the folder of that name
+run_part() {
+  local work="benchmarks/work/$1" result="benchmarks/results/$2" title="$3"
+  shift 3
+  stoppable "${SLOWRUN[@]}" ablate "${COMMON[@]}" "$@" --out "$work"
+  cp "$work/ablation.json" "$result.json"
+  "${SLOWRUN[@]}" report --ablation "$result.json" --out "$result" --title "$title"
+}
+
+if wants swaps; then
   # the curricula by model loss score each training document by its mean loss under a small model
   # trained on the training split only: the baseline curve's depth-4 nanochat model at 1x, one epoch
   # (seed 0; a few minutes). Its document scores are cached beside its weights.
@@ -64,7 +77,7 @@ if [ "$PART" = all ] || [ "$PART" = swaps ]; then
         --train.num_threads="$THREADS" --train.progress=false
     fi
   fi
-  stoppable "${SLOWRUN[@]}" ablate "${COMMON[@]}" --only none --set train.batch_tokens=4096 \
+  run_part ablation-cpu ablation_cpu_swaps "CPU track: swaps against the slowrun recipe at batch 4,096" "${AGAINST_ENTRY[@]}" \
     --variant batch_2048:train.batch_tokens=2048 \
     --variant soap:optim.matrix_optimizer=soap --variant kl_shampoo:optim.matrix_optimizer=kl_shampoo \
     --variant psgd_kron:optim.matrix_optimizer=psgd_kron \
@@ -73,22 +86,12 @@ if [ "$PART" = all ] || [ "$PART" = swaps ]; then
     --variant easy_to_hard_loss:data.curriculum=easy_to_hard,data.curriculum_score=$SCORER \
     --variant hard_to_easy_loss:data.curriculum=hard_to_easy,data.curriculum_score=$SCORER \
     --variant mixed_loss:data.curriculum=mixed,data.curriculum_score=$SCORER \
-    --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json --out benchmarks/work/ablation-cpu
-  cp benchmarks/work/ablation-cpu/ablation.json benchmarks/results/ablation_cpu_swaps.json
-  "${SLOWRUN[@]}" report --ablation benchmarks/results/ablation_cpu_swaps.json --out benchmarks/results/ablation_cpu_swaps \
-    --title "CPU track: swaps against the slowrun recipe at batch 4,096"
+    --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json
 fi
-if [ "$PART" = all ] || [ "$PART" = steps ]; then
-  stoppable "${SLOWRUN[@]}" ablate "${COMMON[@]}" --only none --set train.batch_tokens=4096 \
-    --variant soap:optim.matrix_optimizer=soap --variant psgd_kron:optim.matrix_optimizer=psgd_kron \
-    --out benchmarks/work/ablation-cpu-steps
-  cp benchmarks/work/ablation-cpu-steps/ablation.json benchmarks/results/ablation_cpu_steps.json
-  "${SLOWRUN[@]}" report --ablation benchmarks/results/ablation_cpu_steps.json --out benchmarks/results/ablation_cpu_steps \
-    --title "CPU track: second-order swaps at the slowrun recipe's steps (batch 4,096)"
+if wants steps; then
+  run_part ablation-cpu-steps ablation_cpu_steps "CPU track: second-order swaps at the slowrun recipe's steps (batch 4,096)" "${AGAINST_ENTRY[@]}" \
+    --variant soap:optim.matrix_optimizer=soap --variant psgd_kron:optim.matrix_optimizer=psgd_kron
 fi
-if [ "$PART" = all ] || [ "$PART" = loo ]; then
-  stoppable "${SLOWRUN[@]}" ablate "${COMMON[@]}" ${ONLY:+--only "$ONLY"} --out benchmarks/work/ablation-cpu-loo
-  cp benchmarks/work/ablation-cpu-loo/ablation.json benchmarks/results/ablation_cpu.json
-  "${SLOWRUN[@]}" report --ablation benchmarks/results/ablation_cpu.json --out benchmarks/results/ablation_cpu \
-    --title "CPU track: leave-one-out ablation of the slowrun recipe"
+if wants loo; then
+  run_part ablation-cpu-loo ablation_cpu "CPU track: leave-one-out ablation of the slowrun recipe" ${ONLY:+--only "$ONLY"}
 fi
