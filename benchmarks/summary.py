@@ -141,7 +141,7 @@ def chosen_so_far(rows: list[tuple]) -> None:
 
 def ablation(path: str = "benchmarks/results/ablation_cpu.json") -> None:
     """An ablation.json of `slowrun ablate`: the full recipe, then each technique left out or swap."""
-    from slowrun.ablate import FORMAT, _pm
+    from slowrun.ablate import FORMAT, pm
 
     try:
         ab = json.loads(Path(path).read_text())
@@ -158,8 +158,8 @@ def ablation(path: str = "benchmarks/results/ablation_cpu.json") -> None:
         delta, p = rec.get("delta_test"), rec.get("p_better" if rec.get("swap") else "p_hurts")
         e = eff(rec) if rec.get("efficiency") is not None else "-"
         wall = f"{rec['wall_s'] / 60:.1f}" if rec.get("wall_s") is not None else "-"
-        print(f"| {name} | {over} | {rec['seeds']} | {_pm(rec['test_mean'], rec['test_std'])} | {'-' if delta is None else f'{delta:+.4f}'} | "
-              f"{'-' if p is None else f'{p:.3f}'} | {_pm(rec['val_mean'], rec['val_std'])} | {e} | {wall} |")
+        print(f"| {name} | {over} | {rec['seeds']} | {pm(rec['test_mean'], rec['test_std'])} | {'-' if delta is None else f'{delta:+.4f}'} | "
+              f"{'-' if p is None else f'{p:.3f}'} | {pm(rec['val_mean'], rec['val_std'])} | {e} | {wall} |")
     if ab.get("finished") != ab.get("runs"):
         print(f"\npartial: {ab['finished']} of {ab['runs']} runs finished; means over the seeds that finished")
 

@@ -109,6 +109,10 @@ def test_no_train_writes_the_table_of_what_finished(bpe_ds, tmp_path):
     saved = json.loads((out / "ablation.json").read_text())
     assert saved["finished"] == 1 and saved["full"]["test_losses"] == [_test_loss(seed0)[0]]
     assert "partial: 1 of 4 runs finished" in r.stdout and len(list((out / "runs" / "1x").iterdir())) == 1
+    # the table's cost is its runs' walls, not the seconds this call took to tabulate them
+    seed0_wall = json.loads((seed0 / "result.json").read_text())["wall_s"]
+    assert saved["runs_wall_s"] == pytest.approx(seed0_wall, abs=0.05) and "wall_s" not in saved
+    assert ab["runs_wall_s"] == 0 and 0 <= saved["wall_s_this_invocation"] < 60
     # placed on a curve (one with no dataset fingerprint is taken as given): interpolated where the curve
     # reaches the loss (halfway from 1x to 2x: 1.5x), extrapolated on its power-law fit and marked so where not
     x = _test_loss(seed0)[0]

@@ -354,14 +354,18 @@ def ablate(cfg: AblateConfig) -> dict:
     out = {
         "format": FORMAT, "recipe": cfg.recipe, "data": str(cfg.data), "dataset": runs.base.fingerprint, "seeds": cfg.seeds,
         "fixed": cfg.fixed, "curve": curve.name if curve is not None else None, "efficiency_metric": metric,
-        "full": full, "variants": rows[1:], "wall_s": round(time.time() - t0, 1), "equal_time": cfg.equal_time,
+        "full": full, "variants": rows[1:], "equal_time": cfg.equal_time,
+        # what the table's runs cost (the sum of their walls, wherever they ran), and this call alone (a call that
+        # trains nothing, --no-train or every run already finished, takes seconds)
+        "runs_wall_s": round(sum(runs.results[j.run_dir]["wall_s"] for j in runs.jobs if j.run_dir in runs.results), 1),
+        "wall_s_this_invocation": round(time.time() - t0, 1),
         "runs": len(runs.jobs), "finished": sum(j.run_dir in runs.results for j in runs.jobs),
     }
     atomic_write_json(Path(cfg.out) / "ablation.json", out)
     return out
 
 
-def _pm(mean: float | None, std: float | None) -> str:
+def pm(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "-"
     return f"{mean:.4f}" + (f" +- {std:.4f}" if std is not None else "")
@@ -382,9 +386,9 @@ def describe(ab: dict) -> str:
         delta = rec.get("delta_test")
         p = rec.get("p_better") if rec.get("swap") else rec.get("p_hurts")
         wall = rec.get("wall_s")
-        lines.append(f"{rec['technique']:<{w}} {_pm(rec['test_mean'], rec['test_std']):>19} "
+        lines.append(f"{rec['technique']:<{w}} {pm(rec['test_mean'], rec['test_std']):>19} "
                      f"{(f'{delta:+.4f}' if delta is not None else '-'):>8} {(f'{p:.3f}' if p is not None else '-'):>8} "
-                     f"{_pm(rec['val_mean'], rec['val_std']):>19} {_eff(rec):>7} "
+                     f"{pm(rec['val_mean'], rec['val_std']):>19} {_eff(rec):>7} "
                      f"{(f'{wall:.0f}s' if wall is not None else '-'):>7}  "
                      + (", ".join(f"{k}={v}" for k, v in rec["off"].items()) or "-")
                      + (f" [{len(rec['errors'])} failed: {rec['errors'][0]}]" if rec.get("errors") else ""))
