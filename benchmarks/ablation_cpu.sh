@@ -3,7 +3,9 @@
 #  - swaps: the changes the reference names next (second-order optimizers, curricula) and the
 #    recipe's own default batch (2,048 tokens), each at the wall time of the track's single entry
 #    as it was trained (the `slowrun` recipe with batch 4,096), against it; the curricula order the
-#    documents by length, or by their loss under a small model (`_loss`);
+#    documents by length, or by their loss under a small model (`_loss`), and serve the sequences in
+#    that order, or shuffled within each eighth of the epoch (`_blocks`: the order by difficulty
+#    kept from block to block, the batches random within a block);
 #  - steps: the two closest second-order swaps (SOAP, PSGD-Kron) at the recipe's steps instead of its
 #    wall time (8 epochs each): whether they lose per step too, or only by their cost (what matters on
 #    the unlimited track, which ranks loss alone); the full recipe's runs are the swaps' own;
@@ -86,6 +88,8 @@ if wants swaps; then
     --variant easy_to_hard_loss:data.curriculum=easy_to_hard,data.curriculum_score=$SCORER \
     --variant hard_to_easy_loss:data.curriculum=hard_to_easy,data.curriculum_score=$SCORER \
     --variant mixed_loss:data.curriculum=mixed,data.curriculum_score=$SCORER \
+    --variant easy_to_hard_loss_blocks:data.curriculum=easy_to_hard,data.curriculum_score=$SCORER,data.curriculum_blocks=8 \
+    --variant mixed_loss_blocks:data.curriculum=mixed,data.curriculum_score=$SCORER,data.curriculum_blocks=8 \
     --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json
 fi
 if wants steps; then

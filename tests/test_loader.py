@@ -139,6 +139,41 @@ def test_curriculum_orders_documents_by_score(gpt2_ds, schedule):
         TrainLoader(ds, 32, batch_seqs=8, curriculum=schedule, doc_scores=scores[:-1])
 
 
+def test_curriculum_blocks_shuffle_within_each_block_only(gpt2_ds):
+    """A bucketed curriculum: the documents in the sorted order as without blocks; the sequences
+    a permutation of each consecutive block's own (so the order by difficulty holds from block to
+    block), drawn again each epoch, the same for the same (seed, epoch)."""
+    from slowrun.config import ConfigError, build_config
+    from slowrun.loader import document_scores
+
+    ds = Dataset.open(gpt2_ds)
+    scores = document_scores(ds, "length", 32)
+    plain = TrainLoader(ds, 32, batch_seqs=8, seed=3, curriculum="easy_to_hard", doc_scores=scores)
+    blocked = TrainLoader(ds, 32, batch_seqs=8, seed=3, curriculum="easy_to_hard", doc_scores=scores, curriculum_blocks=4)
+    n = blocked.seqs_per_epoch
+    assert n >= 40
+    bounds = np.cumsum([0] + [len(b) for b in np.array_split(np.arange(n), 4)])
+    orders = []
+    for epoch in (0, 1):
+        p, q = blocked.plan(epoch), plain.plan(epoch)
+        assert np.array_equal(p.doc_start, q.doc_start) and np.array_equal(p.offsets, q.offsets)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            assert sorted(p.seq_order[a:b]) == list(range(a, b))
+            assert not np.array_equal(p.seq_order[a:b], np.arange(a, b))  # shuffled, not stream order
+        orders.append(p.seq_order.copy())
+    assert not np.array_equal(orders[0], orders[1])
+    again = TrainLoader(ds, 32, batch_seqs=8, seed=3, curriculum="easy_to_hard", doc_scores=scores, curriculum_blocks=4)
+    assert np.array_equal(again.plan(1).seq_order, orders[1])
+    one = TrainLoader(ds, 32, batch_seqs=8, seed=3, curriculum="easy_to_hard", doc_scores=scores, curriculum_blocks=n + 5)
+    assert np.array_equal(one.plan(0).seq_order, np.arange(n))  # a block per sequence: stream order
+    with pytest.raises(ValueError, match="0 without a curriculum"):
+        TrainLoader(ds, 32, batch_seqs=8, curriculum_blocks=4)
+    with pytest.raises(ConfigError, match="data.curriculum_blocks: shuffles within a curriculum's blocks"):
+        build_config("smoke", {"data.curriculum_blocks": 4})
+    with pytest.raises(ConfigError, match="data.curriculum_blocks: must be >= 0"):
+        build_config("smoke", {"data.curriculum_blocks": -1, "data.curriculum": "mixed"})
+
+
 def test_document_scores_by_a_model_are_cached(gpt2_ds, tmp_path, smoke_cfg, monkeypatch):
     import torch
 

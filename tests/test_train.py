@@ -229,10 +229,13 @@ def test_run_dir_with_other_files_is_refused(bpe_ds, tmp_path):
 
 
 def test_curriculum_reaches_the_trainer(bpe_ds, tmp_path):
-    """data.curriculum is not ignored by the trainer: the same seed with it trains on other
-    batches (other losses) and the run's config records it."""
+    """data.curriculum and data.curriculum_blocks are not ignored by the trainer: the same seed
+    with each trains on other batches (other losses) and the run's config records it."""
     common = {"train.max_steps": 4, "eval.test": False, "train.save_final": False}
     train(smoke_config(bpe_ds, **common), tmp_path / "off", echo=False)
     train(smoke_config(bpe_ds, **common, **{"data.curriculum": "easy_to_hard"}), tmp_path / "on", echo=False)
-    assert losses(tmp_path / "off") != losses(tmp_path / "on")
+    train(smoke_config(bpe_ds, **common, **{"data.curriculum": "easy_to_hard", "data.curriculum_blocks": 2}),
+          tmp_path / "blocks", echo=False)
+    assert len({tuple(losses(tmp_path / d).values()) for d in ("off", "on", "blocks")}) == 3
     assert 'curriculum = "easy_to_hard"' in (tmp_path / "on" / "config.toml").read_text()
+    assert "curriculum_blocks = 2" in (tmp_path / "blocks" / "config.toml").read_text()

@@ -48,7 +48,7 @@ EQUAL_TIME_ROUNDS = 3  # the full recipe and the swaps timed round-robin, this m
 # keys that change only which tokens a step sees, never what it computes: a swap of these alone
 # has the recipe's step time by construction, so it is not timed (timing noise of a few percent
 # would otherwise cut its run short of the recipe's)
-ORDER_KEYS = ("data.curriculum", "data.curriculum_score", "data.doc_shuffle", "data.seq_shuffle")
+ORDER_KEYS = ("data.curriculum", "data.curriculum_score", "data.curriculum_blocks", "data.doc_shuffle", "data.seq_shuffle")
 # keys that change how many steps an epoch takes: a swap of these at equal time scales its epochs by
 # wall time per epoch (step time x steps per epoch), not by step time alone
 EPOCH_KEYS = ("train.batch_tokens", "model.seq_len", "data.fitness_tokens")

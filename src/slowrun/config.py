@@ -359,11 +359,15 @@ class DataConfig:
     fitness_tokens: int = opt(0, "tokens carved from the END of the training split as a fitness slice (for ensemble member selection); never trained on")
     curriculum: str = opt("off", "per-epoch document order by difficulty: off, easy_to_hard, hard_to_easy or mixed (alternating by epoch); on, sequences are served in stream order")
     curriculum_score: str = opt("length", "document difficulty: length (tokens), or a run directory / weights file whose model's mean loss on each training document is the score (cached beside its weights)")
+    curriculum_blocks: int = opt(0, "with a curriculum: 0 serves the sorted epoch's sequences in stream order; N > 0 cuts them into N consecutive blocks and shuffles the sequences within each (the order by difficulty holds from block to block, each batch is drawn at random from its block)")
 
     def __post_init__(self) -> None:
         _check(self.fitness_tokens >= 0, "data.fitness_tokens", "must be >= 0", self.fitness_tokens)
         _choice("data.curriculum", self.curriculum, ("off", "easy_to_hard", "hard_to_easy", "mixed"))
         _check(self.curriculum_score != "", "data.curriculum_score", "must be length or a run directory / weights file", self.curriculum_score)
+        _check(self.curriculum_blocks >= 0, "data.curriculum_blocks", "must be >= 0", self.curriculum_blocks)
+        _check(self.curriculum_blocks == 0 or self.curriculum != "off", "data.curriculum_blocks",
+               "shuffles within a curriculum's blocks: set data.curriculum too", self.curriculum_blocks)
 
 
 @dataclass

@@ -14,8 +14,10 @@ A curriculum (`curriculum` != "off", with a difficulty score per training docume
 so equal scores keep the epoch's random order): easy_to_hard ascending, hard_to_easy
 descending, mixed alternating (easy to hard on even epochs, hard to easy on odd ones, so
 every epoch boundary joins documents of like difficulty). Sequences are then served in
-stream order (a sequence shuffle would undo the order). Off, nothing changes: the same
-random draws, the same batches.
+stream order (a sequence shuffle would undo the order), or, with `curriculum_blocks` = N > 0,
+shuffled within each of N consecutive blocks of the epoch (a bucketed curriculum: the order by
+difficulty holds from block to block, and a batch is a random draw from its block rather than
+a run of adjacent sequences). Off, nothing changes: the same random draws, the same batches.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ class TrainLoader:
 
     def __init__(self, dataset: Dataset, seq_len: int, batch_seqs: int, seed: int = 0, doc_shuffle: bool = True,
                  seq_shuffle: bool = True, rank: int = 0, world_size: int = 1, fitness_tokens: int = 0,
-                 curriculum: str = "off", doc_scores: np.ndarray | None = None) -> None:
+                 curriculum: str = "off", doc_scores: np.ndarray | None = None, curriculum_blocks: int = 0) -> None:
         if batch_seqs % world_size:
             raise ValueError(f"global batch of {batch_seqs} sequences does not split over {world_size} ranks")
         self.tokens = dataset.tokens("train")
@@ -123,7 +125,9 @@ class TrainLoader:
             raise ValueError(f"curriculum {curriculum!r}: must be one of {', '.join(CURRICULA)}")
         if curriculum != "off" and (doc_scores is None or len(doc_scores) != len(self.doc_starts)):
             raise ValueError(f"curriculum {curriculum} needs one score per training document ({len(self.doc_starts)})")
-        self.curriculum, self.doc_scores = curriculum, doc_scores
+        if curriculum_blocks < 0 or (curriculum_blocks and curriculum == "off"):
+            raise ValueError(f"curriculum_blocks {curriculum_blocks}: must be >= 0, and 0 without a curriculum")
+        self.curriculum, self.doc_scores, self.curriculum_blocks = curriculum, doc_scores, curriculum_blocks
         self.seq_len = seq_len
         self.seqs_per_epoch = seqs_per_epoch(dataset, seq_len, fitness_tokens)
         if self.seqs_per_epoch < batch_seqs:
@@ -164,6 +168,9 @@ class TrainLoader:
             np.cumsum(self.doc_lens[order], out=offsets[1:])
             shuffle = self.seq_shuffle and self.curriculum == "off"
             seqs = rng.permutation(self.seqs_per_epoch) if shuffle else np.arange(self.seqs_per_epoch)
+            if self.curriculum_blocks:  # shuffled within each block: the blocks keep their order
+                for block in np.array_split(seqs, min(self.curriculum_blocks, self.seqs_per_epoch)):
+                    rng.shuffle(block)  # a view into seqs
             self._plan = _EpochPlan(epoch, offsets, self.doc_starts[order], seqs)
         return self._plan
 

@@ -292,7 +292,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
             scores = document_scores(ds, cfg.data.curriculum_score, T, cfg.data.fitness_tokens, str(device))
     try:
         loader = TrainLoader(ds, T, batch_seqs, cfg.train.seed, cfg.data.doc_shuffle, cfg.data.seq_shuffle,
-                             env.rank, env.world_size, cfg.data.fitness_tokens, cfg.data.curriculum, scores)
+                             env.rank, env.world_size, cfg.data.fitness_tokens, cfg.data.curriculum, scores,
+                             cfg.data.curriculum_blocks)
     except ValueError as e:
         raise TrainingError(f"{ds.path}: {e}") from None
     steps_per_epoch = loader.seqs_per_epoch / batch_seqs
