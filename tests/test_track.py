@@ -111,3 +111,23 @@ def test_track_pipeline_end_to_end(tmp_path):
     (tmp_path / "curves" / "cpu_nanochat.json").write_text(json.dumps(around))
     placed = run_track(t, tmp_path / "fresh-work", out, tmp_path / "report", parts=(), jobs=2, threads=1)
     assert placed["single"]["efficiency"] == pytest.approx(1.5) and not placed["single"]["efficiency_extrapolated"]
+
+
+def test_an_entry_outlives_a_config_field_added_later(bpe_ds, tmp_path, monkeypatch):
+    """An entry's run directory is named by its config as the ledger keys it: a field a later
+    version adds, at its default, leaves the name (and so the finished entry) as it was; set to
+    another value, it names another run."""
+    from slowrun import ledger, track
+    from slowrun.dataset import Dataset
+
+    data, e = Dataset.open(bpe_ds), Entry("smoke", {"train.max_steps": 6})
+    before = track._entry_dir(tmp_path, "single", e, data)
+    real_dict, real_defaults = track.config_to_dict, ledger._defaults
+
+    def later(value):  # slowrun as a later version: data.future_knob, default 0, in every resolved config
+        monkeypatch.setattr(track, "config_to_dict", lambda c: {**real_dict(c), "data": {**real_dict(c)["data"], "future_knob": value}})
+        monkeypatch.setattr(ledger, "_defaults", lambda sec: {**real_defaults(sec), **({"future_knob": 0} if sec == "data" else {})})
+        return track._entry_dir(tmp_path, "single", e, data)
+
+    assert later(0) == before and later(3) != before
+    assert before != track._entry_dir(tmp_path, "single", Entry("smoke", {"train.max_steps": 7}), data)

@@ -170,8 +170,13 @@ def plan_curve(t: TrackDef, work: str | Path, out_json: str | Path, jobs: int, t
 
 
 def _entry_dir(work: Path, kind: str, e: Entry, data: Dataset) -> Path:
+    """Where an entry trains: named by the entry, its resolved config as the ledger keys it (values
+    at their defaults left out, so a config field added later does not orphan a finished entry) and
+    the dataset's files."""
+    from .ledger import config_key
+
     resolved = config_to_dict(build_config(e.recipe, {**e.overrides, "data.path": str(data.path)}))
-    key = {"entry": asdict(e), "config": resolved, "dataset": data.manifest["files"]}
+    key = {"entry": asdict(e), "config": config_key(resolved), "dataset": data.manifest["files"]}
     return work / kind / f"{Path(e.recipe).stem}-{_hash(key)}"
 
 
