@@ -357,7 +357,7 @@ class DataConfig:
     doc_shuffle: bool = opt(True, "shuffle the document order every epoch (seed = train.seed + epoch) so chunk boundaries move")
     seq_shuffle: bool = opt(True, "shuffle the fixed-length sequences within each epoch")
     fitness_tokens: int = opt(0, "tokens carved from the END of the training split as a fitness slice (for ensemble member selection); never trained on")
-    curriculum: str = opt("off", "per-epoch document order by difficulty: off, easy_to_hard, hard_to_easy or mixed (alternating by epoch); on, sequences are served in stream order")
+    curriculum: str = opt("off", "per-epoch document order by difficulty: off, easy_to_hard, hard_to_easy or mixed (alternating by epoch); on, sequences are served in stream order, or shuffled within data.curriculum_blocks blocks")
     curriculum_score: str = opt("length", "document difficulty: length (tokens), or a run directory / weights file whose model's mean loss on each training document is the score (cached beside its weights)")
     curriculum_blocks: int = opt(0, "with a curriculum: 0 serves the sorted epoch's sequences in stream order; N > 0 cuts them into N consecutive blocks and shuffles the sequences within each (the order by difficulty holds from block to block, each batch is drawn at random from its block)")
 

@@ -40,6 +40,7 @@ from . import SlowrunError
 from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import Curve, curve_fit, describe_efficiency, efficiency_on
+from .ledger import config_key
 from .prepare import PrepareConfig, prepare
 from .results import RESULT_FILE, chosen, is_ensemble, read_result
 
@@ -173,8 +174,6 @@ def _entry_dir(work: Path, kind: str, e: Entry, data: Dataset) -> Path:
     """Where an entry trains: named by the entry, its resolved config as the ledger keys it (values
     at their defaults left out, so a config field added later does not orphan a finished entry) and
     the dataset's files."""
-    from .ledger import config_key
-
     resolved = config_to_dict(build_config(e.recipe, {**e.overrides, "data.path": str(data.path)}))
     key = {"entry": asdict(e), "config": config_key(resolved), "dataset": data.manifest["files"]}
     return work / kind / f"{Path(e.recipe).stem}-{_hash(key)}"
