@@ -237,3 +237,23 @@ def test_no_train_curve_holds_only_finished_budgets(bpe_ds, tmp_path, monkeypatc
     val.pop((2, 2, 1))  # neither second seed finished: no budget is complete
     with pytest.raises(SweepError, match=r"no budget is complete yet \(1x: seeds, 2x: seeds, 4x: grid\)"):
         sweep(cfg, train=False)
+
+
+def test_a_run_directory_outlives_a_config_field_added_later(bpe_ds, tmp_path, monkeypatch):
+    """A sweep's (and so an ablation's) run directory is named by the config as the ledger keys
+    it: a field a later version adds, at its default, leaves the name as it was (an interrupted
+    run resumes from its checkpoints under the new code); set to another value, it names
+    another run."""
+    from slowrun import ledger, sweep as sweep_mod
+
+    cfg = SweepConfig("smoke", str(bpe_ds), str(tmp_path / "s"), budgets=[1], progress=False)
+    before = sweep_mod.Runs(cfg).job(1, {"model.n_layer": 2}).run_dir
+    real_dict, real_defaults = sweep_mod.config_to_dict, ledger._defaults
+
+    def later(value):  # slowrun as a later version: data.future_knob, default 0, in every resolved config
+        monkeypatch.setattr(sweep_mod, "config_to_dict", lambda c: {**real_dict(c), "data": {**real_dict(c)["data"], "future_knob": value}})
+        monkeypatch.setattr(ledger, "_defaults", lambda sec: {**real_defaults(sec), **({"future_knob": 0} if sec == "data" else {})})
+        return sweep_mod.Runs(cfg).job(1, {"model.n_layer": 2}).run_dir
+
+    assert later(0) == before and later(3) != before
+    assert before.name.startswith("n_layer=2-")

@@ -132,7 +132,9 @@ class Runs:
         overrides = {**self.cfg.fixed, **point}
         planned = build_config(self.cfg.recipe, {**overrides, "data.path": str(ds.path)})  # validates every key
         resolved = resolve(planned, ds)  # as the run will record it (vocabulary from the dataset)
-        full = {"config": config_to_dict(planned), "dataset": ds.manifest["files"]}  # names the run directory
+        # names the run directory: the config as the ledger keys it (defaults left out), so that a config
+        # field added later does not move a run in flight away from its checkpoints
+        full = {"config": config_key(config_to_dict(planned)), "dataset": ds.manifest["files"]}
         run_dir = Path(self.cfg.out) / "runs" / budget_name(budget) / point_id(point, full)
         job = TrainJob(run_dir, self.cfg.recipe, ds.path, overrides,
                        {"budget": budget, "point": point, "phase": phase, "key": config_key(config_to_dict(resolved)),
