@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -415,6 +416,15 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(RunConfig)}  # type: ignore[misc]
+
+
+@functools.lru_cache(maxsize=None)
+def section_defaults(section: str) -> dict[str, Any]:
+    """Field -> default of a config section in this version ({} for a section it does not know)."""
+    if section not in SECTIONS:
+        return {}
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+            for f in fields(SECTIONS[section])}
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,9 +15,7 @@ the reader with its line number: the ledger is data others build on, never guess
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -41,15 +39,11 @@ class LedgerError(SlowrunError):
     pass
 
 
-@functools.lru_cache(maxsize=None)
 def _defaults(section: str) -> dict[str, Any]:
     """Field -> default of a config section in this version ({} for a section it does not know)."""
-    from .config import SECTIONS
+    from .config import section_defaults
 
-    if section not in SECTIONS:
-        return {}
-    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
-            for f in dataclasses.fields(SECTIONS[section])}
+    return section_defaults(section)
 
 
 def config_key(config: dict[str, Any]) -> str:

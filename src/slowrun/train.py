@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ from . import SlowrunError, distributed
 from .averaging import EMA
 from .checkpoint import (CKPT_DIR, Checkpoint, latest_good_checkpoint, list_checkpoints, load_model, save_checkpoint,
                          save_weights, sidecar)
-from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, tomllib
+from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, section_defaults, tomllib
 from .dataset import Dataset, require_comparable
 from .evaluate import autocast, evaluate, split_tokens
 from .gpt import GPT, stoch_depth_scales, window_stage_of
@@ -105,9 +106,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
-    """`key old -> new` for every config key whose value differs (old, new: config_to_dict forms)."""
+    """`key old -> new` for every config key whose value differs (old, new: config_to_dict forms).
+    A key one side lacks counts at its default in this version: a field added after a checkpoint
+    was written, with a default that keeps the old behaviour, is no change."""
     a, b = _flat(old), _flat(new)
-    return [f"{k} {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+    def value(d: dict, k: str) -> Any:
+        section, _, name = k.partition(".")
+        return d[k] if k in d else section_defaults(section).get(name, "(absent)")
+
+    return [f"{k} {value(a, k)!r} -> {value(b, k)!r}" for k in sorted(set(a) | set(b)) if value(a, k) != value(b, k)]
 
 
 class StopSignals:
