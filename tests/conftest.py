@@ -49,3 +49,14 @@ def smoke_config(data: Path, **overrides):
 @pytest.fixture
 def smoke_cfg():
     return smoke_config
+
+
+def with_field_added_later(monkeypatch, module, value):
+    """slowrun as a later version: every resolved config that `module` builds holds data.future_knob
+    = value, a field whose default is 0 (and which the ledger's key therefore knows)."""
+    from slowrun import config, ledger
+
+    real_dict, real_defaults = module.config_to_dict, config.section_defaults
+    monkeypatch.setattr(module, "config_to_dict", lambda c: {**real_dict(c), "data": {**real_dict(c)["data"], "future_knob": value}})
+    monkeypatch.setattr(ledger, "section_defaults",
+                        lambda sec: {**real_defaults(sec), **({"future_knob": 0} if sec == "data" else {})})

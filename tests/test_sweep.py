@@ -7,6 +7,7 @@ import pytest
 from slowrun.dataset import Dataset
 from slowrun.efficiency import Curve, EfficiencyError, place
 from slowrun.sweep import SweepConfig, sweep
+from tests.conftest import with_field_added_later
 
 
 def test_sweep_makes_a_resumable_curve(bpe_ds, tmp_path):
@@ -244,15 +245,13 @@ def test_a_run_directory_outlives_a_config_field_added_later(bpe_ds, tmp_path, m
     it: a field a later version adds, at its default, leaves the name as it was (an interrupted
     run resumes from its checkpoints under the new code); set to another value, it names
     another run."""
-    from slowrun import ledger, sweep as sweep_mod
+    from slowrun import sweep as sweep_mod
 
     cfg = SweepConfig("smoke", str(bpe_ds), str(tmp_path / "s"), budgets=[1], progress=False)
     before = sweep_mod.Runs(cfg).job(1, {"model.n_layer": 2}).run_dir
-    real_dict, real_defaults = sweep_mod.config_to_dict, ledger._defaults
 
-    def later(value):  # slowrun as a later version: data.future_knob, default 0, in every resolved config
-        monkeypatch.setattr(sweep_mod, "config_to_dict", lambda c: {**real_dict(c), "data": {**real_dict(c)["data"], "future_knob": value}})
-        monkeypatch.setattr(ledger, "_defaults", lambda sec: {**real_defaults(sec), **({"future_knob": 0} if sec == "data" else {})})
+    def later(value):
+        with_field_added_later(monkeypatch, sweep_mod, value)
         return sweep_mod.Runs(cfg).job(1, {"model.n_layer": 2}).run_dir
 
     assert later(0) == before and later(3) != before

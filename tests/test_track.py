@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from slowrun.track import Entry, TrackDef, TrackError, run_track
+from tests.conftest import with_field_added_later
 
 
 def test_track_pipeline_end_to_end(tmp_path):
@@ -117,16 +118,14 @@ def test_an_entry_outlives_a_config_field_added_later(bpe_ds, tmp_path, monkeypa
     """An entry's run directory is named by its config as the ledger keys it: a field a later
     version adds, at its default, leaves the name (and so the finished entry) as it was; set to
     another value, it names another run."""
-    from slowrun import ledger, track
+    from slowrun import track
     from slowrun.dataset import Dataset
 
     data, e = Dataset.open(bpe_ds), Entry("smoke", {"train.max_steps": 6})
     before = track._entry_dir(tmp_path, "single", e, data)
-    real_dict, real_defaults = track.config_to_dict, ledger._defaults
 
-    def later(value):  # slowrun as a later version: data.future_knob, default 0, in every resolved config
-        monkeypatch.setattr(track, "config_to_dict", lambda c: {**real_dict(c), "data": {**real_dict(c)["data"], "future_knob": value}})
-        monkeypatch.setattr(ledger, "_defaults", lambda sec: {**real_defaults(sec), **({"future_knob": 0} if sec == "data" else {})})
+    def later(value):
+        with_field_added_later(monkeypatch, track, value)
         return track._entry_dir(tmp_path, "single", e, data)
 
     assert later(0) == before and later(3) != before

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import SlowrunError
+from .config import section_defaults
 
 FORMAT = "slowrun-ledger/1"
 # config keys that cannot change a run's losses: paths, parallelism, logging and saving
@@ -39,13 +40,6 @@ class LedgerError(SlowrunError):
     pass
 
 
-def _defaults(section: str) -> dict[str, Any]:
-    """Field -> default of a config section in this version ({} for a section it does not know)."""
-    from .config import section_defaults
-
-    return section_defaults(section)
-
-
 def config_key(config: dict[str, Any]) -> str:
     """The run's identity: sha256 of its resolved config without the keys in NON_RESULT_KEYS
     and without values equal to the field's default in this version of slowrun.
@@ -57,7 +51,7 @@ def config_key(config: dict[str, Any]) -> str:
     not know are kept, so a run of an unknown setting is never taken for a known one."""
     pruned = {}
     for sec, vals in config.items():
-        defaults = _defaults(sec)
+        defaults = section_defaults(sec)
         kept = {k: v for k, v in vals.items()
                 if k not in NON_RESULT_KEYS.get(sec, ()) and not (k in defaults and v == defaults[k])}
         if kept:
