@@ -130,7 +130,7 @@ def test_two_gloo_processes_equal_one(bpe_ds, tmp_path):
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "slowrun", "train", "--run-dir", str(tmp_path / "two"), *common],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -162,7 +162,7 @@ def test_sharded_optimizer_over_two_and_three_gloo_ranks_equals_one_process_and_
     def run(ranks: int, *args: str) -> None:
         cmd = [sys.executable, "-m", "slowrun", "train"]
         if ranks > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port=29534",
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                    "-m", "slowrun", "train"]
         r = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]

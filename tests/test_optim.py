@@ -273,7 +273,7 @@ def test_heavyball_under_torchrun_two_gloo_ranks_equal_one_process(name, bpe_ds,
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
     assert "Learning rate changed" not in one.stderr  # heavyball's notice of our schedules is not shown
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "slowrun", "train", "--run-dir", str(tmp_path / "two"), *common],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
