@@ -133,7 +133,7 @@ def test_two_gloo_processes_equal_one(bpe_ds, tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "slowrun", "train", "--run-dir", str(tmp_path / "two"), *common],
                          capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-12000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
@@ -148,6 +148,34 @@ def test_two_gloo_processes_equal_one(bpe_ds, tmp_path):
     evals = [[json.loads(line)["val_loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "eval"] for d in ("one", "two")]
     assert len(evals[0]) == len(evals[1]) >= 1 and evals[1] == pytest.approx(evals[0], abs=2e-4)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_shutdown_frees_the_process_group_after_the_optimizers_are_built(tmp_path):
+    """The optimizers' construction imports torch._dynamo and with it torch.distributed.nn, whose
+    default arguments would hold the process group: after shutdown gloo's threads would run into
+    the interpreter's exit, where one of them can abort the rank. They must be gone."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, torch\n"
+        "from slowrun import distributed\n"
+        "from slowrun.config import ModelConfig, OptimConfig\n"
+        "from slowrun.gpt import GPT\n"
+        "from slowrun.optim import build_optimizers\n"
+        "threads = lambda: len(os.listdir('/proc/self/task'))\n"
+        "alone = threads()\n"
+        "env = distributed.init('cpu')\n"
+        "assert threads() > alone\n"
+        "build_optimizers(GPT(ModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=64, seq_len=16)), OptimConfig())\n"
+        "distributed.barrier(env)\n"
+        "distributed.shutdown(env)\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'threads' + os.environ['RANK']), 'w').write(f'{{alone}} {{threads()}}')\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-12000:]
+    counts = [(tmp_path / f"threads{rank}").read_text().split() for rank in (0, 1)]
+    assert all(after == alone for alone, after in counts), counts
 
 
 def test_sharded_optimizer_over_two_and_three_gloo_ranks_equals_one_process_and_resumes_anywhere(bpe_ds, tmp_path):
@@ -165,7 +193,7 @@ def test_sharded_optimizer_over_two_and_three_gloo_ranks_equals_one_process_and_
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                    "-m", "slowrun", "train"]
         r = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, r.stderr[-12000:]
 
     run(1, "--run-dir", str(tmp_path / "one"), *common)
     for ranks in (2, 3):

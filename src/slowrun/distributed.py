@@ -56,6 +56,14 @@ def init(device: str = "auto", timeout_min: float = 30.0) -> DistEnv:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local)
     if world > 1 and not dist.is_initialized():
+        # torch.distributed.nn's functions take `group=group.WORLD` as a default argument, bound
+        # when the module is first imported. torch imports it lazily (the first optimizer's
+        # add_param_group imports torch._dynamo, which imports it), and after the process group
+        # exists that default holds the group forever: destroy_process_group then leaves gloo's
+        # worker threads running into the interpreter's shutdown, where one of them aborts the
+        # rank (SIGABRT, 'terminate called without an active exception') about once in 100
+        # launches. Imported here, before the group exists, the default is None.
+        import torch.distributed.nn  # noqa: F401
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_min))
