@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from slowrun.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, read_weights
+from slowrun.jobs import torchrun
 from slowrun.train import train
 from tests.test_train import losses
 
@@ -130,8 +131,7 @@ def test_two_gloo_processes_equal_one(bpe_ds, tmp_path):
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "slowrun", "train", "--run-dir", str(tmp_path / "two"), *common],
+    two = subprocess.run([*torchrun(2), "-m", "slowrun", "train", "--run-dir", str(tmp_path / "two"), *common],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-12000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -170,9 +170,8 @@ def test_shutdown_frees_the_process_group_after_the_optimizers_are_built(tmp_pat
         "distributed.barrier(env)\n"
         "distributed.shutdown(env)\n"
         f"open(os.path.join({str(tmp_path)!r}, 'threads' + os.environ['RANK']), 'w').write(f'{{alone}} {{threads()}}')\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                       capture_output=True, text=True, env=env, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*torchrun(2), str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-12000:]
     counts = [(tmp_path / f"threads{rank}").read_text().split() for rank in (0, 1)]
     assert all(after == alone for alone, after in counts), counts
@@ -190,8 +189,7 @@ def test_sharded_optimizer_over_two_and_three_gloo_ranks_equals_one_process_and_
     def run(ranks: int, *args: str) -> None:
         cmd = [sys.executable, "-m", "slowrun", "train"]
         if ranks > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                   "-m", "slowrun", "train"]
+            cmd = [*torchrun(ranks), "-m", "slowrun", "train"]
         r = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, r.stderr[-12000:]
 

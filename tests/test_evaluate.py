@@ -102,12 +102,12 @@ def test_sharded_evaluation_over_two_gloo_ranks_equals_one_rank(tmp_path):
     import json
     import os
     import subprocess
-    import sys
+
+    from slowrun.jobs import torchrun
 
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        str(tmp_path)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run([*torchrun(2), str(script), str(tmp_path)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert ranks[0] == ranks[1]  # every rank returns the same result

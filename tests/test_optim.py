@@ -4,6 +4,7 @@ import torch
 
 from slowrun.config import OptimConfig, build_config
 from slowrun.gpt import GPT
+from slowrun.jobs import torchrun
 from slowrun.optim import AdamW, Muon, build_optimizers, orthogonalize, split_params
 
 
@@ -273,8 +274,7 @@ def test_heavyball_under_torchrun_two_gloo_ranks_equal_one_process(name, bpe_ds,
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr
     assert "Learning rate changed" not in one.stderr  # heavyball's notice of our schedules is not shown
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "slowrun", "train", "--run-dir", str(tmp_path / "two"), *common],
+    two = subprocess.run([*torchrun(2), "-m", "slowrun", "train", "--run-dir", str(tmp_path / "two"), *common],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-12000:]
 

@@ -75,6 +75,12 @@ class DevicePool:
             self._cond.notify_all()
 
 
+def torchrun(nproc: int) -> list[str]:
+    """The launcher of `nproc` local ranks, a free rendezvous port each time (follow it with a
+    script or `-m module`)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
 @dataclass
 class TrainJob:
     run_dir: Path
@@ -88,8 +94,7 @@ class TrainJob:
 
     def command(self, threads: int = -1, nproc: int = 1) -> list[str]:
         """The `slowrun train` command line; with nproc > 1 launched by torchrun, nproc ranks."""
-        launch = [sys.executable, "-m", "slowrun"] if nproc == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "slowrun"]
+        launch = [sys.executable, "-m", "slowrun"] if nproc == 1 else [*torchrun(nproc), "-m", "slowrun"]
         if (self.run_dir / "config.toml").is_file():  # interrupted earlier: continue it exactly
             return launch + ["train", "--resume", str(self.run_dir), "--quiet"]
         over = {**self.overrides, "train.progress": False}
