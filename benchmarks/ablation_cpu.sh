@@ -49,7 +49,10 @@ DATA=benchmarks/work/cpu-track/data/1x
 # every variant placed on the track's nanochat curve once it is committed (the table only: no run changes)
 CURVE=()
 [ -f benchmarks/results/curves/cpu_nanochat.json ] && CURVE=(--curve benchmarks/results/curves/cpu_nanochat.json)
-COMMON=(--recipe slowrun --data "$DATA" --seeds 3 --set eval.max_tokens=32768 --ledger "$LEDGER" "${CURVE[@]}"
+# every part measures the recipe as it was when the ablation began, with untied embeddings: the
+# leave-one-out part found tying better (now the recipe's default), and the runs keep their configs
+COMMON=(--recipe slowrun --data "$DATA" --seeds 3 --set eval.max_tokens=32768 --set model.tie_embeddings=false
+        --ledger "$LEDGER" "${CURVE[@]}"
         --jobs "$JOBS" --threads "$THREADS" --no-progress ${NO_TRAIN:+--no-train})
 # the swaps' and the steps' baseline: the track's single entry as it was trained
 AGAINST_ENTRY=(--only none --set train.batch_tokens=4096)

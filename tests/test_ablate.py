@@ -22,7 +22,8 @@ def test_every_off_override_turns_its_technique_off():
     slowrun recipe, with the rarer techniques switched on so every row is exercised)."""
     on = {"model.stoch_depth": 0.05, "model.loop_start": 1, "model.loop_end": 2, "model.loop_repeats": 2,
           "model.mtp_weight": 0.3, "model.window_pattern": "SL", "model.xsa": "fixed", "model.iha": True,
-          "optim.muon_eq_r": True, "optim.normuon": True, "optim.cautious_wd": True, "optim.wd_end_frac": 0.5}
+          "optim.muon_eq_r": True, "optim.normuon": True, "optim.cautious_wd": True, "optim.wd_end_frac": 0.5,
+          "model.tie_embeddings": False}
     cfg = build_config("slowrun", on)
     assert [t.name for t in techniques_on(cfg)] == [t.name for t in TECHNIQUES]
     for t in TECHNIQUES:
@@ -243,6 +244,44 @@ def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path):
     (tmp_path / "ab" / "equal_time.json").write_text("{not json")
     with pytest.raises(AblateError, match="not an equal-time file"):
         ab_mod.equal_time_overrides(cfg, base, fake)
+
+
+def test_equal_time_is_keyed_by_the_configs_timed_not_the_overrides_asked(tmp_path):
+    """An edited recipe is timed again (its old times are of other configs); an override that pins
+    the edited value back resolves to the configs timed, and finds their times without timing."""
+    from slowrun import ablate as ab_mod
+    from importlib import resources
+
+    calls = []
+
+    def fake(recipe, data, overrides, dtype, threads):
+        calls.append(overrides)
+        return 0.2 if "optim.matrix_optimizer" in overrides else 0.1
+
+    recipe = tmp_path / "r.toml"
+    text = (resources.files("slowrun.recipes") / "smoke.toml").read_text()
+    assert "tie_embeddings = false" in text
+    recipe.write_text(text)
+    times = tmp_path / "equal_time.json"
+
+    def plan(fixed):
+        cfg = AblateConfig(str(recipe), "unused", str(tmp_path / "ab"), fixed={"train.max_steps": 8, **fixed},
+                           variants={"soap": {"optim.matrix_optimizer": "soap"}}, equal_time=True, equal_time_file=str(times))
+        return ab_mod.equal_time_overrides(cfg, build_config(str(recipe), cfg.fixed), fake)
+
+    first = plan({})
+    assert first[0]["soap"]["train.max_steps"] == 4 and len(calls) == 2 * ab_mod.EQUAL_TIME_ROUNDS
+    recipe.write_text(text.replace("tie_embeddings = false", "tie_embeddings = true"))
+    plan({})
+    assert len(calls) == 4 * ab_mod.EQUAL_TIME_ROUNDS  # the edited recipe's configs were never timed
+    n = len(calls)
+    assert plan({"model.tie_embeddings": False}) == first and len(calls) == n  # pinned back: the first times
+    saved = json.loads(times.read_text())
+    assert saved["format"] == ab_mod.EQUAL_TIME_FORMAT and len(saved["step_s"]) == 2
+    # a file of the second format (keyed by the overrides asked for) is timed again
+    times.write_text(json.dumps({"format": "slowrun-equal-time/2", "step_s": {"x": {"step_s": 9.0, "full_step_s": 9.0}}}))
+    plan({})
+    assert len(calls) == n + 2 * ab_mod.EQUAL_TIME_ROUNDS and "x" not in json.loads(times.read_text())["step_s"]
 
 
 def test_equal_time_of_a_batch_swap_is_equal_wall_time_per_epoch(bpe_ds, tmp_path):

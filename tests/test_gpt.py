@@ -48,7 +48,7 @@ def test_causal(recipe):
 
 
 @pytest.mark.parametrize("flag", [dict(norm="layernorm"), dict(pos="learned"), dict(mlp="gelu"), dict(mlp="relu2"),
-                                  dict(tie_embeddings=True), dict(qk_norm=False), dict(value_proj=False),
+                                  dict(tie_embeddings=False), dict(qk_norm=False), dict(value_proj=False),
                                   dict(head_gate=False), dict(x0_mix=False), dict(unet=False), dict(logit_softcap=-1.0),
                                   dict(stoch_depth=0.3), dict(mtp_weight=0.3), dict(loop_start=1, loop_end=2, loop_repeats=3),
                                   dict(dropout=0.2), dict(n_layer=3), dict(bias=True),
@@ -75,7 +75,7 @@ def test_each_feature_trains(flag):
 
 
 def test_init_values():
-    m = model_of()
+    m = model_of(tie_embeddings=False)
     assert torch.all(m.blocks[0].attn.v_gate.weight == 0) and torch.all(m.blocks[0].attn.head_gate.weight == 0)
     assert m.blocks[1].attn.v_x0 is None  # value projections on alternate layers
     assert torch.all(m.lambda_r == 1) and torch.allclose(m.lambda_0, torch.full((4,), 0.1))
@@ -84,6 +84,8 @@ def test_init_values():
     assert abs(m.wte.weight.std().item() - 1.0) < 0.05
     base = model_of("baseline")
     assert abs(base.wte.weight.std().item() - 0.02) < 0.003 and base.lm_head is None
+    tied = model_of()  # the slowrun recipe ties them: the one matrix is the head too, at init_std
+    assert tied.lm_head is None and abs(tied.wte.weight.std().item() - 0.02) < 0.003
 
 
 def test_fused_loss_matches_logits_loss():

@@ -23,7 +23,10 @@ e.g. the batch size, by the ratio of wall time per epoch); a swap of the data or
 (`ORDER_KEYS`, e.g. a curriculum) computes the recipe's steps and keeps its length untimed.
 The measurements are kept in `equal_time.json` in the output directory (or
 `equal_time_file`, e.g. a committed one), so a rerun, on any machine, plans the same runs
-rather than re-timing them into new configs.
+rather than re-timing them into new configs. They are keyed by the resolved configs timed
+(the ledger's `config_key` of the full recipe and of the swap) and the threads: an edited
+recipe is timed again, and overrides that resolve to the configs already timed (a value the
+recipe changed since, pinned back by `--set`) find their times.
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import SlowrunError
-from .config import RunConfig, build_config
+from .config import RunConfig, build_config, config_to_dict
+from .ledger import config_key
 from .storage import atomic_write_json
 
 FORMAT = "slowrun-ablation/1"
-EQUAL_TIME_FORMAT = "slowrun-equal-time/2"
+EQUAL_TIME_FORMAT = "slowrun-equal-time/3"
 EQUAL_TIME_STEPS, EQUAL_TIME_WARMUP = 6, 2  # timed steps (median) after untimed ones
 EQUAL_TIME_ROUNDS = 3  # the full recipe and the swaps timed round-robin, this many times (median of each)
 # keys that change only which tokens a step sees, never what it computes: a swap of these alone
@@ -202,6 +206,11 @@ def step_time(recipe: str, data: str, overrides: dict[str, Any], dtype: str, thr
     return float(row["step_s_median"])
 
 
+def equal_time_config_key(recipe: str, overrides: dict[str, Any]) -> str:
+    """The ledger's key of the config that `recipe` + `overrides` resolve to (what a step time is of)."""
+    return config_key(config_to_dict(build_config(recipe, overrides)))
+
+
 def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[..., float] | None = None,
                          ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
     """(each swap's overrides plus the run length that gives it the full recipe's wall time,
@@ -223,16 +232,22 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
             cache = saved["step_s"]
         except (ValueError, KeyError, TypeError) as e:
             raise AblateError(f"{path}: not an equal-time file of slowrun ablate ({e}); move it away to time again") from None
-        if saved.get("format") != EQUAL_TIME_FORMAT:  # timed one config at a time: not comparable, timed again
-            print(f"ablate: {path} holds step times of {saved.get('format')}, each config timed alone; timing the swaps "
-                  f"again beside the full recipe ({EQUAL_TIME_FORMAT})", flush=True)
+        if saved.get("format") != EQUAL_TIME_FORMAT:
+            # /1 timed each config alone (not comparable); /2 keyed the overrides asked for, not the configs they
+            # resolve to (a recipe edited since would reuse times of its old configs): timed again
+            print(f"ablate: {path} holds step times of {saved.get('format')}, not keyed by the configs timed; timing "
+                  f"the swaps again beside the full recipe ({EQUAL_TIME_FORMAT})", flush=True)
             cache = {}
     by_steps = base.train.max_steps > 0
     length_key = "train.max_steps" if by_steps else "train.epochs"
 
+    full_key = equal_time_config_key(cfg.recipe, cfg.fixed)
+
     def key(over: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        what = {"recipe": cfg.recipe, "fixed": cfg.fixed, "overrides": over, "threads": cfg.threads, "dtype": base.train.dtype}
-        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16], what
+        what = {"full_config": full_key, "swap_config": equal_time_config_key(cfg.recipe, {**cfg.fixed, **over}),
+                "threads": cfg.threads}
+        shown = {"recipe": cfg.recipe, "fixed": cfg.fixed, "overrides": over, "dtype": base.train.dtype}  # for a reader
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16], {**shown, **what}
 
     def epoch_steps(over: dict[str, Any]) -> float:  # optimizer steps per epoch, as the trainer counts them
         from .dataset import Dataset

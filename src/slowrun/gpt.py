@@ -1,7 +1,7 @@
 """The GPT: one model whose recipe features are flags of `ModelConfig`, read in `forward`.
 
 Baseline (nanoGPT / GPT-2): LayerNorm, learned positions, GELU MLP, tied embeddings.
-Slowrun recipe: weightless RMSNorm, RoPE + QK-norm, SwiGLU, untied embeddings with an
+Slowrun recipe: weightless RMSNorm, RoPE + QK-norm, SwiGLU, tied embeddings with an
 RMSNorm after the lookup, value projections from x0, per-head output gates, x0 mixing,
 U-Net skips, logit softcap, dropout, stochastic depth, layer looping, a
 multi-token-prediction head, sliding-window attention, XSA (exclusive self attention) and
