@@ -162,6 +162,12 @@ def test_report_draws_the_ablation(tmp_path):
     assert "<td>unet</td><td>3.2500</td>" in text and "<td>0.0400</td>" in text and "<h2>Runs</h2>" not in text
     # a swap is named as one, with its own p (that it helps) and its efficiency marked as extrapolated
     assert "<td>soap (swap)</td><td>2.8500</td>" in text and "<td>0.0200</td>" in text and "1.50x (extrapolated)" in text
+    assert "Partial" not in text  # no run counts: a table of finished runs
+    # written before every run finished (--no-train): the page says so
+    (tmp_path / "ab" / "ablation.json").write_text(json.dumps({**ab, "runs": 9, "finished": 6}))
+    assert "<b>Partial</b>: 6 of 9 runs finished" in build_report([], tmp_path / "rep3", ablation=str(tmp_path / "ab")).read_text()
+    (tmp_path / "ab" / "ablation.json").write_text(json.dumps({**ab, "runs": 9, "finished": 9}))
+    assert "Partial" not in build_report([], tmp_path / "rep4", ablation=str(tmp_path / "ab")).read_text()
     (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ReportError, match="not an ablation.json"):
         build_report([], tmp_path / "rep2", ablation=str(tmp_path / "bad.json"))

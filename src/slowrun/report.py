@@ -196,6 +196,11 @@ def per_k_plot(ensembles: list[tuple[str, dict]], out: Path, metric: str, name: 
     return name
 
 
+def _partial(ab: dict) -> bool:
+    """An ablation written before all its runs finished (`slowrun ablate --no-train`)."""
+    return ab.get("finished") is not None and ab.get("runs") is not None and ab["finished"] < ab["runs"]
+
+
 def ablation_plot(ab: dict, out: Path) -> str:
     """Bars of each technique's delta (mean test loss without it - the full recipe's), with
     error bars of one standard error of that difference."""
@@ -212,7 +217,8 @@ def ablation_plot(ab: dict, out: Path) -> str:
     ax.set_xlabel("test loss - the full recipe's (a technique removed: > 0, it helps; a swap: < 0, it helps)")
     swaps = [bool(v.get("swap")) for v in rows]
     what = "swaps against" if all(swaps) else "leave-one-out ablation and swaps of" if any(swaps) else "leave-one-out ablation of"
-    ax.set_title(f"{what} {ab['recipe']} ({ab['seeds']} seeds; bars: +- 1 standard error)")
+    partial = f", partial: {ab['finished']} of {ab['runs']} runs" if _partial(ab) else ""
+    ax.set_title(f"{what} {ab['recipe']} ({ab['seeds']} seeds{partial}; bars: +- 1 standard error)")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=110)
@@ -239,7 +245,9 @@ def ablation_section(path: str | Path, out: Path) -> str:
     rows = [["(full recipe)", full["test_mean"], full["test_std"], None, None, full["val_mean"], eff(full), full["seeds"]]]
     rows += [[v["technique"] + (" (swap)" if v.get("swap") else ""), v["test_mean"], v["test_std"], v.get("delta_test"),
               v.get("p_better" if v.get("swap") else "p_hurts"), v["val_mean"], eff(v), v["seeds"]] for v in ab["variants"]]
-    return (f"<h2>Ablation: {html.escape(ab['recipe'])}</h2>" + f'<img src="{ablation_plot(ab, out)}" alt="ablation">'
+    partial = (f"<p><b>Partial</b>: {ab['finished']} of {ab['runs']} runs finished; each row's means are over the "
+               "seeds that finished (its seeds column), and a row with none is empty.</p>") if _partial(ab) else ""
+    return (f"<h2>Ablation: {html.escape(ab['recipe'])}</h2>" + partial + f'<img src="{ablation_plot(ab, out)}" alt="ablation">'
             + _table(["technique removed, or swap", "test loss mean", "std", "delta", "p (removing hurts; a swap helps)",
                       "val loss mean", "efficiency", "seeds"], rows)
             + f"<p>Source: <code>{html.escape(str(path))}</code></p>")
