@@ -86,7 +86,7 @@ def test_loop_skips_every_pass_equals_a_hand_unrolled_forward():
 
 def test_reference_init_stds_on_a_wide_model():
     C = 512
-    m = model_of(n_embd=C, n_head=4, n_layer=2, init="reference", mtp_weight=0.3, mtp_style="reference",
+    m = model_of(n_embd=C, n_head=4, n_layer=2, init="reference", mtp_weight=0.3, mtp_style="reference", tie_embeddings=False,
                  value_proj_layers="last", resid_lambda_init=1.1)
     bound, std = math.sqrt(3 / C), 1 / math.sqrt(C)
     blocks = [*m.blocks, m.mtp_block]
