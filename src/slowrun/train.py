@@ -170,12 +170,14 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, echo
             return result
     assert cfg is not None
     env = distributed.init(cfg.train.device, cfg.train.dist_timeout_min)
+    threads = torch.get_num_threads()  # setup sets train.num_threads; the caller gets its own back
     try:
         if not env.is_main:
             return _train(cfg, run_dir, resume, force, echo, env)
         with exclusive_lock(run_dir / LOCK_FILE, f"run directory {run_dir}"):
             return _train(cfg, run_dir, resume, force, echo, env)
     finally:
+        torch.set_num_threads(threads)
         distributed.shutdown(env)
 
 
