@@ -12,6 +12,7 @@ from slowrun.config import ConfigError, config_from_dict, tomllib
 from slowrun.dataset import Dataset
 from slowrun.evaluate import evaluate
 from slowrun.gpt import GPT
+from slowrun.loader import TrainLoader
 from slowrun.train import TrainingError, train
 from tests.conftest import smoke_config
 
@@ -76,12 +77,12 @@ def test_train_gives_the_callers_thread_count_back(bpe_ds, tmp_path, monkeypatch
     # train.num_threads is set for the run; an in-process caller (ablate's step timing, a test, a
     # notebook) keeps its own count after it, even when the run fails: a count left at 1 made a later
     # test's float32 losses differ from its subprocess reference by 1.4e-6 (dev/LOG.md, 2026-12-02)
+    cfg = smoke_config(bpe_ds, **{"train.max_steps": 2, "train.num_threads": 1})
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        train(smoke_config(bpe_ds, **{"train.max_steps": 2, "train.num_threads": 1}), tmp_path / "run", echo=False)
+        train(cfg, tmp_path / "run", echo=False)
         assert torch.get_num_threads() == 2
-        from slowrun.loader import TrainLoader
 
         def stopped(self):
             assert torch.get_num_threads() == 1  # the run's own count while it trains
@@ -89,7 +90,7 @@ def test_train_gives_the_callers_thread_count_back(bpe_ds, tmp_path, monkeypatch
 
         monkeypatch.setattr(TrainLoader, "next_batch", stopped)
         with pytest.raises(KeyboardInterrupt):
-            train(smoke_config(bpe_ds, **{"train.max_steps": 2, "train.num_threads": 1}), tmp_path / "stopped", echo=False)
+            train(cfg, tmp_path / "stopped", echo=False)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
