@@ -10,11 +10,14 @@
 #    wall time (8 epochs each): whether they lose per step too, or only by their cost (what matters on
 #    the unlimited track, which ranks loss alone); the full recipe's runs are the swaps' own;
 #  - loo: what each technique of the `slowrun` recipe is worth, leave-one-out, the recipe as it is
-#    (batch 2,048, which won the swaps), against it.
+#    (batch 2,048, which won the swaps), against it;
+#  - tied: the same for the recipe with tied embeddings (which won the leave-one-out, and is the
+#    recipe's default since), of the techniques that looked harmful or worth nothing untied (ONLY to
+#    choose; the full recipe's runs are the leave-one-out's tied ones, found in the ledger).
 # Each over 3 seeds. The CPU track's settings: builtin data, bpe:8192, 262,144 training tokens,
 # periodic evals on 32k val tokens.
 #
-#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps or loo: one); JOBS=2 THREADS=1
+#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo or tied: one); JOBS=2 THREADS=1
 #   ONLY=muon,swa PART=loo bash benchmarks/ablation_cpu.sh   # some techniques only
 #   NO_TRAIN=1 bash benchmarks/ablation_cpu.sh      # the tables of the runs finished so far, nothing trained
 #
@@ -23,7 +26,7 @@
 # finish): a rerun on any machine trains only what is missing. The swaps' step times are measured
 # once and kept in benchmarks/results/ablation_cpu_equal_time.json (committed too), so every
 # machine plans the same runs. The tables land in benchmarks/results/ablation_cpu_swaps.json,
-# ablation_cpu_steps.json and ablation_cpu.json (leave-one-out), each with a report (bar chart of the
+# ablation_cpu_steps.json, ablation_cpu.json (leave-one-out) and ablation_cpu_tied.json, each with a report (bar chart of the
 # deltas) in the folder of the same name.
 #
 # On a lent GPU (CUDA is used when present; JOBS runs share it): with $OUT set, the ablation ledger
@@ -35,25 +38,26 @@ cd "$(dirname "$0")/.."
 JOBS="${JOBS:-2}"
 THREADS="${THREADS:-1}"
 PART="${PART:-all}"
-ONLY="${ONLY:-}"  # the leave-one-out part's techniques, e.g. "muon,swa"
-case "$PART" in all|swaps|steps|loo) ;; *) echo "PART: all, swaps, steps or loo, got '$PART'" >&2; exit 2;; esac
+ONLY="${ONLY:-}"  # the leave-one-out parts' techniques, e.g. "muon,swa" (tied: embed_norm,swa when empty)
+case "$PART" in all|swaps|steps|loo|tied) ;; *) echo "PART: all, swaps, steps, loo or tied, got '$PART'" >&2; exit 2;; esac
 if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
 LEDGER=benchmarks/results/ablation_ledger.jsonl
 # shellcheck source=benchmarks/out_copies.sh
 . benchmarks/out_copies.sh
 keep_copies "$LEDGER" benchmarks/results/ablation_cpu_swaps.json benchmarks/results/ablation_cpu_steps.json \
-  benchmarks/results/ablation_cpu.json
+  benchmarks/results/ablation_cpu.json benchmarks/results/ablation_cpu_tied.json
 DATA=benchmarks/work/cpu-track/data/1x
 [ -f "$DATA/manifest.json" ] || "${SLOWRUN[@]}" prepare --source builtin --tokenizer bpe:8192 --train-tokens 262144 \
   --val-tokens 131072 --test-tokens 131072 --out "$DATA" --no-progress
 # every variant placed on the track's nanochat curve once it is committed (the table only: no run changes)
 CURVE=()
 [ -f benchmarks/results/curves/cpu_nanochat.json ] && CURVE=(--curve benchmarks/results/curves/cpu_nanochat.json)
-# every part measures the recipe as it was when the ablation began, with untied embeddings: the
-# leave-one-out part found tying better (now the recipe's default), and the runs keep their configs
-COMMON=(--recipe slowrun --data "$DATA" --seeds 3 --set eval.max_tokens=32768 --set model.tie_embeddings=false
+# every part but `tied` measures the recipe as it was when the ablation began, with untied embeddings:
+# the leave-one-out part found tying better (now the recipe's default), and the runs keep their configs
+RECIPE=(--recipe slowrun --data "$DATA" --seeds 3 --set eval.max_tokens=32768
         --ledger "$LEDGER" "${CURVE[@]}"
         --jobs "$JOBS" --threads "$THREADS" --no-progress ${NO_TRAIN:+--no-train})
+COMMON=("${RECIPE[@]}" --set model.tie_embeddings=false)
 # the swaps' and the steps' baseline: the track's single entry as it was trained
 AGAINST_ENTRY=(--only none --set train.batch_tokens=4096)
 
@@ -63,7 +67,7 @@ wants() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 run_part() {
   local work="benchmarks/work/$1" result="benchmarks/results/$2" title="$3"
   shift 3
-  stoppable "${SLOWRUN[@]}" ablate "${COMMON[@]}" "$@" --out "$work"
+  stoppable "${SLOWRUN[@]}" ablate "$@" --out "$work"
   cp "$work/ablation.json" "$result.json"
   "${SLOWRUN[@]}" report --ablation "$result.json" --out "$result" --title "$title"
 }
@@ -82,7 +86,7 @@ if wants swaps; then
         --train.num_threads="$THREADS" --train.progress=false
     fi
   fi
-  run_part ablation-cpu ablation_cpu_swaps "CPU track: swaps against the slowrun recipe at batch 4,096" "${AGAINST_ENTRY[@]}" \
+  run_part ablation-cpu ablation_cpu_swaps "CPU track: swaps against the slowrun recipe at batch 4,096" "${COMMON[@]}" "${AGAINST_ENTRY[@]}" \
     --variant batch_2048:train.batch_tokens=2048 \
     --variant soap:optim.matrix_optimizer=soap --variant kl_shampoo:optim.matrix_optimizer=kl_shampoo \
     --variant psgd_kron:optim.matrix_optimizer=psgd_kron \
@@ -96,9 +100,13 @@ if wants swaps; then
     --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json
 fi
 if wants steps; then
-  run_part ablation-cpu-steps ablation_cpu_steps "CPU track: second-order swaps at the slowrun recipe's steps (batch 4,096)" "${AGAINST_ENTRY[@]}" \
+  run_part ablation-cpu-steps ablation_cpu_steps "CPU track: second-order swaps at the slowrun recipe's steps (batch 4,096)" "${COMMON[@]}" "${AGAINST_ENTRY[@]}" \
     --variant soap:optim.matrix_optimizer=soap --variant psgd_kron:optim.matrix_optimizer=psgd_kron
 fi
 if wants loo; then
-  run_part ablation-cpu-loo ablation_cpu "CPU track: leave-one-out ablation of the slowrun recipe" ${ONLY:+--only "$ONLY"}
+  run_part ablation-cpu-loo ablation_cpu "CPU track: leave-one-out ablation of the slowrun recipe" "${COMMON[@]}" ${ONLY:+--only "$ONLY"}
+fi
+if wants tied; then
+  run_part ablation-cpu-tied ablation_cpu_tied "CPU track: leave-one-out ablation of the slowrun recipe with tied embeddings" \
+    "${RECIPE[@]}" --only "${ONLY:-embed_norm,swa}"
 fi
