@@ -13,11 +13,14 @@
 #    (batch 2,048, which won the swaps), against it;
 #  - tied: the same for the recipe with tied embeddings (which won the leave-one-out, and is the
 #    recipe's default since), of the techniques that looked harmful or worth nothing untied (ONLY to
-#    choose; the full recipe's runs are the leave-one-out's tied ones, found in the ledger).
+#    choose; the full recipe's runs are the leave-one-out's tied ones, found in the ledger);
+#  - both: the tied recipe without the two that looked harmful tied too (the SWA cycles and the RMSNorm
+#    after the lookup), against it with each put back and with both (the tied part's runs): a 2x2 of
+#    which only the full recipe's 3 runs are new.
 # Each over 3 seeds. The CPU track's settings: builtin data, bpe:8192, 262,144 training tokens,
 # periodic evals on 32k val tokens.
 #
-#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo or tied: one); JOBS=2 THREADS=1
+#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo, tied or both: one); JOBS=2 THREADS=1
 #   ONLY=muon,swa PART=loo bash benchmarks/ablation_cpu.sh   # some techniques only
 #   NO_TRAIN=1 bash benchmarks/ablation_cpu.sh      # the tables of the runs finished so far, nothing trained
 #
@@ -26,7 +29,7 @@
 # finish): a rerun on any machine trains only what is missing. The swaps' step times are measured
 # once and kept in benchmarks/results/ablation_cpu_equal_time.json (committed too), so every
 # machine plans the same runs. The tables land in benchmarks/results/ablation_cpu_swaps.json,
-# ablation_cpu_steps.json, ablation_cpu.json (leave-one-out) and ablation_cpu_tied.json, each with a report (bar chart of the
+# ablation_cpu_steps.json, ablation_cpu.json (leave-one-out), ablation_cpu_tied.json and ablation_cpu_both.json, each with a report (bar chart of the
 # deltas) in the folder of the same name.
 #
 # On a lent GPU (CUDA is used when present; JOBS runs share it): with $OUT set, the ablation ledger
@@ -39,13 +42,13 @@ JOBS="${JOBS:-2}"
 THREADS="${THREADS:-1}"
 PART="${PART:-all}"
 ONLY="${ONLY:-}"  # the leave-one-out parts' techniques, e.g. "muon,swa" (tied: embed_norm,swa when empty)
-case "$PART" in all|swaps|steps|loo|tied) ;; *) echo "PART: all, swaps, steps, loo or tied, got '$PART'" >&2; exit 2;; esac
+case "$PART" in all|swaps|steps|loo|tied|both) ;; *) echo "PART: all, swaps, steps, loo, tied or both, got '$PART'" >&2; exit 2;; esac
 if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
 LEDGER=benchmarks/results/ablation_ledger.jsonl
 # shellcheck source=benchmarks/out_copies.sh
 . benchmarks/out_copies.sh
 keep_copies "$LEDGER" benchmarks/results/ablation_cpu_swaps.json benchmarks/results/ablation_cpu_steps.json \
-  benchmarks/results/ablation_cpu.json benchmarks/results/ablation_cpu_tied.json
+  benchmarks/results/ablation_cpu.json benchmarks/results/ablation_cpu_tied.json benchmarks/results/ablation_cpu_both.json
 DATA=benchmarks/work/cpu-track/data/1x
 [ -f "$DATA/manifest.json" ] || "${SLOWRUN[@]}" prepare --source builtin --tokenizer bpe:8192 --train-tokens 262144 \
   --val-tokens 131072 --test-tokens 131072 --out "$DATA" --no-progress
@@ -109,4 +112,10 @@ fi
 if wants tied; then
   run_part ablation-cpu-tied ablation_cpu_tied "CPU track: leave-one-out ablation of the slowrun recipe with tied embeddings" \
     "${RECIPE[@]}" --only "${ONLY:-embed_norm,swa}"
+fi
+if wants both; then
+  run_part ablation-cpu-both ablation_cpu_both "CPU track: the tied recipe without SWA and the embedding RMSNorm, each put back" \
+    "${RECIPE[@]}" --set optim.swa_epochs=0 --set model.embed_norm=false --only none \
+    --variant embed_norm:model.embed_norm=true --variant swa:optim.swa_epochs=2 \
+    --variant both:model.embed_norm=true,optim.swa_epochs=2
 fi
