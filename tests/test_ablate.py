@@ -23,7 +23,7 @@ def test_every_off_override_turns_its_technique_off():
     on = {"model.stoch_depth": 0.05, "model.loop_start": 1, "model.loop_end": 2, "model.loop_repeats": 2,
           "model.mtp_weight": 0.3, "model.window_pattern": "SL", "model.xsa": "fixed", "model.iha": True,
           "optim.muon_eq_r": True, "optim.normuon": True, "optim.cautious_wd": True, "optim.wd_end_frac": 0.5,
-          "model.tie_embeddings": False}
+          "model.tie_embeddings": False, "optim.swa_epochs": 2}
     cfg = build_config("slowrun", on)
     assert [t.name for t in techniques_on(cfg)] == [t.name for t in TECHNIQUES]
     for t in TECHNIQUES:
