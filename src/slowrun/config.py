@@ -94,6 +94,7 @@ class ModelConfig:
     tie_embeddings: bool = opt(False, "share the input embedding and the output head")
     embed_norm: bool = opt(True, "RMSNorm right after the embedding lookup")
     value_proj: bool = opt(True, "value projections from x0 on alternate layers, gated by 2*sigmoid(W x[:32]) with W = 0 at init")
+    value_embed: bool = opt(False, "with value_proj: the gated value input is a per-block token table (vocab x n_embd, looked up from the input tokens: nanochat's value embeddings) instead of a projection of x0")
     head_gate: bool = opt(True, "per-head attention output gate sigmoid(W x[:12]), W = 0 at init")
     x0_mix: bool = opt(True, "before each block x = lambda_r*x + lambda_0*x0 (learned, init 1.0 and 0.1)")
     unet: bool = opt(True, "U-Net skips: encoder block i's output added into decoder block n-1-i (learned weight, init 1)")
@@ -133,7 +134,8 @@ class ModelConfig:
         _check(self.depth == -1 or self.depth >= 1, "model.depth", "must be -1 (off) or >= 1", self.depth)
         if self.depth > 0:
             self.n_layer = self.depth
-            self.n_embd = max(self.head_dim, round(self.depth * self.aspect_ratio / self.head_dim) * self.head_dim)
+            # rounded up to a multiple of head_dim, as nanochat's base_train
+            self.n_embd = -(-self.depth * self.aspect_ratio // self.head_dim) * self.head_dim
             self.n_head = self.n_embd // self.head_dim
         _check(self.vocab_size == -1 or self.vocab_size > 1, "model.vocab_size", "must be -1 or > 1", self.vocab_size)
         _check(self.seq_len >= 2, "model.seq_len", "must be >= 2", self.seq_len)
@@ -167,6 +169,8 @@ class ModelConfig:
         _check(self.init_std > 0, "model.init_std", "must be > 0", self.init_std)
         _choice("model.init", self.init, ("gpt2", "nanochat", "reference"))
         _choice("model.value_proj_layers", self.value_proj_layers, ("even", "last"))
+        _check(not self.value_embed or self.value_proj, "model.value_embed", "needs model.value_proj=true (it replaces the projection's source)",
+               self.value_embed)
         _choice("model.loop_skips", self.loop_skips, ("first", "every"))
         _choice("model.mtp_style", self.mtp_style, ("block", "reference"))
         _check(0 < self.rope_frac <= 1, "model.rope_frac", "must be in (0, 1]", self.rope_frac)
@@ -192,7 +196,7 @@ class OptimConfig:
     scalar_lr: float = opt(-1.0, "AdamW learning rate of scalars, gates and norm weights; -1 = optim.lr")
     iha_lr: float = opt(0.02, "AdamW learning rate of the IHA mixing matrices (no weight decay, no width scaling)")
     lr_scale: float = opt(1.0, "multiplier of every group's peak learning rate (one knob to tune them together)")
-    adamw_width_ref: int = opt(-1, "AdamW learning rates (embeddings, head, scalars) scale by (n_embd / adamw_width_ref)^-0.5, as nanochat's (ref 768); -1 disables")
+    adamw_width_ref: int = opt(-1, "AdamW learning rates of the embeddings (value embeddings too) and the head scale by (n_embd / adamw_width_ref)^-0.5, as nanochat's (ref 768; its scalars are not scaled); -1 disables")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     eps: float = opt(1e-8, "AdamW epsilon")
@@ -204,7 +208,7 @@ class OptimConfig:
     muon_momentum_warmup_steps: int = opt(300, "steps to ramp Muon momentum from start to final")
     muon_momentum_end: float = opt(-1.0, "Muon momentum at the end of the LR warmdown, reached linearly from muon_momentum over it (nanochat: 0.90); -1 = held")
     muon_ns_steps: int = opt(5, "Newton-Schulz iterations")
-    muon_coeffs: str = opt("quintic", "Newton-Schulz coefficients: quintic (3.4445, -4.7750, 2.0315) or polar_express")
+    muon_coeffs: str = opt("quintic", "Newton-Schulz coefficients: quintic (3.4445, -4.7750, 2.0315), polar_express (rounded to 3 decimals, normalisation eps 1e-7) or polar_express_exact (at full precision, eps 1e-6: nanochat's and the reference's)")
     muon_swiglu_parts: bool = opt(False, "orthogonalize the fused SwiGLU input matrix as its two parts (gate, up), each with its own shape scale, as the reference's separate matrices")
     normuon_wide: str = opt("row", "NorMuon statistics of a wide matrix (rows < cols): row (per row, as for every matrix) or column (per column, the reference's)")
     gates_in_muon: str = opt("none", "small gate matrices trained by Muon with weight decay instead of AdamW: none, value (the value-projection gates: the tiny track) or both (and the head gates: the 1-hour and 2-hour tracks)")
@@ -227,7 +231,7 @@ class OptimConfig:
     swa_peak_frac: float = opt(0.3, "LR at the start of each SWA cycle as a fraction of the peak")
     swa_mode: str = opt("after", "SWA cycles: after (they follow the main phase and its decay) or overlay (the reference's: the decay runs over every step and the last swa_epochs epoch-long cosine cycles peak at it, floored at swa_floor)")
     swa_floor: float = opt(0.05, "overlay SWA: the LR multiplier each cycle ends at (and the least peak)")
-    wd_shape: str = opt("hold", "weight decay over the main phase: hold (held, then lowered with the LR to wd_end_frac), cosine (from weight_decay to 0 over the whole run, as nanochat), sawtooth (the reference's: held to wd_hold_frac, linearly to wd_swa_low at the SWA start, then from wd_swa_low to wd_swa_high within each SWA cycle) or points (piecewise linear through wd_points)")
+    wd_shape: str = opt("hold", "weight decay over the main phase: hold (held, then lowered with the LR to wd_end_frac), cosine (from weight_decay to 0 over the whole run, as nanochat from 2026-03-09), linear (from weight_decay to 0 over the whole run, as nanochat 1076f97), sawtooth (the reference's: held to wd_hold_frac, linearly to wd_swa_low at the SWA start, then from wd_swa_low to wd_swa_high within each SWA cycle) or points (piecewise linear through wd_points)")
     wd_hold_frac: float = opt(0.4, "wd_shape=sawtooth: fraction of the steps the weight decay is held")
     wd_swa_low: float = opt(0.65, "wd_shape=sawtooth: multiplier at the SWA start and at each cycle start")
     wd_swa_high: float = opt(1.5, "wd_shape=sawtooth: multiplier at each SWA cycle end")
@@ -248,7 +252,7 @@ class OptimConfig:
         _check(self.lr_scale > 0, "optim.lr_scale", "must be > 0", self.lr_scale)
         _check(self.adamw_width_ref == -1 or self.adamw_width_ref > 0, "optim.adamw_width_ref", "must be -1 or > 0", self.adamw_width_ref)
         _check(self.muon_momentum_end == -1 or 0 <= self.muon_momentum_end < 1, "optim.muon_momentum_end", "must be -1 or in [0, 1)", self.muon_momentum_end)
-        _choice("optim.wd_shape", self.wd_shape, ("hold", "cosine", "sawtooth", "points"))
+        _choice("optim.wd_shape", self.wd_shape, ("hold", "cosine", "linear", "sawtooth", "points"))
         if self.wd_shape == "points":
             pts = self.wd_points
             _check(len(pts) >= 2 and all(isinstance(q, list) and len(q) == 2 for q in pts), "optim.wd_points",
@@ -270,7 +274,7 @@ class OptimConfig:
         _check(0 <= self.muon_momentum < 1, "optim.muon_momentum", "must be in [0, 1)", self.muon_momentum)
         _check(0 <= self.muon_momentum_start < 1, "optim.muon_momentum_start", "must be in [0, 1)", self.muon_momentum_start)
         _check(self.muon_ns_steps >= 1, "optim.muon_ns_steps", "must be >= 1", self.muon_ns_steps)
-        _choice("optim.muon_coeffs", self.muon_coeffs, ("quintic", "polar_express"))
+        _choice("optim.muon_coeffs", self.muon_coeffs, ("quintic", "polar_express", "polar_express_exact"))
         _choice("optim.matrix_optimizer", self.matrix_optimizer, ("muon", "soap", "kl_shampoo", "psgd_kron"))
         _check(self.matrix_optimizer == "muon" or self.name == "muon", "optim.matrix_optimizer",
                "only applies with optim.name=muon (adamw trains the matrices with AdamW)", self.matrix_optimizer)
@@ -296,14 +300,15 @@ class OptimConfig:
     def group_lr(self, kind: str, n_embd: int) -> float:
         """Peak learning rate of a parameter group (matrix, embed, head, scalar or iha) in a model
         of width `n_embd`: the group's own rate, times `lr_scale`, times the width scaling of
-        AdamW rates when `adamw_width_ref` is set (Muon's matrices are scaled by their shape)."""
+        AdamW rates of the embeddings and head when `adamw_width_ref` is set (Muon's matrices are
+        scaled by their shape)."""
         if kind == "matrix" and self.name == "muon":
             return self.matrix_lr * self.lr_scale
         if kind == "iha":
             return self.iha_lr * self.lr_scale
         v = {"matrix": -1, "embed": self.embed_lr, "head": self.head_lr, "scalar": self.scalar_lr}[kind]
         lr = (self.lr if v == -1 else v) * self.lr_scale
-        if self.adamw_width_ref > 0:
+        if self.adamw_width_ref > 0 and kind in ("embed", "head"):
             lr *= (n_embd / self.adamw_width_ref) ** -0.5
         return lr
 

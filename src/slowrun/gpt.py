@@ -5,7 +5,8 @@ Slowrun recipe: weightless RMSNorm, RoPE + QK-norm, SwiGLU, tied embeddings with
 RMSNorm after the lookup, value projections from x0, per-head output gates, x0 mixing,
 U-Net skips, logit softcap, dropout, stochastic depth, layer looping, a
 multi-token-prediction head, sliding-window attention, XSA (exclusive self attention) and
-IHA (interleaved head attention). The reference benchmark's variants of these (value
+IHA (interleaved head attention). nanochat's value embeddings (a token table per block in
+place of the projection from x0) are a flag too. The reference benchmark's variants of these (value
 projections on the last block's parity, skips re-added on every loop pass, its init, its MTP
 head, IHA without an output scale, half-truncated RoPE, a partial key offset, tanh-gated XSA,
 stochastic depth drawn at every block call) are flags too. Architecture and initialization only: no training logic.
@@ -31,8 +32,9 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def has_value_proj(cfg: ModelConfig, layer: int) -> bool:
-    """Whether block `layer` gets a value projection from x0: alternate blocks, the even ones
-    (0, 2, ...) or those with the last block's parity (the reference's: 1, 3, ..., 29 of 30)."""
+    """Whether block `layer` gets a gated value input (a projection of x0, or with
+    model.value_embed a token table): alternate blocks, the even ones (0, 2, ...) or those with
+    the last block's parity (the reference's and nanochat's: 1, 3, ..., 29 of 30)."""
     if not cfg.value_proj:
         return False
     return layer % 2 == (0 if cfg.value_proj_layers == "even" else (cfg.n_layer - 1) % 2)
@@ -189,8 +191,10 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.c_attn = nn.Linear(C, 3 * C, bias=cfg.bias)
         self.c_proj = nn.Linear(C, C, bias=cfg.bias)
-        # value projection from x0, gated per head by 2*sigmoid(W x[:32]) (1.0 at init)
-        self.v_x0 = nn.Linear(C, C, bias=False) if value_proj else None
+        # value projection from x0 (or, with model.value_embed, a token table: nanochat's value
+        # embeddings), gated per head by 2*sigmoid(W x[:32]) (1.0 at init)
+        self.v_x0 = nn.Linear(C, C, bias=False) if value_proj and not cfg.value_embed else None
+        self.v_embed = nn.Embedding(cfg.vocab_size, C) if value_proj and cfg.value_embed else None
         self.v_gate = nn.Linear(min(VALUE_GATE_CHANNELS, C), H, bias=False) if value_proj else None
         # per-head output gate sigmoid(W x[:12]) (0.5 at init)
         self.head_gate = nn.Linear(min(HEAD_GATE_CHANNELS, C), H, bias=False) if cfg.head_gate else None
@@ -215,14 +219,18 @@ class Attention(nn.Module):
         self.iha_v = nn.Parameter(torch.zeros(H, H, P)) if cfg.iha and cfg.iha_mix_v else None
         self.iha_out = nn.Parameter(torch.zeros(H, P)) if cfg.iha and not self.ve_after_mix else None  # weights of the P pseudo-heads' outputs
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C) normed input; x0: the normed embedding; idx: (B, T) token ids (for the
+        value embedding)."""
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
         q, k, v = self.c_attn(x).view(B, T, 3, H, D).unbind(2)  # each (B, T, H, D)
         ve = None
-        if self.v_x0 is not None:
+        if self.v_gate is not None:
             gate = 2 * torch.sigmoid(self.v_gate(x[..., : self.v_gate.in_features]))  # (B, T, H)
-            ve = gate.unsqueeze(-1) * self.v_x0(x0).view(B, T, H, D)
+            src = self.v_x0(x0) if self.v_x0 is not None else self.v_embed(idx).to(x.dtype)  # (B, T, C)
+            ve = gate.unsqueeze(-1) * src.view(B, T, H, D)
             if not self.ve_after_mix:
                 v = v + ve
         P = self.cfg.iha_pseudo if self.iha_q is not None else 1
@@ -303,8 +311,9 @@ class Block(nn.Module):
         self.dropout = cfg.dropout
         self.mlp_dropout = cfg.dropout if cfg.mlp_dropout else 0.0  # the tiny track drops the attention output only
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
-        a = self.attn(self.norm1(x), x0, rope)
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope, scale: float | torch.Tensor = 1.0,
+                idx: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attn(self.norm1(x), x0, rope, idx)
         x = x + scale * F.dropout(a, self.dropout, self.training)
         m = self.mlp(self.norm2(x))
         return x + scale * F.dropout(m, self.mlp_dropout, self.training)
@@ -388,6 +397,7 @@ class GPT(nn.Module):
           with `init = "nanochat"` zero (every block starts as the identity); with
           `init = "reference"` N(0, 1/sqrt(n_embd)) (both, the MLP's too)
         - lm_head (untied): N(0, head_init_std)
+        - attn.v_embed (value embeddings): uniform with std 1/sqrt(n_embd), as nanochat's
         - v_gate, head_gate: 0 (gates start at 2*sigmoid(0) = 1 and sigmoid(0) = 0.5)
         - biases: 0; LayerNorm weight 1, bias 0
         - lambda_r: resid_lambda_init (1.0), lambda_0: 0.1 (x0 mixing); unet_w: 1
@@ -413,6 +423,8 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, cfg.head_init_std, generator=generator)
             elif name.endswith("gate.weight"):
                 nn.init.zeros_(p)
+            elif name.endswith("attn.v_embed.weight"):
+                nn.init.uniform_(p, -bound, bound, generator=generator)
             elif name.endswith("c_proj.weight"):
                 if nanochat:
                     nn.init.zeros_(p)
@@ -451,6 +463,7 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+            n -= sum(b.attn.v_embed.weight.numel() for b in self.blocks if b.attn.v_embed is not None)
             if self.lm_head is None:  # tied: the matrix also serves as the head
                 n += self.wte.weight.numel()
         return n
@@ -462,7 +475,8 @@ class GPT(nn.Module):
         layers = cfg.n_layer + (1 if self.mtp_block is not None else 0)
         if cfg.loop_start >= 0 and loop_active:
             layers += (cfg.loop_end - cfg.loop_start + 1) * (cfg.loop_repeats - 1)
-        matmul = sum(p.numel() for n, p in self.blocks.named_parameters() if p.ndim == 2) * layers / cfg.n_layer
+        matmul = sum(p.numel() for n, p in self.blocks.named_parameters()
+                     if p.ndim == 2 and not n.endswith("v_embed.weight")) * layers / cfg.n_layer  # tables are lookups
         matmul += cfg.vocab_size * cfg.n_embd * (2 if self.mtp_block is not None else 1)
         if self.mtp_proj is not None:
             matmul += self.mtp_proj.weight.numel()
@@ -529,9 +543,9 @@ class GPT(nn.Module):
                 x = self.lambda_r[i] * x + self.lambda_0[i] * x0
             s = None if scales is None else scales[k if per_call else i]  # per call, or per block index
             if s is None:
-                x = self.blocks[i](x, x0, rope)
+                x = self.blocks[i](x, x0, rope, idx=idx)
             elif isinstance(s, torch.Tensor) or s > 0:  # eager: a 0 scale skips the block
-                x = self.blocks[i](x, x0, rope, scale=s)
+                x = self.blocks[i](x, x0, rope, scale=s, idx=idx)
             if self.unet_w is not None and first and i < L // 2:
                 skips[i] = x
         return x

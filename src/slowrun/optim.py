@@ -38,6 +38,13 @@ POLAR_EXPRESS = (  # Amsel et al. 2025, per-step coefficients, used after dividi
     (3.286, -2.368, 0.464),
     (2.347, -1.710, 0.423),
 )
+POLAR_EXPRESS_EXACT = (  # the same at full precision (nanochat's and the reference's), with eps 1e-6
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 GROUP_KINDS = ("matrix", "embed", "head", "scalar", "iha")
 RESID_PARAMS = ("lambda_r", "unet_w")  # the reference's resid_lambdas and skip_weights: optim.resid_lr_frac
 X0_PARAMS = ("lambda_0",)  # the reference's x0_lambdas: optim.x0_beta1
@@ -56,8 +63,8 @@ def group_of(name: str, p: Tensor, gates_in_muon: str = "none") -> str:
     gates = {"none": (), "value": VALUE_GATES, "both": VALUE_GATES + HEAD_GATES}[gates_in_muon]
     if name.endswith(gates) and p.ndim == 2:
         return "matrix"
-    if name in ("wte.weight", "wpe.weight"):
-        return "embed"
+    if name in ("wte.weight", "wpe.weight") or name.endswith("attn.v_embed.weight"):
+        return "embed"  # token and position tables, and the value embeddings
     if name == "lm_head.weight":
         return "head"
     if name.endswith(("attn.iha_q", "attn.iha_k", "attn.iha_v", "attn.iha_out")):
@@ -89,7 +96,8 @@ def orthogonalize(G: Tensor, steps: int = 5, coeffs: str = "quintic", eps: float
 
     `quintic` repeats (3.4445, -4.7750, 2.0315) after scaling to Frobenius norm <= 1 (the
     singular values end in roughly [0.7, 1.2]); `polar_express` uses per-step coefficients
-    after dividing by 1.02 x the Frobenius norm.
+    after dividing by 1.02 x the Frobenius norm; `polar_express_exact` the same at full
+    precision, dividing by 1.02 x the norm + 1e-6 (nanochat's and the reference's).
     """
     X = G.to(dtype)
     if X.ndim > 3:
@@ -102,8 +110,9 @@ def orthogonalize(G: Tensor, steps: int = 5, coeffs: str = "quintic", eps: float
         X = X / norm.clamp(min=eps)
         schedule = [QUINTIC] * steps
     else:
-        X = X / (norm * 1.02 + eps)
-        schedule = [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)]
+        table = POLAR_EXPRESS_EXACT if coeffs == "polar_express_exact" else POLAR_EXPRESS
+        X = X / (norm * 1.02 + (1e-6 if coeffs == "polar_express_exact" else eps))
+        schedule = [table[min(i, len(table) - 1)] for i in range(steps)]
     mm = torch.addmm if X.ndim == 2 else torch.baddbmm
     for a, b, c in schedule:
         A = X @ X.mT

@@ -149,6 +149,8 @@ class Schedule:
         c = self.cfg
         if c.wd_shape == "cosine":
             return 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
+        if c.wd_shape == "linear":
+            return 1 - step / self.total_steps
         if c.wd_shape == "sawtooth":
             return self._wd_sawtooth(step)
         if c.wd_shape == "points":

@@ -79,7 +79,7 @@ class TrackDef:
     val_tokens: int = 131_072
     test_tokens: int = 131_072
     budgets: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    curve_recipe: str = "nanochat"
+    curve_recipe: str = "nanochat_ref"
     # 1x: four sizes x lr_scale x batch around nanochat's defaults (the lr and batch are tuned here once)
     curve_grid: dict[str, list] = field(default_factory=lambda: {
         "model.depth": [2, 3, 4, 5],  # 2x128, 3x192, 4x256, 5x320 (layers x width)
