@@ -125,7 +125,11 @@ def test_layer_looping_order():
     plain = m.hidden(x, loop_active=False)
     looped = m.hidden(x, loop_active=True)  # the argument reaches the blocks: a different function
     assert torch.isfinite(looped).all() and (looped - plain).abs().max().item() > 1e-3
-    assert torch.equal(m.eval().hidden(x), looped)  # evaluation runs the trained (looped) architecture
+    # evaluation runs the network as trained: unlooped before loop_from_epoch (a fresh model is at
+    # step 0), looped once the trainer (or a loaded weights file) says the loop is on
+    assert not m.loop_active and torch.equal(m.eval().hidden(x), plain)
+    m.loop_active = True
+    assert torch.equal(m.hidden(x), looped)
 
 
 def test_mtp_only_in_training():

@@ -96,6 +96,24 @@ def test_train_gives_the_callers_thread_count_back(bpe_ds, tmp_path, monkeypatch
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("loop_from_epoch", [0, 99])
+def test_evaluation_loops_only_where_training_did(bpe_ds, tmp_path, loop_from_epoch):
+    """A run whose loop never starts reports (and saves) the unlooped network; one looped from
+    the start the looped one: the reported loss is what each saved network gives."""
+    cfg = smoke_config(bpe_ds, **{"train.max_steps": 4, "model.n_layer": 3, "model.loop_start": 1, "model.loop_end": 1,
+                                  "model.loop_repeats": 3, "model.loop_from_epoch": loop_from_epoch})
+    result = train(cfg, tmp_path / "run", echo=False)
+    model, wcfg, extra = load_model(tmp_path / "run")
+    assert model.loop_active == extra["loop_active"] == (loop_from_epoch == 0)
+    ds = Dataset.open(bpe_ds)
+    val = ds.tokens("val")[:4096]
+    reported = result["variants"]["final"]["val_loss"]
+    as_trained = evaluate(model, ds.tokens("val"), wcfg.model.seq_len, ds.token_bytes).loss
+    assert as_trained == pytest.approx(reported, rel=1e-5)
+    model.loop_active = not model.loop_active  # the other network is a different function
+    assert abs(evaluate(model, val, wcfg.model.seq_len, ds.token_bytes).loss - reported) > 1e-4
+
+
 def test_refuses_to_overwrite_a_run(bpe_ds, tmp_path):
     cfg = smoke_config(bpe_ds, **{"train.max_steps": 2})
     train(cfg, tmp_path / "run", echo=False)

@@ -22,6 +22,7 @@ run on corrupt weights.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -269,7 +270,7 @@ def weights_path(ref: str | Path) -> Path:
 
 def load_model(ref: str | Path, device: torch.device | str = "cpu"):
     """(model in eval mode, its config, weights metadata) from a run, checkpoint or weights file."""
-    from .gpt import GPT
+    from .gpt import GPT, loop_active_at
 
     state, cfg, extra = read_weights(weights_path(ref))
     model = GPT(cfg.model)
@@ -277,4 +278,6 @@ def load_model(ref: str | Path, device: torch.device | str = "cpu"):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{ref}: weights do not fit the model its config describes ({str(e).splitlines()[0]})") from None
+    # looped as when the weights were written; files without the note: as at the end of the configured run
+    model.loop_active = bool(extra.get("loop_active", loop_active_at(cfg.model, math.ceil(cfg.train.epochs) - 1)))
     return model.to(device).eval(), cfg, extra

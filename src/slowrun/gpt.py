@@ -76,6 +76,11 @@ def stoch_depth_scales(cfg: ModelConfig, seed: int | None = None, step: int = 0,
     return torch.where(u < p, torch.zeros(()), kept)
 
 
+def loop_active_at(cfg: ModelConfig, epoch: int) -> bool:
+    """Whether the looped span repeats in 0-based `epoch`: from model.loop_from_epoch on."""
+    return cfg.loop_start >= 0 and epoch >= cfg.loop_from_epoch
+
+
 def block_order(cfg: ModelConfig, loop_active: bool = False) -> list[int]:
     """Indices of the blocks in execution order (the looped span repeats when `loop_active`:
     the trainer sets it from model.loop_from_epoch)."""
@@ -345,6 +350,10 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(cfg.seq_len * self.rope_stride, C // cfg.n_head, cfg.rope_base, cfg.rope_frac)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        # whether the looped span repeats when `hidden` is not told: the trainer sets it every step (and
+        # for the final evaluation), a loaded model from its weights file; until then the network as
+        # configured from step 0
+        self.loop_active = loop_active_at(cfg, 0)
         self.window_stage = -1  # model.window_schedule: a model starts (and is evaluated) at its last stage
         stages = window_stages(cfg)
         if stages:
@@ -491,8 +500,9 @@ class GPT(nn.Module):
         """Final hidden states (B, T, C) before the output norm.
 
         `loop_active`: repeat the looped span. The trainer passes it every step (looping
-        starts at model.loop_from_epoch); None, as in evaluation, means the trained
-        architecture: looped whenever model.loop_start >= 0.
+        starts at model.loop_from_epoch); None, as in evaluation, takes `self.loop_active`: the
+        network as it was trained at that point (unlooped before the loop starts, and in a run
+        whose loop never starts).
         `depth_scales`: stochastic depth's decisions for this step (`stoch_depth_scales`, a
         CPU tensor; the trainer passes them, the same on every rank); None in training draws
         them here. Ignored in eval mode (no block is skipped). Eager mode skips a block's
@@ -505,7 +515,7 @@ class GPT(nn.Module):
         """
         cfg = self.cfg
         if loop_active is None:
-            loop_active = cfg.loop_start >= 0
+            loop_active = self.loop_active
         order = self.block_order(loop_active)
         per_call = cfg.stoch_depth_per_call
         scales: list[float] | torch.Tensor | None = None

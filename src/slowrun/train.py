@@ -33,7 +33,7 @@ from .checkpoint import (CKPT_DIR, Checkpoint, latest_good_checkpoint, list_chec
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, section_defaults, tomllib
 from .dataset import Dataset, require_comparable
 from .evaluate import autocast, evaluate, split_tokens
-from .gpt import GPT, stoch_depth_scales, window_stage_of
+from .gpt import GPT, loop_active_at, stoch_depth_scales, window_stage_of
 from .losses import DistillTarget, keep_loss_eager
 from .loader import TrainLoader, document_scores
 from .optim import Optimizers, build_optimizers
@@ -88,7 +88,7 @@ def resolve(cfg: RunConfig, ds: Dataset) -> RunConfig:
 
 def _loop_active(cfg: RunConfig, epoch: int) -> bool:
     """Layer looping (model.loop_start >= 0) runs from epoch model.loop_from_epoch on."""
-    return cfg.model.loop_start >= 0 and epoch >= cfg.model.loop_from_epoch
+    return loop_active_at(cfg.model, epoch)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -393,7 +393,7 @@ def write_checkpoint(run: Run, elapsed_s: float) -> Path | None:
 def save_epoch_snapshot(run: Run, epoch: int) -> None:
     """The weights at an epoch's end, the last `train.epoch_snapshots` kept (rank 0)."""
     save_weights(run.run_dir / EPOCH_SNAPSHOT_FILE.format(epoch=epoch), run.model.state_dict(), run.cfg,
-                 {"dataset": run.ds.fingerprint, "step": run.step, "epoch": epoch})
+                 {"dataset": run.ds.fingerprint, "step": run.step, "epoch": epoch, "loop_active": run.model.loop_active})
     for old in sorted(run.run_dir.glob(MEMBER_SNAPSHOTS["epochs_probs"]))[:-run.cfg.train.epoch_snapshots]:
         old.unlink()
         sidecar(old).unlink(missing_ok=True)
@@ -440,6 +440,7 @@ def fit(run: Run) -> FitStats:
             torch.manual_seed(_step_seed(cfg.train.seed, env.rank, run.step))
             epoch_before = loader.epoch
             loop_active = _loop_active(cfg, epoch_before)
+            model.loop_active = loop_active  # what an evaluation of this state runs
             if model.window_stage >= 0:  # model.window_schedule: this epoch's windows, RoPE tables and scale
                 model.set_window_stage(window_stage_of(cfg.model, epoch_before))
             lr_mult, wd_mult = sched.lr(run.step), sched.wd(run.step)
@@ -547,8 +548,10 @@ def finish(run: Run, stats: FitStats, t_start: float) -> dict:
     cfg, env, ds, model, loader, log = run.cfg, run.env, run.ds, run.model, run.loader, run.log
     device = env.device
     ema = run.ema if run.ema is not None and run.ema.started else None  # an EMA that never started holds nothing
+    # the network of the last step (also after a resume at the final evaluation, where no step ran)
+    model.loop_active = _loop_active(cfg, max(0, math.ceil(loader.epochs_done) - 1))
     if env.is_main:
-        fp = {"dataset": ds.fingerprint, "step": run.step}
+        fp = {"dataset": ds.fingerprint, "step": run.step, "loop_active": model.loop_active}
         if cfg.train.save_final:
             save_weights(run.run_dir / VARIANT_FILES["final"], model.state_dict(), cfg, fp)
         if ema is not None:
