@@ -19,7 +19,7 @@ def _spectrum_matrix(shape, lo):
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (32, 128), (128, 32), (96, 256), (4, 3, 48, 80)])
-@pytest.mark.parametrize("coeffs,band", [("quintic", (0.65, 1.25)), ("polar_express", (0.8, 1.2))])
+@pytest.mark.parametrize("coeffs,band", [("quintic", (0.65, 1.25)), ("polar_express", (0.8, 1.2)), ("polar_express_exact", (0.8, 1.2))])
 def test_orthogonalize_brings_singular_values_near_one(shape, coeffs, band):
     torch.manual_seed(0)
     for G in (_spectrum_matrix(shape, 1e-2), 3.0 * _spectrum_matrix(shape, 0.3)):
