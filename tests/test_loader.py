@@ -200,3 +200,35 @@ def test_document_scores_by_a_model_are_cached(gpt2_ds, tmp_path, smoke_cfg, mon
     for bad in (np.zeros_like(scores), np.array([{"x": 1}], dtype=object)):
         np.save(npy, bad, allow_pickle=True)
         assert np.array_equal(loader_mod.document_scores(ds, str(tmp_path), 16), scores)
+
+
+def test_disjoint_chunks_as_the_reference_loader(gpt2_ds):
+    """data.chunking = disjoint: back-to-back seq_len+1 chunks of the epoch's document order, a
+    shuffled multiple of epoch_multiple of them kept, and the epoch ends on the step the
+    reference's loader ends it (the first step whose batch reaches past the epoch's chunks)."""
+    ds = Dataset.open(gpt2_ds)
+    T, m, bs = 64, 12, 8
+    n = len(ds.tokens("train"))
+    fixed = TrainLoader(ds, T, bs, seed=0, doc_shuffle=False, seq_shuffle=False, chunking="disjoint", epoch_multiple=m)
+    assert fixed.seqs_per_epoch == n // (T + 1) // m * m < (n - 1) // T
+    train = np.asarray(ds.tokens("train"))
+    for i in (0, 1, fixed.seqs_per_epoch - 1):  # in file order: chunk i is tokens [65 i, 65 i + 65)
+        assert np.array_equal(fixed.sequence(0, i), train[(T + 1) * i:(T + 1) * (i + 1)])
+    loader = TrainLoader(ds, T, bs, seed=5, chunking="disjoint", epoch_multiple=m)
+    for epoch in (0, 1):  # shuffled: each a distinct chunk of the doc-shuffled stream, none overlapping
+        p = loader.plan(epoch)
+        assert len(set(p.seq_order.tolist())) == loader.seqs_per_epoch and p.seq_order.max() < n // (T + 1)
+        seqs = epoch_sequences(loader, epoch)
+        assert sum(len(s) for s in seqs) == loader.seqs_per_epoch * (T + 1)
+        assert not Counter(np.concatenate(seqs).tolist()) - Counter(train.tolist())
+    # the steps on which epochs end: the reference detects the change after step s when its loader
+    # (steps of bs sequences, accumulated 1 per optimizer step here) has served k epochs' chunks
+    ends = []
+    for step in range(1, 4 * loader.seqs_per_epoch // bs + 1):
+        before = loader.epoch
+        loader.next_batch()
+        if loader.epoch != before:
+            ends.append(step)
+    S = loader.seqs_per_epoch
+    assert ends == [min(s for s in range(1, 10_000) if s * bs >= k * S) for k in (1, 2, 3, 4)][: len(ends)]
+    assert len(ends) >= 3

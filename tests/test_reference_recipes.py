@@ -57,3 +57,44 @@ def test_reference_recipe_trains_three_steps_scaled_down(recipe, bpe_ds, tmp_pat
     result = train(build_config(recipe, over), tmp_path / recipe, echo=False)
     assert result["steps"] == 3 and math.isfinite(result["val_loss"])
     assert result["config"]["model"]["n_layer"] == 4 and result["config"]["train"]["batch_tokens"] == 1024
+
+
+@pytest.mark.parametrize("recipe,per_rank", [("limited", 4), ("two_hour", 4), ("tiny", 32)])
+def test_epoch_snapshots_fall_on_the_reference_steps_at_the_cycle_lows(recipe, per_rank):
+    """The reference's loader keeps len // 2049 chunks rounded down to its device batch x 8 ranks
+    and detects an epoch's end after the first optimizer step whose micro-batches (plus the one it
+    prefetches) reach past it; ours, with data.chunking = disjoint, ends the epoch on that step.
+    The snapshots (the last train.epoch_snapshots epoch ends) then follow the last update of an
+    SWA cycle (1-hour and 2-hour: LR at the 0.05 floor), as the reference's do."""
+    from slowrun.loader import epoch_seqs
+    from slowrun.schedules import Schedule
+
+    cfg = build_config(recipe)
+    n_tokens, T, B = 100_000_000, 2048, cfg.train.batch_tokens // 2048
+    ref_loader_steps = n_tokens // (T + 1) // (per_rank * 8)  # its DataLoader.num_steps per epoch
+    accum = cfg.train.batch_tokens // (per_rank * 8 * T)
+    S = epoch_seqs(n_tokens, T, cfg.data.chunking, cfg.data.epoch_multiple)
+    assert S == ref_loader_steps * per_rank * 8
+    epochs = round(cfg.train.epochs)
+    ours = [math.ceil(k * S / B) for k in range(1, epochs + 1)]  # the step on which our loader rolls over
+    theirs = [next(s for s in range(1, 10**5) if 1 + accum * s >= k * ref_loader_steps + 1) for k in range(1, epochs + 1)]
+    assert ours == theirs
+    snaps = ours[-cfg.train.epoch_snapshots:]
+    sched = Schedule(cfg.train.max_steps, S / B, cfg.optim)
+    if cfg.optim.swa_epochs:  # the 1-hour and 2-hour tracks: the reference's LR (its loop) at each snapshot's last update
+        N = cfg.train.max_steps
+        spe, start = N / epochs, N - cfg.optim.swa_epochs * N / epochs
+        for s in snaps[-cfg.optim.swa_epochs:]:
+            it = s - 1
+            W = round(cfg.optim.warmdown_frac * N)
+            power = 0.5 if cfg.optim.warmdown_shape == "sqrt" else 1.0  # its WARMDOWN_POWER (tiny: linear)
+            lrm = 1.0 if it <= N - W else ((N - it) / W) ** power
+            pos = (it - start) % spe
+            ref_lr = 0.05 + (max(lrm, 0.05) - 0.05) * (1 + math.cos(math.pi * pos / spe)) / 2
+            assert sched.lr(it) == pytest.approx(ref_lr, abs=1e-12)
+            assert ref_lr < 0.06  # at the cycle's floor
+        # the windows at a stride of 2048 ended each of these epochs later, after the cycle restarted (1-hour:
+        # LR 0.95x and 0.67x of the peak at epochs 9 and 10; tiny: 0.49x, 0.32x, 0.16x at epochs 12-14)
+        stride = epoch_seqs(n_tokens, T, "stride")
+        late = [math.ceil(k * stride / B) - 1 for k in range(epochs - cfg.optim.swa_epochs + 1, epochs)]
+        assert all(sched.lr(it) > 0.15 for it in late)

@@ -254,7 +254,8 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
         from .loader import seqs_per_epoch
 
         c = build_config(cfg.recipe, {**cfg.fixed, **over})
-        return seqs_per_epoch(Dataset.open(cfg.data), c.model.seq_len, c.data.fitness_tokens) / (c.train.batch_tokens // c.model.seq_len)
+        return seqs_per_epoch(Dataset.open(cfg.data), c.model.seq_len, c.data.fitness_tokens, c.data.chunking,
+                              c.data.epoch_multiple) / (c.train.batch_tokens // c.model.seq_len)
 
     timed, keys = {}, {}
     for name, over in cfg.variants.items():

@@ -362,12 +362,18 @@ class DataConfig:
     path: str = opt("", "prepared dataset directory (`slowrun prepare --out`); empty = the builtin default dataset")
     doc_shuffle: bool = opt(True, "shuffle the document order every epoch (seed = train.seed + epoch) so chunk boundaries move")
     seq_shuffle: bool = opt(True, "shuffle the fixed-length sequences within each epoch")
+    chunking: str = opt("stride", "how an epoch's stream is cut into sequences of seq_len+1 tokens: stride (a window every seq_len tokens: each token is a target once) or disjoint (back-to-back chunks, as the reference's loader: its epochs, SWA cycles and snapshots fall on its steps)")
+    epoch_multiple: int = opt(1, "with disjoint chunking: an epoch keeps a multiple of this many chunks (after the shuffle), the rest dropped, as the reference's loader (its device batch x 8 ranks: 32 for the 1-hour track)")
     fitness_tokens: int = opt(0, "tokens carved from the END of the training split as a fitness slice (for ensemble member selection); never trained on")
     curriculum: str = opt("off", "per-epoch document order by difficulty: off, easy_to_hard, hard_to_easy or mixed (alternating by epoch); on, sequences are served in stream order, or shuffled within data.curriculum_blocks blocks")
     curriculum_score: str = opt("length", "document difficulty: length (tokens), or a run directory / weights file whose model's mean loss on each training document is the score (cached beside its weights)")
     curriculum_blocks: int = opt(0, "with a curriculum: 0 serves the sorted epoch's sequences in stream order; N > 0 cuts them into N consecutive blocks and shuffles the sequences within each (the order by difficulty holds from block to block, each batch is drawn at random from its block)")
 
     def __post_init__(self) -> None:
+        _choice("data.chunking", self.chunking, ("stride", "disjoint"))
+        _check(self.epoch_multiple >= 1, "data.epoch_multiple", "must be >= 1 (sequences)", self.epoch_multiple)
+        _check(self.epoch_multiple == 1 or self.chunking == "disjoint", "data.epoch_multiple",
+               "drops an epoch's remainder of disjoint chunks: set data.chunking = disjoint too", self.epoch_multiple)
         _check(self.fitness_tokens >= 0, "data.fitness_tokens", "must be >= 0", self.fitness_tokens)
         _choice("data.curriculum", self.curriculum, ("off", "easy_to_hard", "hard_to_easy", "mixed"))
         _check(self.curriculum_score != "", "data.curriculum_score", "must be length or a run directory / weights file", self.curriculum_score)

@@ -2,7 +2,10 @@
 
 Each epoch: shuffle the document order (seeded by the run seed and the epoch), concatenate,
 cut the stream into sequences of seq_len+1 tokens at a stride of seq_len (the boundaries
-move every epoch, since the documents move), shuffle the sequences. Epochs follow each
+move every epoch, since the documents move), shuffle the sequences. With `chunking =
+"disjoint"` (the reference's loader) the sequences are back-to-back chunks of seq_len+1
+tokens, shuffled, and an epoch keeps a multiple of `epoch_multiple` of them (the rest of the
+shuffled chunks dropped), so that epochs end on the reference's steps. Epochs follow each
 other as one stream, so every training token is used once per epoch; a batch may straddle
 an epoch boundary. The position (epoch, index) is all the state there is: the order of an
 epoch is a pure function of (seed, epoch), so a resumed run reads exactly what the
@@ -44,9 +47,24 @@ def fitness_slice(dataset: Dataset, tokens: int) -> np.ndarray:
     return train[len(train) - tokens:]
 
 
-def seqs_per_epoch(dataset: Dataset, seq_len: int, fitness_tokens: int = 0) -> int:
+CHUNKINGS = ("stride", "disjoint")
+
+
+def epoch_seqs(n_tokens: int, seq_len: int, chunking: str = "stride", epoch_multiple: int = 1) -> int:
+    """Sequences one epoch of `n_tokens` serves: windows of seq_len+1 at a stride of seq_len, or
+    disjoint seq_len+1 chunks rounded down to a multiple of `epoch_multiple`."""
+    if chunking not in CHUNKINGS:
+        raise ValueError(f"chunking {chunking!r}: must be one of {', '.join(CHUNKINGS)}")
+    if chunking == "stride":
+        return (n_tokens - 1) // seq_len
+    return n_tokens // (seq_len + 1) // epoch_multiple * epoch_multiple
+
+
+def seqs_per_epoch(dataset: Dataset, seq_len: int, fitness_tokens: int = 0, chunking: str = "stride",
+                   epoch_multiple: int = 1) -> int:
     """How many training sequences of `seq_len` tokens one epoch serves (the fitness slice cut off)."""
-    return (len(dataset.tokens("train")) - len(fitness_slice(dataset, fitness_tokens)) - 1) // seq_len
+    n = len(dataset.tokens("train")) - len(fitness_slice(dataset, fitness_tokens))
+    return epoch_seqs(n, seq_len, chunking, epoch_multiple)
 
 
 def _doc_bounds(dataset: Dataset, fitness_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +132,8 @@ class TrainLoader:
 
     def __init__(self, dataset: Dataset, seq_len: int, batch_seqs: int, seed: int = 0, doc_shuffle: bool = True,
                  seq_shuffle: bool = True, rank: int = 0, world_size: int = 1, fitness_tokens: int = 0,
-                 curriculum: str = "off", doc_scores: np.ndarray | None = None, curriculum_blocks: int = 0) -> None:
+                 curriculum: str = "off", doc_scores: np.ndarray | None = None, curriculum_blocks: int = 0,
+                 chunking: str = "stride", epoch_multiple: int = 1) -> None:
         if batch_seqs % world_size:
             raise ValueError(f"global batch of {batch_seqs} sequences does not split over {world_size} ranks")
         self.tokens = dataset.tokens("train")
@@ -129,7 +148,9 @@ class TrainLoader:
             raise ValueError(f"curriculum_blocks {curriculum_blocks}: must be >= 0, and 0 without a curriculum")
         self.curriculum, self.doc_scores, self.curriculum_blocks = curriculum, doc_scores, curriculum_blocks
         self.seq_len = seq_len
-        self.seqs_per_epoch = seqs_per_epoch(dataset, seq_len, fitness_tokens)
+        self.seqs_per_epoch = seqs_per_epoch(dataset, seq_len, fitness_tokens, chunking, epoch_multiple)
+        self.stride = seq_len if chunking == "stride" else seq_len + 1  # tokens between sequence starts
+        self.num_chunks = n // (seq_len + 1) if chunking == "disjoint" else self.seqs_per_epoch  # before the drop
         if self.seqs_per_epoch < batch_seqs:
             raise ValueError(f"the training split ({n:,} tokens) holds {self.seqs_per_epoch} sequences of {seq_len}, "
                              f"fewer than one batch ({batch_seqs})")
@@ -167,7 +188,8 @@ class TrainLoader:
             offsets = np.zeros(n_docs + 1, dtype=np.int64)
             np.cumsum(self.doc_lens[order], out=offsets[1:])
             shuffle = self.seq_shuffle and self.curriculum == "off"
-            seqs = rng.permutation(self.seqs_per_epoch) if shuffle else np.arange(self.seqs_per_epoch)
+            # disjoint chunks: the epoch's first seqs_per_epoch of the shuffled chunks (the reference drops the rest)
+            seqs = (rng.permutation(self.num_chunks)[: self.seqs_per_epoch] if shuffle else np.arange(self.seqs_per_epoch))
             if self.curriculum_blocks:  # shuffled within each block: the blocks keep their order
                 for block in np.array_split(seqs, min(self.curriculum_blocks, self.seqs_per_epoch)):
                     rng.shuffle(block)  # a view into seqs
@@ -177,7 +199,7 @@ class TrainLoader:
     def sequence(self, epoch: int, index: int) -> np.ndarray:
         """Sequence `index` (in serving order) of `epoch`: seq_len+1 tokens of the shuffled stream."""
         p = self.plan(epoch)
-        a = int(p.seq_order[index]) * self.seq_len
+        a = int(p.seq_order[index]) * self.stride
         b = a + self.seq_len + 1
         out = np.empty(self.seq_len + 1, dtype=np.int64)
         d = int(np.searchsorted(p.offsets, a, side="right")) - 1

@@ -57,6 +57,7 @@ import torch
 from . import SlowrunError
 from .config import RunConfig, build_config
 from .gpt import GPT, has_value_proj
+from .loader import epoch_seqs
 from .losses import FUSED_CHUNK
 from .optim import split_params
 from .runlog import fmt_time
@@ -214,7 +215,7 @@ def plan(recipe: str, overrides: dict | None = None, gpus: int = 1, micro_batch_
     micro = per_rank if mbt <= 0 else max(1, mbt // T)
     if per_rank % micro:
         raise PlanError(f"--micro-batch-tokens: {per_rank} sequences per rank are not a multiple of {micro} per micro-batch")
-    seqs_per_epoch = (n_train - 1) // T
+    seqs_per_epoch = epoch_seqs(n_train, T, cfg.data.chunking, cfg.data.epoch_multiple)
     if seqs_per_epoch < batch_seqs:
         raise PlanError(f"{n_train:,} training tokens hold fewer than one batch ({cfg.train.batch_tokens:,} tokens)")
     steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.epochs * seqs_per_epoch / batch_seqs))

@@ -303,7 +303,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     try:
         loader = TrainLoader(ds, T, batch_seqs, cfg.train.seed, cfg.data.doc_shuffle, cfg.data.seq_shuffle,
                              env.rank, env.world_size, cfg.data.fitness_tokens, cfg.data.curriculum, scores,
-                             cfg.data.curriculum_blocks)
+                             cfg.data.curriculum_blocks, cfg.data.chunking, cfg.data.epoch_multiple)
     except ValueError as e:
         raise TrainingError(f"{ds.path}: {e}") from None
     steps_per_epoch = loader.seqs_per_epoch / batch_seqs
