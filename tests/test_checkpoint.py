@@ -474,3 +474,28 @@ def test_a_field_added_since_the_checkpoint_is_no_change():
     assert config_changes(old, new) == ["data.curriculum_blocks 0 -> 4"]
     old["data"]["retired_knob"] = 1
     assert config_changes(old, new)[-1] == "data.retired_knob 1 -> '(absent)'"
+
+
+def test_local_clipping_clips_each_ranks_gradient_before_the_average(bpe_ds, tmp_path):
+    """optim.clip_scope = local (the reference's unlimited trainer): every rank's gradient is
+    clipped to grad_clip before the average, so the averaged gradient's norm never exceeds it;
+    global clipping measures the average's (larger) norm and clips that. One process: the same."""
+    common = ["--recipe", "smoke", "--data", str(bpe_ds), "--train.max_steps=3", "--train.batch_tokens=2048",
+              "--eval.max_tokens=512", "--quiet", "--train.num_threads=1", "--optim.grad_clip=0.05"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    norms = {}
+    for scope in ("local", "global"):
+        r = subprocess.run([*torchrun(2), "-m", "slowrun", "train", "--run-dir", str(tmp_path / scope), *common,
+                            f"--optim.clip_scope={scope}"], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-12000:]
+        norms[scope] = [json.loads(l)["grad_norm"] for l in (tmp_path / scope / "metrics.jsonl").read_text().splitlines()
+                        if json.loads(l)["kind"] == "train"]
+    assert len(norms["local"]) == 3 and all(n <= 0.05 * (1 + 1e-5) for n in norms["local"])
+    assert all(n > 0.05 for n in norms["global"])  # the average before clipping
+    one = {}
+    for scope in ("local", "global"):
+        r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--run-dir", str(tmp_path / f"one-{scope}"), *common,
+                            f"--optim.clip_scope={scope}"], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        one[scope] = losses(tmp_path / f"one-{scope}")
+    assert one["local"] == one["global"]

@@ -285,3 +285,32 @@ def test_heavyball_under_torchrun_two_gloo_ranks_equal_one_process(name, bpe_ds,
     a, b = losses("one"), losses("two")
     assert len(a) == len(b) == 4 and b == pytest.approx(a, abs=2e-4)
     assert a[-1] < a[0]  # it trains
+
+
+def test_bf16_params_store_weights_and_adamw_state_in_bf16_and_round_small_updates_away():
+    from slowrun.config import build_config
+    from slowrun.gpt import GPT
+    from slowrun.optim import store_bf16
+
+    cfg = build_config("smoke", {"model.vocab_size": 64, "model.tie_embeddings": False,
+                                 "optim.bf16_params": ["embed", "head"]})
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    assert sorted(store_bf16(model, cfg.optim)) == ["lm_head.weight", "wte.weight"]
+    assert model.wte.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
+    assert model.blocks[0].attn.c_attn.weight.dtype == torch.float32
+    opt = build_optimizers(model, cfg.optim)
+    x = torch.randint(0, 64, (2, 16))
+    _, loss = model(x, x)  # an fp32 run: the bf16 tables are cast where they are read
+    loss.backward()
+    assert model.wte.weight.grad.dtype == torch.bfloat16
+    before = model.wte.weight.detach().clone()
+    for g in opt.groups():  # a step far below bf16's resolution at these magnitudes (~1e-2 of 1.0)
+        g["lr"] = 1e-6
+    opt.step()
+    st = opt.optimizers[0].state[model.wte.weight]
+    assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
+    assert torch.equal(model.wte.weight.detach(), before)  # rounded away, as in the reference
+    fp32 = GPT(cfg.model)
+    fp32.load_state_dict(model.state_dict())  # a bf16-stored run's weights load into an fp32 model
+    assert fp32.wte.weight.dtype == torch.float32 and torch.equal(fp32.wte.weight, before.float())

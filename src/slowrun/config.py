@@ -216,6 +216,8 @@ class OptimConfig:
     x0_beta1: float = opt(-1.0, "AdamW beta1 of the x0 lambdas (the reference: 0.96); -1 = optim.beta1")
     head_gate_betas: list = opt([], "AdamW (beta1, beta2) of the head gates, e.g. [0.9, 0.99] (the tiny track's); [] = optim.beta1, beta2")
     xsa_betas: list = opt([], "AdamW (beta1, beta2) of the XSA scales (xsa_gate, xsa_alpha), e.g. [0.9, 0.95] (the tiny track's); [] = optim.beta1, beta2")
+    bf16_params: list = opt([], "parameter groups whose weights and AdamW state are stored in bf16, so that small updates round away as in the reference: [\"embed\"] (the token and value tables: the reference's tracks) or [\"embed\", \"head\"] (tiny); [] = fp32")
+    clip_scope: str = opt("global", "optim.grad_clip on the gradient averaged over the ranks (global) or on each rank's own before the average (local: the reference's unlimited trainer)")
     cautious_wd_scope: str = opt("all", "where optim.cautious_wd applies: all (AdamW and Muon) or muon (Muon only, its decay scaled by the shape factor as the update: the reference's)")
     muon_eq_r: bool = opt(False, "MuonEq-R: normalize rows of the momentum before orthogonalization")
     normuon: bool = opt(False, "NorMuon: per-row second-moment normalization after orthogonalization")
@@ -267,6 +269,9 @@ class OptimConfig:
         _check(self.resid_lr_frac > 0, "optim.resid_lr_frac", "must be > 0", self.resid_lr_frac)
         _check(self.x0_beta1 == -1 or 0 <= self.x0_beta1 < 1, "optim.x0_beta1", "must be -1 or in [0, 1)", self.x0_beta1)
         _choice("optim.cautious_wd_scope", self.cautious_wd_scope, ("all", "muon"))
+        _choice("optim.clip_scope", self.clip_scope, ("global", "local"))
+        for kind in self.bf16_params:
+            _choice("optim.bf16_params", kind, ("embed", "head"))
         _check(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)", self.beta1)
         _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)", self.beta2)
         _check(self.eps > 0, "optim.eps", "must be > 0", self.eps)

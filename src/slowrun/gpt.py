@@ -533,6 +533,8 @@ class GPT(nn.Module):
             self.mtp_depth_scale = scales[-1] if scales is not None else None
         B, T = idx.shape
         x = self.wte(idx)  # (B, T, C)
+        if x.dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # a bf16-stored table (optim.bf16_params) in an fp32 run
         if cfg.embed_norm:
             x = rms_norm(x)
         if self.wpe is not None:
@@ -562,7 +564,10 @@ class GPT(nn.Module):
 
     @property
     def head_weight(self) -> torch.Tensor:
-        return self.lm_head.weight if self.lm_head is not None else self.wte.weight
+        w = self.lm_head.weight if self.lm_head is not None else self.wte.weight
+        if w.dtype != torch.float32 and not torch.is_autocast_enabled(w.device.type):
+            w = w.float()  # a bf16-stored head (optim.bf16_params) in an fp32 run
+        return w
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, C) hidden -> (B, T, V) float32 logits, softcapped if configured."""

@@ -454,6 +454,17 @@ def scalar_parts(plist: list[tuple[str, Tensor]], cfg: OptimConfig) -> dict[str,
     return {k: v for k, v in parts.items() if v}
 
 
+def store_bf16(model: GPT, cfg: OptimConfig) -> list[str]:
+    """Cast the parameters of the groups in optim.bf16_params to bf16 in place (before the
+    optimizers are built, so their state is bf16 too); returns their names."""
+    names = []
+    for name, p in model.named_parameters():
+        if group_of(name, p, cfg.gates_in_muon if cfg.name == "muon" else "none") in cfg.bf16_params:
+            p.data = p.data.to(torch.bfloat16)
+            names.append(name)
+    return names
+
+
 def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device | None = None) -> Optimizers:
     groups = split_params(model, cfg.gates_in_muon if cfg.name == "muon" else "none")
     swiglu_parts = cfg.muon_swiglu_parts and model.cfg.mlp == "swiglu"

@@ -97,10 +97,11 @@ class TrackDef:
         b: {"model.depth": depths, "optim.lr_scale": [CURVE_LR_SCALE], "train.batch_tokens": [CURVE_BATCH]}
         for b, depths in ((2, [4, 5, 6, 7]), (4, [4, 5, 6, 7]), (8, [5, 6, 7, 8]), (16, [7, 8, 9, 10]))})
     curve_expand: str = "model.depth"
-    # 1x: the winner's lr and batch each halved once more, in case the best sits at the grid's low edge;
-    # 16x: the chosen size at 0.5x and 2x the fixed lr (the check that one lr serves every budget)
+    # 1x: the winner's lr and batch each halved and doubled once more, in case the best sits at an edge
+    # of the grid (points already run are not run again); 16x: the chosen size at 0.5x and 2x the fixed
+    # lr (the check that one lr serves every budget)
     curve_refine: dict[float, dict[str, list[float]]] = field(default_factory=lambda: {
-        1: {"optim.lr_scale": [0.5], "train.batch_tokens": [0.5]}, 16: {"optim.lr_scale": [0.5, 2.0]}})
+        1: {"optim.lr_scale": [0.5, 2.0], "train.batch_tokens": [0.5, 2.0]}, 16: {"optim.lr_scale": [0.5, 2.0]}})
     curve_seeds: int = 2
     # the GPT-2-style curve of 2026-11-26 (committed data; its runs are not redone)
     gpt2_curve: str = "benchmarks/results/curves/cpu_gpt2.json"

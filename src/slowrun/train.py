@@ -36,7 +36,7 @@ from .evaluate import autocast, evaluate, split_tokens
 from .gpt import GPT, loop_active_at, stoch_depth_scales, window_stage_of
 from .losses import DistillTarget, keep_loss_eager
 from .loader import TrainLoader, document_scores
-from .optim import Optimizers, build_optimizers
+from .optim import Optimizers, build_optimizers, store_bf16
 from .prepare import PrepareConfig, prepare
 from .results import (EPOCH_SNAPSHOT_FILE, MEMBER_SNAPSHOTS, RESULT_FILE, SNAPSHOT_FILE, VARIANT_FILES, ResultError,
                       read_result)
@@ -312,6 +312,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
 
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
+    store_bf16(model, cfg.optim)  # optim.bf16_params: those weights and their AdamW state in bf16
     opt = build_optimizers(model, cfg.optim, device)
     if cfg.train.shard_optimizer and cfg.optim.matrix_optimizer != "muon":
         raise ConfigError(f"train.shard_optimizer: not with optim.matrix_optimizer={cfg.optim.matrix_optimizer} (its state is not per tensor)")
@@ -468,6 +469,10 @@ def fit(run: Run) -> FitStats:
             for p in params:
                 if p.grad is None:  # e.g. a block skipped by stochastic depth (the same on every rank)
                     p.grad = torch.zeros_like(p)
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+            if cfg.optim.clip_scope == "local" and math.isfinite(max_norm):
+                torch.nn.utils.clip_grad_norm_(params, max_norm)  # this rank's gradient, before the average
+                max_norm = math.inf  # the averaged one is only measured
             # a signal on any rank stops every rank after this same step
             stop = torch.tensor(0.0 if signals.signum is None else 1.0, device=device)
             if run.shard is not None:  # each gradient onto its owner rank
@@ -480,7 +485,6 @@ def fit(run: Run) -> FitStats:
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 log.line(f"stopping: loss is {train_loss} at step {run.step + 1}; {where}")
                 raise TrainingError(f"loss became {train_loss} at step {run.step + 1} (lower optim lr or check the data); {where}")
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
             if run.shard is not None:
                 gnorm = run.shard.clip_grad_norm(max_norm)
                 opt.step()  # each rank's own tensors (the others have no gradient)
