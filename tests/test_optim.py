@@ -1,4 +1,6 @@
 
+import copy
+
 import pytest
 import torch
 
@@ -314,3 +316,214 @@ def test_bf16_params_store_weights_and_adamw_state_in_bf16_and_round_small_updat
     fp32 = GPT(cfg.model)
     fp32.load_state_dict(model.state_dict())  # a bf16-stored run's weights load into an fp32 model
     assert fp32.wte.weight.dtype == torch.float32 and torch.equal(fp32.wte.weight, before.float())
+
+
+# ---------------------------------------------------------------------------------------
+# the batched steps against the per-parameter loops they replaced (the oracle, kept here as it was)
+
+
+@torch.no_grad()
+def reference_muon_step(opt: Muon) -> None:
+    """Muon's step one parameter at a time, as optim.py had it before the batched step."""
+    import math
+
+    for group in opt.param_groups:
+        lr, mom, wd, eps = group["lr"], group["momentum"], group["weight_decay"], group["eps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            st = opt.state[p]
+            if not st:
+                st["momentum_buffer"] = torch.zeros_like(p)
+            buf = st["momentum_buffer"]
+            buf.lerp_(g, 1 - mom)
+            u = g.lerp(buf, mom) if group["nesterov"] else buf
+            k = group["chunks"] if p.size(0) % group["chunks"] == 0 else 1
+            u = u.view(k, p.size(0) // k, p.size(1))  # fused matrices: orthogonalize each part
+            if group["eq_r"]:
+                u = u / u.norm(dim=-1, keepdim=True).clamp(min=eps)
+            O = orthogonalize(u, group["ns_steps"], group["coeffs"], eps, group["ns_dtype"])
+            if group["normuon"] and group["normuon_wide"] == "column":
+                O = _reference_normuon_by_shape(O, st, group["normuon_beta2"])
+            elif group["normuon"]:
+                if "row_sq" not in st:
+                    st["row_sq"] = torch.zeros(k, p.size(0) // k, 1, device=p.device, dtype=torch.float32)
+                v = st["row_sq"]
+                v.lerp_(O.float().square().mean(-1, keepdim=True), 1 - group["normuon_beta2"])
+                n0 = O.norm()
+                O = O / (v.sqrt() + eps).to(O.dtype)
+                O = O * (n0 / O.norm().clamp(min=eps))
+            O = O.reshape(p.shape)
+            scale = math.sqrt(max(1.0, (p.size(0) / k) / p.size(1)))
+            if group["scaled_wd"]:
+                lr_t = lr * scale
+                mask = (O * p >= 0) if group["cautious_wd"] else 1.0
+                p.sub_(O * lr_t + p * mask * (lr_t * wd))
+                continue
+            if wd != 0:
+                if group["cautious_wd"]:
+                    p.sub_(p * (O * p > 0), alpha=lr * wd)
+                else:
+                    p.mul_(1 - lr * wd)
+            p.add_(O, alpha=-lr * scale)
+
+
+def _reference_normuon_by_shape(O, st, beta2):
+    red = -1 if O.size(-2) >= O.size(-1) else -2
+    key = "row_sq" if red == -1 else "col_sq"
+    Of = O.float()
+    if key not in st:
+        st[key] = torch.zeros_like(Of.mean(red, keepdim=True))
+    v = st[key]
+    v.lerp_(Of.square().mean(red, keepdim=True), 1 - beta2)
+    scaled = Of * v.clamp_min(1e-10).rsqrt()
+    n0, n1 = Of.norm(dim=(-2, -1), keepdim=True), scaled.norm(dim=(-2, -1), keepdim=True)
+    return (scaled * (n0 / n1.clamp_min(1e-10))).to(O.dtype)
+
+
+@torch.no_grad()
+def reference_adamw_step(opt: AdamW) -> None:
+    """AdamW's step one tensor at a time, as optim.py had it before the foreach step."""
+    import math
+
+    for group in opt.param_groups:
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            st = opt.state[p]
+            if not st:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] += 1
+            m, v, t = st["exp_avg"], st["exp_avg_sq"], st["step"]
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+            update = m / denom / (1 - b1**t)
+            if wd != 0:
+                if group["cautious_wd"]:
+                    p.sub_(p * (update * p > 0), alpha=lr * wd)
+                else:
+                    p.mul_(1 - lr * wd)
+            p.add_(update, alpha=-lr)
+
+
+# several shapes, two of a kind, a fused q/k/v matrix (chunks 3) and one that cannot be split in 3
+MUON_SHAPES = ([(48, 16), (16, 48), (16, 16), (48, 16), (16, 48)], [(48, 16), (48, 16), (16, 16)])
+
+
+def _muon_pair(**kw):
+    torch.manual_seed(0)
+    plain, fused = ([torch.nn.Parameter(torch.randn(s)) for s in shapes] for shapes in MUON_SHAPES)
+    copies = [[torch.nn.Parameter(p.detach().clone()) for p in ps] for ps in (plain, fused)]
+    make = lambda a, b: Muon([dict(params=a), dict(params=b, chunks=3)], lr=0.05, momentum=0.9, weight_decay=0.3,
+                             ns_dtype=torch.float32, **kw)
+    return make(plain, fused), make(*copies)
+
+
+def _same_params_and_state(a: torch.optim.Optimizer, b: torch.optim.Optimizer, tol: float = 1e-6) -> None:
+    for ga, gb in zip(a.param_groups, b.param_groups):
+        for p, q in zip(ga["params"], gb["params"]):
+            assert torch.allclose(p, q, atol=tol, rtol=0), (p - q).abs().max()
+            sa, sb = a.state[p], b.state[q]
+            assert sa.keys() == sb.keys()
+            for key in sa:
+                if isinstance(sa[key], torch.Tensor):
+                    assert sa[key].shape == sb[key].shape and sa[key].dtype == sb[key].dtype, key
+                    assert torch.allclose(sa[key], sb[key], atol=tol, rtol=0), (key, (sa[key] - sb[key]).abs().max())
+                else:
+                    assert sa[key] == sb[key], key
+
+
+def _random_grads(opt: torch.optim.Optimizer, step: int) -> list[torch.Tensor | None]:
+    """A gradient per parameter, drawn from the step; on step 2 the second parameter of each group has none."""
+    gen = torch.Generator().manual_seed(100 + step)
+    return [None if step == 2 and i == 1 else torch.randn(p.shape, generator=gen)
+            for g in opt.param_groups for i, p in enumerate(g["params"])]
+
+
+def _step_both(batched, oracle, reference_step, steps: range) -> None:
+    for step in steps:
+        for opt in (batched, oracle):
+            params = [p for g in opt.param_groups for p in g["params"]]
+            for p, g in zip(params, _random_grads(opt, step)):
+                p.grad = g
+        batched.step()
+        reference_step(oracle)
+
+
+MUON_VARIANTS = {"plain": dict(nesterov=False), "nesterov": {}, "normuon_row": dict(normuon=True),
+                 "normuon_column": dict(normuon=True, normuon_wide="column"), "eq_r": dict(eq_r=True),
+                 "cautious_wd": dict(cautious_wd=True), "scaled_cautious_wd": dict(cautious_wd=True, scaled_wd=True),
+                 "scaled_wd": dict(scaled_wd=True), "polar_express_exact": dict(coeffs="polar_express_exact"),
+                 "all": dict(eq_r=True, normuon=True, normuon_wide="column", cautious_wd=True, scaled_wd=True)}
+
+
+@pytest.mark.parametrize("variant", MUON_VARIANTS)
+def test_batched_muon_step_equals_the_per_parameter_step(variant):
+    batched, oracle = _muon_pair(**MUON_VARIANTS[variant])
+    _step_both(batched, oracle, reference_muon_step, range(5))
+    _same_params_and_state(batched, oracle)
+    assert all(p.grad is not None and not torch.equal(p, p.grad) for g in batched.param_groups for p in g["params"])
+
+
+def _adamw_pair(**kw):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((5, 7), (7,), (3, 3), (5, 7), (1,))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    make = lambda ps: AdamW([dict(params=ps[:3], weight_decay=0.5), dict(params=ps[3:], lr=3e-2, weight_decay=0.0)],
+                            lr=1e-2, betas=(0.8, 0.95), eps=1e-10, **kw)
+    return make(params), make(copies)
+
+
+@pytest.mark.parametrize("cautious_wd", [False, True])
+def test_foreach_adamw_step_equals_the_per_tensor_step(cautious_wd):
+    batched, oracle = _adamw_pair(cautious_wd=cautious_wd)
+    _step_both(batched, oracle, reference_adamw_step, range(5))
+    _same_params_and_state(batched, oracle)
+    assert batched.state[batched.param_groups[0]["params"][1]]["step"] == 4  # no gradient on step 2: its count held
+
+
+@pytest.mark.parametrize("variant", ["normuon_row", "all", "adamw"])
+def test_a_per_parameter_state_dict_resumes_in_the_batched_step(variant):
+    """A state saved by the per-parameter step (today's checkpoints) loads into the batched
+    optimizer, which then steps as the per-parameter one does."""
+    if variant == "adamw":
+        batched, oracle = _adamw_pair(cautious_wd=True)
+        reference = reference_adamw_step
+    else:
+        batched, oracle = _muon_pair(**MUON_VARIANTS[variant])
+        reference = reference_muon_step
+    for step in range(3):  # the per-parameter step only, then its state into the batched optimizer
+        for p, g in zip([p for g in oracle.param_groups for p in g["params"]], _random_grads(oracle, step)):
+            p.grad = g
+        reference(oracle)
+    with torch.no_grad():
+        for p, q in zip([p for g in batched.param_groups for p in g["params"]],
+                        [p for g in oracle.param_groups for p in g["params"]]):
+            p.copy_(q)
+    batched.load_state_dict(copy.deepcopy(oracle.state_dict()))  # as a checkpoint would: no tensor shared
+    _same_params_and_state(batched, oracle, tol=0.0)
+    _step_both(batched, oracle, reference, range(3, 6))
+    _same_params_and_state(batched, oracle)
+
+
+@pytest.mark.parametrize("flags", [{}, dict(muon_swiglu_parts=True, normuon=True, normuon_wide="column", gates_in_muon="both",
+                                           cautious_wd=True, cautious_wd_scope="muon", weight_decay=1.3)])
+def test_batched_steps_of_a_smoke_gpts_optimizers_equal_the_per_parameter_steps(flags):
+    """The groups build_optimizers makes (fused q/k/v, SwiGLU parts, gates, scalars) through both steps."""
+    cfg = build_config("smoke", {"model.vocab_size": 64, **{f"optim.{k}": v for k, v in flags.items()}})
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(GPT(cfg.model))
+    batched, oracle = (build_optimizers(m, cfg.optim) for m in models)
+    for g in [*batched.groups(), *oracle.groups()]:
+        g["ns_dtype"] = torch.float32
+    for a, b in zip(batched.optimizers, oracle.optimizers):
+        _step_both(a, b, reference_muon_step if isinstance(b, Muon) else reference_adamw_step, range(5))
+        _same_params_and_state(a, b)

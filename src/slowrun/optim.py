@@ -138,7 +138,9 @@ def fast_bf16_available(device: torch.device) -> bool:
 
 class AdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam (Loshchilov & Hutter), numerically as torch.optim.AdamW,
-    plus optional cautious weight decay (decay only where update and parameter agree in sign)."""
+    plus optional cautious weight decay (decay only where update and parameter agree in sign).
+    Each group is stepped with torch's foreach ops (a few kernels for all its tensors); the
+    state stays per tensor, as torch's."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, cautious_wd: bool = False) -> None:
@@ -147,28 +149,39 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
+            for p in params:
                 st = self.state[p]
                 if not st:
                     st["step"] = 0
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["step"] += 1
-                m, v, t = st["exp_avg"], st["exp_avg_sq"], st["step"]
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
-                update = m / denom / (1 - b1**t)
-                if wd != 0:
-                    if group["cautious_wd"]:
-                        p.sub_(p * (update * p > 0), alpha=lr * wd)
-                    else:
-                        p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr)
+                st["step"] += 1  # per tensor: a tensor without a gradient (sharded, unused) keeps its count
+            grads = [p.grad for p in params]
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            t = [self.state[p]["step"] for p in params]
+            torch._foreach_lerp_(m, grads, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, [math.sqrt(1 - b2**s) for s in t])
+            torch._foreach_add_(denom, eps)
+            update = torch._foreach_div(m, denom)
+            torch._foreach_div_(update, [1 - b1**s for s in t])
+            if wd != 0:
+                if group["cautious_wd"]:
+                    agree = torch._foreach_mul(update, params)
+                    torch._foreach_sign_(agree)
+                    torch._foreach_clamp_min_(agree, 0.0)  # 1 where update and parameter agree in sign, else 0
+                    torch._foreach_mul_(agree, params)
+                    torch._foreach_sub_(params, agree, alpha=lr * wd)
+                else:
+                    torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_add_(params, update, alpha=-lr)
 
 
 class Muon(torch.optim.Optimizer):
@@ -186,6 +199,10 @@ class Muon(torch.optim.Optimizer):
     sqrt(max(v, 1e-10)) and the Frobenius norm of each part kept. `scaled_wd` is the reference's
     decay: cautious (only where O*p >= 0) at the shape-scaled rate,
     p <- p - lr_t*O - lr_t*wd*p*mask with lr_t = lr * sqrt(max(1, rows/cols)).
+
+    A group's matrices of one shape are stepped as one stack: one batched orthogonalization per
+    shape, not one per matrix. The state stays per parameter (its momentum buffer and NorMuon
+    statistics), so checkpoints keep their layout.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
@@ -206,57 +223,74 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
         for group in self.param_groups:
-            lr, mom, wd, eps = group["lr"], group["momentum"], group["weight_decay"], group["eps"]
+            # matrices of one shape are stepped together: one batched orthogonalization per shape
+            by_shape: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                st = self.state[p]
-                if not st:
-                    st["momentum_buffer"] = torch.zeros_like(p)
-                buf = st["momentum_buffer"]
-                buf.lerp_(g, 1 - mom)
-                u = g.lerp(buf, mom) if group["nesterov"] else buf
-                k = group["chunks"] if p.size(0) % group["chunks"] == 0 else 1
-                u = u.view(k, p.size(0) // k, p.size(1))  # fused matrices: orthogonalize each part
-                if group["eq_r"]:
-                    u = u / u.norm(dim=-1, keepdim=True).clamp(min=eps)
-                O = orthogonalize(u, group["ns_steps"], group["coeffs"], eps, group["ns_dtype"])
-                if group["normuon"] and group["normuon_wide"] == "column":
-                    O = _normuon_by_shape(O, st, group["normuon_beta2"])
-                elif group["normuon"]:
-                    if "row_sq" not in st:
-                        st["row_sq"] = torch.zeros(k, p.size(0) // k, 1, device=p.device, dtype=torch.float32)
-                    v = st["row_sq"]
-                    v.lerp_(O.float().square().mean(-1, keepdim=True), 1 - group["normuon_beta2"])
-                    n0 = O.norm()
-                    O = O / (v.sqrt() + eps).to(O.dtype)
-                    O = O * (n0 / O.norm().clamp(min=eps))
-                O = O.reshape(p.shape)
-                scale = math.sqrt(max(1.0, (p.size(0) / k) / p.size(1)))
-                if group["scaled_wd"]:
-                    lr_t = lr * scale
-                    mask = (O * p >= 0) if group["cautious_wd"] else 1.0
-                    p.sub_(O * lr_t + p * mask * (lr_t * wd))
-                    continue
-                if wd != 0:
-                    if group["cautious_wd"]:
-                        p.sub_(p * (O * p > 0), alpha=lr * wd)
-                    else:
-                        p.mul_(1 - lr * wd)
-                p.add_(O, alpha=-lr * scale)
+                if p.grad is not None:
+                    by_shape.setdefault((p.shape, p.dtype), []).append(p)
+            for params in by_shape.values():
+                self._step_stack(group, params)
+
+    def _step_stack(self, group: dict, params: list[Tensor]) -> None:
+        """One step of the matrices `params`, all of one shape, as a stack (n, rows, cols); the
+        state stays per parameter (its own tensors, as checkpoints store them)."""
+        lr, mom, wd, eps = group["lr"], group["momentum"], group["weight_decay"], group["eps"]
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if not st:
+                st["momentum_buffer"] = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        bufs = [st["momentum_buffer"] for st in states]
+        torch._foreach_lerp_(bufs, grads, 1 - mom)
+        u = torch.stack(torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs)  # (n, rows, cols)
+        n, rows, cols = u.shape
+        k = group["chunks"] if rows % group["chunks"] == 0 else 1
+        u = u.view(n * k, rows // k, cols)  # fused matrices: orthogonalize each part
+        if group["eq_r"]:
+            u = u / u.norm(dim=-1, keepdim=True).clamp(min=eps)
+        O = orthogonalize(u, group["ns_steps"], group["coeffs"], eps, group["ns_dtype"]).reshape(n, k, rows // k, cols)
+        if group["normuon"] and group["normuon_wide"] == "column":
+            O = _normuon_by_shape(O, states, group["normuon_beta2"])
+        elif group["normuon"]:
+            v = _running_mean_square(states, "row_sq", O.float().square().mean(-1, keepdim=True), group["normuon_beta2"])
+            norm = lambda x: torch.linalg.vector_norm(x, dim=(1, 2, 3), keepdim=True)  # each matrix's, over its parts
+            n0 = norm(O)
+            O = O / (v.sqrt() + eps).to(O.dtype)
+            O = O * (n0 / norm(O).clamp(min=eps))
+        O = O.reshape(n, rows, cols)
+        scale = math.sqrt(max(1.0, (rows / k) / cols))
+        if group["scaled_wd"]:
+            lr_t = lr * scale
+            P = torch.stack(params)
+            mask = (O * P >= 0) if group["cautious_wd"] else 1.0
+            torch._foreach_sub_(params, list((O * lr_t + P * mask * (lr_t * wd)).unbind(0)))
+            return
+        if wd != 0:
+            if group["cautious_wd"]:
+                P = torch.stack(params)
+                torch._foreach_sub_(params, list((P * (O * P > 0)).unbind(0)), alpha=lr * wd)
+            else:
+                torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_add_(params, list(O.unbind(0)), alpha=-lr * scale)
 
 
-def _normuon_by_shape(O: Tensor, st: dict, beta2: float) -> Tensor:
-    """The reference's NorMuon on the parts O (k, rows, cols): a running mean square per row
-    (rows >= cols) or per column (wide), O divided by its root, each part's norm kept."""
+def _running_mean_square(states: list[dict], key: str, sq: Tensor, beta2: float) -> Tensor:
+    """NorMuon's running mean square: each matrix's own state tensor `key` (zeros at first)
+    moved toward its slice of `sq` (n, ...), returned stacked as `sq`."""
+    for st, s in zip(states, sq):
+        if key not in st:
+            st[key] = torch.zeros_like(s)
+    v = [st[key] for st in states]
+    torch._foreach_lerp_(v, list(sq.unbind(0)), 1 - beta2)
+    return torch.stack(v)
+
+
+def _normuon_by_shape(O: Tensor, states: list[dict], beta2: float) -> Tensor:
+    """The reference's NorMuon on the parts O (n, k, rows, cols) of n matrices: a running mean
+    square per row (rows >= cols) or per column (wide), O divided by its root, each part's norm kept."""
     red = -1 if O.size(-2) >= O.size(-1) else -2
-    key = "row_sq" if red == -1 else "col_sq"
     Of = O.float()
-    if key not in st:
-        st[key] = torch.zeros_like(Of.mean(red, keepdim=True))
-    v = st[key]
-    v.lerp_(Of.square().mean(red, keepdim=True), 1 - beta2)
+    v = _running_mean_square(states, "row_sq" if red == -1 else "col_sq", Of.square().mean(red, keepdim=True), beta2)
     scaled = Of * v.clamp_min(1e-10).rsqrt()
     n0, n1 = Of.norm(dim=(-2, -1), keepdim=True), scaled.norm(dim=(-2, -1), keepdim=True)
     return (scaled * (n0 / n1.clamp_min(1e-10))).to(O.dtype)
