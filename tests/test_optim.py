@@ -527,3 +527,16 @@ def test_batched_steps_of_a_smoke_gpts_optimizers_equal_the_per_parameter_steps(
     for a, b in zip(batched.optimizers, oracle.optimizers):
         _step_both(a, b, reference_muon_step if isinstance(b, Muon) else reference_adamw_step, range(5))
         _same_params_and_state(a, b)
+
+
+def test_a_shape_split_over_several_stacks_steps_as_one(monkeypatch):
+    """Stacks capped at MAX_STACK_ELEMENTS (here two 48 x 16 matrices: the fused group's three
+    take two stacks) step as the per-parameter loop."""
+    import slowrun.optim
+
+    monkeypatch.setattr(slowrun.optim, "MAX_STACK_ELEMENTS", 2 * 48 * 16)
+    batched, oracle = _muon_pair(**MUON_VARIANTS["all"])
+    batched.param_groups[1]["params"].append(torch.nn.Parameter(torch.randn(48, 16)))
+    oracle.param_groups[1]["params"].append(torch.nn.Parameter(batched.param_groups[1]["params"][-1].detach().clone()))
+    _step_both(batched, oracle, reference_muon_step, range(5))
+    _same_params_and_state(batched, oracle)

@@ -54,6 +54,10 @@ XSA_PARAMS = ("attn.xsa_gate", "attn.xsa_alpha")  # XSA's per-head scales (optim
 HEAVYBALL = {"soap": "SOAP", "kl_shampoo": "KLShampoo", "psgd_kron": "PSGDKron"}  # optim.matrix_optimizer -> class
 # heavyball keeps counters in its param groups; these are restored on resume, every other
 # group setting comes from this run's config
+# Muon steps a group's matrices of one shape as stacks of at most this many elements: the
+# transient copies of a stack (its update, Newton-Schulz iterates, decay terms) stay bounded,
+# and a matrix this large fills the device on its own, so batching it would gain nothing
+MAX_STACK_ELEMENTS = 1 << 24
 HEAVYBALL_GROUP_STATE = ("step", "step_count", "is_preconditioning", "prev_lr", "param_count", "is_cached")
 
 
@@ -200,9 +204,9 @@ class Muon(torch.optim.Optimizer):
     decay: cautious (only where O*p >= 0) at the shape-scaled rate,
     p <- p - lr_t*O - lr_t*wd*p*mask with lr_t = lr * sqrt(max(1, rows/cols)).
 
-    A group's matrices of one shape are stepped as one stack: one batched orthogonalization per
-    shape, not one per matrix. The state stays per parameter (its momentum buffer and NorMuon
-    statistics), so checkpoints keep their layout.
+    A group's matrices of one shape are stepped as one stack (up to MAX_STACK_ELEMENTS): one
+    batched orthogonalization per shape, not one per matrix. The state stays per parameter (its
+    momentum buffer and NorMuon statistics), so checkpoints keep their layout.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
@@ -223,13 +227,15 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
         for group in self.param_groups:
-            # matrices of one shape are stepped together: one batched orthogonalization per shape
+            # matrices of one shape are stepped together: one batched orthogonalization per stack
             by_shape: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
                 if p.grad is not None:
                     by_shape.setdefault((p.shape, p.dtype), []).append(p)
             for params in by_shape.values():
-                self._step_stack(group, params)
+                n = max(1, MAX_STACK_ELEMENTS // params[0].numel())
+                for i in range(0, len(params), n):
+                    self._step_stack(group, params[i:i + n])
 
     def _step_stack(self, group: dict, params: list[Tensor]) -> None:
         """One step of the matrices `params`, all of one shape, as a stack (n, rows, cols); the
