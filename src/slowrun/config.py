@@ -109,6 +109,7 @@ class ModelConfig:
     window_pattern: str = opt("", "sliding-window attention: S (short window) / L (full context) per block, tiled over the blocks (the reference: SSSL); the last block and the MTP block are always full; \"\" = all full")
     short_window: int = opt(-1, "keys before each query that S blocks attend to, in tokens (the reference: 1024 at seq_len 2048); -1 = seq_len // 2")
     window_schedule: str = opt("", "context-window schedule by epoch, the reference's 2-hour track: \"FIRST-LAST:SHORT,LONG;...\" (1-based epochs; S blocks see SHORT keys back, L blocks and the last block LONG), e.g. \"1-6:256,768;7-13:768,1792;14-22:1280,2048\"; \"\" = fixed windows")
+    attn_kernel: str = opt("auto", "sliding-window blocks: sdpa (a dense boolean mask: every score computed, any device), flex (torch's flex_attention with a block-sparse band mask, a fused kernel; its backward needs CUDA) or auto (flex on CUDA, sdpa elsewhere)")
     window_yarn: bool = opt(True, "with window_schedule: when the long window grows, rescale RoPE frequencies and the attention scale by YaRN (alpha 1, beta 32), as the reference")
     xsa: str = opt("off", "exclusive self attention (arXiv 2603.09078): off, fixed (y -= (y.v_hat) v_hat per head), learnable (the removed component scaled by a per-head weight, init 1) or tanh (scaled by tanh(a), a init 0: the tiny track's)")
     xsa_layers: int = opt(-1, "XSA on the last N blocks (and the MTP block); -1 = every block")
@@ -173,6 +174,7 @@ class ModelConfig:
                self.value_embed)
         _choice("model.loop_skips", self.loop_skips, ("first", "every"))
         _choice("model.mtp_style", self.mtp_style, ("block", "reference"))
+        _choice("model.attn_kernel", self.attn_kernel, ("auto", "sdpa", "flex"))
         _check(0 < self.rope_frac <= 1, "model.rope_frac", "must be in (0, 1]", self.rope_frac)
 
     @property

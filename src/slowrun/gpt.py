@@ -188,6 +188,45 @@ def band_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
     return (j <= i) & (i - j <= window)
 
 
+def attention_kernel(cfg: ModelConfig, device: torch.device) -> str:
+    """How sliding-window blocks attend: "flex" (torch's flex_attention with a block-sparse mask:
+    a fused kernel that skips the blocks outside the band; CUDA, which has its backward) or
+    "sdpa" (scaled_dot_product_attention with a dense boolean mask: every T x T score, any
+    device). model.attn_kernel = auto picks flex on CUDA. Full-context blocks always take SDPA's
+    fused causal path."""
+    if cfg.attn_kernel != "auto":
+        return cfg.attn_kernel
+    return "flex" if device.type == "cuda" else "sdpa"
+
+
+def window_mask(T: int, window: int, device: torch.device, kernel: str):
+    """The mask of a `window` band over T positions, in the form `kernel` takes."""
+    if kernel == "sdpa":
+        return band_mask(T, window, device)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def band(b, h, q, k):
+        return (k <= q) & (q - k <= window)
+
+    return create_block_mask(band, None, None, T, T, device=str(device))
+
+
+_flex_attention = None
+
+
+def flex_attention(q, k, v, block_mask, scale):
+    """torch's flex_attention, compiled once (its fused kernel exists only compiled; inside an
+    already compiled model the call is traced into that graph)."""
+    global _flex_attention
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if torch.compiler.is_compiling():
+        return flex(q, k, v, block_mask=block_mask, scale=scale)
+    if _flex_attention is None:
+        _flex_attention = torch.compile(flex, dynamic=False)
+    return _flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, value_proj: bool, layer: int) -> None:
         super().__init__()
@@ -205,7 +244,9 @@ class Attention(nn.Module):
         self.head_gate = nn.Linear(min(HEAD_GATE_CHANNELS, C), H, bias=False) if cfg.head_gate else None
         # sliding window (-1 = full causal); with IHA the band spans window * iha_pseudo interleaved positions
         self.window = layer_window(cfg, layer)
-        self._masks: dict[tuple[int, int, str], torch.Tensor] = {}  # band masks, built once per (T, window, device)
+        # band masks, shared by the model's blocks (GPT.prepare_attention fills it outside any compiled
+        # region, so a compiled forward only reads it)
+        self.masks: dict[tuple, object] = {}
         self.attn_scale: float | None = None  # softmax scale; None = 1/sqrt(head_dim) (YaRN raises it: GPT.set_window_stage)
         # key offset (full-context trunk blocks): the second half of each key's channels comes from the previous token
         self.key_offset = cfg.key_offset and self.window < 0 and layer < cfg.n_layer
@@ -262,8 +303,14 @@ class Attention(nn.Module):
         if self.window < 0:
             y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.attn_scale)
         else:
-            y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self.mask(T * P, self.window * P, x.device),
-                                               scale=self.attn_scale)
+            n, w, dev = T * P, self.window * P, str(x.device)
+            block_mask = self.masks.get(("flex", n, w, dev))
+            if block_mask is not None:
+                y = flex_attention(qt, kt, vt, block_mask, self.attn_scale)
+            else:  # the dense band of the full length, cut to n (a band's leading n x n block is the n-band)
+                mask = self.masks.get(("dense", w, dev))
+                mask = mask[:n, :n] if mask is not None else band_mask(n, w, x.device)  # not prepared: built here
+                y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.attn_scale)
         y = y.transpose(1, 2)  # (B, T*P, H, D)
         if self.xsa:
             v_hat = F.normalize(v, dim=-1, eps=1e-4 if self.xsa_alpha is not None else 1e-12)
@@ -278,12 +325,6 @@ class Attention(nn.Module):
         if self.head_gate is not None:
             y = y * torch.sigmoid(self.head_gate(x[..., : self.head_gate.in_features])).unsqueeze(-1)
         return self.c_proj(y.reshape(B, T, C))
-
-    def mask(self, T: int, window: int, device: torch.device) -> torch.Tensor:
-        key = (T, window, str(device))
-        if key not in self._masks:
-            self._masks[key] = band_mask(T, window, device)
-        return self._masks[key]
 
 
 class MLP(nn.Module):
@@ -358,7 +399,31 @@ class GPT(nn.Module):
         stages = window_stages(cfg)
         if stages:
             self.set_window_stage(len(stages) - 1)
+        self.attn_masks: dict[tuple, object] = {}  # one store for every block's band masks
+        for attn in self.attentions():
+            attn.masks = self.attn_masks
         self.init_weights()
+
+    def attentions(self) -> list[Attention]:
+        return [b.attn for b in self.blocks] + ([self.mtp_block.attn] if self.mtp_block is not None else [])
+
+    @torch.no_grad()
+    def prepare_attention(self, T: int, device: torch.device | str) -> None:
+        """Build the band masks the current windows need for T tokens on `device`, once each: a
+        dense mask of the full length per window (cut to shorter inputs), and with the flex kernel
+        (`attention_kernel`) a block mask for the training length. `hidden` calls it in eager mode;
+        a compiled forward only reads the store, so the trainer calls it before each step (a new
+        window-schedule stage adds its masks there, outside the graph)."""
+        device = torch.device(device)
+        P, full = self.rope_stride, self.cfg.seq_len * self.rope_stride
+        flex = attention_kernel(self.cfg, device) == "flex" and T * P == full
+        for attn in self.attentions():
+            if attn.window < 0:
+                continue
+            w = attn.window * P
+            key = ("flex", full, w, str(device)) if flex else ("dense", w, str(device))
+            if key not in self.attn_masks:
+                self.attn_masks[key] = window_mask(full, w, device, "flex" if flex else "sdpa")
 
     @torch.no_grad()
     def set_window_stage(self, stage: int) -> None:
@@ -532,6 +597,8 @@ class GPT(nn.Module):
         if per_call:
             self.mtp_depth_scale = scales[-1] if scales is not None else None
         B, T = idx.shape
+        if not torch.compiler.is_compiling():
+            self.prepare_attention(T, idx.device)
         x = self.wte(idx)  # (B, T, C)
         if x.dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type):
             x = x.float()  # a bf16-stored table (optim.bf16_params) in an fp32 run

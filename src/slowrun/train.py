@@ -34,7 +34,7 @@ from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, co
 from .dataset import Dataset, require_comparable
 from .evaluate import autocast, evaluate, split_tokens
 from .gpt import GPT, loop_active_at, stoch_depth_scales, window_stage_of
-from .losses import DistillTarget, keep_loss_eager
+from .losses import DistillTarget
 from .loader import TrainLoader, document_scores
 from .optim import Optimizers, build_optimizers, store_bf16
 from .prepare import PrepareConfig, prepare
@@ -358,8 +358,6 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
                     config_to_dict(cfg))
     for text in warnings:
         log.warn(text)
-    if cfg.train.compile:
-        keep_loss_eager()
     run = Run(cfg, run_dir, env, ds, loader, sched, model, torch.compile(model) if cfg.train.compile else model, opt, ema,
               teacher, log, total_steps, micro, per_rank // micro, shard, env_info=environment(device))
     if ck is not None:
@@ -444,6 +442,7 @@ def fit(run: Run) -> FitStats:
             model.loop_active = loop_active  # what an evaluation of this state runs
             if model.window_stage >= 0:  # model.window_schedule: this epoch's windows, RoPE tables and scale
                 model.set_window_stage(window_stage_of(cfg.model, epoch_before))
+            model.prepare_attention(cfg.model.seq_len, device)  # band masks outside any compiled graph
             lr_mult, wd_mult = sched.lr(run.step), sched.wd(run.step)
             opt.set_schedule(lr_mult, wd_mult, sched.momentum(run.step))
             depth_scales = stoch_depth_scales(cfg.model, cfg.train.seed, run.step, loop_active)  # the same on every rank
