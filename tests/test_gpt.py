@@ -445,3 +445,25 @@ def test_compile_traces_the_fused_loss_into_the_graph():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, ref_grads))
     assert len(graphs) == 1 and "autograd_function_apply" in graphs[0].code  # one graph, the loss inside
     torch._dynamo.reset()
+
+
+def test_padded_vocabulary_rows_are_never_scored_or_sampled():
+    """model.vocab_pad_to: the tables and the head get rows up to a multiple (the reference's 64);
+    logits, the fused loss and its gradients are those of the first vocab_size rows only."""
+    padded = model_of(vocab_pad_to=64, tie_embeddings=False)
+    plain = model_of(tie_embeddings=False)
+    rows = -(-V // 64) * 64
+    assert rows > V and padded.wte.weight.shape[0] == padded.lm_head.weight.shape[0] == rows == padded.cfg.padded_vocab
+    assert plain.wte.weight.shape[0] == V
+    with torch.no_grad():
+        for (n, p), q in zip(padded.named_parameters(), plain.parameters()):
+            p[: q.size(0)].copy_(q) if n in ("wte.weight", "lm_head.weight") else p.copy_(q)
+        padded.lm_head.weight[V:] = 100.0  # pad rows that would dominate any softmax they entered
+    x, y = batch()
+    logits, _ = padded(x)
+    assert logits.shape[-1] == V and torch.allclose(logits, plain(x)[0], atol=1e-6)
+    _, loss = padded(x, y, return_logits=False)
+    _, ref = plain(x, y, return_logits=False)
+    assert torch.allclose(loss, ref, atol=1e-6)
+    loss.backward()
+    assert padded.lm_head.weight.grad[V:].abs().max() == 0 and padded.wte.weight.grad[V:].abs().max() == 0

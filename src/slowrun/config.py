@@ -77,6 +77,7 @@ class ModelConfig:
     """Architecture. Every recipe feature is a flag read in `GPT.forward`."""
 
     vocab_size: int = opt(-1, "vocabulary size in tokens; -1 = take it from the dataset")
+    vocab_pad_to: int = opt(1, "token tables and the head get rows up to a multiple of this (the reference: 64, 50,257 -> 50,304, for tensor-core shapes); the pad rows are never scored nor sampled; 1 = none")
     seq_len: int = opt(256, "context length in tokens (training sequences and eval chunks)")
     depth: int = opt(-1, "single size knob: sets n_layer=depth and n_embd=depth*aspect_ratio (rounded to head_dim); -1 = use n_layer/n_embd as given")
     aspect_ratio: int = opt(64, "n_embd per layer when `depth` is used")
@@ -140,6 +141,7 @@ class ModelConfig:
             self.n_head = self.n_embd // self.head_dim
         _check(self.vocab_size == -1 or self.vocab_size > 1, "model.vocab_size", "must be -1 or > 1", self.vocab_size)
         _check(self.seq_len >= 2, "model.seq_len", "must be >= 2", self.seq_len)
+        _check(self.vocab_pad_to >= 1, "model.vocab_pad_to", "must be >= 1", self.vocab_pad_to)
         _check(self.n_layer >= 1, "model.n_layer", "must be >= 1", self.n_layer)
         _check(self.n_head >= 1, "model.n_head", "must be >= 1", self.n_head)
         _check(self.n_embd % self.n_head == 0, "model.n_embd", f"must be divisible by model.n_head={self.n_head}", self.n_embd)
@@ -176,6 +178,11 @@ class ModelConfig:
         _choice("model.mtp_style", self.mtp_style, ("block", "reference"))
         _choice("model.attn_kernel", self.attn_kernel, ("auto", "sdpa", "flex"))
         _check(0 < self.rope_frac <= 1, "model.rope_frac", "must be in (0, 1]", self.rope_frac)
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the token tables and the head: vocab_size rounded up to a multiple of vocab_pad_to."""
+        return -(-self.vocab_size // self.vocab_pad_to) * self.vocab_pad_to
 
     @property
     def hidden_dim(self) -> int:

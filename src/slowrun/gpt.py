@@ -238,7 +238,7 @@ class Attention(nn.Module):
         # value projection from x0 (or, with model.value_embed, a token table: nanochat's value
         # embeddings), gated per head by 2*sigmoid(W x[:32]) (1.0 at init)
         self.v_x0 = nn.Linear(C, C, bias=False) if value_proj and not cfg.value_embed else None
-        self.v_embed = nn.Embedding(cfg.vocab_size, C) if value_proj and cfg.value_embed else None
+        self.v_embed = nn.Embedding(cfg.padded_vocab, C) if value_proj and cfg.value_embed else None
         self.v_gate = nn.Linear(min(VALUE_GATE_CHANNELS, C), H, bias=False) if value_proj else None
         # per-head output gate sigmoid(W x[:12]) (0.5 at init)
         self.head_gate = nn.Linear(min(HEAD_GATE_CHANNELS, C), H, bias=False) if cfg.head_gate else None
@@ -372,11 +372,11 @@ class GPT(nn.Module):
             raise ValueError("model.vocab_size must be set (it is taken from the dataset)")
         self.cfg = cfg
         C, L = cfg.n_embd, cfg.n_layer
-        self.wte = nn.Embedding(cfg.vocab_size, C)
+        self.wte = nn.Embedding(cfg.padded_vocab, C)  # model.vocab_pad_to: rows past vocab_size are never read
         self.wpe = nn.Embedding(cfg.seq_len, C) if cfg.pos == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, has_value_proj(cfg, i), i) for i in range(L))
         self.norm_f = Norm(C, cfg.norm)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(C, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(C, cfg.padded_vocab, bias=False)
         # learned scalars: x0 mixing (per block) and U-Net skip weights (per encoder/decoder pair)
         self.lambda_r = nn.Parameter(torch.full((L,), cfg.resid_lambda_init)) if cfg.x0_mix else None
         self.lambda_0 = nn.Parameter(torch.full((L,), 0.1)) if cfg.x0_mix else None
@@ -632,6 +632,8 @@ class GPT(nn.Module):
     @property
     def head_weight(self) -> torch.Tensor:
         w = self.lm_head.weight if self.lm_head is not None else self.wte.weight
+        if w.size(0) != self.cfg.vocab_size:
+            w = w[: self.cfg.vocab_size]  # the pad rows (model.vocab_pad_to) are never scored
         if w.dtype != torch.float32 and not torch.is_autocast_enabled(w.device.type):
             w = w.float()  # a bf16-stored head (optim.bf16_params) in an fp32 run
         return w
