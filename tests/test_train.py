@@ -281,3 +281,15 @@ def test_curriculum_reaches_the_trainer(bpe_ds, tmp_path):
     assert len({tuple(losses(tmp_path / d).values()) for d in ("off", "on", "blocks")}) == 3
     assert 'curriculum = "easy_to_hard"' in (tmp_path / "on" / "config.toml").read_text()
     assert "curriculum_blocks = 2" in (tmp_path / "blocks" / "config.toml").read_text()
+
+
+def test_step_time_is_logged_by_part(bpe_ds, tmp_path):
+    """metrics.jsonl holds each step's forward+backward, communication and optimizer seconds,
+    read after the step has finished: the parts add up to no more than the step."""
+    train(smoke_config(bpe_ds, **{"train.max_steps": 3}), tmp_path / "run", echo=False)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "train"]
+    assert len(steps) == 3
+    for r in steps:
+        parts = [r["fwd_bwd_s"], r["comm_s"], r["opt_s"]]
+        assert all(p >= 0 for p in parts) and r["fwd_bwd_s"] > 0 and sum(parts) <= r["step_s"] + 1e-6

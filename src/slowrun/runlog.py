@@ -150,3 +150,33 @@ class RunLogger:
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
+
+
+class StepTimer:
+    """Seconds of a training step's parts, read only once the device has finished them: on CUDA
+    an event is recorded at each mark (in stream order, no stall) and the step ends with one
+    synchronize; elsewhere the clock. `finish` returns {part: seconds} for the parts between
+    consecutive marks (the trainer's: fwd_bwd, comm, opt)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any]] = []
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.marks = [("start", self._now())]
+
+    def mark(self, part: str) -> None:
+        self.marks.append((part, self._now()))
+
+    def finish(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = (lambda a, b: a.elapsed_time(b) / 1000) if self.cuda else (lambda a, b: b - a)
+        return {part: seconds(prev, t) for (_, prev), (part, t) in zip(self.marks, self.marks[1:])}

@@ -40,7 +40,7 @@ from .optim import Optimizers, build_optimizers, store_bf16
 from .prepare import PrepareConfig, prepare
 from .results import (EPOCH_SNAPSHOT_FILE, MEMBER_SNAPSHOTS, RESULT_FILE, SNAPSHOT_FILE, VARIANT_FILES, ResultError,
                       read_result)
-from .runlog import RunLogger, environment, fmt_time, require_backends
+from .runlog import RunLogger, StepTimer, environment, fmt_time, require_backends
 from .variants import final_evaluation, result_table
 from .schedules import Schedule
 from .storage import atomic_write_json, atomic_write_text, exclusive_lock
@@ -434,8 +434,10 @@ def fit(run: Run) -> FitStats:
     if run.teacher is not None:
         run.teacher.eval()
     with StopSignals() as signals:
+        timer = StepTimer(device)
         while run.step < total_steps:
             t0 = time.time()
+            timer.start()
             torch.manual_seed(_step_seed(cfg.train.seed, env.rank, run.step))
             epoch_before = loader.epoch
             loop_active = _loop_active(cfg, epoch_before)
@@ -468,6 +470,7 @@ def fit(run: Run) -> FitStats:
             for p in params:
                 if p.grad is None:  # e.g. a block skipped by stochastic depth (the same on every rank)
                     p.grad = torch.zeros_like(p)
+            timer.mark("fwd_bwd")
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
             if cfg.optim.clip_scope == "local" and math.isfinite(max_norm):
                 torch.nn.utils.clip_grad_norm_(params, max_norm)  # this rank's gradient, before the average
@@ -479,6 +482,7 @@ def fit(run: Run) -> FitStats:
                 distributed.all_reduce_mean([loss_sum, stop], env)
             else:
                 distributed.all_reduce_mean([p.grad for p in params] + [loss_sum, stop], env)
+            timer.mark("comm")
             train_loss = loss_sum.item() / run.accum
             if not math.isfinite(train_loss):
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
@@ -492,6 +496,8 @@ def fit(run: Run) -> FitStats:
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
                 opt.step()
             opt.zero_grad()
+            timer.mark("opt")
+            parts = timer.finish()  # the device has finished the step: its time is read now
             run.step += 1
             step = run.step
             if run.shard is not None and env.distributed and step == first_step + 1:
@@ -509,7 +515,8 @@ def fit(run: Run) -> FitStats:
                          f"elapsed {fmt_time(run.elapsed_before_s + time.time() - t_loop)} | ETA {fmt_time(eta)}")
                 log.metrics({"kind": "train", "step": step, "epoch": loader.epochs_done, "loss": train_loss,
                              "lr_mult": lr_mult, "wd_mult": wd_mult, "grad_norm": gnorm, "tokens_per_s": tok_s,
-                             "step_s": dt, "tokens": step * run.tokens_per_step})
+                             "step_s": dt, **{f"{k}_s": v for k, v in parts.items()},
+                             "tokens": step * run.tokens_per_step})
             log.progress(step)
 
             cycle = sched.cycle_end(step - 1)
