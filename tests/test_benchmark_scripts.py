@@ -106,3 +106,39 @@ def test_summary_names_a_missing_file_or_a_wrong_argument_in_one_line(tmp_path):
         r = summary(*args)
         assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert summary("--help").stdout.startswith("Markdown tables")
+
+
+def test_gpu_session_summary_projects_the_1_hour_track_from_the_two_stages(tmp_path):
+    """The summary stage reads the loop-off and loop-on stages' step times: the 1-hour track's
+    2,097 steps, looped from epoch 7 of 11 (953 steps), at those times; a failed stage is said."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_session
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "gpu"
+    out.mkdir()
+    for loop, step_s in (("off", 1.5), ("on", 1.9)):
+        (out / f"limited_loop_{loop}.json").write_text(json.dumps({"step_s": step_s, "mfu": 0.4}))
+    assert gpu_session.main(["summary", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["looped_steps"] == 953 and s["projected_8gpu_min"] == pytest.approx((1144 * 1.5 + 953 * 1.9) / 60)
+    (out / "limited_loop_on.json").write_text(json.dumps({"error": "timed out after 200 s"}))
+    assert gpu_session.main(["summary", "--out", str(out)]) == 1
+    assert "loop on" in json.loads((out / "summary.json").read_text())["error"]
+
+
+@pytest.mark.slow
+@needs_shell
+def test_gpu_session_rehearses_offline_on_the_cpu(tmp_path):
+    """REHEARSE=1 runs every stage at toy size on the CPU, each writing its JSON (~3 minutes)."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(tmp_path / "out"),
+           "DATA": str(tmp_path / "data"), "REHEARSE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    files = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").iterdir()}
+    assert sorted(files) == ["attention.json", "env.json", "limited_loop_off.json", "limited_loop_on.json", "summary.json"]
+    assert not any("error" in v for v in files.values())
+    assert files["limited_loop_off.json"]["graph_breaks"] == 0 and files["limited_loop_off.json"]["graphs"] == 1
+    assert files["limited_loop_on.json"]["graph_breaks"] == 0 and files["limited_loop_on.json"]["graphs"] == 1
