@@ -7,7 +7,7 @@
 # The GPU machine has no network. Prepare here, then carry `.whl` and `data/gpu-session`:
 #   bash benchmarks/gpu_wheels.sh                       # tomli-w (and heavyball) as wheels, in .whl/
 #   slowrun prepare --tokenizer gpt2 --train-tokens 2M --val-tokens 65536 --test-tokens 0 \
-#     --out data/gpu-session --no-progress               # ~4.5 MB of GPT-2 tokens
+#     --out data/gpu-session --no-progress               # 4.2 MB of GPT-2 tokens
 # and on the GPU machine (device tool: carry [".whl", "data/gpu-session"]):
 #   bash benchmarks/gpu_session.sh
 # Rehearsal on a CPU (toy sizes, float32, no network needed): REHEARSE=1 bash benchmarks/gpu_session.sh
