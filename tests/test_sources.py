@@ -80,3 +80,50 @@ def test_a_pickled_npy_is_refused_in_one_line(tmp_path):
     np.save(tmp_path / "evil.npy", np.array([{"payload": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DatasetError, match="evil.npy: not a plain numeric array"):
         load_array(tmp_path / "evil.npy")
+
+
+def _bad_byte_txt(path, at=1000):
+    """A 3,000-line UTF-8 text with one stray byte (\\xff) at byte `at`."""
+    text = "\n".join(f"Café naïve line {i} of the quick brown fox." for i in range(3000)).encode()
+    path.write_bytes(text[:at] + b"\xff" + text[at + 1:])
+    return text
+
+
+def test_a_stray_byte_in_a_txt_is_refused_with_its_offset(tmp_path):
+    """Not decoded whole in another encoding nor replaced silently: the file and byte are named."""
+    f = tmp_path / "bad.txt"
+    _bad_byte_txt(f)
+    with pytest.raises(SourceError, match=r"bad.txt: not valid utf-8 at byte 1,000 \(line 23\).*--encoding"):
+        local_corpus(f, separator="\n")
+    r = subprocess.run([sys.executable, "-m", "slowrun", "prepare", "--source", str(f), "--separator", "\\n",
+                        "--tokenizer", "gpt2", "--train-tokens", "2k", "--val-tokens", "200", "--test-tokens", "200",
+                        "--out", str(tmp_path / "ds"), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "bad.txt: not valid utf-8 at byte 1,000" in r.stderr and not (tmp_path / "ds").exists()
+
+
+def test_a_stray_byte_in_a_jsonl_is_refused_with_its_line(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_bytes(json.dumps({"text": "fine"}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(SourceError, match=r"docs.jsonl: not valid utf-8 at byte 30 \(line 2\)"):
+        local_corpus(f)
+
+
+def test_encoding_the_user_chooses(tmp_path):
+    f = tmp_path / "latin.txt"
+    f.write_bytes("Café naïve\n===\nÉtude à deux\n".encode("cp1252"))
+    assert local_corpus(f, separator="===", encoding="cp1252").heldout == ["Café naïve", "Étude à deux"]
+    with pytest.raises(SourceError, match="--encoding klingon: unknown"):
+        local_corpus(f, encoding="klingon")
+    from slowrun.prepare import PrepareConfig, prepare
+
+    out = prepare(PrepareConfig(source=str(f), separator="===", tokenizer="gpt2", train_tokens=2, val_tokens=2,
+                                test_tokens=0, out=str(tmp_path / "ds"), encoding="cp1252", progress=False))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["encoding"] == "cp1252" and manifest["source"]["encoding"] == "cp1252"
+    # the default encoding is left out of the parameters, so datasets prepared before --encoding stay the same
+    utf = tmp_path / "utf.txt"
+    utf.write_text("one\n===\ntwo\n===\nthree", encoding="utf-8")
+    out = prepare(PrepareConfig(source=str(utf), separator="===", tokenizer="gpt2", train_tokens=2, val_tokens=2,
+                                test_tokens=0, out=str(tmp_path / "ds2"), progress=False))
+    assert "encoding" not in json.loads((out / "manifest.json").read_text())["params"]

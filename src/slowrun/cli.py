@@ -66,6 +66,8 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--separator", default=None, help="split .txt files into documents at this string (default: one document per file); \\n escapes allowed")
     p.add_argument("--text-field", default="text", help="text field/column of .jsonl, .parquet and hf sources (default text)")
     p.add_argument("--data-files", nargs="+", default=None, help="hf: local data files (e.g. --source hf:parquet --data-files a.parquet)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of .txt and .jsonl files (default utf-8); decoded strictly: "
+                   "a byte that is not valid in it stops prepare with the file and byte offset")
     p.add_argument("--force", action="store_true", help="replace an output directory that holds a different dataset")
     p.add_argument("--threads", type=int, default=0, help="tokenizer threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -86,7 +88,8 @@ def _run_prepare(a: argparse.Namespace) -> int:
     sep = a.separator.encode().decode("unicode_escape") if a.separator else None
     cfg = PrepareConfig(source=a.source, tokenizer=a.tokenizer, train_tokens=a.train_tokens, val_tokens=a.val_tokens,
                         test_tokens=a.test_tokens, out=a.out, seed=a.seed, separator=sep, text_field=a.text_field,
-                        data_files=a.data_files, force=a.force, progress=not a.no_progress, threads=a.threads)
+                        data_files=a.data_files, encoding=a.encoding, force=a.force, progress=not a.no_progress,
+                        threads=a.threads)
     t0 = time.time()
     out = prepare(cfg)
     ds = Dataset.open(out, verify=False)

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import SlowrunError, __version__
-from .sources import Corpus, SourceError, open_source
+from .sources import Corpus, SourceError, check_encoding, open_source
 from .storage import atomic_directory, atomic_write_text, exclusive_lock, sha256_file, sha256_json
 from .tokenizer import GPT2Tokenizer, HFTokenizer, Tokenizer, parse_tokenizer_spec, token_byte_lengths, tokenizer_fingerprint
 
@@ -54,6 +54,7 @@ class PrepareConfig:
     seed: int = 0  # seed of the document shuffle
     separator: str | None = None  # split .txt files into documents at this string (default: one document per file)
     text_field: str = "text"  # field/column holding the text in .jsonl/.parquet/hf sources
+    encoding: str = "utf-8"  # text encoding of .txt/.jsonl files, decoded strictly (a bad byte is an error)
     data_files: list[str] | None = None  # hf: local data files (e.g. hf:parquet with parquet files)
     force: bool = False  # replace an output directory that holds a different dataset
     progress: bool = True  # show a progress bar
@@ -69,11 +70,17 @@ class PrepareConfig:
             raise PrepareError("--train-tokens and --val-tokens must be > 0")
         if self.batch_docs < 1:
             raise PrepareError(f"--batch-docs: must be >= 1, got {self.batch_docs}")
+        try:
+            check_encoding(self.encoding)
+        except SourceError as e:
+            raise PrepareError(str(e)) from None
 
     def creation_params(self) -> dict:
         d = asdict(self)
         for k in ("out", "force", "progress", "threads", "batch_docs"):
             d.pop(k)
+        if d["encoding"] == "utf-8":  # the default is left out: datasets made before --encoding keep their parameters
+            d.pop("encoding")
         return d
 
 
@@ -211,7 +218,7 @@ def _prepare_locked(cfg: PrepareConfig, out: Path) -> Path:
             raise PrepareError(f"--out {out}: already holds {what}; use --force to replace it")
 
     try:
-        corpus = open_source(cfg.source, cfg.separator, cfg.text_field, cfg.data_files)
+        corpus = open_source(cfg.source, cfg.separator, cfg.text_field, cfg.data_files, cfg.encoding)
     except SourceError as e:
         raise PrepareError(str(e)) from None
     heldout = corpus.heldout

@@ -175,22 +175,57 @@ BINARY_MAGIC = {b"\x93NUMPY": "a numpy array", b"PK\x03\x04": "a zip archive (.n
                 b"\x1f\x8b": "gzip-compressed", b"PAR1": "parquet without the .parquet suffix"}
 
 
-def _read_txt(path: Path, separator: str | None) -> list[str]:
-    """A text file (undecodable bytes replaced, as web text has some); a binary file is refused."""
+def check_encoding(encoding: str) -> str:
+    """The name of a text encoding Python knows (`--encoding`), or an error naming the flag."""
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise SourceError(f"--encoding {encoding}: unknown (e.g. utf-8, cp1252, latin-1, utf-16)") from None
+    return encoding
+
+
+def _decode(raw: bytes, path: Path, encoding: str) -> str:
+    """`raw` decoded strictly: one bad byte is an error naming the file, the byte and its line,
+    never a file decoded whole in another encoding or with characters silently replaced."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise SourceError(f"{path}: not valid {encoding} at byte {e.start:,} (line {line}): "
+                          f"{raw[e.start:e.end]!r}; if the file is in another encoding, pass it as --encoding "
+                          "(e.g. --encoding cp1252)") from None
+
+
+def _read_txt(path: Path, separator: str | None, encoding: str = "utf-8") -> list[str]:
+    """A text file, decoded strictly in `encoding`; a binary file is refused."""
     with open(path, "rb") as f:
         head = f.read(8192)
-    kind = next((k for magic, k in BINARY_MAGIC.items() if head.startswith(magic)), "binary (NUL bytes)" if b"\0" in head else None)
+    wide = b"\0" in "\n".encode(encoding)  # utf-16/32 text holds NUL bytes
+    kind = next((k for magic, k in BINARY_MAGIC.items() if head.startswith(magic)),
+                "binary (NUL bytes)" if b"\0" in head and not wide else None)
     if kind is not None:
         raise SourceError(f"--source {path}: {kind}, not text (sources: .txt, .jsonl, .parquet, a .pt tokens file, "
                           "a directory of them, builtin or hf:DATASET)")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = _decode(path.read_bytes(), path, encoding)
     parts = text.split(separator) if separator else [text]
     return [p.strip() for p in parts if p.strip()]
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+def _read_jsonl(path: Path, text_field: str, encoding: str = "utf-8") -> Iterator[str]:
+    if "\n".encode(encoding) != b"\n":  # lines are split as bytes
+        raise SourceError(f"{path}: --encoding {encoding}: .jsonl files are read in an encoding whose newline is one byte "
+                          "(utf-8, cp1252, latin-1, ...)")
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                raise SourceError(f"{path}: not valid {encoding} at byte {offset + e.start:,} (line {lineno}): "
+                                  f"{raw[e.start:e.end]!r}; if the file is in another encoding, pass it as --encoding") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -223,22 +258,24 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
                 yield text
 
 
-def local_corpus(path: Path, separator: str | None = None, text_field: str = "text") -> Corpus:
+def local_corpus(path: Path, separator: str | None = None, text_field: str = "text", encoding: str = "utf-8") -> Corpus:
+    check_encoding(encoding)
     if not path.exists():
         raise SourceError(f"--source {path}: no such file or directory")
     docs: list[str] = []
     files = _iter_files(path)
     for f in files:
         if f.suffix == ".jsonl":
-            docs.extend(_read_jsonl(f, text_field))
+            docs.extend(_read_jsonl(f, text_field, encoding))
         elif f.suffix == ".parquet":
             docs.extend(_read_parquet(f, text_field))
         elif f.suffix == ".txt" or path.is_file():
             try:
-                docs.extend(_read_txt(f, separator))
+                docs.extend(_read_txt(f, separator, encoding))
             except OSError as e:
                 raise SourceError(f"--source {f}: cannot read ({e.strerror})") from None
-    desc = {"kind": "local", "path": str(path.resolve()), "files": len(files), "separator": separator, "text_field": text_field}
+    desc = {"kind": "local", "path": str(path.resolve()), "files": len(files), "separator": separator, "text_field": text_field,
+            **({"encoding": encoding} if encoding != "utf-8" else {})}
     return Corpus(desc, docs)
 
 
@@ -340,7 +377,7 @@ def require_source(spec: str) -> None:
 
 
 def open_source(spec: str, separator: str | None = None, text_field: str = "text",
-                data_files: list[str] | None = None) -> Corpus:
+                data_files: list[str] | None = None, encoding: str = "utf-8") -> Corpus:
     """Dispatch on `--source`: builtin, hf:..., a .pt file or reference directory, or local files."""
     if spec == "builtin":
         return builtin_corpus()
@@ -349,4 +386,4 @@ def open_source(spec: str, separator: str | None = None, text_field: str = "text
     path = Path(spec)
     if path.suffix == ".pt" or (path.is_dir() and (path / "fineweb_val.pt").is_file()):
         return pt_corpus(path)
-    return local_corpus(path, separator, text_field)
+    return local_corpus(path, separator, text_field, encoding)

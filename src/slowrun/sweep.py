@@ -84,7 +84,8 @@ def nested_dataset(base: Dataset, budget: float, out: Path, progress: bool = Fal
     train_tokens = int(round(base.num_tokens("train") * budget))
     cfg = PrepareConfig(source=params["source"], tokenizer=tok, train_tokens=train_tokens, val_tokens=params["val_tokens"],
                         test_tokens=params["test_tokens"], out=str(out), seed=params["seed"], separator=params.get("separator"),
-                        text_field=params.get("text_field", "text"), data_files=params.get("data_files"), progress=progress)
+                        text_field=params.get("text_field", "text"), data_files=params.get("data_files"),
+                        encoding=params.get("encoding", "utf-8"), progress=progress)
     ds = Dataset.open(prepare(cfg))
     if ds.fingerprint != base.fingerprint:
         raise SweepError(f"{out}: val/test/tokenizer differ from {base.path}; budgets would not be comparable")
