@@ -1,8 +1,10 @@
 import json
+import os
 import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -402,3 +404,86 @@ def test_val_loss_on_the_references_files_equals_the_references_way(tmp_path):
     ours = evaluate(model, split_tokens(ds, "val", T, cfg.eval.reference_batch), T, ds.token_bytes)
     assert ds.num_tokens("val") == len(raw) and ds.num_tokens("test") == 0
     assert ours.targets == count < n * T and abs(ours.loss - total / count) < 1e-4
+
+
+# leftovers and limits --------------------------------------------------------------------
+
+
+KILL_DURING_PREPARE = """
+import os, signal, sys
+import slowrun.prepare as prep
+real_add, calls = prep._SplitWriter.add, [0]
+def add(self, ids):  # SIGKILL half-way through writing the splits: nothing of prepare's own runs after it
+    calls[0] += 1
+    if calls[0] == 30:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_add(self, ids)
+prep._SplitWriter.add = add
+prep.prepare(prep.PrepareConfig(source="builtin", tokenizer="gpt2", train_tokens=20_000, val_tokens=4_000, test_tokens=4_000,
+                                out=sys.argv[1], progress=False))
+"""
+
+
+def test_a_killed_prepares_leftovers_are_removed_by_the_next(tmp_path, prepare_dataset):
+    out = tmp_path / "ds"
+    r = subprocess.run([sys.executable, "-c", KILL_DURING_PREPARE, str(out)], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    left = [p.name for p in tmp_path.iterdir() if p.name != ".ds.lock"]  # the lock's file is empty, and taken again
+    assert len(left) == 1 and left[0].startswith(".ds.") and left[0].endswith(".partial")  # what a SIGKILL leaves
+    (tmp_path / ".ds.old-12345").mkdir()  # a copy moved aside by a --force replace killed before removing it
+    other = tmp_path / ".ds2.abcd_123.partial"  # another --out's: not this prepare's to remove
+    other.mkdir()
+    prepare_dataset(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds2.abcd_123.partial", "ds"]
+    # the same again with the dataset already there (nothing to prepare): the leftovers still go
+    stale = tmp_path / ".ds.zz99zz99.partial"
+    stale.mkdir()
+    prepare_dataset(out)
+    assert not stale.exists()
+
+
+def test_a_live_prepares_build_directory_is_never_removed(tmp_path):
+    from slowrun.storage import BusyError, exclusive_lock
+
+    out = tmp_path / "data"
+    live = tmp_path / ".data.abcdefgh.partial"
+    with exclusive_lock(tmp_path / ".data.lock", f"--out {out}"):  # as a prepare that is writing it holds
+        live.mkdir()
+        with pytest.raises(BusyError):
+            prepare(PrepareConfig(source="builtin", tokenizer="gpt2", train_tokens=1000, val_tokens=1000,
+                                  test_tokens=1000, out=str(out), progress=False))
+        assert live.is_dir()
+
+
+def test_a_replace_killed_between_its_renames_gets_the_old_dataset_back(tmp_path, prepare_dataset):
+    """`--force` moves the old dataset aside, then renames the new one in: killed in between, the
+    old one is put back (the new one was never complete as far as anyone knows)."""
+    out = prepare_dataset(tmp_path / "ds")
+    before = Dataset.open(out).manifest
+    out.rename(tmp_path / ".ds.old-4242")
+    (tmp_path / ".ds.q1w2e3r4.partial").mkdir()
+    assert prepare_dataset(out) == out and Dataset.open(out, verify=True).manifest == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+THREAD_CPU = """
+import os, sys
+from slowrun.cli import main
+rc = main(["prepare", "--tokenizer", sys.argv[2], "--train-tokens", "300k", "--val-tokens", "20k", "--test-tokens", "20k",
+           "--out", sys.argv[1], "--no-progress", "--threads", "1"])
+f = open(f"/proc/self/task/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()
+main_s = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+t = os.times()  # the whole process: its threads too, also those that have ended
+print(rc, main_s, t.user + t.system - main_s)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread CPU times are read from /proc")
+@pytest.mark.parametrize("tokenizer", ["bpe:512", "gpt2"])
+def test_threads_1_keeps_prepare_on_one_thread(tmp_path, tokenizer):
+    """--threads 1: the BPE's training and the tokenization run on the main thread, no pool beside it."""
+    r = subprocess.run([sys.executable, "-c", THREAD_CPU, str(tmp_path / "ds"), tokenizer], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    rc, main_s, others_s = r.stdout.split()[-3:]
+    assert rc == "0" and float(main_s) > 0.3 and float(others_s) < 0.05 * float(main_s) + 0.02, r.stdout

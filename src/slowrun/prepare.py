@@ -20,7 +20,9 @@ test files, which the data-efficiency curve relies on.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from . import SlowrunError, __version__
 from .sources import Corpus, SourceError, check_encoding, open_source
-from .storage import atomic_directory, atomic_write_text, exclusive_lock, sha256_file, sha256_json
+from .storage import atomic_directory, atomic_write_text, exclusive_lock, remove_leftovers, sha256_file, sha256_json
 from .tokenizer import GPT2Tokenizer, HFTokenizer, Tokenizer, parse_tokenizer_spec, token_byte_lengths, tokenizer_fingerprint
 
 SPLITS = ("val", "test", "train")  # the order in which documents are assigned
@@ -199,8 +201,29 @@ def prepare(cfg: PrepareConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise PrepareError(f"--out {out}: exists and is not a directory")
-    with exclusive_lock(out.parent / f".{out.name}.lock", f"--out {out}"):
+    with exclusive_lock(out.parent / f".{out.name}.lock", f"--out {out}"), _thread_limit(cfg.threads):
+        remove_leftovers(out)  # a killed prepare's build directory: no live one writes it while we hold the lock
         return _prepare_locked(cfg, out)
+
+
+@contextlib.contextmanager
+def _thread_limit(threads: int):
+    """`--threads N` for the HF tokenizers' pool (BPE training and encoding) as for tiktoken's:
+    one thread runs them without a pool; more size the pool, which its first use creates."""
+    if threads <= 0:
+        yield
+        return
+    limit = {"TOKENIZERS_PARALLELISM": "false"} if threads == 1 else {"RAYON_NUM_THREADS": str(threads)}
+    before = {k: os.environ.get(k) for k in limit}
+    os.environ.update(limit)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _prepare_locked(cfg: PrepareConfig, out: Path) -> Path:

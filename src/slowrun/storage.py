@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -113,6 +114,26 @@ def atomic_directory(final: str | Path, force: bool = False) -> Iterator[Path]:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(final: str | Path) -> list[str]:
+    """Remove what a killed `atomic_directory(final)` left beside `final`: its build directories
+    (`.NAME.XXXXXXXX.partial`) and an old copy a `force` replace had moved aside (`.NAME.old-PID`).
+    Killed between its two renames, the replace leaves no `final` but the old copy: that is put
+    back. Call it only holding the lock every writer of `final` takes, so that none is live.
+    Returns the names removed."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    mine = re.compile(rf"\.{re.escape(final.name)}\.(?:[a-z0-9_]{{8}}\.partial|old-\d+)")  # mkdtemp's 8 characters
+    found = sorted(p for p in final.parent.iterdir() if mine.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+    olds = [p for p in found if ".old-" in p.name]
+    if olds and not final.exists():
+        os.replace(olds[-1], final)
+        found.remove(olds[-1])
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in found]
 
 
 @contextlib.contextmanager

@@ -74,6 +74,8 @@ class GPT2Tokenizer:
         self.threads = threads or max(1, os.cpu_count() or 1)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.threads == 1:  # on this thread: tiktoken's batch call hands even one thread's work to a pool
+            return [self._enc.encode_ordinary(t) for t in texts]
         return self._enc.encode_ordinary_batch(texts, num_threads=self.threads)
 
     def encode(self, text: str) -> list[int]:
