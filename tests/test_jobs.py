@@ -1,6 +1,9 @@
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +176,135 @@ def test_running_jobs_report_their_step_and_eta(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seeds: 0/2 done; running: 1x/depth=2_seed=0 1/10" in out
     assert re.search(r"seeds: 1/2 done, all ETA 0m0[1-5]s; running: 1x/depth=2_seed=1", out), out
+
+
+# A stand-in for `slowrun train` that fails: a traceback on stderr, or killed by a signal.
+FAILING = """
+import os, signal, sys
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+raise ValueError("split of 4000 tokens is shorter than one chunk of 16385")
+"""
+
+
+class FailingJob(TrainJob):
+    def command(self, threads: int = -1, nproc: int = 1) -> list[str]:
+        return [sys.executable, "-c", FAILING, self.tag["how"]]
+
+
+def test_failed_jobs_are_one_line_each(tmp_path):
+    """issue 35, item 1: a failure is the last line of the job's stderr (no traceback), a job
+    killed by a signal says which; the error a runner raises names every failed job on a line
+    of its own."""
+    from slowrun.jobs import JobsFailed
+
+    jobs = [FailingJob(tmp_path / "runs" / how, "smoke", tmp_path, tag={"how": how}) for how in ("raise", "kill")]
+    failures = run_jobs(jobs, parallel=2, progress=False)
+    assert failures == {jobs[0].run_dir: "ValueError: split of 4000 tokens is shorter than one chunk of 16385",
+                        jobs[1].run_dir: "killed by SIGKILL"}
+    e = JobsFailed(failures, "the curve was not written")
+    assert str(e).splitlines() == ["2 run(s) failed; the curve was not written:",  # in the run directories' order
+                                   f"  {jobs[1].run_dir}: killed by SIGKILL",
+                                   f"  {jobs[0].run_dir}: ValueError: split of 4000 tokens is shorter than one chunk of 16385"]
+
+
+# A stand-in for `slowrun train` that stops as a run does: on SIGINT or SIGTERM it finishes its
+# "step", "checkpoints" and exits 128 + the signal. It notes its pid and its parent's once its
+# handlers are in place, and every signal it got (a second one would stop a real run at once,
+# without its checkpoint). RANK is set by torchrun.
+TRAINER = """
+import os, signal, sys, time
+run_dir, rank = sys.argv[1], os.environ.get("RANK", "0")
+os.makedirs(run_dir, exist_ok=True)
+got = []
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, lambda s, f: got.append(s))
+with open(os.path.join(run_dir, f"pid{rank}.tmp"), "w") as f:
+    f.write(f"{os.getpid()} {os.getppid()}")
+os.rename(os.path.join(run_dir, f"pid{rank}.tmp"), os.path.join(run_dir, f"pid{rank}"))
+t0 = time.time()
+while not got and time.time() - t0 < 60:  # never outlives the test by long
+    time.sleep(0.05)
+time.sleep(0.5)  # the rest of the step, then the checkpoint
+with open(os.path.join(run_dir, f"stopped{rank}"), "w") as f:
+    f.write(" ".join(map(str, got)))
+sys.exit(128 + got[0] if got else 1)
+"""
+
+# `slowrun ensemble` whose members are the stand-in above (through torchrun with --gpus-per-job
+# 2, on two pretended devices): the real command-line path, its exit code and its message.
+RUNNER = """
+import sys
+from slowrun import jobs
+from slowrun.cli import main
+
+trainer = sys.argv[1]
+
+def command(self, threads=-1, nproc=1):
+    launch = jobs.torchrun(nproc) if nproc > 1 else [sys.executable]
+    return launch + [trainer, str(self.run_dir)]
+
+jobs.TrainJob.command = command
+jobs.device_ids = lambda num_devices=None: ["0", "1"] if "--gpus-per-job" in sys.argv else []
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").is_file() or Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def _stop_runner(tmp_path, bpe_ds, args, signum, ranks):
+    """Start the runner, wait until each rank of the first member has its handlers in place,
+    send `signum` to the runner alone; returns (runner's result, the ranks' pid files' pids)."""
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(TRAINER)
+    run_dir = tmp_path / "ens"
+    cmd = [sys.executable, "-c", RUNNER, str(trainer), "ensemble", "--recipe", "smoke", "--data", str(bpe_ds),
+           "--run-dir", str(run_dir), "--no-progress", *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        pid_files = [run_dir / f"member_{m}" / f"pid{r}" for m, r in ranks]
+        t0 = time.time()
+        while not all(f.is_file() for f in pid_files):
+            assert p.poll() is None and time.time() - t0 < 60, p.communicate()
+            time.sleep(0.05)
+        pids = [int(x) for f in pid_files for x in f.read_text().split()]  # each rank, its parent (the runner or torchrun)
+        os.kill(p.pid, signum)
+        out, err = p.communicate(timeout=30)
+        return subprocess.CompletedProcess(cmd, p.returncode, out, err), pids
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for pid in pids:  # an orphan of the code under test: never left running
+            if pid != p.pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_stops_the_running_jobs_and_starts_no_more(tmp_path, bpe_ds):
+    """issue 35, item 2: SIGTERM to a job runner reaches each running job once (it checkpoints
+    and exits), starts no further job, waits for them and says in one line how to resume."""
+    r, pids = _stop_runner(tmp_path, bpe_ds, ["--members", "3", "--jobs", "2"], signal.SIGTERM, [(0, 0), (1, 0)])
+    assert r.returncode == 143, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "SIGTERM" in r.stderr and "same command" in r.stderr
+    for m in (0, 1):  # each got the signal once: a second one would have stopped it before its checkpoint
+        assert (tmp_path / "ens" / f"member_{m}" / "stopped0").read_text() == str(int(signal.SIGTERM))
+    assert not (tmp_path / "ens" / "member_2").exists()  # never started
+    assert not any(_alive(pid) for pid in pids[::2])  # no orphan
+
+
+def test_sigint_stops_a_torchrun_job_and_its_ranks(tmp_path, bpe_ds):
+    """issue 35, item 2: with --gpus-per-job 2 a job is torchrun and its ranks: SIGINT to the
+    runner reaches each rank once (through torchrun), and none of them outlives the runner."""
+    r, pids = _stop_runner(tmp_path, bpe_ds, ["--members", "1", "--gpus-per-job", "2"], signal.SIGINT, [(0, 0), (0, 1)])
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.strip().endswith("run the same command again to resume")
+    for rank in (0, 1):
+        assert (tmp_path / "ens" / "member_0" / f"stopped{rank}").read_text() == str(int(signal.SIGINT))
+    assert not any(_alive(pid) for pid in pids)  # the ranks and torchrun

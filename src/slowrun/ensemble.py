@@ -33,7 +33,7 @@ from .dataset import COMPARABLE, Dataset, DatasetError, read_manifest, require_c
 from .distributed import resolve_device
 from .evaluate import autocast, chunk_batches, prob_average, split_tokens, summarize, target_byte_counts, target_logprobs
 from .gpt import GPT
-from .jobs import TrainJob, run_jobs
+from .jobs import JobsFailed, TrainJob, run_jobs
 from .loader import fitness_slice
 from .results import RESULT_FILE, VARIANT_FILES, is_ensemble, read_result
 from .storage import atomic_write_json
@@ -311,11 +311,11 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
                                       "distill.alpha": alpha, "distill.temperature": temperature})
             failures = run_jobs([job], 1, threads, progress, desc=f"member {k}", gpus_per_job=gpus_per_job)
             if failures:
-                raise EnsembleError(f"member {k} failed: {failures[job.run_dir]}")
+                raise JobsFailed(failures, f"member {k} teaches the next: no later member was trained")
     else:
         failures = run_jobs(jobs, parallel, threads, progress, desc="members", gpus_per_job=gpus_per_job)
         if failures:
-            raise EnsembleError("members failed: " + "; ".join(f"{p.name}: {e}" for p, e in failures.items()))
+            raise JobsFailed(failures, "the ensemble was not evaluated")
     t_eval = time.time()
     members_elapsed = t_eval - t_members
     result = evaluate_ensemble([str(j.run_dir) for j in jobs], data, fitness_tokens=fitness_tokens, select=select, log=log)

@@ -15,6 +15,13 @@ with no device assignment.
 A run takes minutes to hours, so while jobs run their progress is read from their log.txt
 (the trainer's step line: step, total, ETA): shown beside the bar, or, without a bar, printed
 as one line every few minutes for the logs of long unattended sweeps.
+
+Faults: a job that fails is one line (the last line of its stderr, or the signal that killed
+it); the caller raises `JobsFailed` naming every one, so a runner never exits 0 with a failed
+job. Stopping: each job runs in a process group of its own (a Ctrl-C at the terminal reaches
+the runner alone), and SIGINT, SIGTERM or SIGHUP to the runner is passed on to every running
+job, which checkpoints and exits as a run does; the runner starts no other job, waits for them
+and raises `JobsInterrupted` (exit 128 + the signal): the same command again resumes them.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -39,6 +47,27 @@ from .runlog import fmt_time
 
 class PlacementError(SlowrunError):
     pass
+
+
+class JobsFailed(SlowrunError):
+    """Jobs that failed, one line each (run directory: its error, in the directories' order),
+    after a head line saying what the command kept or skipped because of them. `partial` is
+    what the command still wrote (a curve, a table), for the command line to print first."""
+
+    def __init__(self, failures: dict[Path, str], what: str = "", partial: Any = None) -> None:
+        self.failures, self.partial = dict(failures), partial
+        head = f"{len(failures)} run(s) failed" + (f"; {what}" if what else "") + ":"
+        lines = [f"  {d}: {e}" for d, e in sorted(failures.items(), key=lambda x: str(x[0]))]
+        super().__init__("\n".join([head] + lines))
+
+
+class JobsInterrupted(KeyboardInterrupt):
+    """A signal stopped a job runner once its running jobs had stopped; `exit_code` is 128 + the
+    signal number (the command line exits with it, as `train` does)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def device_ids(num_devices: int | None = None) -> list[str]:
@@ -107,6 +136,82 @@ class TrainJob:
         return json.loads((self.run_dir / "result.json").read_text())
 
 
+# the signals a job runner passes on to its jobs, as the signal they get (`slowrun train` checkpoints
+# on SIGINT and SIGTERM; SIGHUP would kill it before its checkpoint)
+FORWARD = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+# how long torchrun waits for its ranks to stop after passing a signal on, before SIGKILL (its
+# default, 30 s, can be shorter than a step, an evaluation and a checkpoint of a large model)
+TORCHRUN_SHUTDOWN_S = 600
+
+
+class Children:
+    """The running jobs' processes. Each starts in a session (so a process group) of its own:
+    a Ctrl-C at the terminal reaches the runner alone, and the runner passes it on once.
+
+    While active in the main thread, SIGINT, SIGTERM and SIGHUP (unless ignored, as under
+    `nohup`) set `signum`, stop new jobs from starting and are passed on to every running job's
+    process group (`FORWARD`); a second signal is passed on too (a run then stops at once).
+    torchrun passes a signal on to its ranks (their own sessions) and waits for them."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._procs: list[subprocess.Popen] = []
+        self._lock = threading.Lock()  # never taken by the main thread but in the handler
+        self._previous: dict[int, Any] = {}
+
+    def start(self, cmd: list[str], env: dict[str, str] | None) -> subprocess.Popen | None:
+        """The job's process, or None once a signal came (the job is left for the next run)."""
+        with self._lock:
+            if self.signum is not None:
+                return None
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                 start_new_session=True)
+            self._procs.append(p)
+            return p
+
+    def wait(self, p: subprocess.Popen) -> tuple[int, str, str]:
+        out, err = p.communicate()
+        with self._lock:
+            self._procs.remove(p)
+        return p.returncode, out, err
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+        with self._lock:
+            for p in self._procs:
+                if p.returncode is None:
+                    try:
+                        os.killpg(p.pid, FORWARD[signal.Signals(signum)])
+                    except (ProcessLookupError, PermissionError):  # it has just ended
+                        pass
+
+    def __enter__(self) -> "Children":
+        if threading.current_thread() is threading.main_thread():
+            for s in FORWARD:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def failure_line(returncode: int, stderr: str, stdout: str = "") -> str:
+    """A failed job in one line: the last line of its stderr (a traceback's is the error), else the
+    signal that killed it or its exit code."""
+    lines = (stderr or stdout).strip().splitlines()
+    if lines:
+        return lines[-1]
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            pass
+    return f"exit code {returncode}"
+
+
 STEP_LINE = re.compile(r"step\s+(\d+)/(\d+) .*\| ETA (\S+)")
 
 
@@ -131,8 +236,10 @@ def job_status(job: TrainJob) -> str | None:
 def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progress: bool = True,
              desc: str = "runs", on_done: Callable[[TrainJob], None] | None = None,
              gpus_per_job: int = 1, num_devices: int | None = None, status_every_s: float | None = None) -> dict[Path, str]:
-    """Train every unfinished job; returns failures (run dir -> last error line).
-    `on_done(job)` is called (one at a time) as soon as each job has finished, e.g. to record it.
+    """Train every unfinished job; returns failures (run dir -> its error in one line: the caller
+    raises `JobsFailed`, or says why a failure is no fault). `on_done(job)` is called (one at a
+    time) as soon as each job has finished, e.g. to record it. SIGINT, SIGTERM or SIGHUP stops
+    the running jobs (see `Children`) and raises `JobsInterrupted` once they have ended.
     Every `status_every_s` seconds (default 10 with the bar, 600 without) the running jobs' steps
     and ETAs are shown beside the bar, or printed as one line.
 
@@ -159,8 +266,10 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
     bar = tqdm(total=len(todo), unit="run", desc=desc, disable=not progress, dynamic_ncols=True)
     running: list[TrainJob] = []
     finished = 0  # the bar counts nothing when disabled
+    stopped = 0  # jobs a signal stopped
     t0 = time.time()
     stop = threading.Event()
+    children = Children()
 
     def report_status() -> None:
         while not stop.wait(status_every_s or (10.0 if progress else 600.0)):
@@ -174,22 +283,28 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
                 print(f"{desc}: {n}/{len(todo)} done{eta}; running: " + "; ".join(status), flush=True)
 
     def work(job: TrainJob) -> None:
-        nonlocal finished
+        nonlocal finished, stopped
         job.run_dir.parent.mkdir(parents=True, exist_ok=True)
         held = pool.take(k) if pool is not None else None
-        with lock:
-            running.append(job)
         try:
             env = None if held is None else {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(held)}
-            r = subprocess.run(job.command(threads, k), capture_output=True, text=True, env=env)
+            if k > 1:
+                env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(TORCHRUN_SHUTDOWN_S), **(env or os.environ)}
+            p = children.start(job.command(threads, k), env)
+            if p is None:  # stopped by a signal before it started
+                return
+            with lock:
+                running.append(job)
+            returncode, out, err = children.wait(p)
         finally:
             if held is not None:
                 pool.give(held)
         with lock:
             running.remove(job)
-            if r.returncode != 0:
-                lines = (r.stderr or r.stdout).strip().splitlines()
-                failures[job.run_dir] = lines[-1] if lines else f"exit code {r.returncode}"
+            if returncode != 0 and children.signum is not None:
+                stopped += 1  # by the signal (a run writes a checkpoint): the next call resumes it, no failure
+            elif returncode != 0:
+                failures[job.run_dir] = failure_line(returncode, err, out)
                 bar.write(f"failed: {job.run_dir}: {failures[job.run_dir]}")
             elif on_done is not None:
                 on_done(job)
@@ -199,11 +314,15 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
     reporter = threading.Thread(target=report_status, daemon=True)
     reporter.start()
     try:
-        with ThreadPoolExecutor(max_workers=workers) as ex:
+        with children, ThreadPoolExecutor(max_workers=workers) as ex:
             list(ex.map(work, todo))
     finally:
         stop.set()
         reporter.join()
         bar.set_postfix_str("", refresh=False)  # the finished jobs' last steps are no status
         bar.close()
+    if children.signum is not None:
+        name = signal.Signals(children.signum).name
+        raise JobsInterrupted(f"{name}: stopped {stopped} running job(s) and started no other; "
+                              "run the same command again to resume", 128 + children.signum)
     return failures

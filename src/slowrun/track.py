@@ -191,7 +191,7 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
     Likewise a chain-distilled ensemble's first member has no teacher, so it is copied from
     the plain ensemble's first member when that one is finished."""
     from .ensemble import train_ensemble
-    from .jobs import TrainJob, run_jobs
+    from .jobs import JobsFailed, TrainJob, run_jobs
 
     run_dir = _entry_dir(work, kind, e, data)
     if e.members == 1:
@@ -200,7 +200,7 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
         job = TrainJob(run_dir, e.recipe, data.path, e.overrides)
         failures = run_jobs([job], 1, -1, desc=kind)
         if failures:
-            raise TrackError(f"{kind} entry failed: {failures[run_dir]}")
+            raise JobsFailed(failures, f"the {kind} entry")
         return run_dir, job.result()
     if e.distill and shared is not None and (shared / RESULT_FILE).is_file() and not (run_dir / "member_0").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
