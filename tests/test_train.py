@@ -243,7 +243,7 @@ def test_a_start_stopped_before_its_first_checkpoint_is_replaced_by_a_new_start(
     assert (run / "config.toml").is_file() and not list_checkpoints(run)
     monkeypatch.setattr(GPT, "forward", real)
     train(smoke_config(bpe_ds, **{"train.max_steps": 2, "eval.test": False, "optim.lr": 1e-3}), run)
-    assert "held a start that stopped before its first checkpoint; starting it anew" in capsys.readouterr().out
+    assert "held a start that stopped before its first checkpoint; starting it anew" in capsys.readouterr().err
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("kind") == "train"] == [1, 2]  # the new start's rows only
     assert "loss is nan" not in (run / "log.txt").read_text()
@@ -293,3 +293,48 @@ def test_step_time_is_logged_by_part(bpe_ds, tmp_path):
     for r in steps:
         parts = [r["fwd_bwd_s"], r["comm_s"], r["opt_s"]]
         assert all(p >= 0 for p in parts) and r["fwd_bwd_s"] > 0 and sum(parts) <= r["step_s"] + 1e-6
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"model.seq_len": 4096, "train.batch_tokens": 4096}, r"model.seq_len: 4096 needs .*4,097 tokens.* val split holds 4,000"),
+    ({"eval.reference_batch": 1000}, r"eval.reference_batch: 1000 .* val split holds 121 chunks of 33 tokens"),
+])
+def test_a_val_split_too_short_to_score_is_refused_before_training(bpe_ds, tmp_path, over, message):
+    """Found at setup, before config.toml, not at the first evaluation after the training."""
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        train(smoke_config(bpe_ds, **{"train.max_steps": 1, **over}), run, echo=False)
+    assert not (run / "config.toml").exists() and not list_checkpoints(run)
+
+
+def test_a_resume_at_the_final_evaluation_keeps_the_runs_throughput(bpe_ds, tmp_path, monkeypatch):
+    """Killed during the final evaluation and resumed: no step runs in the resuming process, and
+    result.json's tokens_per_s is still the run's own, not 0.0."""
+    import slowrun.train as train_mod
+
+    run = tmp_path / "run"
+    real = train_mod.final_evaluation
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "final_evaluation", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(smoke_config(bpe_ds, **{"train.max_steps": 4, "eval.max_tokens": 512, "eval.test": False}), run, echo=False)
+    assert not (run / "result.json").exists()
+    monkeypatch.setattr(train_mod, "final_evaluation", real)
+    result = train(None, run, resume=True, echo=False)
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in steps if r.get("kind") == "train"][-1]
+    assert result["steps"] == 4 and result["tokens_per_s"] == pytest.approx(last["tokens_per_s"], rel=1e-3)
+
+
+def test_quiet_still_says_a_failed_start_is_started_anew(bpe_ds, tmp_path, capsys):
+    from slowrun import cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("# a start that stopped before its first checkpoint\n")
+    assert cli.main(["train", "--recipe", "smoke", "--data", str(bpe_ds), "--run-dir", str(run), "--quiet",
+                     "--train.max_steps=1", "--eval.test=false", "--eval.max_tokens=512"]) == 0
+    assert "starting it anew" in capsys.readouterr().err

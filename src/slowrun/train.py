@@ -18,6 +18,7 @@ import contextlib
 import math
 import resource
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -227,6 +228,7 @@ class Run:
     shard: distributed.ShardedStep | None = None  # train.shard_optimizer
     step: int = 0
     elapsed_before_s: float = 0.0  # training time of the run before this process (resume)
+    timed: tuple[int, float] = (0, 0.0)  # steps timed and their seconds, over every process of the run
     env_info: dict | None = None
 
     @property
@@ -251,8 +253,7 @@ def _check_fresh_run_dir(run_dir: Path, echo: bool) -> None:
             (run_dir / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             (run_dir / CKPT_DIR).rmdir()  # only when empty
-        if echo:
-            print(f"note: {run_dir} held a start that stopped before its first checkpoint; starting it anew", flush=True)
+        print(f"note: {run_dir} held a start that stopped before its first checkpoint; starting it anew", file=sys.stderr, flush=True)
     if (run_dir / "config.toml").exists():
         raise TrainingError(f"--run-dir {run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
     others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
@@ -293,6 +294,13 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     micro = per_rank if cfg.train.micro_batch_tokens == -1 else max(1, cfg.train.micro_batch_tokens // T)
     if per_rank % micro:
         raise ConfigError(f"train.micro_batch_tokens: {per_rank} sequences per rank are not a multiple of {micro} per micro-batch")
+    chunks = ds.num_tokens("val") // (T + 1)  # an evaluation scores whole chunks (eval.reference_batch: batches of them)
+    if chunks == 0:
+        raise ConfigError(f"model.seq_len: {T} needs val chunks of {T + 1:,} tokens, but {ds.path}'s val split holds "
+                          f"{ds.num_tokens('val'):,} tokens")
+    if chunks < cfg.eval.reference_batch:
+        raise ConfigError(f"eval.reference_batch: {cfg.eval.reference_batch} chunks make a batch, but {ds.path}'s val split "
+                          f"holds {chunks} chunks of {T + 1} tokens")
     scores = None
     if cfg.data.curriculum != "off":  # rank 0 scores (and caches) first, the others read its cache
         if env.is_main:
@@ -362,6 +370,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
               teacher, log, total_steps, micro, per_rank // micro, shard, env_info=environment(device))
     if ck is not None:
         run.step, run.elapsed_before_s = ck.step, float(ck.state["extra"].get("elapsed_s", 0.0))
+        run.timed = tuple(ck.state["extra"].get("timed", (0, 0.0)))
         log.line(f"resumed from {ck.path} at step {run.step}")
     elif resume:
         log.line("no usable checkpoint: starting from step 0")
@@ -384,7 +393,7 @@ def write_checkpoint(run: Run, elapsed_s: float) -> Path | None:
     opt_state = run.shard.gather_state(run.opt.optimizers) if run.shard is not None else None
     if not run.env.is_main:
         return None
-    extra = {"loader": run.loader.state_dict(), "elapsed_s": elapsed_s, "epochs_done": run.loader.epochs_done}
+    extra = {"loader": run.loader.state_dict(), "elapsed_s": elapsed_s, "epochs_done": run.loader.epochs_done, "timed": run.timed}
     return save_checkpoint(run.run_dir, run.step, run.cfg, run.model.state_dict(), opt_state or run.opt.state_dict(), extra,
                            run.ema.raw_state() if run.ema is not None else None, run.cfg.train.keep_checkpoints)
 
@@ -427,7 +436,7 @@ def fit(run: Run) -> FitStats:
     device, micro, total_steps = env.device, run.micro_seqs, run.total_steps
     params = list(model.parameters())
     t_loop = time.time()
-    steps_timed, time_in_steps = 0, 0.0
+    steps_timed, time_in_steps = run.timed
     first_step = run.step  # where this process starts (resume)
     last_ckpt: Path | None = (list_checkpoints(run.run_dir) or [None])[-1] if env.is_main else None
     model.train()
@@ -506,7 +515,7 @@ def fit(run: Run) -> FitStats:
                 ema.update(model, step)
             dt = time.time() - t0
             if step > 1 or total_steps == 1:  # the first step (allocation, compilation) is not representative
-                steps_timed, time_in_steps = steps_timed + 1, time_in_steps + dt
+                steps_timed, time_in_steps = run.timed = steps_timed + 1, time_in_steps + dt
             tok_s = run.tokens_per_step * steps_timed / time_in_steps if steps_timed else run.tokens_per_step / dt
             if step % cfg.train.log_every == 0 or step == total_steps:
                 eta = (total_steps - step) * (time_in_steps / steps_timed if steps_timed else dt)
