@@ -115,15 +115,26 @@ def ledger(path: str = "benchmarks/results/ledger.jsonl") -> None:
 
 
 def chosen_so_far(rows: list[tuple]) -> None:
-    """Per budget, at the track's fixed lr and batch: the sizes tried, the best on val (seed 0),
-    whether it sits at an edge of the sizes tried, and the mean and spread of its seeds."""
-    from slowrun.track import CURVE_BATCH, CURVE_LR_SCALE, TRACK
+    """Per curve recipe and budget, at the recipe's tuned lr and batch (CURVE_TUNED; a recipe not
+    tuned yet: its best 1x lr and batch on val so far): the sizes tried, the best on val (seed
+    0), whether it sits at an edge of the sizes tried, and the mean and spread of its seeds."""
+    from slowrun.track import CURVE_TUNED, TRACK
 
     base = TRACK.budget
-    print("\n| budget | train tokens | sizes tried | chosen (best val, seed 0) | seeds | val | test | seed spread (test) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| recipe | budget | train tokens | sizes tried | chosen (best val, seed 0) | seeds | val | test | seed spread (test) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for recipe in sorted({r[5] for r in rows}):
+        mine = [r for r in rows if r[5] == recipe]
+        tuned = CURVE_TUNED.get(recipe)
+        if tuned is None:  # still tuning at 1x: the lr and batch of its best seed-0 point so far
+            ones = [r for r in mine if r[0] == base and r[4] == 0]
+            tuned = min(ones, key=lambda r: r[7])[2:4] if ones else (None, None)
+        chosen_rows(recipe, mine, tuned, base)
+
+
+def chosen_rows(recipe: str, rows: list[tuple], tuned: tuple, base: int) -> None:
     for t in sorted({r[0] for r in rows}):
-        grid = [r for r in rows if r[0] == t and r[2] == CURVE_LR_SCALE and r[3] == CURVE_BATCH]
+        grid = [r for r in rows if r[0] == t and (r[2], r[3]) == tuple(tuned)]
         first = {r[1]: r for r in grid if r[4] == 0}
         if not first:
             continue
@@ -135,7 +146,7 @@ def chosen_so_far(rows: list[tuple]) -> None:
                                    ", at the edge" if best in (depths[0], depths[-1]) else " (inside)")
         spread = f"{max(tests) - min(tests):.4f}" if len(tests) > 1 else "-"
         tried = f"depth {depths[0]}-{depths[-1]}" if len(depths) > 1 else f"depth {depths[0]}"
-        print(f"| {t / base:g}x | {t:,} | {tried} | {where} | {len(seeds)} | "
+        print(f"| {recipe} | {t / base:g}x | {t:,} | {tried} | {where} | {len(seeds)} | "
               f"{sum(r[7] for r in seeds) / len(seeds):.4f} | {sum(tests) / len(tests):.4f} | {spread} |")
 
 

@@ -54,24 +54,25 @@ def summary(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_summary_of_the_ledger_chooses_each_budgets_best_size_on_val():
-    from slowrun.track import CURVE_BATCH, CURVE_LR_SCALE, TRACK
+    from slowrun.track import CURVE_TUNED, TRACK
 
+    lr, batch = CURVE_TUNED["nanochat"]  # the finished curve's; the chosen rows of the others are their own
     runs = {}  # train tokens -> {depth: {seed: (val, test)}}, computed here straight from the ledger's lines
     for line in (ROOT / "benchmarks" / "results" / "ledger.jsonl").read_text().splitlines():
         e = json.loads(line)
         cfg, best = e["config"], e["variants"][e["best"]]
-        if cfg["optim"]["lr_scale"] == CURVE_LR_SCALE and cfg["train"]["batch_tokens"] == CURVE_BATCH:
+        if e["tag"]["recipe"] == "nanochat" and cfg["optim"]["lr_scale"] == lr and cfg["train"]["batch_tokens"] == batch:
             runs.setdefault(e["dataset"]["train_tokens"], {}).setdefault(cfg["model"]["depth"], {})[cfg["train"]["seed"]] = (
                 best["val_loss"], best["test_loss"])
     r = summary("--ledger")
     assert r.returncode == 0, r.stderr
-    rows = {line.split(" | ")[1]: line for line in r.stdout.splitlines() if line.startswith("| ") and "x | " in line[:8]}
+    rows = {line.split(" | ")[2]: line for line in r.stdout.splitlines() if line.startswith("| nanochat | ")}
     assert runs and len(rows) == len(runs)
     for tokens, by_depth in runs.items():
         depth = min((d for d in by_depth if 0 in by_depth[d]), key=lambda d: by_depth[d][0][0])
         seeds = by_depth[depth].values()
         row = rows[f"{tokens:,}"]
-        assert row.startswith(f"| {tokens / TRACK.budget:g}x | ") and f"| depth {depth}" in row
+        assert row.startswith(f"| nanochat | {tokens / TRACK.budget:g}x | ") and f"| depth {depth}" in row
         assert f"| {len(seeds)} | {sum(v for v, _ in seeds) / len(seeds):.4f} | {sum(t for _, t in seeds) / len(seeds):.4f} |" in row
 
 

@@ -65,9 +65,14 @@ class Entry:
 # they are trained again
 ENTRY_OVERRIDES = {"eval.max_tokens": 32768, "train.batch_tokens": 4096, "model.tie_embeddings": False,
                    "optim.swa_epochs": 2}
-# what won the nanochat curve's 1x tuning grid at depths 3, 4 and 5 (dev/LOG.md), held fixed at 2x-16x
-CURVE_LR_SCALE = 0.5
-CURVE_BATCH = 1024
+# (optim.lr_scale, train.batch_tokens) that won each curve recipe's 1x tuning grid (dev/LOG.md), held
+# fixed at 2x-16x; a recipe not in it is measured at 1x only, until its winner is written here
+CURVE_TUNED: dict[str, tuple[float, int]] = {"nanochat": (0.5, 1024)}
+# the sizes tried at 2x-16x: four each, around where the size is expected to win (at 1x the largest of
+# depth 2-5 won, so the sets start at 4 and move up with the data). 16x (set 2026-11-28, before any 16x
+# run): depth 9 won at 4x and 8x's best was at least 7, so 7-10, which on a GPU is one round of four
+# parallel runs instead of a grid and then expansion rounds one size at a time
+CURVE_DEPTHS = {2: [4, 5, 6, 7], 4: [4, 5, 6, 7], 8: [5, 6, 7, 8], 16: [7, 8, 9, 10]}
 
 
 @dataclass
@@ -89,13 +94,8 @@ class TrackDef:
     # a checkpoint every 128 steps: a 4x-16x run takes hours on this CPU, and a run stopped with its
     # session resumes from the last one (the ledger key leaves checkpointing out, so finished points stand)
     curve_fixed: dict[str, Any] = field(default_factory=lambda: {"train.checkpoint_every": 128})
-    # 2x-16x: lr and batch held at what won at 1x; four sizes each, around where the size is expected to win
-    # (at 1x the largest of depth 2-5 won, so the sets start at 4 and move up with the data). 16x (set
-    # 2026-11-28, before any 16x run): depth 9 won at 4x and 8x's best was at least 7, so 7-10, which on a
-    # GPU is one round of four parallel runs instead of a grid and then expansion rounds one size at a time
-    curve_grid_by_budget: dict[float, dict[str, list]] = field(default_factory=lambda: {
-        b: {"model.depth": depths, "optim.lr_scale": [CURVE_LR_SCALE], "train.batch_tokens": [CURVE_BATCH]}
-        for b, depths in ((2, [4, 5, 6, 7]), (4, [4, 5, 6, 7]), (8, [5, 6, 7, 8]), (16, [7, 8, 9, 10]))})
+    # 2x-16x: lr and batch held at what won at 1x (CURVE_TUNED), the sizes of CURVE_DEPTHS; None: from those
+    curve_grid_by_budget: dict[float, dict[str, list]] | None = None
     curve_expand: str = "model.depth"
     # 1x: the winner's lr and batch each halved and doubled once more, in case the best sits at an edge
     # of the grid (points already run are not run again); 16x: the chosen size at 0.5x and 2x the fixed
@@ -109,6 +109,13 @@ class TrackDef:
     # Batch 4096, not the recipe's 2048: the 2048 result (-0.11 test loss at 1x, one seed, ~1.4x the
     # time per token) came in after these entries had been trained; see dev/LOG.md.
     single: Entry = field(default_factory=lambda: Entry("slowrun", dict(ENTRY_OVERRIDES), limit_s=1800))
+
+    def __post_init__(self) -> None:
+        if self.curve_grid_by_budget is None:
+            tuned = CURVE_TUNED.get(self.curve_recipe)
+            self.curve_grid_by_budget = {} if tuned is None else {
+                b: {"model.depth": d, "optim.lr_scale": [tuned[0]], "train.batch_tokens": [tuned[1]]}
+                for b, d in CURVE_DEPTHS.items()}
     ensemble: Entry = field(default_factory=lambda: Entry("slowrun", dict(ENTRY_OVERRIDES), members=4, limit_s=7200))
     # The same members, each after the first distilled from the one before it. K = 2: a distilled
     # member costs ~2.5x a plain one on this CPU (full logits of student and teacher instead of the
@@ -140,6 +147,11 @@ def curve_sweep(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int,
     unknown = [b for b in budgets if b not in t.budgets]
     if unknown:
         raise TrackError(f"--budgets {' '.join(f'{b:g}' for b in unknown)}: not budgets of the track ({t.budgets})")
+    untuned = [b for b in budgets if b != 1 and b not in t.curve_grid_by_budget and t.curve_recipe not in CURVE_TUNED]
+    if untuned:
+        raise TrackError(f"--budgets {' '.join(f'{b:g}' for b in untuned)}: the {t.curve_recipe} curve's lr and batch "
+                         f"are tuned at 1x first (--budgets 1), then held: write the 1x winner into CURVE_TUNED "
+                         f"(src/slowrun/track.py)")
     return SweepConfig(t.curve_recipe, str(data.path), str(work / f"{t.curve_recipe}-curve"), budgets, t.curve_grid,
                        t.curve_fixed, {b: g for b, g in t.curve_grid_by_budget.items() if b in budgets}, jobs, threads,
                        name=f"{t.name}-track {t.curve_recipe}", ledger=ledger, expand=t.curve_expand,
@@ -151,12 +163,17 @@ def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: i
     """The track's baseline curve (every run recorded in `ledger`); with `budgets`, only
     those budgets of it (the curve measured a few budgets at a time, over several sessions);
     with `train=False`, the budgets finished so far, training nothing (the rest `pending`)."""
+    from .jobs import JobsFailed
     from .sweep import SweepError, describe, sweep
 
     try:
         curve = sweep(curve_sweep(t, work, data, jobs, threads, ledger, budgets), train=train)
     except SweepError as e:
         raise TrackError(f"baseline curve: {e}") from None
+    except JobsFailed as e:  # the curve of the other budgets, then the error
+        if e.partial is not None:
+            print(describe(e.partial), flush=True)
+        raise
     print(describe(curve), flush=True)
     return curve
 
