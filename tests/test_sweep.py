@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -256,3 +257,119 @@ def test_a_run_directory_outlives_a_config_field_added_later(bpe_ds, tmp_path, m
 
     assert later(0) == before and later(3) != before
     assert before.name.startswith("n_layer=2-")
+
+
+def _sweep_cli(bpe_ds, out, *args):
+    return [sys.executable, "-m", "slowrun", "sweep", "--recipe", "smoke", "--data", str(bpe_ds), "--out", str(out),
+            "--threads", "1", "--no-progress", "--set", "eval.max_tokens=512", *args]
+
+
+def test_a_failed_point_fails_the_sweep(bpe_ds, tmp_path):
+    """issue 35, item 1: a point that fails (a sequence longer than the val split) makes the sweep
+    exit non-zero naming it on one line, no traceback; its budget is not complete, so no curve
+    is written from the point that survived."""
+    out = tmp_path / "sw"
+    r = subprocess.run(_sweep_cli(bpe_ds, out, "--budgets", "1", "--grid", "model.seq_len=32,16384",
+                                  "--set", "train.batch_tokens=16384", "--set", "train.max_steps=3"),
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    named = [line for line in r.stderr.splitlines() if "seq_len=16384" in line]
+    assert len(named) == 1 and re.search(r"16,?385", named[0]), r.stderr  # the run and its error
+    assert "seq_len=32-" not in r.stderr  # the point that finished is no failure
+    assert not (out / "curve.json").exists()
+
+
+def test_a_budget_with_a_failed_point_stays_out_of_the_curve(bpe_ds, tmp_path, monkeypatch):
+    """issue 35, item 1: at 2x one grid point fails; 1x goes on to its refinement and enters the
+    curve; 2x is not refined, stays out of the curve (said under `pending`, the point keeps its
+    error) and the sweep raises naming the failed run, once the curve of 1x is written."""
+    from slowrun import sweep as sweep_mod
+    from slowrun.jobs import JobsFailed
+
+    trained = []
+
+    def fake_run_jobs(jobs, *a, on_done=None, **k):
+        failures = {}
+        for j in jobs:
+            b, p = j.tag["budget"], j.tag["point"]
+            trained.append((b, p.get("model.n_layer"), p.get("optim.lr_scale", 1.0)))
+            if (b, p["model.n_layer"]) == (2, 2):
+                failures[j.run_dir] = "ValueError: no"
+                continue
+            loss = 5.0 - p["model.n_layer"] - b + 0.1 * (p.get("optim.lr_scale", 1.0) != 1.0)
+            runs.results[j.run_dir] = {"variants": {"final": {"val_loss": loss, "test_loss": loss, "val_bpb": 1.0,
+                                                              "test_bpb": 1.0}},
+                                       "best": "final", "params": 1000, "wall_s": 1.0, "device": "cpu",
+                                       "config": {"model": {"n_layer": p["model.n_layer"]},
+                                                  "optim": {"lr_scale": p.get("optim.lr_scale", 1.0)}}}
+        return failures
+
+    real_runs = sweep_mod.Runs
+
+    def keep(cfg):
+        nonlocal runs
+        runs = real_runs(cfg)
+        return runs
+
+    runs = None
+    monkeypatch.setattr(sweep_mod, "run_jobs", fake_run_jobs)
+    monkeypatch.setattr(sweep_mod, "Runs", keep)
+    cfg = SweepConfig("smoke", str(bpe_ds), str(tmp_path / "sw"), budgets=[1, 2], grid={"model.n_layer": [1, 2]},
+                      fixed={"train.max_steps": 2}, progress=False, refine={1: {"optim.lr_scale": [0.5]},
+                                                                            2: {"optim.lr_scale": [0.5]}})
+    with pytest.raises(JobsFailed) as e:
+        sweep(cfg)
+    failed = runs.jobs[3].run_dir
+    assert runs.jobs[3].tag["point"] == {"model.n_layer": 2} and runs.jobs[3].tag["budget"] == 2
+    assert str(e.value).splitlines()[1:] == [f"  {failed}: ValueError: no"]
+    assert "2x" in str(e.value).splitlines()[0]
+    assert sorted(trained) == [(1, 1, 1.0), (1, 2, 0.5), (1, 2, 1.0), (2, 1, 1.0), (2, 2, 1.0)]  # 2x not refined
+    curve = json.loads((tmp_path / "sw" / "curve.json").read_text())
+    assert e.value.partial == curve
+    assert [c["budget"] for c in curve["chosen"]] == [1] and curve["tokens"] == [40_000]
+    assert "1 run(s) failed" in curve["pending"]["2x"]
+    assert next(p for p in curve["points"] if p["run_dir"] == str(failed))["error"] == "ValueError: no"
+
+
+def test_sigterm_stops_the_sweep_and_a_rerun_resumes(bpe_ds, tmp_path):
+    """issue 35, item 2: SIGTERM to a sweep reaches its `slowrun train` (which checkpoints), the
+    sweep waits for it and exits 143 with one line saying how to resume; the same command
+    again resumes the run from its checkpoint (no 'in use by another slowrun process')."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "sw"
+    cmd = _sweep_cli(bpe_ds, out, "--set", "train.max_steps=150", "--set", "train.log_every=1")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = None
+    try:
+        t0 = time.time()
+        while True:  # until the run's first step: its lock names its process
+            assert p.poll() is None and time.time() - t0 < 60, p.communicate()
+            logs = list(out.glob("runs/1x/*/log.txt"))
+            if logs and "step      1/150" in logs[0].read_text():
+                child = int((logs[0].parent / ".lock").read_text())
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if child is not None and Path(f"/proc/{child}").exists() and open(f"/proc/{child}/stat").read().split()[2] != "Z":
+            os.kill(child, signal.SIGKILL)  # an orphan of the code under test: never left running
+            pytest.fail("the run outlived the sweep")
+    assert p.returncode == 143 and err.strip().splitlines() == [err.strip()] and "same command" in err, err
+    run_dir = logs[0].parent
+    (ckpt,) = (run_dir / "checkpoints").iterdir()
+    assert not (run_dir / "result.json").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "in use by another" not in r.stdout + r.stderr
+    assert json.loads((run_dir / "result.json").read_text())["steps"] == 150
+    log = (run_dir / "log.txt").read_text()
+    assert "stopping: SIGTERM" in log and f"resumed from {ckpt}" in log
+    assert json.loads((out / "curve.json").read_text())["losses"]["val"][0] is not None

@@ -264,6 +264,7 @@ def _budget_axis(flag: str, item: str) -> tuple[float, str, list]:
 
 def _run_sweep(a: argparse.Namespace) -> int:
     from .config import parse_value
+    from .jobs import JobsFailed
     from .sweep import SweepConfig, describe, describe_plan, plan, sweep
 
     grid = dict(_grid_arg(g) for g in a.grid)
@@ -288,7 +289,13 @@ def _run_sweep(a: argparse.Namespace) -> int:
     if a.plan:
         print(describe_plan(*plan(cfg)))
         return 0
-    curve = sweep(cfg, train=not a.no_train)
+    try:
+        curve = sweep(cfg, train=not a.no_train)
+    except JobsFailed as e:  # the curve of the other budgets first, then the error
+        if e.partial is not None:
+            print(describe(e.partial))
+            print(f"wrote {Path(a.out) / 'curve.json'}")
+        raise
     print(describe(curve))
     print(f"wrote {Path(a.out) / 'curve.json'}")
     return 0

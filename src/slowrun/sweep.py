@@ -19,6 +19,10 @@ Tuning the way the reference benchmark tunes its baseline, and a bit stricter:
 With `ledger`, every finished run is appended to a JSON Lines file (`slowrun.ledger`) and a
 run found there is done on any machine: a sweep stopped at any moment loses only the runs
 in flight.
+
+A budget with a failed run is not complete: its later phases are not run, it stays out of
+the curve (named under `pending`, the point with its error), and the sweep raises
+`JobsFailed` naming every failed run once the curve of the other budgets is written.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from .checkpoint import checkpoint_step, list_checkpoints
 from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import fit_power_law
-from .jobs import TrainJob, run_jobs
+from .jobs import JobsFailed, TrainJob, run_jobs
 from .ledger import Ledger, config_key, dataset_identity, entry_from_result
 from .prepare import PrepareConfig, prepare
 from .storage import atomic_write_json
@@ -174,6 +178,11 @@ class Runs:
         self.failures.update(run_jobs(todo, self.cfg.jobs, self.cfg.threads, self.cfg.progress, desc=desc,
                                       on_done=self._finished, gpus_per_job=self.cfg.gpus_per_job))
 
+    def whole(self) -> list[float]:
+        """The budgets with no failed run (a failed one's later phases would tune on a partial grid)."""
+        failed = {j.tag["budget"] for j in self.jobs if j.run_dir in self.failures}
+        return [b for b in self.cfg.budgets if b not in failed]
+
     def loss(self, job: TrainJob, split: str = "val") -> float | None:
         e = self.results.get(job.run_dir)
         if e is None:
@@ -220,7 +229,7 @@ def expand(runs: Runs, rounds: int = EXPAND_ROUNDS) -> None:
     """Grow the expanded axis until every budget's best is inside it (each round moves every
     edge-bound budget by one value; points already finished cost nothing)."""
     for _ in range(rounds):
-        extra = expansions(runs)
+        extra = expansions(runs, runs.whole())
         if not extra:
             return
         runs.run(extra, f"expand {runs.cfg.expand}")
@@ -229,10 +238,10 @@ def expand(runs: Runs, rounds: int = EXPAND_ROUNDS) -> None:
 def refinements(runs: Runs, budgets: list[float] | None = None) -> list[TrainJob]:
     out = []
     for b, keys in runs.cfg.refine.items():
-        if budgets is not None and b not in budgets:
-            continue
         if b not in runs.datasets:
             raise SweepError(f"refine: budget {budget_name(b)} is not one of the sweep's budgets")
+        if budgets is not None and b not in budgets:
+            continue
         best = runs.best(b)
         for key, factors in keys.items():
             for f in factors:
@@ -365,12 +374,23 @@ def sweep(cfg: SweepConfig, train: bool = True) -> dict:
     if cfg.expand:
         expand(runs)
     if cfg.refine:
-        runs.run(refinements(runs), "refine")
+        runs.run(refinements(runs, runs.whole()), "refine")
     if cfg.seeds > 1:
-        runs.run(seed_jobs(runs, cfg.budgets), "seeds")
-    curve = collect(runs)
-    curve["wall_s"] = round(time.time() - t0, 1)
-    atomic_write_json(Path(cfg.out) / "curve.json", curve)
+        runs.run(seed_jobs(runs, runs.whole()), "seeds")
+    whole = runs.whole()
+    curve = None
+    if whole:
+        curve = collect(runs, whole)
+        curve["wall_s"] = round(time.time() - t0, 1)
+        for b in cfg.budgets:
+            names = [j.run_dir.name.rsplit("-", 1)[0] for j in runs.jobs if j.tag["budget"] == b and j.run_dir in runs.failures]
+            if names:
+                curve.setdefault("pending", {})[budget_name(b)] = f"{len(names)} run(s) failed: {', '.join(names)}"
+        atomic_write_json(Path(cfg.out) / "curve.json", curve)
+    if runs.failures:
+        failed = ", ".join(budget_name(b) for b in cfg.budgets if b not in whole)
+        raise JobsFailed(runs.failures, f"budget(s) {failed} not complete, " + (
+            f"left out of {Path(cfg.out) / 'curve.json'}" if whole else "no curve written"), partial=curve)
     return curve
 
 
@@ -407,7 +427,7 @@ def collect(runs: Runs, budgets: list[float] | None = None) -> dict:
             c[f"{split}_loss"] = sum(vals) / len(vals)  # the curve's point: the mean over seeds
             c[f"{split}_losses"] = vals
             c[f"{split}_spread"] = max(vals) - min(vals)
-        if cfg.expand:  # still at an edge after the expansion rounds (or a failed neighbour): said, not hidden
+        if cfg.expand:  # still at an edge after the expansion rounds: said, not hidden
             v, tried = runs.value(best, cfg.expand), {runs.value(j, cfg.expand) for j in runs.tuning(b)}
             if v == max(tried) or (v == min(tried) and v > cfg.expand_min):
                 c["at_edge"] = f"{cfg.expand}={v} is the {'largest' if v == max(tried) else 'smallest'} value tried"
