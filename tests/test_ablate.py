@@ -143,6 +143,23 @@ def test_bad_only_is_one_line(bpe_ds, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_failed_run_fails_the_ablation(bpe_ds, tmp_path):
+    """issue 35, item 1: a swap whose run fails (a sequence longer than the val split) makes the
+    ablation exit non-zero naming that run on one line, no traceback, after writing and printing
+    the table of the runs that finished (the failed row carries its error)."""
+    out = tmp_path / "ab"
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ablate", "--recipe", "smoke", "--data", str(bpe_ds), "--out",
+                        str(out), "--seeds", "1", "--only", "none", "--variant",
+                        "long:model.seq_len=16384,train.batch_tokens=16384", "--set", "train.max_steps=2", "--threads", "1",
+                        "--no-progress"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    (named,) = [line for line in r.stderr.splitlines() if "seq_len=16384" in line]
+    assert named.strip().startswith(str(out / "runs" / "1x")) and "val" in named, r.stderr
+    saved = json.loads((out / "ablation.json").read_text())
+    assert saved["full"]["seeds"] == 1 and saved["variants"][0]["errors"] and saved["variants"][0]["test_mean"] is None
+    assert "1 failed" in r.stdout  # the table was printed
+
+
 def test_report_draws_the_ablation(tmp_path):
     from slowrun.report import ReportError, build_report
 

@@ -87,6 +87,20 @@ def test_chain_distillation(bpe_ds, tmp_path):
     assert result["distill"]["enabled"]
 
 
+def test_failed_members_are_named_one_line_each(bpe_ds, tmp_path):
+    """issue 35, item 1: members that fail (a sequence longer than the val split) are each named on
+    a line of their own, with their error, and nothing is evaluated."""
+    from slowrun.jobs import JobsFailed
+
+    over = {"model.seq_len": 16384, "train.batch_tokens": 16384, "train.max_steps": 2}
+    with pytest.raises(JobsFailed) as e:
+        train_ensemble("smoke", str(bpe_ds), 2, tmp_path / "e", over, parallel=2, threads=1, progress=False)
+    head, *lines = str(e.value).splitlines()
+    assert head == "2 run(s) failed; the ensemble was not evaluated:"
+    assert [line.split(": ", 1)[0] for line in lines] == [f"  {tmp_path / 'e' / f'member_{k}'}" for k in (0, 1)]
+    assert all("val" in line for line in lines) and not (tmp_path / "e" / "result.json").exists()
+
+
 def test_bad_inputs(ensemble_run, prepare_dataset, bpe_ds, tmp_path):
     from slowrun.train import train
 

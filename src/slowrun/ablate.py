@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 from . import SlowrunError
 from .config import RunConfig, build_config, config_to_dict
+from .jobs import JobsFailed
 from .ledger import config_key
 from .storage import atomic_write_json
 
@@ -357,7 +358,9 @@ def ablate(cfg: AblateConfig) -> dict:
         rows.append(rec)
     full = rows[0]
     if full["test_mean"] is None and cfg.train:
-        raise AblateError(f"the full recipe finished no run: {'; '.join(full.get('errors', [])) or 'no test loss'}")
+        if runs.failures:
+            raise JobsFailed(runs.failures, "the full recipe finished no run: no table written")
+        raise AblateError("the full recipe finished no run: no test loss")
     for rec in rows[1:]:
         for split in ("test", "val"):
             m, f = rec[f"{split}_mean"], full[f"{split}_mean"]
@@ -378,6 +381,8 @@ def ablate(cfg: AblateConfig) -> dict:
         "runs": len(runs.jobs), "finished": sum(j.run_dir in runs.results for j in runs.jobs),
     }
     atomic_write_json(Path(cfg.out) / "ablation.json", out)
+    if runs.failures:
+        raise JobsFailed(runs.failures, f"{Path(cfg.out) / 'ablation.json'} holds the runs that finished", partial=out)
     return out
 
 

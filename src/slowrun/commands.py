@@ -364,6 +364,7 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
 def _run_ablate(a: argparse.Namespace) -> int:
     from .ablate import AblateConfig, ablate, describe, parse_variant
     from .config import parse_value
+    from .jobs import JobsFailed
 
     fixed = {}
     for item in a.set:
@@ -372,8 +373,14 @@ def _run_ablate(a: argparse.Namespace) -> int:
     out = a.out or f"runs/ablate-{Path(a.recipe).stem}"
     only = [n.strip() for n in a.only.split(",") if n.strip()]
     variants = dict(parse_variant(v) for v in a.variant)
-    ab = ablate(AblateConfig(a.recipe, a.data, out, a.seeds, only, fixed, a.jobs, a.threads, a.ledger, a.curve, not a.no_progress,
-                             variants, a.equal_time, a.equal_time_file, not a.no_train))
+    try:
+        ab = ablate(AblateConfig(a.recipe, a.data, out, a.seeds, only, fixed, a.jobs, a.threads, a.ledger, a.curve,
+                                 not a.no_progress, variants, a.equal_time, a.equal_time_file, not a.no_train))
+    except JobsFailed as e:  # the table of the runs that finished first, then the error
+        if e.partial is not None:
+            print(describe(e.partial))
+            print(f"wrote {Path(out) / 'ablation.json'}")
+        raise
     print(describe(ab))
     print(f"wrote {Path(out) / 'ablation.json'}")
     return 0
