@@ -85,7 +85,7 @@ def test_run_loss_of_bad_results(tmp_path):
     with pytest.raises(ResultError, match="no variant 'swa'"):
         run_loss(run, "test", "swa")
     _result(tmp_path, json.dumps({"variants": {"final": v}, "best": "ema"}))
-    with pytest.raises(ResultError, match="no variant 'ema'"):
+    with pytest.raises(ResultError, match=r"result.json:1: field 'best' is a string \(.ema.\), not one of the keys of 'variants'"):
         run_loss(run, "test")
     _result(tmp_path, '{"variants": ')
     with pytest.raises(ResultError, match="corrupt"):
@@ -114,3 +114,29 @@ def test_power_law_fit_reports_its_bound_and_residuals():
     c = Curve("bent", 100_000, [int(d) for d in D], {"test": list(bent)})
     with pytest.raises(EfficiencyError, match="hit its bound"):
         place(c, 4.5, extrapolate=True)
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"budget": 0}, r"c.json:\d+: field 'budget' is an integer \(0\), not a positive number"),
+    ({"tokens": [10, -20]}, r"c.json:\d+: field 'tokens\[1\]' is an integer \(-20\), not a positive number"),
+    ({"losses": {"val": [3.0, float("nan")]}}, r"c.json:\d+: field 'losses.val\[1\]' is a number \(NaN\), not a finite number"),
+    ({"losses": {"val": [3.0, "2.5"]}}, r"c.json:\d+: field 'losses.val\[1\]' is a string \(.2.5.\), not a finite number"),
+])
+def test_a_curve_is_read_through_the_validating_reader(tmp_path, edit, says):
+    """A budget of 0 gave an efficiency of `infx`; every field is checked when the curve is read."""
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"name": "x", "budget": 10, "tokens": [10, 20], "losses": {"val": [3.0, 2.5]}, **edit}, indent=2))
+    with pytest.raises(EfficiencyError, match=says):
+        Curve.load(str(p))
+
+
+def test_a_loss_or_budget_that_is_not_a_number_is_refused():
+    curve = Curve.load("fineweb")
+    with pytest.raises(EfficiencyError, match="val loss nan: not a finite number"):
+        place(curve, float("nan"))
+    for budget in (0, -5):
+        with pytest.raises(EfficiencyError, match=f"budget {budget}: must be > 0 tokens"):
+            place(curve, 3.195, budget=budget)
+    r = subprocess.run([sys.executable, "-m", "slowrun", "efficiency", "--loss", "3.195", "--budget", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--budget: must be > 0 tokens" in r.stderr

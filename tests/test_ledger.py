@@ -72,10 +72,13 @@ def test_foreign_dataset_is_ignored_with_one_line(tmp_path):
 def test_corrupt_line_names_its_number(tmp_path):
     p = tmp_path / "l.jsonl"
     p.write_text(json.dumps(entry()) + "\n" + '{"format": "slowrun-ledger/1", "key": \n')
-    with pytest.raises(LedgerError, match=r"l.jsonl:2: corrupt ledger line"):
+    with pytest.raises(LedgerError, match=r"l.jsonl:2: corrupt, not valid JSON"):
         Ledger.open(p)
     p.write_text(json.dumps({"hello": 1}) + "\n")
-    with pytest.raises(LedgerError, match=r"l.jsonl:1: not a slowrun-ledger/1 entry"):
+    with pytest.raises(LedgerError, match=r"l.jsonl:1: field 'format' is missing"):
+        Ledger.open(p)
+    p.write_text(json.dumps({**entry(), "format": "slowrun-ledger/2"}) + "\n")
+    with pytest.raises(LedgerError, match=r'l.jsonl:1: field .format. is a string \("slowrun-ledger/2"\), not "slowrun-ledger/1"'):
         Ledger.open(p)
 
 
@@ -93,7 +96,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     p = tmp_path / "l.jsonl"
     code = ("import sys; from slowrun.ledger import Ledger, FORMAT; led = Ledger(__import__('pathlib').Path(sys.argv[1]))\n"
             "for i in range(200): led.append({'format': FORMAT, 'key': sys.argv[2] + str(i), 'dataset': {}, "
-            "'pad': 'x' * 5000})")
+            "'variants': {'final': {'val_loss': 5.0}}, 'best': 'final', 'pad': 'x' * 5000})")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(p), w]) for w in ("a", "b", "c")]
     assert all(pr.wait() == 0 for pr in procs)
     keys = [e["key"] for e in Ledger.open(p).entries]
@@ -119,7 +122,7 @@ def test_a_ledger_from_another_machine_merges_in_without_repeats(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     r = subprocess.run([sys.executable, "-m", "slowrun.ledger", "merge", str(tmp_path / "bad.jsonl"), str(here.path)],
                        capture_output=True, text=True)
-    assert r.returncode != 0 and "bad.jsonl:1: corrupt ledger line" in r.stderr
+    assert r.returncode != 0 and "bad.jsonl:1: corrupt, not valid JSON" in r.stderr
     # a mistyped source is not an empty ledger: nothing merged, the destination untouched
     before = here.path.read_bytes()
     r = subprocess.run([sys.executable, "-m", "slowrun.ledger", "merge", str(tmp_path / "typo.jsonl"), str(here.path)],
@@ -208,3 +211,39 @@ def _prepare_other(out):
 
     return prepare(PrepareConfig(source="builtin", tokenizer="gpt2", train_tokens=10_000, val_tokens=4_000,
                                  test_tokens=4_000, out=str(out), progress=False))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda e: {k: v for k, v in e.items() if k != "variants"}, r"l.jsonl:2: field 'variants' is missing"),
+    (lambda e: {**e, "best": "ema"}, r"l.jsonl:2: field 'best' is a string \(.ema.\), not one of the keys of 'variants' \(final\)"),
+    (lambda e: {**e, "variants": {"final": {"val_loss": "5.2"}}},
+     r"l.jsonl:2: field 'variants.final.val_loss' is a string \(.5.2.\), not a number"),
+    (lambda e: {**e, "dataset": ["v"]}, r"l.jsonl:2: field 'dataset' is a list, not an object"),
+])
+def test_a_line_that_lacks_a_field_or_holds_the_wrong_kind_is_named(tmp_path, damage, message):
+    """Valid JSON is not enough: a line is checked for every field a reader uses, at open."""
+    p = tmp_path / "l.jsonl"
+    p.write_text(json.dumps(entry("k0")) + "\n" + json.dumps(damage(entry())) + "\n")
+    with pytest.raises(LedgerError, match=message):
+        Ledger.open(p)
+
+
+def test_a_sweep_names_the_bad_ledger_line_before_it_trains(tmp_path, bpe_ds):
+    ledger = tmp_path / "l.jsonl"
+    ledger.write_text(json.dumps({**entry(), "variants": {"final": {"val_loss": "5.2"}}}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "slowrun", "sweep", "--recipe", "smoke", "--data", str(bpe_ds), "--out",
+                        str(tmp_path / "sw"), "--ledger", str(ledger), "--set", "train.max_steps=1", "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "l.jsonl:1: field 'variants.final.val_loss' is a string" in r.stderr
+    assert not (tmp_path / "sw" / "runs").exists()
+
+
+def test_a_ledger_path_that_is_a_directory_is_refused_before_anything_trains(tmp_path, bpe_ds):
+    with pytest.raises(LedgerError, match="--ledger .*: not a file"):
+        Ledger.open(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "slowrun", "sweep", "--recipe", "smoke", "--data", str(bpe_ds), "--out",
+                        str(tmp_path / "sw"), "--ledger", str(tmp_path), "--set", "train.max_steps=1", "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a file" in r.stderr, r.stderr
+    assert not (tmp_path / "sw" / "runs").exists()

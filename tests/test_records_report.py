@@ -162,12 +162,12 @@ def test_report_refuses_bad_results_in_one_line(seeds, tmp_path):
     shutil.copytree(seeds[0][0], run)
     res = json.loads((run / "result.json").read_text())
     (run / "result.json").write_text(json.dumps({**res, "best": "swa_probs"}))
-    with pytest.raises(ResultError, match="no variant 'swa_probs'"):
+    with pytest.raises(ResultError, match=r"result.json:1: field 'best' is a string \(.swa_probs.\), not one of the keys"):
         build_report([str(run)], tmp_path / "rep")
     best = res["best"]
     (run / "result.json").write_text(json.dumps({**res, "variants": {**res["variants"], best: {**res["variants"][best],
                                                                                                "val_loss": "x"}}}))
-    with pytest.raises(ResultError, match="losses that are not numbers"):
+    with pytest.raises(ResultError, match=rf"result.json:1: field 'variants.{best}.val_loss' is a string \(.x.\), not a number"):
         build_report([str(run)], tmp_path / "rep")
     (run / "result.json").write_text(json.dumps(res)[:50])
     r = subprocess.run([sys.executable, "-m", "slowrun", "report", str(run), "--out", str(tmp_path / "rep")],
@@ -227,3 +227,35 @@ def test_report_of_the_cpu_track_from_its_results_file(tmp_path):
     r = subprocess.run([sys.executable, "-m", "slowrun", "report", "--out", str(tmp_path / "rep3"), "--track-results",
                         str(res)], capture_output=True, text=True)
     assert r.returncode == 0 and (tmp_path / "rep3" / "track_curves.png").is_file(), r.stderr
+
+
+def _without(text, key):
+    return json.dumps({k: v for k, v in json.loads(text).items() if k != key}, indent=2)
+
+
+def _string_seed_loss(text):
+    rec = json.loads(text)
+    rec["val_loss"]["per_seed"][0] = "5.1"
+    return json.dumps(rec, indent=2)
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda text: text[: len(text) // 2], r": corrupt, not valid JSON at line \d+, column \d+ .*truncated\?"),
+    (lambda text: _without(text, "test_loss"), r": field 'test_loss' is missing"),
+    (_string_seed_loss, r":\d+: field 'val_loss.per_seed\[0\]' is a string \(.5.1.\), not a number"),
+])
+def test_a_damaged_record_file_is_one_line_for_every_command(seeds, tmp_path, capsys, damage, says):
+    """record --check, record and report --records read the track's records through one reader:
+    a truncated or incomplete file is named with its line and field, exit 2, no traceback."""
+    from slowrun.cli import main
+
+    weak, strong = seeds
+    records = tmp_path / "records"
+    _, path = make_record(weak, "cpu", "weak", records)
+    path.write_text(damage(path.read_text()))
+    for args in (["record", "--check", *strong], ["record", *strong, "--name", "strong"],
+                 ["report", *strong, "--out", str(tmp_path / "rep")]):
+        assert main([*args, "--records", str(records)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(re.escape(str(path)) + says, err), err
+    assert [p.name for p in (records / "cpu").iterdir()] == [path.name] and not (tmp_path / "rep").exists()

@@ -163,6 +163,7 @@ def test_plan_names_each_budgets_next_runs_and_trains_nothing(bpe_ds, tmp_path, 
     monkeypatch.setattr(sweep_mod, "run_jobs", no_training)
     ledger = tmp_path / "ledger.jsonl"
     ledger.write_text(json.dumps({"format": "slowrun-ledger/1", "key": "x", "dataset": {}, "device": "cpu (x86_64, 1 threads)",
+                                  "variants": {"final": {"val_loss": 5.0}}, "best": "final",
                                   "threads": 1, "train_wall_s": 100.0, "params": 1000, "tokens_seen": 1000}) + "\n")
     cfg = SweepConfig("smoke", str(bpe_ds), str(tmp_path / "sw"), budgets=[1], grid={"model.n_layer": [1, 2]},
                       fixed={"train.max_steps": -1, "train.epochs": 1.0}, threads=1, progress=False, ledger=str(ledger),

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import SlowrunError
+from .formats import CURVE, check, read_json
 
 
 class EfficiencyError(SlowrunError):
@@ -38,17 +39,15 @@ class Curve:
     def load(cls, ref: str) -> "Curve":
         """`fineweb` (the reference benchmark's published curve) or a curve JSON file."""
         if ref == "fineweb":
-            data = json.loads((resources.files("slowrun.curves") / "fineweb.json").read_text())
+            text = (resources.files("slowrun.curves") / "fineweb.json").read_text()
+            data = check(json.loads(text), CURVE, "fineweb", text, EfficiencyError)
         else:
             path = Path(ref)
             if path.is_dir():
                 path = path / "curve.json"
             if not path.is_file():
                 raise EfficiencyError(f"curve not found: {ref} (use fineweb or a curve.json from `slowrun sweep`)")
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise EfficiencyError(f"{path}: not valid JSON ({e})") from None
+            data = read_json(path, CURVE, EfficiencyError)
         try:
             curve = cls(data["name"], int(data["budget"]), [int(t) for t in data["tokens"]],
                         {k: [float(x) for x in v] for k, v in data["losses"].items()}, data.get("dataset"),
@@ -164,7 +163,11 @@ class Placement:
 def place(curve: Curve, loss: float, metric: str | None = None, extrapolate: bool = False,
           budget: int | None = None) -> Placement:
     metric = curve.metric(metric)
-    budget = budget or curve.budget
+    budget = curve.budget if budget is None else budget
+    if not math.isfinite(loss):
+        raise EfficiencyError(f"{metric} loss {loss}: not a finite number")
+    if budget <= 0:
+        raise EfficiencyError(f"budget {budget}: must be > 0 tokens")
     L = curve.envelope(metric)
     D = np.asarray(curve.tokens, float)
     if L[-1] <= loss <= L[0]:

@@ -9,8 +9,10 @@ dataset it trained on (tokenizer, val, test and train hashes), every weights var
 val/test loss and bits per byte, steps, wall time, device, torch version and commit.
 
 A line is appended with one `write` under an exclusive `flock`, so two sweeps writing the
-same ledger at once never interleave or lose a line. A line that is not valid JSON stops
-the reader with its line number: the ledger is data others build on, never guessed at.
+same ledger at once never interleave or lose a line. A line that is not valid JSON, or lacks
+a field the readers use (or holds one of the wrong kind), stops the reader with its line
+number and the field (`formats.LEDGER_LINE`): the ledger is data others build on, never
+guessed at.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from typing import Any
 
 from . import SlowrunError
 from .config import section_defaults
+from .formats import LEDGER_FORMAT as FORMAT, LEDGER_LINE, read_json_lines
 
-FORMAT = "slowrun-ledger/1"
 # config keys that cannot change a run's losses: paths, parallelism, logging and saving
 NON_RESULT_KEYS = {
     "data": ("path",),
@@ -89,25 +91,20 @@ class Ledger:
 
     @classmethod
     def open(cls, path: str | Path) -> "Ledger":
-        """Read every line (a missing file is an empty ledger); a corrupt line is an error naming it."""
+        """Read every line (a missing file is an empty ledger); a corrupt line is an error naming it
+        and its field. A path that is there but is no file (a directory) is refused at once, not
+        when the first finished run is appended."""
         path = Path(path)
         led = cls(path)
+        if path.exists() and not path.is_file():
+            raise LedgerError(f"--ledger {path}: not a file (a ledger is a JSON Lines file, e.g. {path / 'ledger.jsonl'})")
         if not path.is_file():
             return led
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    e = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise LedgerError(f"{path}:{n}: corrupt ledger line ({err.msg}); fix or remove that line") from None
-                if not isinstance(e, dict) or e.get("format") != FORMAT or "key" not in e or "dataset" not in e:
-                    raise LedgerError(f"{path}:{n}: not a {FORMAT} entry; fix or remove that line")
-                e["_line"] = n
-                if isinstance(e.get("config"), dict):  # keyed by this version's config_key, not the stored one
-                    e["key"] = config_key(e["config"])
-                led.entries.append(e)
+        for n, e in read_json_lines(path, LEDGER_LINE, LedgerError):
+            e["_line"] = n
+            if isinstance(e.get("config"), dict):  # keyed by this version's config_key, not the stored one
+                e["key"] = config_key(e["config"])
+            led.entries.append(e)
         return led
 
     def find(self, key: str, dataset: dict[str, Any], warn=print) -> dict[str, Any] | None:
@@ -174,6 +171,7 @@ def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str
 
     from .config import parse_overrides
     from .dataset import Dataset
+    from .results import read_result
 
     for k, v in parse_overrides(overrides).items():
         sec, _, name = k.partition(".")
@@ -199,7 +197,7 @@ def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str
                "--quiet", *overrides]
         if subprocess.run(cmd).returncode != 0:
             raise LedgerError(f"the rerun of {entry['key']} failed: see {run_dir}/log.txt")
-    result = json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8"))
+    result = read_result(run_dir)
     here = entry_from_result(result)
     rows = {v: {f"{split}_loss": {"ledger": entry["variants"][v][f"{split}_loss"], "here": here["variants"][v][f"{split}_loss"],
                                   "diff": here["variants"][v][f"{split}_loss"] - entry["variants"][v][f"{split}_loss"]}

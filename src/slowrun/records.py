@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import SlowrunError
 from .efficiency import Curve, EfficiencyError, check_same_data, place
+from .formats import RECORD, read_json
 from .results import chosen, read_result
 from .storage import atomic_write_json
 
@@ -92,7 +93,7 @@ def track_records(records_dir: str | Path, track: str) -> list[dict]:
         return []
     out = []
     for p in sorted(d.glob("*.json")):
-        rec = json.loads(p.read_text())
+        rec = read_json(p, RECORD, RecordError)
         rec["_path"] = str(p)
         out.append(rec)
     return out

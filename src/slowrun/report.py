@@ -359,6 +359,7 @@ def build_report(runs: list[str], out: str | Path, curve: str | None = None, rec
     out = Path(out)
     paths = [Path(r) for r in runs]
     results = {p: _open_run(p) for p in paths}
+    recs = track_records(records_dir, track) if records_dir and track else None  # read before anything is written
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -421,8 +422,7 @@ def build_report(runs: list[str], out: str | Path, curve: str | None = None, rec
                      for k in r["per_k"]]
             sections.append(f"<h3>{html.escape(p.name)}</h3>" + _table(["k", "probs val", "probs test", "logits val", "logits test"], krows))
 
-    if records_dir and track:
-        recs = track_records(records_dir, track)
+    if recs is not None:
         rrows = [[r["name"], r["date"], r["members"], len(r["seeds"]), r["test_loss"]["mean"], r["test_loss"]["std"],
                   (r.get("efficiency") or {}).get("value"), (r.get("vs_best") or {}).get("p_value")] for r in recs]
         sections.append(f"<h2>Records: {html.escape(track)} track</h2>"

@@ -5,17 +5,18 @@ A single run's result.json holds `variants` (name -> val/test loss and bpb) and 
 the variant with the lowest val loss. An ensemble's holds `methods` (probs, logits,
 params -> losses) and its headline losses are those of probability averaging. Every
 command that reads a result (eval, report, record, efficiency, ensemble) goes through
-`read_result` and `chosen`, so a corrupt or inconsistent file is one clear error.
+`read_result` (the validating reader of `formats`) and `chosen`, so a corrupt or inconsistent
+file is one clear error naming the file, the line and the field.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from . import SlowrunError
+from .formats import read_json, result_spec
 
 RESULT_FILE = "result.json"
 # variant -> the weights file train.py writes for it in the run directory
@@ -48,13 +49,7 @@ def read_result(run: str | Path) -> dict:
     path = path / RESULT_FILE if path.is_dir() else path
     if not path.is_file():
         raise ResultError(f"{run}: no {RESULT_FILE} (missing or unfinished run)")
-    try:
-        result = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResultError(f"{path}: corrupt (not valid JSON: {e})") from None
-    if not isinstance(result, dict) or not ("variants" in result or "methods" in result):
-        raise ResultError(f"{path}: not a slowrun result (no variants or methods)")
-    return result
+    return read_json(path, result_spec, ResultError)
 
 
 def is_ensemble(result: dict) -> bool:
