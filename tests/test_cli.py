@@ -148,3 +148,41 @@ def test_cpu_track_no_train_refuses_parts_that_train(tmp_path):
             "--out", str(tmp_path / "r.json"))
     _one_line(r, "--no-train trains nothing: --parts baseline single")
     assert not any(tmp_path.iterdir())
+
+
+def _refused(capsys, *args) -> str:
+    """main's exit code 2 and its one line on stderr (a usage error exits through argparse)."""
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["sample", "RUN", "--temperature", "nan"], "--temperature: must be a finite number >= 0 (0 = greedy), got nan"),
+    (["sample", "RUN", "--temperature", "-1"], "--temperature: must be a finite number >= 0 (0 = greedy), got -1.0"),
+    (["sample", "RUN", "--max-new-tokens", "-3"], "--max-new-tokens: must be >= 1, got -3"),
+    (["sample", "RUN", "--top-k", "-5"], "--top-k: must be >= 0 (0 = every token), got -5"),
+    (["sample", "RUN", "--num-samples", "0"], "--num-samples: must be >= 1, got 0"),
+    (["sample", "RUN", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["eval", "RUN", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["sweep", "--data", "D", "--out", "O", "--budgets", "1", "nan"], "argument --budgets: 'nan' is not a positive multiple"),
+    (["sweep", "--data", "D", "--out", "O", "--budgets", "0"], "argument --budgets: '0' is not a positive multiple"),
+    (["bench", "cpu-track", "--budgets", "inf"], "argument --budgets: 'inf' is not a positive multiple"),
+    (["efficiency", "--loss", "nan"], "--loss nan: not a finite number"),
+    (["plan", "smoke", "--step-s", "nan"], "--step-s: must be a finite number > 0, got nan"),
+])
+def test_a_value_that_makes_no_sense_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, args, says):
+    """Checked before the run, dataset or curve is even looked at (RUN, D and O do not exist)."""
+    monkeypatch.chdir(tmp_path)
+    assert says in _refused(capsys, *args)
+
+
+def test_a_device_name_that_is_not_known_is_refused():
+    from slowrun.distributed import DeviceError, resolve_device
+
+    with pytest.raises(DeviceError, match="device 'tpu': one of auto, cpu, cuda"):
+        resolve_device("tpu")

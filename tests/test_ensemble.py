@@ -140,3 +140,13 @@ def test_members_trained_on_more_data_cannot_be_selected_on_its_fitness_slice(bp
     # each on its own training split's slice is fine, and the 2x member still evaluates on 1x val/test
     assert evaluate_ensemble([str(tmp_path / "m1x")], str(bpe_ds), fitness_tokens=1000, select=1)["selection"]
     assert evaluate_ensemble([str(tmp_path / "m2x")], str(bpe_ds), log=lambda *_: None)["per_member"]
+
+
+def test_one_run_named_twice_is_refused(ensemble_run, tmp_path):
+    """`--eval r1 r1` averaged one model with itself and reported it as an ensemble of two."""
+    run, _ = ensemble_run
+    m0 = run / "member_0"
+    with pytest.raises(EnsembleError, match="member_0/ and .*member_0 are the same weights"):
+        evaluate_ensemble([str(m0), str(run / "member_1"), f"{m0}/"])
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ensemble", "--eval", str(m0), str(m0)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "are the same weights" in r.stderr, r.stderr

@@ -115,3 +115,12 @@ def test_plan_refuses_bad_input_in_one_line(tmp_path):
     assert r.returncode == 2 and "--gpus 3" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = subprocess.run([sys.executable, "-m", "slowrun", "plan", "slowrun", "--run", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "no metrics.jsonl" in r.stderr
+
+
+@pytest.mark.parametrize("step_s", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_step_time_that_is_not_a_positive_number_is_refused(step_s):
+    """--step-s nan printed a wall time of 0m00s."""
+    from slowrun.plan import PlanError
+
+    with pytest.raises(PlanError, match=f"--step-s: must be a finite number > 0, got {step_s}"):
+        plan("smoke", step_s=step_s)

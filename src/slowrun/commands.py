@@ -4,8 +4,11 @@ efficiency, record, report, bench, plan. Each parses its flags and calls an impo
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _run_dir(path: str) -> str:
@@ -111,7 +114,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="dataset directory (default: the one the model was trained on)")
     p.add_argument("--max-tokens", type=_max_tokens, default=-1,
                    help="evaluate only the first N tokens (> 0; suffixes k, M, B); -1 = the whole split (default)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto (default), cpu or cuda")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="evaluation precision (default: the run's train.dtype)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -180,10 +183,24 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--data", default=None, help="dataset whose tokenizer to use (default: the model's)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto (default), cpu or cuda")
+
+
+def _check_sampling(a: argparse.Namespace) -> None:
+    from .config import ConfigError
+
+    if a.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: must be >= 1, got {a.max_new_tokens}")
+    if not math.isfinite(a.temperature) or a.temperature < 0:
+        raise ConfigError(f"--temperature: must be a finite number >= 0 (0 = greedy), got {a.temperature}")
+    if a.top_k < 0:
+        raise ConfigError(f"--top-k: must be >= 0 (0 = every token), got {a.top_k}")
+    if a.num_samples < 1:
+        raise ConfigError(f"--num-samples: must be >= 1, got {a.num_samples}")
 
 
 def _run_sample(a: argparse.Namespace) -> int:
+    _check_sampling(a)  # before the model is loaded
     import torch
 
     from .sample import generate
@@ -218,11 +235,22 @@ def _grid_arg(text: str) -> tuple[str, list]:
     return key, [parse_value(v) for v in values.split(",")]
 
 
+def _budget_multiple(text: str) -> float:
+    """A budget multiple (--budgets): a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of the dataset's training tokens")
+    return value
+
+
 def _add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="baseline", help="recipe to sweep (default baseline)")
     p.add_argument("--data", required=True, help="the 1x dataset; larger budgets are prepared from its manifest (same source, val, test, tokenizer)")
     p.add_argument("--out", required=True, help="sweep directory (datasets, runs, curve.json); rerunning continues it")
-    p.add_argument("--budgets", nargs="+", type=float, default=[1.0], help="multiples of the dataset's training tokens (e.g. 1 2 4 8 16)")
+    p.add_argument("--budgets", nargs="+", type=_budget_multiple, default=[1.0], help="multiples of the dataset's training tokens (e.g. 1 2 4 8 16)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis, e.g. --grid optim.lr=3e-4,6e-4,1.2e-3 (repeatable)")
     p.add_argument("--budget-grid", action="append", default=[], metavar="B:KEY=V1,V2",
                    help="replace a grid axis at budget B only, e.g. --budget-grid 16:optim.lr=3e-4,6e-4,1.2e-3 (repeatable)")
@@ -316,8 +344,12 @@ def _add_efficiency(p: argparse.ArgumentParser) -> None:
 def _run_efficiency(a: argparse.Namespace) -> int:
     import json
 
-    from .efficiency import Curve, check_same_data, place, run_loss
+    from .efficiency import Curve, EfficiencyError, check_same_data, place, run_loss
 
+    if a.loss is not None and not math.isfinite(a.loss):
+        raise EfficiencyError(f"--loss {a.loss}: not a finite number")
+    if a.budget is not None and a.budget <= 0:
+        raise EfficiencyError(f"--budget: must be > 0 tokens, got {a.budget}")
     curve = Curve.load(a.curve)
     metric = curve.metric(a.metric)
     if a.run:
@@ -568,7 +600,7 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     track.add_argument("--parts", nargs="+", default=None, choices=list(TRACK_PARTS) + ["curve"],
                        help="what to (re)compute (default: all; curve = baseline); entries not recomputed are placed "
                             "again on the current curves from their stored losses")
-    track.add_argument("--budgets", nargs="+", type=float, default=None,
+    track.add_argument("--budgets", nargs="+", type=_budget_multiple, default=None,
                        help="measure only these budgets of the baseline curve (into the ledger), e.g. --budgets 8; "
                             "nothing else is computed or written")
     track.add_argument("--jobs", type=int, default=2, help="runs at a time for the curve and independent members (default 2; "

@@ -39,6 +39,8 @@ class DeviceError(SlowrunError):
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):  # never a silent CPU run for a device name not known here
+        raise DeviceError(f"device {name!r}: one of auto, cpu, cuda")
     if name == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError("train.device=cuda: no CUDA device is available here (use train.device=auto or cpu)")

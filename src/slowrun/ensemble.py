@@ -86,6 +86,9 @@ def open_members(refs: list[str]) -> list[Member]:
     for ref in refs:
         p = Path(ref)
         path = best_weights(p) if p.is_dir() and (p / RESULT_FILE).is_file() else weights_path(p)
+        for m in members:  # one model twice would count as two members
+            if m.path.resolve() == path.resolve():
+                raise EnsembleError(f"{ref} and {m.label} are the same weights ({path}): an ensemble counts each model once")
         state, cfg, extra = read_weights(path)
         members.append(Member(str(ref), path, cfg.model.seq_len, extra.get("dataset", {}),
                               _training_split_hash(path, cfg.data.path), cfg.data.fitness_tokens,

@@ -239,8 +239,8 @@ def plan(recipe: str, overrides: dict | None = None, gpus: int = 1, micro_batch_
              n_train, steps * cfg.train.batch_tokens / n_train, steps, cfg.train.batch_tokens, gpus, tokens,
              per_rank // micro, device, cfg.train.dtype, mem, persistent + max(working, mem["allreduce_buffer"]), notes)
     if step_s is not None:
-        if step_s <= 0:
-            raise PlanError(f"--step-s: must be > 0, got {step_s}")
+        if not math.isfinite(step_s) or step_s <= 0:
+            raise PlanError(f"--step-s: must be a finite number > 0, got {step_s}")
         p.step_s, p.wall_s = step_s, step_s * steps
     return p
 
