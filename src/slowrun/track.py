@@ -40,6 +40,7 @@ from . import SlowrunError
 from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import Curve, curve_fit, describe_efficiency, efficiency_on
+from .formats import CURVE, read_json
 from .ledger import config_key
 from .prepare import PrepareConfig, prepare
 from .results import RESULT_FILE, chosen, is_ensemble, read_result
@@ -343,7 +344,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
         curve_dict = committed_curve(baseline_curve(t, work, data, jobs, threads, ledger_of(out_path), train=train_curve))
         atomic_write_json(curve_file, curve_dict)
     elif curve_file.is_file():
-        curve_dict = json.loads(curve_file.read_text())
+        curve_dict = read_json(curve_file, CURVE, TrackError)
     else:
         raise TrackError(f"no baseline curve yet ({curve_file}): run `slowrun bench cpu-track --parts baseline` first")
     results["baseline_curve"] = {k: curve_dict.get(k) for k in ("name", "recipe", "tokens", "losses", "budget", "grid",
