@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import signal
@@ -37,6 +38,9 @@ class FakeJob(TrainJob):
         self.nproc = nproc
         return [sys.executable, "-c", FAKE, str(self.data), str(self.run_dir)]
 
+    def result(self) -> dict:  # the fakes write what they saw, not a run's result.json
+        return json.loads((self.run_dir / "result.json").read_text())
+
 
 def fake_jobs(tmp_path: Path, n: int) -> list[FakeJob]:
     (tmp_path / "running").mkdir()
@@ -75,7 +79,7 @@ with open(os.path.join(run_dir, "result.json"), "w") as f:
 """
 
 
-class SharedJob(TrainJob):
+class SharedJob(FakeJob):
     def command(self, threads: int = -1, nproc: int = 1) -> list[str]:
         return [sys.executable, "-c", SHARED, str(self.data), str(self.run_dir)]
 
@@ -157,7 +161,7 @@ with open(os.path.join(run_dir, "result.json"), "w") as f:
 """
 
 
-class SteppingJob(TrainJob):
+class SteppingJob(FakeJob):
     def command(self, threads: int = -1, nproc: int = 1) -> list[str]:
         return [sys.executable, "-c", STEPPING, str(self.run_dir)]
 
@@ -187,7 +191,7 @@ raise ValueError("split of 4000 tokens is shorter than one chunk of 16385")
 """
 
 
-class FailingJob(TrainJob):
+class FailingJob(FakeJob):
     def command(self, threads: int = -1, nproc: int = 1) -> list[str]:
         return [sys.executable, "-c", FAILING, self.tag["how"]]
 

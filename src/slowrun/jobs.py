@@ -42,6 +42,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from . import SlowrunError
+from .results import read_result
 from .runlog import fmt_time
 
 
@@ -133,7 +134,8 @@ class TrainJob:
                          "--run-dir", str(self.run_dir), "--quiet"] + [f"--{k}={json.dumps(v)}" for k, v in over.items()]
 
     def result(self) -> dict:
-        return json.loads((self.run_dir / "result.json").read_text())
+        """The run's result.json, through the validating reader (a damaged one is one line)."""
+        return read_result(self.run_dir)
 
 
 # the signals a job runner passes on to its jobs, as the signal they get (`slowrun train` checkpoints
