@@ -75,7 +75,11 @@ def attention(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from slowrun.gpt import band_mask, flex_attention, window_mask
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from slowrun.gpt import band_mask, window_mask
+
+    flex = torch.compile(flex_attention, dynamic=False)  # its fused kernel (slowrun runs it eagerly on a CPU)
 
     torch.set_num_threads(args.threads)
     T, W = args.seq_len, args.seq_len // 2
@@ -84,7 +88,7 @@ def attention(args) -> dict:
     dense, block = band_mask(T, W, torch.device("cpu")), window_mask(T, W, torch.device("cpu"), "flex")
     out = {}
     for name, fn in (("dense_band_fwd_s", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)),
-                     ("flex_band_fwd_s", lambda: flex_attention(q, k, v, block, None)),
+                     ("flex_band_fwd_s", lambda: flex(q, k, v, block_mask=block)),
                      ("causal_full_fwd_s", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))):
         with torch.no_grad():
             fn()

@@ -215,12 +215,13 @@ _flex_attention = None
 
 
 def flex_attention(q, k, v, block_mask, scale):
-    """torch's flex_attention, compiled once (its fused kernel exists only compiled; inside an
-    already compiled model the call is traced into that graph)."""
+    """torch's flex_attention, compiled once on a GPU (its fused kernel exists only compiled;
+    inside an already compiled model the call is traced into that graph). On a CPU, where it has
+    no backward and serves checks only, it runs eagerly."""
     global _flex_attention
     from torch.nn.attention.flex_attention import flex_attention as flex
 
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or q.device.type != "cuda":
         return flex(q, k, v, block_mask=block_mask, scale=scale)
     if _flex_attention is None:
         _flex_attention = torch.compile(flex, dynamic=False)
