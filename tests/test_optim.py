@@ -322,51 +322,54 @@ def test_bf16_params_store_weights_and_adamw_state_in_bf16_and_round_small_updat
 # the batched steps against the per-parameter loops they replaced (the oracle, kept here as it was)
 
 
+def _with_grads(opt):
+    """(group, parameter, its gradient, its state) for every parameter with a gradient."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                yield group, p, p.grad, opt.state[p]
+
+
 @torch.no_grad()
 def reference_muon_step(opt: Muon) -> None:
     """Muon's step one parameter at a time, as optim.py had it before the batched step."""
     import math
 
-    for group in opt.param_groups:
+    for group, p, g, st in _with_grads(opt):
         lr, mom, wd, eps = group["lr"], group["momentum"], group["weight_decay"], group["eps"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            g = p.grad
-            st = opt.state[p]
-            if not st:
-                st["momentum_buffer"] = torch.zeros_like(p)
-            buf = st["momentum_buffer"]
-            buf.lerp_(g, 1 - mom)
-            u = g.lerp(buf, mom) if group["nesterov"] else buf
-            k = group["chunks"] if p.size(0) % group["chunks"] == 0 else 1
-            u = u.view(k, p.size(0) // k, p.size(1))  # fused matrices: orthogonalize each part
-            if group["eq_r"]:
-                u = u / u.norm(dim=-1, keepdim=True).clamp(min=eps)
-            O = orthogonalize(u, group["ns_steps"], group["coeffs"], eps, group["ns_dtype"])
-            if group["normuon"] and group["normuon_wide"] == "column":
-                O = _reference_normuon_by_shape(O, st, group["normuon_beta2"])
-            elif group["normuon"]:
-                if "row_sq" not in st:
-                    st["row_sq"] = torch.zeros(k, p.size(0) // k, 1, device=p.device, dtype=torch.float32)
-                v = st["row_sq"]
-                v.lerp_(O.float().square().mean(-1, keepdim=True), 1 - group["normuon_beta2"])
-                n0 = O.norm()
-                O = O / (v.sqrt() + eps).to(O.dtype)
-                O = O * (n0 / O.norm().clamp(min=eps))
-            O = O.reshape(p.shape)
-            scale = math.sqrt(max(1.0, (p.size(0) / k) / p.size(1)))
-            if group["scaled_wd"]:
-                lr_t = lr * scale
-                mask = (O * p >= 0) if group["cautious_wd"] else 1.0
-                p.sub_(O * lr_t + p * mask * (lr_t * wd))
-                continue
-            if wd != 0:
-                if group["cautious_wd"]:
-                    p.sub_(p * (O * p > 0), alpha=lr * wd)
-                else:
-                    p.mul_(1 - lr * wd)
-            p.add_(O, alpha=-lr * scale)
+        if not st:
+            st["momentum_buffer"] = torch.zeros_like(p)
+        buf = st["momentum_buffer"]
+        buf.lerp_(g, 1 - mom)
+        u = g.lerp(buf, mom) if group["nesterov"] else buf
+        k = group["chunks"] if p.size(0) % group["chunks"] == 0 else 1
+        u = u.view(k, p.size(0) // k, p.size(1))  # fused matrices: orthogonalize each part
+        if group["eq_r"]:
+            u = u / u.norm(dim=-1, keepdim=True).clamp(min=eps)
+        O = orthogonalize(u, group["ns_steps"], group["coeffs"], eps, group["ns_dtype"])
+        if group["normuon"] and group["normuon_wide"] == "column":
+            O = _reference_normuon_by_shape(O, st, group["normuon_beta2"])
+        elif group["normuon"]:
+            if "row_sq" not in st:
+                st["row_sq"] = torch.zeros(k, p.size(0) // k, 1, device=p.device, dtype=torch.float32)
+            v = st["row_sq"]
+            v.lerp_(O.float().square().mean(-1, keepdim=True), 1 - group["normuon_beta2"])
+            n0 = O.norm()
+            O = O / (v.sqrt() + eps).to(O.dtype)
+            O = O * (n0 / O.norm().clamp(min=eps))
+        O = O.reshape(p.shape)
+        scale = math.sqrt(max(1.0, (p.size(0) / k) / p.size(1)))
+        if group["scaled_wd"]:
+            lr_t = lr * scale
+            mask = (O * p >= 0) if group["cautious_wd"] else 1.0
+            p.sub_(O * lr_t + p * mask * (lr_t * wd))
+            continue
+        if wd != 0:
+            if group["cautious_wd"]:
+                p.sub_(p * (O * p > 0), alpha=lr * wd)
+            else:
+                p.mul_(1 - lr * wd)
+        p.add_(O, alpha=-lr * scale)
 
 
 def _reference_normuon_by_shape(O, st, beta2):
@@ -387,29 +390,24 @@ def reference_adamw_step(opt: AdamW) -> None:
     """AdamW's step one tensor at a time, as optim.py had it before the foreach step."""
     import math
 
-    for group in opt.param_groups:
+    for group, p, g, st in _with_grads(opt):
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            g = p.grad
-            st = opt.state[p]
-            if not st:
-                st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] += 1
-            m, v, t = st["exp_avg"], st["exp_avg_sq"], st["step"]
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
-            update = m / denom / (1 - b1**t)
-            if wd != 0:
-                if group["cautious_wd"]:
-                    p.sub_(p * (update * p > 0), alpha=lr * wd)
-                else:
-                    p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-lr)
+        if not st:
+            st["step"] = 0
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["step"] += 1
+        m, v, t = st["exp_avg"], st["exp_avg_sq"], st["step"]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+        update = m / denom / (1 - b1**t)
+        if wd != 0:
+            if group["cautious_wd"]:
+                p.sub_(p * (update * p > 0), alpha=lr * wd)
+            else:
+                p.mul_(1 - lr * wd)
+        p.add_(update, alpha=-lr)
 
 
 # several shapes, two of a kind, a fused q/k/v matrix (chunks 3) and one that cannot be split in 3
