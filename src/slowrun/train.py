@@ -453,7 +453,8 @@ def fit(run: Run) -> FitStats:
             model.loop_active = loop_active  # what an evaluation of this state runs
             if model.window_stage >= 0:  # model.window_schedule: this epoch's windows, RoPE tables and scale
                 model.set_window_stage(window_stage_of(cfg.model, epoch_before))
-            model.prepare_attention(cfg.model.seq_len, device)  # band masks outside any compiled graph
+            if cfg.train.compile:  # band masks outside the compiled graph (an eager forward prepares its own)
+                model.prepare_attention(cfg.model.seq_len, device)
             lr_mult, wd_mult = sched.lr(run.step), sched.wd(run.step)
             opt.set_schedule(lr_mult, wd_mult, sched.momentum(run.step))
             depth_scales = stoch_depth_scales(cfg.model, cfg.train.seed, run.step, loop_active)  # the same on every rank
