@@ -4,7 +4,8 @@
     python benchmarks/summary.py --ledger [benchmarks/results/ledger.jsonl]   (every finished curve run so far)
     python benchmarks/summary.py --ablation [benchmarks/results/ablation_cpu.json]   (an ablation's table)
 
-Every number printed is read from the results file; nothing is computed here but ratios.
+Every number printed is read from the results file; nothing is computed here but ratios. The ledger's and
+the ablations' tables are slowrun.docgen's, which writes them into docs/cpu-track.md.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from slowrun.docgen import ablation_table, curve_table, ledger_rows, runs_table
 from slowrun.efficiency import describe_efficiency as eff
 from slowrun.efficiency import describe_fit
 
@@ -96,83 +98,17 @@ def main(path: str = "benchmarks/results/cpu_track.json") -> None:
 
 
 def ledger(path: str = "benchmarks/results/ledger.jsonl") -> None:
-    """Every run in the ledger, by budget and size: the curve while it is being measured."""
-    from slowrun.ledger import Ledger
-
-    if not Path(path).is_file():  # a ledger opens empty when missing: here that is a wrong path
-        raise FileNotFoundError(path)
-    rows = []
-    for e in Ledger.open(path).entries:
-        tag, cfg, best = e.get("tag", {}), e["config"], e["variants"][e["best"]]
-        rows.append((e["dataset"]["train_tokens"], cfg["model"]["depth"], cfg["optim"]["lr_scale"],
-                     cfg["train"]["batch_tokens"], cfg["train"]["seed"], tag.get("recipe", "?"), e["params"],
-                     best["val_loss"], best["test_loss"], e.get("device") or "-", e["wall_s"]))
-    print("| train tokens | recipe | depth | lr_scale | batch | seed | params | val loss | test loss | device | wall (min) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for t, d, lr, b, seed, recipe, n, v, te, dev, w in sorted(rows):
-        print(f"| {t:,} | {recipe} | {d} | {lr:g} | {b} | {seed} | {n:,} | {v:.4f} | {te:.4f} | {dev} | {w / 60:.1f} |")
-    chosen_so_far(rows)
-
-
-def chosen_so_far(rows: list[tuple]) -> None:
-    """Per curve recipe and budget, at the recipe's tuned lr and batch (CURVE_TUNED; a recipe not
-    tuned yet: its best 1x lr and batch on val so far): the sizes tried, the best on val (seed
-    0), whether it sits at an edge of the sizes tried, and the mean and spread of its seeds."""
-    from slowrun.track import CURVE_TUNED, TRACK
-
-    base = TRACK.budget
-    print("\n| recipe | budget | train tokens | sizes tried | chosen (best val, seed 0) | seeds | val | test | seed spread (test) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for recipe in sorted({r[5] for r in rows}):
-        mine = [r for r in rows if r[5] == recipe]
-        tuned = CURVE_TUNED.get(recipe)
-        if tuned is None:  # still tuning at 1x: the lr and batch of its best seed-0 point so far
-            ones = [r for r in mine if r[0] == base and r[4] == 0]
-            tuned = min(ones, key=lambda r: r[7])[2:4] if ones else (None, None)
-        chosen_rows(recipe, mine, tuned, base)
-
-
-def chosen_rows(recipe: str, rows: list[tuple], tuned: tuple, base: int) -> None:
-    for t in sorted({r[0] for r in rows}):
-        grid = [r for r in rows if r[0] == t and (r[2], r[3]) == tuple(tuned)]
-        first = {r[1]: r for r in grid if r[4] == 0}
-        if not first:
-            continue
-        best = min(first.values(), key=lambda r: r[7])[1]
-        depths = sorted(first)
-        seeds = [r for r in grid if r[1] == best]
-        tests = [r[8] for r in seeds]
-        where = f"depth {best}" + (" (one size so far)" if len(depths) == 1 else
-                                   ", at the edge" if best in (depths[0], depths[-1]) else " (inside)")
-        spread = f"{max(tests) - min(tests):.4f}" if len(tests) > 1 else "-"
-        tried = f"depth {depths[0]}-{depths[-1]}" if len(depths) > 1 else f"depth {depths[0]}"
-        print(f"| {recipe} | {t / base:g}x | {t:,} | {tried} | {where} | {len(seeds)} | "
-              f"{sum(r[7] for r in seeds) / len(seeds):.4f} | {sum(tests) / len(tests):.4f} | {spread} |")
+    """Every run in the ledger, by budget and size, then each curve recipe's best per budget so far
+    (the tables docs/cpu-track.md holds, from `python -m slowrun.docgen`)."""
+    rows = ledger_rows(path)
+    print(runs_table(rows))
+    print()
+    print(curve_table(rows))
 
 
 def ablation(path: str = "benchmarks/results/ablation_cpu.json") -> None:
     """An ablation.json of `slowrun ablate`: the full recipe, then each technique left out or swap."""
-    from slowrun.ablate import FORMAT, pm
-
-    try:
-        ab = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
-    if not isinstance(ab, dict) or ab.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an ablation.json of `slowrun ablate`")
-
-    print("| technique left out, or swap | overrides | seeds | test loss | delta | p | val loss | efficiency | wall (min) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for rec in [ab["full"]] + ab["variants"]:
-        name = "the recipe" if rec is ab["full"] else rec["technique"] + (" (swap)" if rec.get("swap") else "")
-        over = ", ".join(f"{k}={v}" for k, v in rec["off"].items()) or "-"
-        delta, p = rec.get("delta_test"), rec.get("p_better" if rec.get("swap") else "p_hurts")
-        e = eff(rec) if rec.get("efficiency") is not None else "-"
-        wall = f"{rec['wall_s'] / 60:.1f}" if rec.get("wall_s") is not None else "-"
-        print(f"| {name} | {over} | {rec['seeds']} | {pm(rec['test_mean'], rec['test_std'])} | {'-' if delta is None else f'{delta:+.4f}'} | "
-              f"{'-' if p is None else f'{p:.3f}'} | {pm(rec['val_mean'], rec['val_std'])} | {e} | {wall} |")
-    if ab.get("finished") != ab.get("runs"):
-        print(f"\npartial: {ab['finished']} of {ab['runs']} runs finished; means over the seeds that finished")
+    print(ablation_table(path))
 
 
 if __name__ == "__main__":
