@@ -182,11 +182,12 @@ def test_plan_names_each_budgets_next_runs_and_trains_nothing(bpe_ds, tmp_path, 
     runs, phase, points = step()
     assert (phase, points) == ("seeds", [{"model.n_layer": 2, "train.seed": 1}])
 
-    # the price: 1e-4 s per parameter-token (the ledger's one CPU run) x the model's parameters x its tokens
+    # the price: 1e-4 s per parameter-token (the ledger's one CPU run) x the model's parameters x the tokens
+    # its steps train on: ceil((40,000 - 1) // 32 sequences / 32 a step) = 40 steps of 1,024 tokens
     smoke = build_config("smoke", {"model.n_layer": 2, "model.vocab_size": 512, "data.path": str(bpe_ds)})
     params = GPT(smoke.model).num_params()
     job = runs.jobs[-1]
-    tokens = 40_000
+    tokens = 40 * 1024
     text = sweep_mod.describe_plan(runs, sweep_mod.plan(cfg)[1])
     assert f"~{1e-4 * params * tokens / 3600:.1f} CPU h" in text and "median of 1 CPU run(s)" in text
     assert f"{params / 1e6:7.2f}M params" in text and "n_layer=2, seed=1" in text

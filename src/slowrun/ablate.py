@@ -252,11 +252,10 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
 
     def epoch_steps(over: dict[str, Any]) -> float:  # optimizer steps per epoch, as the trainer counts them
         from .dataset import Dataset
-        from .loader import seqs_per_epoch
+        from .steps import step_plan
 
         c = build_config(cfg.recipe, {**cfg.fixed, **over})
-        return seqs_per_epoch(Dataset.open(cfg.data), c.model.seq_len, c.data.fitness_tokens, c.data.chunking,
-                              c.data.epoch_multiple) / (c.train.batch_tokens // c.model.seq_len)
+        return step_plan(c, Dataset.open(cfg.data).num_tokens("train")).steps_per_epoch
 
     timed, keys = {}, {}
     for name, over in cfg.variants.items():

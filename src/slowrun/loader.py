@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .dataset import Dataset
+from .steps import epoch_seqs, trained_tokens
 
 CURRICULA = ("off", "easy_to_hard", "hard_to_easy", "mixed")
 
@@ -40,36 +41,12 @@ CURRICULA = ("off", "easy_to_hard", "hard_to_easy", "mixed")
 def fitness_slice(dataset: Dataset, tokens: int) -> np.ndarray:
     """The last `tokens` training tokens: held out from training for ensemble member selection."""
     train = dataset.tokens("train")
-    if tokens <= 0:
-        return train[:0]
-    if tokens >= len(train) // 2:
-        raise ValueError(f"data.fitness_tokens={tokens:,} would take half or more of the {len(train):,} training tokens")
-    return train[len(train) - tokens:]
-
-
-CHUNKINGS = ("stride", "disjoint")
-
-
-def epoch_seqs(n_tokens: int, seq_len: int, chunking: str = "stride", epoch_multiple: int = 1) -> int:
-    """Sequences one epoch of `n_tokens` serves: windows of seq_len+1 at a stride of seq_len, or
-    disjoint seq_len+1 chunks rounded down to a multiple of `epoch_multiple`."""
-    if chunking not in CHUNKINGS:
-        raise ValueError(f"chunking {chunking!r}: must be one of {', '.join(CHUNKINGS)}")
-    if chunking == "stride":
-        return (n_tokens - 1) // seq_len
-    return n_tokens // (seq_len + 1) // epoch_multiple * epoch_multiple
-
-
-def seqs_per_epoch(dataset: Dataset, seq_len: int, fitness_tokens: int = 0, chunking: str = "stride",
-                   epoch_multiple: int = 1) -> int:
-    """How many training sequences of `seq_len` tokens one epoch serves (the fitness slice cut off)."""
-    n = len(dataset.tokens("train")) - len(fitness_slice(dataset, fitness_tokens))
-    return epoch_seqs(n, seq_len, chunking, epoch_multiple)
+    return train[trained_tokens(len(train), tokens):]
 
 
 def _doc_bounds(dataset: Dataset, fitness_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(start, length) of every training document the loader serves (the fitness slice cut off)."""
-    n = len(dataset.tokens("train")) - len(fitness_slice(dataset, fitness_tokens))
+    n = trained_tokens(len(dataset.tokens("train")), fitness_tokens)
     starts = dataset.doc_starts("train")
     starts = starts[starts < n].astype(np.int64)
     return starts, np.diff(np.append(starts, n))
@@ -138,7 +115,7 @@ class TrainLoader:
             raise ValueError(f"global batch of {batch_seqs} sequences does not split over {world_size} ranks")
         self.tokens = dataset.tokens("train")
         self.doc_starts, self.doc_lens = _doc_bounds(dataset, fitness_tokens)
-        n = len(self.tokens) - len(fitness_slice(dataset, fitness_tokens))
+        n = trained_tokens(len(self.tokens), fitness_tokens)
         self.num_tokens = n
         if curriculum not in CURRICULA:
             raise ValueError(f"curriculum {curriculum!r}: must be one of {', '.join(CURRICULA)}")
@@ -148,7 +125,7 @@ class TrainLoader:
             raise ValueError(f"curriculum_blocks {curriculum_blocks}: must be >= 0, and 0 without a curriculum")
         self.curriculum, self.doc_scores, self.curriculum_blocks = curriculum, doc_scores, curriculum_blocks
         self.seq_len = seq_len
-        self.seqs_per_epoch = seqs_per_epoch(dataset, seq_len, fitness_tokens, chunking, epoch_multiple)
+        self.seqs_per_epoch = epoch_seqs(n, seq_len, chunking, epoch_multiple)
         self.stride = seq_len if chunking == "stride" else seq_len + 1  # tokens between sequence starts
         self.num_chunks = n // (seq_len + 1) if chunking == "disjoint" else self.seqs_per_epoch  # before the drop
         if self.seqs_per_epoch < batch_seqs:

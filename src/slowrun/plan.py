@@ -55,12 +55,12 @@ from pathlib import Path
 import torch
 
 from . import SlowrunError
-from .config import RunConfig, build_config
+from .config import ConfigError, RunConfig, build_config
 from .gpt import GPT, has_value_proj
-from .loader import epoch_seqs
 from .losses import FUSED_CHUNK
 from .optim import split_params
 from .runlog import fmt_time
+from .steps import step_plan
 
 DEFAULT_VOCAB = 50257  # GPT-2's, the benchmark's tokenizer, when neither recipe nor dataset says
 DEFAULT_TRAIN_TOKENS = 100_000_000  # the benchmark's budget, when neither --train-tokens nor a dataset says
@@ -77,7 +77,7 @@ class Plan:
     params: int
     non_embedding_params: int
     flops_per_token: int
-    train_tokens: int
+    train_tokens: int  # trained on: the training split less data.fitness_tokens
     epochs: float
     steps: int
     batch_tokens: int
@@ -183,6 +183,8 @@ def plan(recipe: str, overrides: dict | None = None, gpus: int = 1, micro_batch_
     if device not in ("cuda", "cpu"):
         raise PlanError(f"--device: cuda or cpu, got {device}")
     over = dict(overrides or {})
+    if micro_batch_tokens > 0:
+        over["train.micro_batch_tokens"] = micro_batch_tokens
     notes: list[str] = []
     ds_tokens = -1
     if data:
@@ -206,22 +208,17 @@ def plan(recipe: str, overrides: dict | None = None, gpus: int = 1, micro_batch_
         n_train = DEFAULT_TRAIN_TOKENS
         notes.append(f"{DEFAULT_TRAIN_TOKENS:,} training tokens (the benchmark's) assumed: pass --train-tokens or --data")
 
-    T = cfg.model.seq_len
-    batch_seqs = cfg.train.batch_tokens // T
-    if batch_seqs % gpus:
-        raise PlanError(f"--gpus {gpus}: {batch_seqs} sequences per step (train.batch_tokens) do not split over {gpus} ranks")
-    per_rank = batch_seqs // gpus
-    mbt = micro_batch_tokens if micro_batch_tokens > 0 else cfg.train.micro_batch_tokens
-    micro = per_rank if mbt <= 0 else max(1, mbt // T)
-    if per_rank % micro:
-        raise PlanError(f"--micro-batch-tokens: {per_rank} sequences per rank are not a multiple of {micro} per micro-batch")
-    seqs_per_epoch = epoch_seqs(n_train, T, cfg.data.chunking, cfg.data.epoch_multiple)
-    if seqs_per_epoch < batch_seqs:
-        raise PlanError(f"{n_train:,} training tokens hold fewer than one batch ({cfg.train.batch_tokens:,} tokens)")
-    steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.epochs * seqs_per_epoch / batch_seqs))
+    try:
+        s = step_plan(cfg, n_train, gpus)  # the trainer's own arithmetic
+    except ConfigError as e:
+        flags = f"--gpus {gpus}" + (f", --micro-batch-tokens {micro_batch_tokens}" if micro_batch_tokens > 0 else "")
+        raise PlanError(f"{e} ({flags})") from None
+    if cfg.data.fitness_tokens > 0:
+        notes.append(f"data.fitness_tokens: the last {cfg.data.fitness_tokens:,} of the {n_train:,} training tokens "
+                     "are held out, never trained on")
 
     model = meta_model(cfg)
-    tokens = micro * T
+    tokens = s.micro_tokens
     mem = state_bytes(model, cfg)
     mem["autocast_copies"] = autocast_copy_bytes(model, cfg)
     mem["activations"] = int(activation_bytes_per_token(cfg, device) * tokens)
@@ -236,12 +233,12 @@ def plan(recipe: str, overrides: dict | None = None, gpus: int = 1, micro_batch_
                  if sharded else "weights, gradients and optimizer state are replicated on every rank"
                  + (" (train.shard_optimizer splits the optimizer state)" if gpus > 1 else ""))
     p = Plan(recipe, model.num_params(), model.num_params(exclude_embeddings=True), model.flops_per_token(),
-             n_train, steps * cfg.train.batch_tokens / n_train, steps, cfg.train.batch_tokens, gpus, tokens,
-             per_rank // micro, device, cfg.train.dtype, mem, persistent + max(working, mem["allreduce_buffer"]), notes)
+             s.train_tokens, s.epochs, s.total_steps, s.tokens_per_step, gpus, tokens, s.accum, device, cfg.train.dtype,
+             mem, persistent + max(working, mem["allreduce_buffer"]), notes)
     if step_s is not None:
         if not math.isfinite(step_s) or step_s <= 0:
             raise PlanError(f"--step-s: must be a finite number > 0, got {step_s}")
-        p.step_s, p.wall_s = step_s, step_s * steps
+        p.step_s, p.wall_s = step_s, step_s * s.total_steps
     return p
 
 

@@ -91,9 +91,10 @@ def _minimal_step_times(cfg, ds, dtype: str, steps: int, warmup: int) -> tuple[l
     from .evaluate import autocast
     from .gpt import GPT
     from .loader import TrainLoader
+    from .steps import step_plan
 
-    T, B = cfg.model.seq_len, cfg.train.batch_tokens // cfg.model.seq_len
-    loader = TrainLoader(ds, T, B, seed=0)
+    T = cfg.model.seq_len
+    loader = TrainLoader(ds, T, step_plan(cfg, ds.num_tokens("train")).seqs_per_step, seed=0)
     torch.manual_seed(0)
     dev = torch.device("cpu")
     m = cfg.model

@@ -294,18 +294,18 @@ def _next_phase(runs: Runs, b: float) -> tuple[str, list[TrainJob]]:
 
 
 def run_size(runs: Runs, job: TrainJob) -> tuple[int, int, int]:
-    """(parameters, training tokens, tokens per step) of a planned run, from its config; no
-    weights allocated."""
+    """(parameters, tokens it will train on, tokens per step) of a planned run, from its config
+    (the trainer's steps, `steps.step_plan`); no weights allocated."""
     import torch
 
     from .gpt import GPT
+    from .steps import step_plan
 
     ds, cfg = runs.datasets[job.tag["budget"]], runs.configs[job.run_dir]
     with torch.device("meta"):
         params = GPT(cfg.model).num_params()
-    t = cfg.train
-    tokens = t.max_steps * t.batch_tokens if t.max_steps > 0 else int(t.epochs * ds.num_tokens("train"))
-    return params, tokens, t.batch_tokens
+    s = step_plan(cfg, ds.num_tokens("train"))
+    return params, s.total_steps * s.tokens_per_step, s.tokens_per_step
 
 
 def seconds_per_param_token(runs: Runs) -> tuple[float, int] | None:

@@ -44,6 +44,7 @@ from .results import (EPOCH_SNAPSHOT_FILE, MEMBER_SNAPSHOTS, RESULT_FILE, SNAPSH
 from .runlog import RunLogger, StepTimer, environment, fmt_time, require_backends
 from .variants import final_evaluation, result_table
 from .schedules import Schedule
+from .steps import seqs_per_step, step_plan
 from .storage import atomic_write_json, atomic_write_text, exclusive_lock
 
 DEFAULT_DATA = "data/builtin"
@@ -81,10 +82,9 @@ def resolve(cfg: RunConfig, ds: Dataset) -> RunConfig:
         m = replace(m, vocab_size=ds.vocab_size)
     elif m.vocab_size < ds.vocab_size:
         raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the dataset's vocabulary ({ds.vocab_size})")
-    if cfg.train.batch_tokens % m.seq_len:
-        raise ConfigError(f"train.batch_tokens: must be a multiple of model.seq_len={m.seq_len}, got {cfg.train.batch_tokens}")
-    # absolute, so that `--resume` works from any working directory
-    return replace(cfg, model=m, data=replace(cfg.data, path=str(ds.path.resolve())))
+    cfg = replace(cfg, model=m, data=replace(cfg.data, path=str(ds.path.resolve())))  # absolute: `--resume` from anywhere
+    seqs_per_step(cfg)  # train.batch_tokens a multiple of model.seq_len
+    return cfg
 
 
 def _loop_active(cfg: RunConfig, epoch: int) -> bool:
@@ -287,13 +287,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     ds = Dataset.open(data_path, verify=True)
     cfg = resolve(cfg, ds)
     T = cfg.model.seq_len
-    batch_seqs = cfg.train.batch_tokens // T
-    if batch_seqs % env.world_size:
-        raise ConfigError(f"train.batch_tokens: {batch_seqs} sequences per step do not split over {env.world_size} ranks")
-    per_rank = batch_seqs // env.world_size
-    micro = per_rank if cfg.train.micro_batch_tokens == -1 else max(1, cfg.train.micro_batch_tokens // T)
-    if per_rank % micro:
-        raise ConfigError(f"train.micro_batch_tokens: {per_rank} sequences per rank are not a multiple of {micro} per micro-batch")
+    steps = step_plan(cfg, ds.num_tokens("train"), env.world_size)
     chunks = ds.num_tokens("val") // (T + 1)  # an evaluation scores whole chunks (eval.reference_batch: batches of them)
     if chunks == 0:
         raise ConfigError(f"model.seq_len: {T} needs val chunks of {T + 1:,} tokens, but {ds.path}'s val split holds "
@@ -309,14 +303,13 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
         if not env.is_main:
             scores = document_scores(ds, cfg.data.curriculum_score, T, cfg.data.fitness_tokens, str(device))
     try:
-        loader = TrainLoader(ds, T, batch_seqs, cfg.train.seed, cfg.data.doc_shuffle, cfg.data.seq_shuffle,
+        loader = TrainLoader(ds, T, steps.seqs_per_step, cfg.train.seed, cfg.data.doc_shuffle, cfg.data.seq_shuffle,
                              env.rank, env.world_size, cfg.data.fitness_tokens, cfg.data.curriculum, scores,
                              cfg.data.curriculum_blocks, cfg.data.chunking, cfg.data.epoch_multiple)
     except ValueError as e:
         raise TrainingError(f"{ds.path}: {e}") from None
-    steps_per_epoch = loader.seqs_per_epoch / batch_seqs
-    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    sched = Schedule(total_steps, steps_per_epoch, cfg.optim, cfg.train.snapshot_cycles)
+    total_steps = steps.total_steps
+    sched = Schedule(total_steps, steps.steps_per_epoch, cfg.optim, cfg.train.snapshot_cycles)
 
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
@@ -367,7 +360,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     for text in warnings:
         log.warn(text)
     run = Run(cfg, run_dir, env, ds, loader, sched, model, torch.compile(model) if cfg.train.compile else model, opt, ema,
-              teacher, log, total_steps, micro, per_rank // micro, shard, env_info=environment(device))
+              teacher, log, total_steps, steps.micro_seqs, steps.accum, shard, env_info=environment(device))
     if ck is not None:
         run.step, run.elapsed_before_s = ck.step, float(ck.state["extra"].get("elapsed_s", 0.0))
         run.timed = tuple(ck.state["extra"].get("timed", (0, 0.0)))
@@ -380,8 +373,8 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
         log.line(f"# dataset: {ds.path} ({ds.num_tokens('train'):,} train tokens, tokenizer {ds.manifest['tokenizer']['id']})")
         log.line(f"# model: {model.num_params():,} parameters ({model.num_params(exclude_embeddings=True):,} without "
                  f"embeddings), {model.flops_per_token():,} FLOPs/token")
-        log.line(f"# steps: {total_steps} x {cfg.train.batch_tokens:,} tokens ({steps_per_epoch:.2f} steps/epoch, "
-                 f"{run.accum} micro-batches of {micro} x {T} per rank, {env.world_size} rank(s))")
+        log.line(f"# steps: {total_steps} x {steps.tokens_per_step:,} tokens ({steps.steps_per_epoch:.2f} steps/epoch, "
+                 f"{steps.accum} micro-batches of {steps.micro_seqs} x {T} per rank, {env.world_size} rank(s))")
         for text in config_to_toml(cfg).splitlines():
             log.line(f"# {text}" if text else "#", echo=False)
     return run
