@@ -467,3 +467,14 @@ def test_padded_vocabulary_rows_are_never_scored_or_sampled():
     assert torch.allclose(loss, ref, atol=1e-6)
     loss.backward()
     assert padded.lm_head.weight.grad[V:].abs().max() == 0 and padded.wte.weight.grad[V:].abs().max() == 0
+
+
+def test_params_without_embeddings_leave_out_the_token_table_tied_or_not():
+    """The first README run's header said '5,636,554 parameters (5,636,554 without embeddings)'
+    for the tied slowrun recipe: the tied token table was counted back in as the head."""
+    tied, untied = model_of("slowrun", tie_embeddings=True), model_of("slowrun", tie_embeddings=False)
+    table = tied.wte.weight.numel()
+    assert tied.wpe is None and all(b.attn.v_embed is None for b in tied.blocks)  # the token table is its only table
+    assert tied.num_params(exclude_embeddings=True) == tied.num_params() - table
+    assert untied.num_params() == tied.num_params() + table  # the untied head: a matrix of the table's shape
+    assert untied.num_params(exclude_embeddings=True) == untied.num_params() - table  # the head counts, the table not

@@ -535,12 +535,12 @@ class GPT(nn.Module):
     # -----------------------------------------------------------------------------------
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters; with `exclude_embeddings`, less the lookup tables: the token table (tied to
+        the output head or not), learned positions and value embeddings. An untied head counts."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
             n -= sum(b.attn.v_embed.weight.numel() for b in self.blocks if b.attn.v_embed is not None)
-            if self.lm_head is None:  # tied: the matrix also serves as the head
-                n += self.wte.weight.numel()
         return n
 
     def flops_per_token(self, loop_active: bool = False) -> int:
