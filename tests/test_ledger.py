@@ -61,6 +61,27 @@ def test_append_and_find_round_trip(tmp_path):
     assert again.find("k1", {**DS, "train": "other", "train_tokens": 200}) is None  # another budget: silently no match
 
 
+def test_paths_inside_the_working_directory_are_written_relative(tmp_path, monkeypatch):
+    """The committed ledger named the directories of the machine that ran each point
+    (config.data.path, made absolute by the trainer); a line is now written with the paths
+    inside the working directory relative to it, and an old line's absolute paths read as they were."""
+    from slowrun.config import build_config, config_to_dict
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config_to_dict(build_config("smoke", {"model.vocab_size": 300, "data.path": str(tmp_path / "data" / "1x"),
+                                                "distill.teacher": "/elsewhere/teacher"}))
+    new = {**entry(config_key(cfg)), "config": cfg, "run_dir": str(tmp_path / "runs" / "1x" / "a"), "tag": {"root": str(tmp_path)}}
+    old = {**entry(config_key(cfg), val="old"), "config": cfg, "run_dir": str(tmp_path / "runs" / "old")}
+    (tmp_path / "l.jsonl").write_text(json.dumps(old) + "\n")  # a line as written before: absolute paths
+    Ledger.open(tmp_path / "l.jsonl").append(new)
+    was, now = Ledger.open(tmp_path / "l.jsonl").entries
+    assert now["config"]["data"]["path"] == "data/1x" and now["run_dir"] == "runs/1x/a" and now["tag"]["root"] == "."
+    assert now["config"]["distill"]["teacher"] == "/elsewhere/teacher"  # outside the working directory: as it was
+    assert was["config"]["data"]["path"] == str(tmp_path / "data" / "1x") and was["run_dir"] == str(tmp_path / "runs" / "old")
+    assert was["key"] == now["key"] == config_key(cfg)  # no path is part of a key
+    assert '"/' not in (tmp_path / "l.jsonl").read_text().splitlines()[1].replace('"/elsewhere/teacher"', "")
+
+
 def test_foreign_dataset_is_ignored_with_one_line(tmp_path):
     led = Ledger(tmp_path / "l.jsonl")
     led.append(entry(val="other-val"))

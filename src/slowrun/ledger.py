@@ -8,6 +8,11 @@ without values at their defaults, so that a config field added later changes no 
 dataset it trained on (tokenizer, val, test and train hashes), every weights variant's
 val/test loss and bits per byte, steps, wall time, device, torch version and commit.
 
+A path a line holds (the config's `data.path`, which the trainer makes absolute, the run
+directory, a teacher) is written relative to the working directory when it lies inside it,
+so that the committed ledger names no machine's directories; lines written before that
+(absolute paths) read as they are, and no path enters a line's key.
+
 A line is appended with one `write` under an exclusive `flock`, so two sweeps writing the
 same ledger at once never interleave or lose a line. A line that is not valid JSON, or lacks
 a field the readers use (or holds one of the wrong kind), stops the reader with its line
@@ -68,6 +73,18 @@ def dataset_identity(manifest: dict[str, Any]) -> dict[str, Any]:
             "train": files.get("train.bin"), "train_tokens": int(manifest["splits"]["train"]["tokens"])}
 
 
+def portable_paths(value: Any, root: Path) -> Any:
+    """`value` (JSON data) with every string that is an absolute path inside `root` made
+    relative to it ("." for `root` itself); other strings, outside paths included, unchanged."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(v, root) for v in value]
+    if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(root):
+        return str(Path(value).relative_to(root))
+    return value
+
+
 def entry_from_result(result: dict[str, Any], tag: dict[str, Any] | None = None) -> dict[str, Any]:
     """A ledger line from a finished run's result.json."""
     env = result.get("environment", {})
@@ -122,8 +139,10 @@ class Ledger:
         return None
 
     def append(self, entry: dict[str, Any]) -> None:
-        """Append one line atomically (O_APPEND, one write, under an exclusive lock)."""
-        line = (json.dumps({k: v for k, v in entry.items() if k != "_line"}, sort_keys=True) + "\n").encode()
+        """Append one line atomically (O_APPEND, one write, under an exclusive lock); paths inside
+        the working directory are written relative to it (`portable_paths`)."""
+        entry = portable_paths({k: v for k, v in entry.items() if k != "_line"}, Path.cwd())
+        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
