@@ -7,6 +7,7 @@ gloo runs on CPU and nccl on GPU; rank 0 alone logs and writes.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -163,9 +164,12 @@ class ShardedStep:
         self.bucket_owner = bucket_owner
         self.own = {id(p) for p, r in zip(params, self.owner) if r == env.rank}
         self.armed = False
+        self.armed_at = 0.0
         self.overlapped = 0
+        self.overlap_left = 0.0  # mean share of the last backward still to run when its buckets were sent
         self.pending: list[int] = []
         self.works: dict[int, tuple] = {}
+        self.sent_at: dict[int, float] = {}
         if env.distributed:
             for p in params:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -175,12 +179,14 @@ class ShardedStep:
         total = sum(p.numel() for p in self.params)
         return (f"optimizer step sharded over {self.env.world_size} rank(s): rank {self.env.rank} owns {len(mine)} of "
                 f"{len(self.params)} tensors ({sum(mine) / total:.1%} of the elements) in {len(self.buckets)} buckets, "
-                f"{self.overlapped} reduced during the last backward")
+                f"{self.overlapped} reduced during the last backward, sent with {self.overlap_left:.0%} of it "
+                f"still to run on average")
 
     def arm(self) -> None:
-        """Call before the step's last backward: its finished buckets are reduced right away."""
-        self.armed, self.works = self.env.distributed, {}
+        """Call right before the step's last backward: its finished buckets are reduced right away."""
+        self.armed, self.works, self.sent_at = self.env.distributed, {}, {}
         self.pending = [len(b) for b in self.buckets]
+        self.armed_at = time.perf_counter()
 
     def _grad_ready(self, p: torch.Tensor) -> None:
         if not self.armed:
@@ -188,6 +194,7 @@ class ShardedStep:
         k = self.bucket_of[id(p)]
         self.pending[k] -= 1
         if self.pending[k] == 0:
+            self.sent_at[k] = time.perf_counter()
             self._launch(k)
 
     def _launch(self, k: int) -> None:
@@ -199,7 +206,14 @@ class ShardedStep:
         skipped by stochastic depth, or no `arm`), wait for all, average on the owners."""
         if not self.env.distributed:
             return
-        self.overlapped = len(self.works)  # buckets sent while backward was still running
+        # buckets sent from the backward's hooks, and how much of the backward (host time from `arm`
+        # to here) was still to run when each was sent: a whole-model compiled graph hands over
+        # every gradient at its end (all sent, ~0% left); blocks compiled apart hand them over block
+        # by block (train.compile_scope)
+        end = time.perf_counter()
+        self.overlapped = len(self.works)
+        span = max(end - self.armed_at, 1e-9)
+        self.overlap_left = sum((end - t) / span for t in self.sent_at.values()) / max(len(self.sent_at), 1)
         for k in range(len(self.buckets)):
             if k not in self.works:
                 self._launch(k)

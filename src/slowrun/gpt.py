@@ -400,6 +400,7 @@ class GPT(nn.Module):
         stages = window_stages(cfg)
         if stages:
             self.set_window_stage(len(stages) - 1)
+        self.compiled_blocks: list | None = None  # compile_blocks (train.compile_scope = blocks); a list, not submodules
         self.attn_masks: dict[tuple, object] = {}  # one store for every block's band masks
         for attn in self.attentions():
             attn.masks = self.attn_masks
@@ -407,6 +408,32 @@ class GPT(nn.Module):
 
     def attentions(self) -> list[Attention]:
         return [b.attn for b in self.blocks] + ([self.mtp_block.attn] if self.mtp_block is not None else [])
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """torch.compile each block apart for training (train.compile_scope = blocks); the rest
+        of the forward, and every forward without gradients (evaluation), stays eager. Each
+        block's backward is then a node of its own in the autograd graph, so its parameters'
+        gradients are accumulated, and their post-accumulate hooks fire, while the earlier
+        blocks' backward is still to run (a whole-model graph hands every gradient over at its
+        end). Blocks of one configuration share their compiled code (the parameters are graph
+        inputs); each distinct configuration (window, value projection, XSA, key offset, a
+        window-schedule stage) is one more graph, so the recompile limit is raised to allow one
+        per block call of every stage. The compiled callables are not submodules: the weights'
+        names stay as they are."""
+        import torch._dynamo
+
+        stages = max(1, len(window_stages(self.cfg)))
+        calls = len(self.block_order(True)) + 1
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, stages * calls)
+        blocks = [*self.blocks, *([self.mtp_block] if self.mtp_block is not None else [])]
+        self.compiled_blocks = [torch.compile(b, backend=backend, dynamic=False) for b in blocks]
+
+    def _block(self, i: int):
+        """Block i (n_layer: the MTP block), or its compiled form in a training forward with
+        gradients (compile_blocks)."""
+        if self.compiled_blocks is not None and self.training and torch.is_grad_enabled():
+            return self.compiled_blocks[i]
+        return self.blocks[i] if i < len(self.blocks) else self.mtp_block
 
     @torch.no_grad()
     def prepare_attention(self, T: int, device: torch.device | str) -> None:
@@ -623,9 +650,9 @@ class GPT(nn.Module):
                 x = self.lambda_r[i] * x + self.lambda_0[i] * x0
             s = None if scales is None else scales[k if per_call else i]  # per call, or per block index
             if s is None:
-                x = self.blocks[i](x, x0, rope, idx=idx)
+                x = self._block(i)(x, x0, rope, idx=idx)
             elif isinstance(s, torch.Tensor) or s > 0:  # eager: a 0 scale skips the block
-                x = self.blocks[i](x, x0, rope, scale=s, idx=idx)
+                x = self._block(i)(x, x0, rope, scale=s, idx=idx)
             if self.unet_w is not None and first and i < L // 2:
                 skips[i] = x
         return x
@@ -674,10 +701,11 @@ class GPT(nn.Module):
         """The MTP block, dropped in training with the last `hidden` call's draw under
         model.stoch_depth_per_call (eager: a dropped block is not run; compiled: scaled by 0)."""
         s = self.mtp_depth_scale if self.training else None
+        block = self._block(len(self.blocks))
         if s is None:
-            return self.mtp_block(x, x0, rope)
+            return block(x, x0, rope)
         if isinstance(s, torch.Tensor) or s > 0:
-            return self.mtp_block(x, x0, rope, scale=s)
+            return block(x, x0, rope, scale=s)
         return x
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = True,

@@ -38,7 +38,7 @@ from .formats import LEDGER_FORMAT as FORMAT, LEDGER_LINE, read_json_lines
 NON_RESULT_KEYS = {
     "data": ("path",),
     "train": ("num_threads", "progress", "log_every", "wandb", "tensorboard", "checkpoint_every", "keep_checkpoints",
-              "save_final", "device", "compile", "dist_timeout_min"),
+              "save_final", "device", "compile", "compile_scope", "compile_backend", "dist_timeout_min"),
 }
 DATASET_KEYS = ("tokenizer", "val", "test", "train", "train_tokens")
 

@@ -359,7 +359,12 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
                     config_to_dict(cfg))
     for text in warnings:
         log.warn(text)
-    run = Run(cfg, run_dir, env, ds, loader, sched, model, torch.compile(model) if cfg.train.compile else model, opt, ema,
+    fwd_model = model
+    if cfg.train.compile and cfg.train.compile_scope == "blocks":
+        model.compile_blocks(cfg.train.compile_backend)
+    elif cfg.train.compile:
+        fwd_model = torch.compile(model, backend=cfg.train.compile_backend)
+    run = Run(cfg, run_dir, env, ds, loader, sched, model, fwd_model, opt, ema,
               teacher, log, total_steps, steps.micro_seqs, steps.accum, shard, env_info=environment(device))
     if ck is not None:
         run.step, run.elapsed_before_s = ck.step, float(ck.state["extra"].get("elapsed_s", 0.0))
@@ -446,7 +451,8 @@ def fit(run: Run) -> FitStats:
             model.loop_active = loop_active  # what an evaluation of this state runs
             if model.window_stage >= 0:  # model.window_schedule: this epoch's windows, RoPE tables and scale
                 model.set_window_stage(window_stage_of(cfg.model, epoch_before))
-            if cfg.train.compile:  # band masks outside the compiled graph (an eager forward prepares its own)
+            if cfg.train.compile and cfg.train.compile_scope == "model":  # band masks outside the compiled graph
+                # (an eager forward, blocks compiled apart included, prepares its own)
                 model.prepare_attention(cfg.model.seq_len, device)
             lr_mult, wd_mult = sched.lr(run.step), sched.wd(run.step)
             opt.set_schedule(lr_mult, wd_mult, sched.momentum(run.step))
