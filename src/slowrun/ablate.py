@@ -1,7 +1,8 @@
 """`slowrun ablate`: what each technique of a recipe is worth, leave-one-out, over seeds.
 
 Every technique the recipe turns on (found in its resolved config by the table
-`TECHNIQUES`) is switched off alone by that table's overrides; the full recipe and each
+`TECHNIQUES`, the ablation switches that `slowrun.techniques` declares with each technique)
+is switched off alone by that table's overrides; the full recipe and each
 variant are trained with seeds 0..S-1 through the sweep machinery (`sweep.Runs`: one run
 directory per config, a finished run is never redone, an interrupted one is resumed, every
 finished run goes to the ledger when one is given). The answer, per technique: mean +- std
@@ -45,6 +46,7 @@ from .config import RunConfig, build_config, config_to_dict
 from .jobs import JobsFailed
 from .ledger import config_key
 from .storage import atomic_write_json
+from .techniques import Ablation, ablations
 
 FORMAT = "slowrun-ablation/1"
 EQUAL_TIME_FORMAT = "slowrun-equal-time/3"
@@ -57,76 +59,15 @@ ORDER_KEYS = ("data.curriculum", "data.curriculum_score", "data.curriculum_block
 # keys that change how many steps an epoch takes: a swap of these at equal time scales its epochs by
 # wall time per epoch (step time x steps per epoch), not by step time alone
 EPOCH_KEYS = ("train.batch_tokens", "model.seq_len", "data.fitness_tokens")
-# AdamW learning rate of the hidden matrices when Muon is ablated: the middle of the 1e-3..3e-3
-# range usual for AdamW at the widths of the CPU recipes (256-384); the other groups keep theirs
-ADAMW_MATRIX_LR = 2e-3
 
 
 class AblateError(SlowrunError):
     pass
 
 
-@dataclass(frozen=True)
-class Technique:
-    name: str
-    what: str  # what "off" means, in words
-    is_on: Callable[[RunConfig], bool]
-    off: Callable[[RunConfig], dict[str, Any]]  # the overrides that turn it off (may depend on the config)
-
-
-def _const(overrides: dict[str, Any]) -> Callable[[RunConfig], dict[str, Any]]:
-    return lambda c: dict(overrides)
-
-
-def _muon_off(c: RunConfig) -> dict[str, Any]:
-    """AdamW at ADAMW_MATRIX_LR for the hidden matrices; embeddings, head and scalars keep the
-    learning rates they had (optim.lr stood for them when their own was -1)."""
-    keep = {f"optim.{k}_lr": c.optim.lr for k in ("embed", "head", "scalar") if getattr(c.optim, f"{k}_lr") == -1}
-    return {"optim.name": "adamw", "optim.lr": ADAMW_MATRIX_LR, **keep}
-
-
-TECHNIQUES: tuple[Technique, ...] = (
-    # data order
-    Technique("doc_shuffle", "no per-epoch document shuffle", lambda c: c.data.doc_shuffle, _const({"data.doc_shuffle": False})),
-    Technique("seq_shuffle", "no sequence shuffle within epochs", lambda c: c.data.seq_shuffle, _const({"data.seq_shuffle": False})),
-    # SWA's cycles are whole epochs at the end: with one epoch they would eat the main phase, so they go too
-    Technique("multi_epoch", "one epoch instead of several (and no SWA cycles, which need epochs)",
-              lambda c: c.train.epochs > 1 and c.train.max_steps == -1,
-              lambda c: {"train.epochs": 1.0, **({"optim.swa_epochs": 0} if c.optim.swa_epochs > 0 else {})}),
-    # architecture
-    Technique("untied", "tied input embedding and output head", lambda c: not c.model.tie_embeddings,
-              _const({"model.tie_embeddings": True})),
-    Technique("embed_norm", "no RMSNorm after the embedding lookup", lambda c: c.model.embed_norm, _const({"model.embed_norm": False})),
-    Technique("qk_norm", "no QK-norm", lambda c: c.model.qk_norm, _const({"model.qk_norm": False})),
-    Technique("rope", "learned absolute positions instead of RoPE", lambda c: c.model.pos == "rope", _const({"model.pos": "learned"})),
-    # relu2 at 4x has the parameters of SwiGLU at 8/3x (2 vs 3 matrices): the MLP changes, not its size
-    Technique("swiglu", "ReLU^2 MLP (4x, nanochat's) instead of SwiGLU", lambda c: c.model.mlp == "swiglu", _const({"model.mlp": "relu2"})),
-    Technique("value_proj", "no value projections from x0", lambda c: c.model.value_proj, _const({"model.value_proj": False})),
-    Technique("head_gate", "no attention head gates", lambda c: c.model.head_gate, _const({"model.head_gate": False})),
-    Technique("x0_mix", "no residual / x0 mixing", lambda c: c.model.x0_mix, _const({"model.x0_mix": False})),
-    Technique("unet", "no U-Net skips", lambda c: c.model.unet, _const({"model.unet": False})),
-    Technique("softcap", "no logit softcap", lambda c: c.model.logit_softcap != -1, _const({"model.logit_softcap": -1.0})),
-    Technique("dropout", "no dropout", lambda c: c.model.dropout > 0, _const({"model.dropout": 0.0})),
-    Technique("stoch_depth", "no stochastic depth", lambda c: c.model.stoch_depth > 0, _const({"model.stoch_depth": 0.0})),
-    Technique("layer_loop", "no layer looping", lambda c: c.model.loop_start != -1, _const({"model.loop_start": -1})),
-    Technique("mtp", "no multi-token prediction", lambda c: c.model.mtp_weight > 0, _const({"model.mtp_weight": 0.0})),
-    Technique("sliding_window", "full attention in every block", lambda c: c.model.window_pattern != "",
-              _const({"model.window_pattern": ""})),
-    Technique("xsa", "no exclusive self attention", lambda c: c.model.xsa != "off", _const({"model.xsa": "off"})),
-    Technique("iha", "no interleaved head attention", lambda c: c.model.iha, _const({"model.iha": False})),
-    # optimization
-    Technique("muon", f"AdamW (lr {ADAMW_MATRIX_LR:g}) for the hidden matrices instead of Muon", lambda c: c.optim.name == "muon",
-              _muon_off),
-    Technique("muon_eq_r", "no MuonEq-R", lambda c: c.optim.name == "muon" and c.optim.muon_eq_r, _const({"optim.muon_eq_r": False})),
-    Technique("normuon", "no NorMuon", lambda c: c.optim.name == "muon" and c.optim.normuon, _const({"optim.normuon": False})),
-    Technique("cautious_wd", "plain decoupled weight decay", lambda c: c.optim.cautious_wd, _const({"optim.cautious_wd": False})),
-    Technique("heavy_wd", "standard weight decay 0.1", lambda c: c.optim.weight_decay > 0.1, _const({"optim.weight_decay": 0.1})),
-    Technique("wd_schedule", "weight decay held (no lowering, no SWA sawtooth)",
-              lambda c: c.optim.wd_end_frac != 1 or (c.optim.swa_epochs > 0 and c.optim.wd_swa_frac != 1),
-              _const({"optim.wd_end_frac": 1.0, "optim.wd_swa_frac": 1.0})),
-    Technique("ema", "no EMA of the weights", lambda c: c.optim.ema_decay != -1, _const({"optim.ema_decay": -1.0})),
-    Technique("swa", "no SWA cycles", lambda c: c.optim.swa_epochs > 0, _const({"optim.swa_epochs": 0})),
-)
+# the leave-one-out list, declared with each technique in slowrun/techniques.py: name, what off means,
+# whether a config has it on, the overrides that turn it off
+TECHNIQUES: tuple[Ablation, ...] = ablations()
 NAMES = tuple(t.name for t in TECHNIQUES)
 
 
@@ -160,7 +101,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), {k.strip(): parse_value(v.strip()) for k, v in (x.split("=", 1) for x in pairs)}
 
 
-def techniques_on(cfg: RunConfig, only: list[str] | None = None) -> list[Technique]:
+def techniques_on(cfg: RunConfig, only: list[str] | None = None) -> list[Ablation]:
     """The techniques the config turns on (in table order), or the named ones, each checked;
     `["none"]`: no technique (the swaps alone)."""
     on = [t for t in TECHNIQUES if t.is_on(cfg)]

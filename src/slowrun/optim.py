@@ -1,14 +1,15 @@
 """Optimizers: AdamW and Muon, standalone, with explicit parameter groups.
 
-Parameter groups are assigned by explicit name patterns (`group_of`): embeddings, the
-output head, scalars/gates/norms, IHA's head-mixing tensors, and 2-D hidden matrices; an
-assertion checks that every parameter lands in exactly one. With `optim.name = "muon"` the hidden matrices use Muon
+Parameter groups are assigned by the name patterns each technique declares in `techniques`
+(`group_of`): embeddings, the output head, scalars/gates/norms, IHA's head-mixing tensors, and
+2-D hidden matrices; a parameter no declaration claims is an error naming it, and an assertion
+checks that every parameter lands in exactly one group. With `optim.name = "muon"` the hidden matrices use Muon
 and everything else AdamW; with `adamw`, AdamW throughout. The reference benchmark's choices
-are flags: the gate matrices in Muon (`optim.gates_in_muon`), the residual lambdas and U-Net
-weights at a fraction of the scalar rate (`optim.resid_lr_frac`), the x0 lambdas with their
+are flags: the gate matrices in Muon (`optim.gates_in_muon`, the gates' `muon_when`), the residual
+lambdas and U-Net weights at a fraction of the scalar rate (`optim.resid_lr_frac`), the x0 lambdas with their
 own beta1 (`optim.x0_beta1`), the head gates and the XSA scales with their own betas
 (`optim.head_gate_betas`, `optim.xsa_betas`), each in an AdamW group of its own
-(`scalar_part_rules`). `optim.matrix_optimizer` swaps
+(`scalar_part_rules`, the parts the declarations name). `optim.matrix_optimizer` swaps
 Muon for an optimizer that preconditions both sides of each matrix, from heavyball (SOAP,
 KL-Shampoo, PSGD-Kron; the `second-order` extra), run eagerly (no torch.compile) so it
 works on CPU; its nested state goes through checkpoints as flat tensors plus JSON.
@@ -26,6 +27,8 @@ import torch
 from torch import Tensor
 
 from .config import OptimConfig
+from .techniques import GROUPS as GROUP_KINDS
+from .techniques import TechniqueError, claim
 
 if TYPE_CHECKING:
     from .gpt import GPT
@@ -45,12 +48,6 @@ POLAR_EXPRESS_EXACT = (  # the same at full precision (nanochat's and the refere
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-GROUP_KINDS = ("matrix", "embed", "head", "scalar", "iha")
-RESID_PARAMS = ("lambda_r", "unet_w")  # the reference's resid_lambdas and skip_weights: optim.resid_lr_frac
-X0_PARAMS = ("lambda_0",)  # the reference's x0_lambdas: optim.x0_beta1
-VALUE_GATES = ("v_gate.weight",)  # value-projection gates (optim.gates_in_muon = value or both)
-HEAD_GATES = ("head_gate.weight",)  # attention head gates (optim.gates_in_muon = both; optim.head_gate_betas)
-XSA_PARAMS = ("attn.xsa_gate", "attn.xsa_alpha")  # XSA's per-head scales (optim.xsa_betas)
 HEAVYBALL = {"soap": "SOAP", "kl_shampoo": "KLShampoo", "psgd_kron": "PSGDKron"}  # optim.matrix_optimizer -> class
 # heavyball keeps counters in its param groups; these are restored on resume, every other
 # group setting comes from this run's config
@@ -62,20 +59,14 @@ HEAVYBALL_GROUP_STATE = ("step", "step_count", "is_preconditioning", "prev_lr", 
 
 
 def group_of(name: str, p: Tensor, gates_in_muon: str = "none") -> str:
-    """Which parameter group a named parameter belongs to (explicit patterns). The gate
-    matrices are scalars unless `gates_in_muon` (optim.gates_in_muon) makes them matrices."""
-    gates = {"none": (), "value": VALUE_GATES, "both": VALUE_GATES + HEAD_GATES}[gates_in_muon]
-    if name.endswith(gates) and p.ndim == 2:
-        return "matrix"
-    if name in ("wte.weight", "wpe.weight") or name.endswith("attn.v_embed.weight"):
-        return "embed"  # token and position tables, and the value embeddings
-    if name == "lm_head.weight":
-        return "head"
-    if name.endswith(("attn.iha_q", "attn.iha_k", "attn.iha_v", "attn.iha_out")):
-        return "iha"  # IHA's small head-mixing tensors: AdamW at optim.iha_lr, no weight decay
-    if p.ndim < 2 or name.endswith("gate.weight") or name in ("lambda_r", "lambda_0", "unet_w"):
-        return "scalar"  # norms, biases, learned scalars and the small gate matrices
-    return "matrix"
+    """Which parameter group a named parameter belongs to: the one its declaration in `techniques`
+    gives (`techniques.claim`: an error naming a parameter that no technique claims). A gate matrix
+    is a scalar unless `gates_in_muon` (optim.gates_in_muon) is among its `muon_when`."""
+    decl = claim(name)
+    group = "matrix" if gates_in_muon in decl.muon_when else decl.group
+    if group == "matrix" and p.ndim != 2:
+        raise TechniqueError(f"parameter {name}: declared a matrix in slowrun/techniques.py, but has shape {tuple(p.shape)}")
+    return group
 
 
 def muon_chunks(name: str, swiglu_parts: bool = False) -> int:
@@ -465,20 +456,21 @@ def split_params(model: torch.nn.Module, gates_in_muon: str = "none") -> dict[st
     return groups
 
 
-def scalar_part_rules(cfg: OptimConfig) -> dict[str, tuple[tuple[str, ...], float, tuple[float, float] | None]]:
+def scalar_part_rules(cfg: OptimConfig) -> dict[str, tuple[float, tuple[float, float] | None]]:
     """The parts split off the scalar group into AdamW groups of their own (the reference's),
     each only when its flag is set, so that by default the scalars stay one "scalar" group
-    (and checkpoints keep their layout): part -> (parameter names or name endings, learning
-    rate as a fraction of the scalar rate, AdamW betas or None for optim.beta1, beta2)."""
-    rules: dict[str, tuple[tuple[str, ...], float, tuple[float, float] | None]] = {}
+    (and checkpoints keep their layout): part -> (learning rate as a fraction of the scalar
+    rate, AdamW betas or None for optim.beta1, beta2). Which parameters a part holds, the
+    declarations in `techniques` say (`Params.part`)."""
+    rules: dict[str, tuple[float, tuple[float, float] | None]] = {}
     if cfg.resid_lr_frac != 1.0:
-        rules["resid"] = (RESID_PARAMS, cfg.resid_lr_frac, None)
+        rules["resid"] = (cfg.resid_lr_frac, None)
     if cfg.x0_beta1 != -1:
-        rules["x0"] = (X0_PARAMS, 1.0, (cfg.x0_beta1, cfg.beta2))
+        rules["x0"] = (1.0, (cfg.x0_beta1, cfg.beta2))
     if cfg.head_gate_betas:
-        rules["head_gate"] = (HEAD_GATES, 1.0, (float(cfg.head_gate_betas[0]), float(cfg.head_gate_betas[1])))
+        rules["head_gate"] = (1.0, (float(cfg.head_gate_betas[0]), float(cfg.head_gate_betas[1])))
     if cfg.xsa_betas:
-        rules["xsa"] = (XSA_PARAMS, 1.0, (float(cfg.xsa_betas[0]), float(cfg.xsa_betas[1])))
+        rules["xsa"] = (1.0, (float(cfg.xsa_betas[0]), float(cfg.xsa_betas[1])))
     return rules
 
 
@@ -488,9 +480,8 @@ def scalar_parts(plist: list[tuple[str, Tensor]], cfg: OptimConfig) -> dict[str,
     rules = scalar_part_rules(cfg)
     parts: dict[str, list[Tensor]] = {"scalar": [], **{k: [] for k in rules}}
     for name, p in plist:
-        part = next((k for k, (names, _, _) in rules.items()
-                     if name in names or name.endswith(tuple("." + n for n in names))), "scalar")
-        parts[part].append(p)
+        part = claim(name).part
+        parts[part if part in rules else "scalar"].append(p)
     return {k: v for k, v in parts.items() if v}
 
 
@@ -528,7 +519,7 @@ def build_optimizers(model: GPT, cfg: OptimConfig, device: torch.device | None =
         elif kind == "scalar":
             rules = scalar_part_rules(cfg)
             for part, params in scalar_parts(plist, cfg).items():
-                _, frac, betas = rules.get(part, ((), 1.0, None))
+                frac, betas = rules.get(part, (1.0, None))
                 plr = lr * frac
                 extra = dict(betas=betas) if betas is not None else {}
                 adam_groups.append(dict(params=params, kind=part, base_lr=plr, base_wd=wd, lr=plr, weight_decay=wd, **extra))
