@@ -265,7 +265,7 @@ def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path):
         ab_mod.equal_time_overrides(dataclasses.replace(kept, threads=2), base, fake)
     assert len(calls) == n
     (tmp_path / "ab" / "equal_time.json").write_text("{not json")
-    with pytest.raises(AblateError, match="not an equal-time file"):
+    with pytest.raises(AblateError, match="equal_time.json: corrupt, not valid JSON at line 1"):
         ab_mod.equal_time_overrides(cfg, base, fake)
 
 

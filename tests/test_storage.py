@@ -5,8 +5,9 @@ import os
 
 import pytest
 
+from slowrun import SlowrunError
 from slowrun.storage import (BusyError, atomic_directory, atomic_write_json, atomic_write_text, exclusive_lock,
-                             sha256_file, sha256_json)
+                             read_json, read_json_lines, sha256_file, sha256_json)
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -84,3 +85,32 @@ def test_files_and_directories_follow_the_umask(tmp_path):
     assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "d" / "inner").stat().st_mode & 0o777 == 0o644
+
+
+class _Mine(SlowrunError):
+    pass
+
+
+def test_read_json_names_the_file_in_one_line(tmp_path):
+    f = tmp_path / "a.json"
+    atomic_write_json(f, {"x": [1, 2]})
+    assert read_json(f) == {"x": [1, 2]}
+    f.write_text(f.read_text()[:9])
+    with pytest.raises(_Mine, match=rf"^--flag {f}: corrupt, not valid JSON at line 2, column \d+ .*truncated\?\)$"):
+        read_json(f, _Mine, what="--flag")
+    f.write_bytes(b'{"x": "\xff"}')
+    with pytest.raises(_Mine, match=rf"^{f}: corrupt, not UTF-8 text \(byte 7\)$"):
+        read_json(f, _Mine)
+    with pytest.raises(OSError):  # a missing file is the OSError: the command line prints it in one line
+        read_json(tmp_path / "missing.json")
+
+
+def test_read_json_lines_numbers_lines_and_can_pass_over_a_torn_one(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"a": 1}\n\n[2]\n{"b": ')
+    with pytest.raises(_Mine, match=rf"^{f}:4: corrupt, not valid JSON \(.*\) \(the line ends early: truncated\?\)$"):
+        list(read_json_lines(f, _Mine))
+    assert list(read_json_lines(f, skip_corrupt=True)) == [(1, {"a": 1}), (3, [2])]
+    f.write_bytes(b'{"a": 1}\n"\xff"\n')
+    with pytest.raises(SlowrunError, match=rf"^{f}:2: corrupt, not UTF-8 text \(byte 1 of the line\)$"):
+        list(read_json_lines(f))

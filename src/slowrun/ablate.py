@@ -45,7 +45,7 @@ from . import SlowrunError
 from .config import RunConfig, build_config, config_to_dict
 from .jobs import JobsFailed
 from .ledger import config_key
-from .storage import atomic_write_json
+from .storage import atomic_write_json, read_json
 from .techniques import Ablation, ablations
 
 FORMAT = "slowrun-ablation/1"
@@ -169,10 +169,10 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
     path = Path(cfg.equal_time_file or Path(cfg.out) / "equal_time.json")
     cache: dict[str, Any] = {}
     if path.is_file():
+        saved = read_json(path, AblateError)
         try:
-            saved = json.loads(path.read_text())
             cache = saved["step_s"]
-        except (ValueError, KeyError, TypeError) as e:
+        except (KeyError, TypeError) as e:
             raise AblateError(f"{path}: not an equal-time file of slowrun ablate ({e}); move it away to time again") from None
         if saved.get("format") != EQUAL_TIME_FORMAT:
             # /1 timed each config alone (not comparable); /2 keyed the overrides asked for, not the configs they

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from . import SlowrunError
 from .config import RunConfig, config_from_dict, config_to_dict
-from .storage import atomic_directory, atomic_write_text, sha256_file, sha256_json, umask_mode
+from .storage import atomic_directory, atomic_write_text, read_json, sha256_file, sha256_json, umask_mode
 
 CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
@@ -221,10 +221,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     sj = path / "state.json"
     if not sj.is_file():
         raise CheckpointError(f"{path}: not a checkpoint (no state.json)")
-    try:
-        state = json.loads(sj.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{sj}: corrupt (not valid JSON)") from None
+    state = read_json(sj, CheckpointError)
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else None
         why = " (written by an older slowrun: no hash of its own)" if fmt == "slowrun-checkpoint/1" else ""

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import SlowrunError
 from .prepare import FORMAT, SPLITS
-from .storage import sha256_file, sha256_json
+from .storage import read_json, sha256_file, sha256_json
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -33,10 +33,7 @@ def read_manifest(path: str | Path) -> dict:
     mf = path / "manifest.json"
     if not mf.is_file():
         raise DatasetError(f"{path} is not a prepared dataset (no manifest.json; run `slowrun prepare --out {path}`)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{mf}: not valid JSON ({e})") from None
+    manifest = read_json(mf, DatasetError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
         raise DatasetError(f"{mf}: unknown format {fmt!r} (expected {FORMAT})")

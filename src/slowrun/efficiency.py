@@ -10,7 +10,6 @@ fitted to the curve, and then it is marked as extrapolated.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import SlowrunError
-from .formats import CURVE, check, read_json
+from .formats import CURVE, check, read_checked
+from .storage import parse_json
 
 
 class EfficiencyError(SlowrunError):
@@ -40,14 +40,14 @@ class Curve:
         """`fineweb` (the reference benchmark's published curve) or a curve JSON file."""
         if ref == "fineweb":
             text = (resources.files("slowrun.curves") / "fineweb.json").read_text()
-            data = check(json.loads(text), CURVE, "fineweb", text, EfficiencyError)
+            data = check(parse_json(text, "fineweb", EfficiencyError), CURVE, "fineweb", text, EfficiencyError)
         else:
             path = Path(ref)
             if path.is_dir():
                 path = path / "curve.json"
             if not path.is_file():
                 raise EfficiencyError(f"curve not found: {ref} (use fineweb or a curve.json from `slowrun sweep`)")
-            data = read_json(path, CURVE, EfficiencyError)
+            data = read_checked(path, CURVE, EfficiencyError)
         try:
             curve = cls(data["name"], int(data["budget"]), [int(t) for t in data["tokens"]],
                         {k: [float(x) for x in v] for k, v in data["losses"].items()}, data.get("dataset"),

@@ -5,9 +5,9 @@ Each format is a spec of the fields its readers use: `{"field": kind}` (a name e
 is optional, and may be null), `{"*": kind}` for a table of any keys, `[kind]` for a list,
 a tuple of the values allowed, `KeyOf(sibling)` for a key of a sibling table, and the kinds
 NUMBER, FINITE, POSITIVE, str, int, dict, list. A spec may also be a function of the value that
-returns its spec (a result is a run's or an ensemble's). `read_json` and `read_json_lines`
-check a file against its spec and refuse what does not fit in one line that names the
-file, the line and the field, e.g.
+returns its spec (a result is a run's or an ensemble's). `read_checked` and `read_checked_lines`
+read a file (as `storage.read_json` and `storage.read_json_lines` do), check it against its spec
+and refuse what does not fit in one line that names the file, the line and the field, e.g.
 
     ledger.jsonl:12: field 'variants.final.val_loss' is a string ('5.2'), not a number
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import SlowrunError
+from .storage import parse_json, read_json_lines, read_text
 
 LEDGER_FORMAT = "slowrun-ledger/1"
 NUMBER = "a number"  # int or float (not bool); NaN and inf pass: a diverged run's loss is data
@@ -149,38 +150,16 @@ def check(obj: Any, spec: Any, where: str, text: str | None = None, error: type[
     return obj
 
 
-def _loads(text: str, where: str, error: type[SlowrunError], one_line: bool = False) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        cut = e.pos >= len(text.rstrip()) or not text.rstrip().endswith(("}", "]"))
-        ends = f" (the {'line' if one_line else 'file'} ends early: truncated?)" if cut else ""
-        if one_line:
-            raise error(f"{where}: corrupt, not valid JSON ({e.msg}, column {e.colno}){ends}") from None
-        raise error(f"{where}: corrupt, not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}){ends}") from None
-
-
-def read_json(path: str | Path, spec: Any, error: type[SlowrunError] = FormatError) -> Any:
+def read_checked(path: str | Path, spec: Any, error: type[SlowrunError] = FormatError) -> Any:
     """A JSON document that fits `spec` (see the module docstring)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: corrupt, not UTF-8 text (byte {e.start:,})") from None
-    return check(_loads(text, str(path), error), spec, str(path), text, error)
+    text = read_text(path, error)
+    return check(parse_json(text, str(path), error), spec, str(path), text, error)
 
 
-def read_json_lines(path: str | Path, spec: Any, error: type[SlowrunError] = FormatError) -> Iterator[tuple[int, Any]]:
+def read_checked_lines(path: str | Path, spec: Any, error: type[SlowrunError] = FormatError) -> Iterator[tuple[int, Any]]:
     """(line number, value) of every non-blank line of a JSON Lines file, each fitting `spec`."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise error(f"{path}:{n}: corrupt, not UTF-8 text (byte {e.start:,} of the line)") from None
-            if line.strip():
-                yield n, check(_loads(line, f"{path}:{n}", error, one_line=True), spec, f"{path}:{n}", None, error)
+    for n, value in read_json_lines(path, error):
+        yield n, check(value, spec, f"{path}:{n}", None, error)
 
 
 def result_spec(obj: Any) -> Any:

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import SlowrunError
 from .config import section_defaults
-from .formats import LEDGER_FORMAT as FORMAT, LEDGER_LINE, read_json_lines
+from .formats import LEDGER_FORMAT as FORMAT, LEDGER_LINE, read_checked_lines
 
 # config keys that cannot change a run's losses: paths, parallelism, logging and saving
 NON_RESULT_KEYS = {
@@ -117,7 +117,7 @@ class Ledger:
             raise LedgerError(f"--ledger {path}: not a file (a ledger is a JSON Lines file, e.g. {path / 'ledger.jsonl'})")
         if not path.is_file():
             return led
-        for n, e in read_json_lines(path, LEDGER_LINE, LedgerError):
+        for n, e in read_checked_lines(path, LEDGER_LINE, LedgerError):
             e["_line"] = n
             if isinstance(e.get("config"), dict):  # keyed by this version's config_key, not the stored one
                 e["key"] = config_key(e["config"])

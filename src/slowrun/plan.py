@@ -59,7 +59,7 @@ from .config import ConfigError, RunConfig, build_config
 from .gpt import GPT, has_value_proj
 from .losses import FUSED_CHUNK
 from .optim import split_params
-from .runlog import fmt_time
+from .runlog import fmt_time, read_metrics
 from .steps import step_plan
 
 DEFAULT_VOCAB = 50257  # GPT-2's, the benchmark's tokenizer, when neither recipe nor dataset says
@@ -161,14 +161,7 @@ def median_step_s(run_dir: str | Path) -> float:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise PlanError(f"--run {run_dir}: no metrics.jsonl there")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if r.get("kind") == "train" and "step_s" in r:
-            rows.append(r)
+    rows = [r for r in read_metrics(path) if r.get("kind") == "train" and "step_s" in r]
     if not rows:
         raise PlanError(f"--run {run_dir}: metrics.jsonl holds no training step")
     times = [r["step_s"] for r in rows if r.get("step", 0) > 1] or [r["step_s"] for r in rows]

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from . import SlowrunError, __version__
 from .sources import Corpus, SourceError, check_encoding, open_source
-from .storage import atomic_directory, atomic_write_text, exclusive_lock, remove_leftovers, sha256_file, sha256_json
+from .storage import (atomic_directory, atomic_write_text, exclusive_lock, read_json, remove_leftovers, sha256_file,
+                      sha256_json)
 from .tokenizer import GPT2Tokenizer, HFTokenizer, Tokenizer, parse_tokenizer_spec, token_byte_lengths, tokenizer_fingerprint
 
 SPLITS = ("val", "test", "train")  # the order in which documents are assigned
@@ -187,8 +188,8 @@ class _SplitWriter:
 
 def _existing_manifest(out: Path) -> dict | None:
     try:
-        return json.loads((out / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(out / "manifest.json", PrepareError)
+    except (OSError, PrepareError):
         return None
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import SlowrunError
 from .efficiency import Curve, EfficiencyError, check_same_data, place
-from .formats import RECORD, read_json
+from .formats import RECORD, read_checked
 from .results import chosen, read_result
 from .storage import atomic_write_json
 
@@ -93,7 +93,7 @@ def track_records(records_dir: str | Path, track: str) -> list[dict]:
         return []
     out = []
     for p in sorted(d.glob("*.json")):
-        rec = read_json(p, RECORD, RecordError)
+        rec = read_checked(p, RECORD, RecordError)
         rec["_path"] = str(p)
         out.append(rec)
     return out

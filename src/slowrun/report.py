@@ -11,7 +11,6 @@ result.json yet) gets its plots from metrics.jsonl and no final numbers.
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from . import SlowrunError
 from .efficiency import Curve, EfficiencyError, place
 from .records import track_records
 from .results import RESULT_FILE, chosen, is_ensemble, read_result
-from .runlog import fmt_time
-from .storage import atomic_write_text
+from .runlog import fmt_time, read_metrics
+from .storage import atomic_write_text, read_json
 
 
 class ReportError(SlowrunError):
@@ -41,12 +40,8 @@ def _metrics(run: Path) -> tuple[list[dict], list[dict]]:
     f = run / "metrics.jsonl"
     if f.is_file():
         seen: dict[tuple, dict] = {}
-        for line in f.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):  # a torn or foreign line
+        for rec in read_metrics(f):
+            if not isinstance(rec.get("step"), int):  # a foreign line
                 continue
             seen[(rec.get("kind"), rec.get("step"), rec.get("at"))] = rec  # a resumed run's repeats: keep the last
         for (kind, _, _), rec in sorted(seen.items(), key=lambda kv: kv[1].get("step", 0)):
@@ -231,9 +226,9 @@ def ablation_section(path: str | Path, out: Path) -> str:
     if path.is_dir():
         path = path / "ablation.json"
     try:
-        ab = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ReportError(f"--ablation {path}: not readable as JSON ({e})") from None
+        ab = read_json(path, ReportError, what="--ablation")
+    except OSError as e:
+        raise ReportError(f"--ablation {path}: not readable ({e.strerror or e})") from None
     if not isinstance(ab, dict) or ab.get("format") != "slowrun-ablation/1":
         raise ReportError(f"--ablation {path}: not an ablation.json of `slowrun ablate`")
     from .efficiency import describe_efficiency
@@ -294,10 +289,10 @@ def track_section(path: str | Path, out: Path) -> str:
 
     path = Path(path)
     try:
-        res = json.loads(path.read_text())
+        res = read_json(path, ReportError, what="--track-results")
         bc = res["baseline_curve"]
         bc["tokens"], bc["losses"]["test"], bc["chosen"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, KeyError, TypeError) as e:
         raise ReportError(f"--track-results {path}: not a results file of `slowrun bench cpu-track` ({e})") from None
     crows = [[f"{c['budget']:g}x", t, ", ".join(f"{k.rpartition('.')[2]} {v:g}" for k, v in c["point"].items())
               + (" (at the edge)" if "at_edge" in c else "") + (" (refined)" if "refined_from" in c else ""),

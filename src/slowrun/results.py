@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import SlowrunError
-from .formats import read_json, result_spec
+from .formats import read_checked, result_spec
 
 RESULT_FILE = "result.json"
 # variant -> the weights file train.py writes for it in the run directory
@@ -49,7 +49,7 @@ def read_result(run: str | Path) -> dict:
     path = path / RESULT_FILE if path.is_dir() else path
     if not path.is_file():
         raise ResultError(f"{run}: no {RESULT_FILE} (missing or unfinished run)")
-    return read_json(path, result_spec, ResultError)
+    return read_checked(path, result_spec, ResultError)
 
 
 def is_ensemble(result: dict) -> bool:

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import SlowrunError, __version__
+from .storage import read_json_lines
 
 
 def git_commit() -> str:
@@ -62,6 +63,12 @@ def fmt_time(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl in file order; a torn line (the last one of a killed run) or
+    one that is not a JSON object is passed over."""
+    return [r for _, r in read_json_lines(path, skip_corrupt=True) if isinstance(r, dict)]
 
 
 class LoggingError(SlowrunError):

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from . import SlowrunError
+from .storage import read_json
 from .tokenizer import GPT2Tokenizer
 
 GPT2_VOCAB = GPT2Tokenizer.vocab_size  # .pt token files are GPT-2 tokens (the reference benchmark's format)
@@ -60,7 +61,7 @@ def _package_dir(module: str, dist: str) -> Path:
 
 
 def _wiki_summaries(root: Path) -> list[str]:
-    data = json.loads((root / "data" / "summaries_en-us.json").read_text(encoding="utf-8"))
+    data = read_json(root / "data" / "summaries_en-us.json", SourceError)
     docs = []
     for key in sorted(data):
         entry = data[key]

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import SlowrunError
+from .runlog import read_metrics
 
 
 
@@ -135,7 +136,7 @@ def _trainer_step_times(cfg, steps: int, warmup: int) -> tuple[list[float], int,
                 fit(run)
             finally:
                 run.log.close()
-            rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+            rows = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     finally:
         distributed.shutdown(env)
     times = [r["step_s"] for r in rows if r.get("kind") == "train"][warmup:]

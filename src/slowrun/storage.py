@@ -1,4 +1,5 @@
-"""Crash-safe file writing, hashing and locking: nothing already written is lost or half-overwritten.
+"""Crash-safe file writing, hashing and locking: nothing already written is lost or half-overwritten;
+and reading JSON and JSON Lines files, where a file that is not UTF-8 or not JSON is one line naming it.
 
 Files are written to a temporary sibling and renamed into place (atomic on POSIX);
 directories are built under a temporary name and renamed at the end. A second writer of
@@ -172,3 +173,64 @@ def exclusive_lock(lock_path: str | Path, what: str) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock_path)
         os.close(fd)  # closing the descriptor releases the lock
+
+
+# ---------------------------------------------------------------------------------------
+# reading JSON
+
+
+def parse_json(text: str, where: str, error: type[SlowrunError] = SlowrunError, one_line: bool = False) -> Any:
+    """The JSON value of `text`, or `error` naming `where` (a file, or FILE:LINE for one line of
+    JSON Lines) with the line and column, and saying so when the text ends early (truncated)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        cut = e.pos >= len(text.rstrip()) or not text.rstrip().endswith(("}", "]"))
+        ends = f" (the {'line' if one_line else 'file'} ends early: truncated?)" if cut else ""
+        if one_line:
+            raise error(f"{where}: corrupt, not valid JSON ({e.msg}, column {e.colno}){ends}") from None
+        raise error(f"{where}: corrupt, not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}){ends}") from None
+
+
+def read_text(path: str | Path, error: type[SlowrunError] = SlowrunError, what: str = "") -> str:
+    """A UTF-8 text file, or `error` naming it (after `what`, e.g. the flag that gave it) and the
+    first byte that is not UTF-8. A missing file is the OSError, which the command line prints
+    in one line."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{_named(path, what)}: corrupt, not UTF-8 text (byte {e.start:,})") from None
+
+
+def read_json(path: str | Path, error: type[SlowrunError] = SlowrunError, what: str = "") -> Any:
+    """The JSON value of a file; a file that is not UTF-8 or not JSON is `error`, one line naming
+    it (after `what`, e.g. "--ablation")."""
+    return parse_json(read_text(path, error, what), _named(path, what), error)
+
+
+def _named(path: str | Path, what: str) -> str:
+    return f"{what} {path}" if what else str(path)
+
+
+def read_json_lines(path: str | Path, error: type[SlowrunError] = SlowrunError,
+                    skip_corrupt: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSON Lines file. A line that is not UTF-8
+    or not JSON is `error` naming FILE:LINE; with `skip_corrupt` it is passed over (the torn last
+    line of a log a killed process was writing)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                value = parse_json(line, f"{path}:{n}", error, one_line=True)
+            except UnicodeDecodeError as e:
+                if skip_corrupt:
+                    continue
+                raise error(f"{path}:{n}: corrupt, not UTF-8 text (byte {e.start:,} of the line)") from None
+            except error:
+                if skip_corrupt:
+                    continue
+                raise
+            yield n, value
