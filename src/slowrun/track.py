@@ -40,10 +40,11 @@ from . import SlowrunError
 from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import Curve, curve_fit, describe_efficiency, efficiency_on
-from .formats import CURVE, read_json
+from .formats import CURVE, read_checked
 from .ledger import config_key
 from .prepare import PrepareConfig, prepare
 from .results import RESULT_FILE, chosen, is_ensemble, read_result
+from .storage import atomic_write_json, read_json
 
 
 class TrackError(SlowrunError):
@@ -326,14 +327,13 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
 
     from .report import build_report
     from .runlog import git_commit
-    from .storage import atomic_write_json
 
     work = Path(work)
     t0 = time.time()
     out_path = Path(out_json)
     if budgets and sorted(budgets) != sorted(t.budgets):
         return baseline_curve(t, work, track_data(t, work), jobs, threads, ledger_of(out_path), budgets, train_curve)
-    results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    results: dict[str, Any] = read_json(out_path, TrackError) if out_path.is_file() else {}
     data = track_data(t, work)
     results["track"] = {**asdict(t), "rules": __doc__.split("Rules (also in the README):")[1].split("`run_track`")[0].strip()}
     results["machine"] = {"processor": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
@@ -344,7 +344,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
         curve_dict = committed_curve(baseline_curve(t, work, data, jobs, threads, ledger_of(out_path), train=train_curve))
         atomic_write_json(curve_file, curve_dict)
     elif curve_file.is_file():
-        curve_dict = read_json(curve_file, CURVE, TrackError)
+        curve_dict = read_checked(curve_file, CURVE, TrackError)
     else:
         raise TrackError(f"no baseline curve yet ({curve_file}): run `slowrun bench cpu-track --parts baseline` first")
     results["baseline_curve"] = {k: curve_dict.get(k) for k in ("name", "recipe", "tokens", "losses", "budget", "grid",
