@@ -69,12 +69,20 @@ ENTRY_OVERRIDES = {"eval.max_tokens": 32768, "train.batch_tokens": 4096, "model.
                    "optim.swa_epochs": 2}
 # (optim.lr_scale, train.batch_tokens) that won each curve recipe's 1x tuning grid (dev/LOG.md), held
 # fixed at 2x-16x; a recipe not in it is measured at 1x only, until its winner is written here
-CURVE_TUNED: dict[str, tuple[float, int]] = {"nanochat": (0.5, 1024)}
-# the sizes tried at 2x-16x: four each, around where the size is expected to win (at 1x the largest of
-# depth 2-5 won, so the sets start at 4 and move up with the data). 16x (set 2026-11-28, before any 16x
-# run): depth 9 won at 4x and 8x's best was at least 7, so 7-10, which on a GPU is one round of four
-# parallel runs instead of a grid and then expansion rounds one size at a time
-CURVE_DEPTHS = {2: [4, 5, 6, 7], 4: [4, 5, 6, 7], 8: [5, 6, 7, 8], 16: [7, 8, 9, 10]}
+# nanochat_ref (2026-12-07): lr 2, batch 2,048 at depth 6, inside on every axis (depth 7, lr 1 and 4, batch
+# 1,024 and 4,096 all lose)
+CURVE_TUNED: dict[str, tuple[float, int]] = {"nanochat": (0.5, 1024), "nanochat_ref": (2.0, 2048)}
+# the sizes tried at 2x-16x per curve recipe: four each, around where the size is expected to win (the
+# expansion adds sizes while the best is at an edge). nanochat: at 1x the largest of depth 2-5 won, so the
+# sets start at 4 and move up with the data; 16x (set 2026-11-28, before any 16x run): depth 9 won at 4x
+# and 8x's best was at least 7, so 7-10, which on a GPU is one round of four parallel runs instead of a
+# grid and then expansion rounds one size at a time. nanochat_ref (set 2026-12-07, before any 2x run):
+# depth 6 won at 1x (width 384; its width is rounded up to a multiple of 128, so depths 7-8 are 512 wide
+# and 9-10 640), so the sets start at 5 and move up one depth per doubling
+CURVE_DEPTHS = {
+    "nanochat": {2: [4, 5, 6, 7], 4: [4, 5, 6, 7], 8: [5, 6, 7, 8], 16: [7, 8, 9, 10]},
+    "nanochat_ref": {2: [5, 6, 7, 8], 4: [6, 7, 8, 9], 8: [7, 8, 9, 10], 16: [8, 9, 10, 11]},
+}
 
 
 @dataclass
@@ -117,7 +125,7 @@ class TrackDef:
             tuned = CURVE_TUNED.get(self.curve_recipe)
             self.curve_grid_by_budget = {} if tuned is None else {
                 b: {"model.depth": d, "optim.lr_scale": [tuned[0]], "train.batch_tokens": [tuned[1]]}
-                for b, d in CURVE_DEPTHS.items()}
+                for b, d in CURVE_DEPTHS[self.curve_recipe].items()}
     ensemble: Entry = field(default_factory=lambda: Entry("slowrun", dict(ENTRY_OVERRIDES), members=4, limit_s=7200))
     # The same members, each after the first distilled from the one before it. K = 2: a distilled
     # member costs ~2.5x a plain one on this CPU (full logits of student and teacher instead of the
