@@ -30,7 +30,7 @@ def committed_ledger(tmp_path) -> Path | None:
 
 def test_the_docs_are_what_docgen_generates(tmp_path):
     names = {name for path in docgen.doc_paths(ROOT) for name, _, _ in docgen.regions(path.read_text(), str(path))}
-    assert {"config", "ledger-runs nanochat", "ledger-curve nanochat", "ledger-runs nanochat_ref",
+    assert {"config", "techniques", "ledger-runs nanochat", "ledger-curve nanochat", "ledger-runs nanochat_ref",
             "ablation benchmarks/results/ablation_cpu.json"} <= names, names
     problems = docgen.check(ROOT)
     if problems and (head := committed_ledger(tmp_path)) is not None:

@@ -12,6 +12,7 @@ Run both in the repository root. A region is delimited in the markdown by
 and the text around it is hand-written. The kinds:
 
     config               every config key, one table per section (key, default, help), from the dataclasses
+    techniques           every technique of slowrun.techniques: in words, its config keys, its ablation switches
     ledger-runs RECIPE   every run of a curve recipe in benchmarks/results/ledger.jsonl
     ledger-curve RECIPE  per budget: the sizes tried, the best on val, the mean and spread of its seeds
     ablation FILE        an ablation.json of `slowrun ablate` (FILE relative to the repository root)
@@ -74,6 +75,17 @@ def config_tables() -> str:
                 for f in fields(cls)]
         out.append("")
     return "\n".join(out[:-1])
+
+
+def technique_table() -> str:
+    """The techniques as `slowrun.techniques` declares them: each in words, its config keys and the names
+    `slowrun ablate` leaves it out by."""
+    from .techniques import technique_rows
+
+    out = ["| technique | config | ablation (`slowrun ablate --only`) |", "|---|---|---|"]
+    for doc, keys, switches in technique_rows():
+        out.append(f"| {_cell(doc)} | {', '.join(f'`{k}`' for k in keys)} | {', '.join(f'`{a}`' for a in switches) or '-'} |")
+    return "\n".join(out)
 
 
 def ledger_rows(path: str | Path = LEDGER) -> list[tuple]:
@@ -187,6 +199,8 @@ def generate(name: str, root: Path, ledger: Path | None = None) -> str:
     kind, _, arg = name.partition(" ")
     if kind == "config" and not arg:
         return config_tables()
+    if kind == "techniques" and not arg:
+        return technique_table()
     if kind in ("ledger-runs", "ledger-curve") and arg:
         rows = [r for r in ledger_rows(ledger or root / LEDGER) if r[5] == arg]
         if not rows:
@@ -196,7 +210,7 @@ def generate(name: str, root: Path, ledger: Path | None = None) -> str:
         if not (root / arg).is_file():
             raise DocgenError(f"region '{name}': no such file {arg}")
         return ablation_table(root / arg)
-    raise DocgenError(f"region '{name}': unknown; the kinds are config, ledger-runs RECIPE, "
+    raise DocgenError(f"region '{name}': unknown; the kinds are config, techniques, ledger-runs RECIPE, "
                       f"ledger-curve RECIPE, ablation FILE")
 
 
@@ -255,7 +269,7 @@ def write(root: Path, docs: list[Path] | None = None, ledger: Path | None = None
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=COMMAND, description="Rewrite the generated tables of README.md and docs/*.md "
-                                 "(the config reference, the ledger's and the ablations' tables) from their sources.")
+                                 "(the config reference, the techniques, the ledger's and the ablations' tables) from their sources.")
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each stale doc and region")
     ap.add_argument("--root", default=".", help="the repository root (default: the current directory)")
     args = ap.parse_args(argv)

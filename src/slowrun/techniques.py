@@ -189,8 +189,8 @@ TECHNIQUES: tuple[Technique, ...] = (
               "reference's (uniform, normal projections)",
               ("model.init", "model.init_std", "model.embed_init_std", "model.head_init_std")),
     # optimization
-    Technique("muon", "Muon (quintic / Polar Express rounded or at full precision, MuonEq-R, NorMuon by row or by "
-              "column on wide matrices, SwiGLU parts apart)",
+    Technique("muon", "Muon for the hidden matrices, optim.name = muon (quintic / Polar Express rounded or at full "
+              "precision, MuonEq-R, NorMuon by row or by column on wide matrices, SwiGLU parts apart)",
               ("optim.name", "optim.muon_coeffs", "optim.muon_eq_r", "optim.normuon", "optim.normuon_wide",
                "optim.muon_swiglu_parts"), ablations=(
                   Ablation("muon", f"AdamW (lr {ADAMW_MATRIX_LR:g}) for the hidden matrices instead of Muon",
