@@ -30,14 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import SlowrunError
 from .config import RunConfig, config_from_dict, config_to_dict
+from .gpt import GPT, loop_active_at
+from .rundir import RunDir
 from .storage import atomic_directory, atomic_write_text, read_json, sha256_file, sha256_json, umask_mode
 
-CKPT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
 CKPT_FORMAT = "slowrun-checkpoint/2"  # /2: state.json holds a sha256 of its own content
 
@@ -109,8 +110,6 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], RunConfig, 
         raise CheckpointError(f"weights file not found: {path}")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: not a slowrun weights file (only .safetensors is read, never pickles)")
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -174,7 +173,7 @@ def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model_state: dict[
 
     No random state is saved: the trainer reseeds every step from (seed, rank, step).
     """
-    ckdir = Path(run_dir) / CKPT_DIR
+    ckdir = RunDir(run_dir).checkpoints
     final = ckdir / f"step_{step:07d}"
     opt_tensors, opt_scalars = _flatten_optim(optim_states)
     extra_tensors = dict(opt_tensors)
@@ -208,7 +207,7 @@ def checkpoint_step(path: Path) -> int:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint directories of a run, oldest first."""
-    ckdir = Path(run_dir) / CKPT_DIR
+    ckdir = RunDir(run_dir).checkpoints
     if not ckdir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in ckdir.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
@@ -254,8 +253,8 @@ def weights_path(ref: str | Path) -> Path:
     directory, or a .safetensors file."""
     p = Path(ref)
     if p.is_dir():
-        if (p / "model.safetensors").is_file():
-            return p / "model.safetensors"
+        if RunDir(p).weights("final").is_file():
+            return RunDir(p).weights("final")
         ckpts = list_checkpoints(p)
         if ckpts:
             return ckpts[-1] / "model.safetensors"
@@ -267,8 +266,6 @@ def weights_path(ref: str | Path) -> Path:
 
 def load_model(ref: str | Path, device: torch.device | str = "cpu"):
     """(model in eval mode, its config, weights metadata) from a run, checkpoint or weights file."""
-    from .gpt import GPT, loop_active_at
-
     state, cfg, extra = read_weights(weights_path(ref))
     model = GPT(cfg.model)
     try:

@@ -8,6 +8,8 @@ import math
 import time
 from pathlib import Path
 
+from .rundir import MEMBER_SNAPSHOTS, RESULT, VARIANT_FILES, RunDir
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -105,8 +107,6 @@ def _max_tokens(text: str) -> int:
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    from .results import MEMBER_SNAPSHOTS, VARIANT_FILES
-
     p.add_argument("ref", metavar="RUN_DIR|CHECKPOINT", help="a finished run directory (the variant it chose on val), a checkpoint directory, or a .safetensors file")
     p.add_argument("--variant", default=None, help=f"a finished run's variant: {', '.join([*VARIANT_FILES, *MEMBER_SNAPSHOTS])} "
                    "(the *_probs ones average the probabilities of the swa/cycle_* or epochs/epoch_* snapshots); default: result.json's best")
@@ -124,17 +124,17 @@ def _eval_target(ref: str, variant: str | None) -> tuple[list[Path], object, str
     run's variant (default: its best on val), or the single weights of a checkpoint, a weights
     file or a run still in progress."""
     from .checkpoint import weights_path
-    from .results import RESULT_FILE, chosen, member_weights, read_result, variant_weights
+    from .results import chosen, member_weights, read_result, variant_weights
 
     run = Path(ref)
-    if run.is_dir() and (run / RESULT_FILE).is_file():
+    if run.is_dir() and RunDir(run).finished():
         name, _ = chosen(read_result(run), variant)
         paths = variant_weights(run, name)
         return paths, member_weights(name, len(paths)), f"variant {name}" + ("" if variant else " (the run's best on val)")
     if variant:
         from .results import ResultError
 
-        raise ResultError(f"--variant {variant}: {ref} is not a finished run directory (no {RESULT_FILE})")
+        raise ResultError(f"--variant {variant}: {ref} is not a finished run directory (no {RESULT})")
     path = weights_path(ref)
     return [path], None, str(path)
 
@@ -463,7 +463,7 @@ def _run_ensemble(a: argparse.Namespace) -> int:
                             a.distill, a.alpha, a.temperature, a.jobs, a.threads, a.fitness_tokens, a.select,
                             not a.no_progress, gpus_per_job=a.gpus_per_job)
     print(describe(result))
-    print(f"wrote {Path(run_dir) / 'result.json'}")
+    print(f"wrote {RunDir(run_dir).result}")
     return 0
 
 

@@ -35,7 +35,8 @@ from .evaluate import autocast, chunk_batches, prob_average, split_tokens, summa
 from .gpt import GPT
 from .jobs import JobsFailed, TrainJob, run_jobs
 from .loader import fitness_slice
-from .results import RESULT_FILE, VARIANT_FILES, is_ensemble, read_result
+from .results import is_ensemble, read_result
+from .rundir import VARIANT_FILES, RunDir
 from .storage import atomic_write_json
 
 
@@ -45,13 +46,13 @@ class EnsembleError(SlowrunError):
 
 def best_weights(run_dir: str | Path) -> Path:
     """The weights file of a run's best single-model variant (by val loss)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / RESULT_FILE).is_file():
+    rd = RunDir(run_dir)
+    if not rd.finished():
         return weights_path(run_dir)
     variants = read_result(run_dir)["variants"]
     for name in sorted(variants, key=lambda k: variants[k]["val_loss"]):
-        if name in VARIANT_FILES and (run_dir / VARIANT_FILES[name]).is_file():
-            return run_dir / VARIANT_FILES[name]
+        if name in VARIANT_FILES and rd.weights(name).is_file():
+            return rd.weights(name)
     return weights_path(run_dir)
 
 
@@ -60,7 +61,7 @@ def _training_split_hash(weights: Path, data_path: str) -> str | None:
     (run/model.safetensors, run/swa/*, run/checkpoints/step_N/*), else from the manifest of
     the dataset its config names; None when neither is there."""
     for run in weights.parents[:3]:
-        if (run / RESULT_FILE).is_file():
+        if RunDir(run).finished():
             result = read_result(run)
             if not is_ensemble(result):
                 return result.get("dataset", {}).get("train")
@@ -85,7 +86,7 @@ def open_members(refs: list[str]) -> list[Member]:
     members = []
     for ref in refs:
         p = Path(ref)
-        path = best_weights(p) if p.is_dir() and (p / RESULT_FILE).is_file() else weights_path(p)
+        path = best_weights(p) if p.is_dir() and RunDir(p).finished() else weights_path(p)
         for m in members:  # one model twice would count as two members
             if m.path.resolve() == path.resolve():
                 raise EnsembleError(f"{ref} and {m.label} are the same weights ({path}): an ensemble counts each model once")
@@ -303,7 +304,7 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
     jobs = []
     for k in range(members):
         o = {**over, "train.seed": base_cfg.train.seed + k}
-        jobs.append(TrainJob(run_dir / f"member_{k}", recipe, data, o, {"k": k}))
+        jobs.append(TrainJob(RunDir(run_dir).member(k), recipe, data, o, {"k": k}))
     # the members' elapsed time is known only when this call trains every one of them from scratch
     fresh = not any(j.run_dir.exists() for j in jobs)
     t_members = time.time()
@@ -338,5 +339,5 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
         # training them all (null where some were trained by an earlier call)
         "members_elapsed_s": round(members_elapsed, 2) if fresh else None,
     })
-    atomic_write_json(run_dir / "result.json", result)
+    atomic_write_json(RunDir(run_dir).result, result)
     return result

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from . import SlowrunError
 from .results import read_result
+from .rundir import RunDir
 from .runlog import fmt_time
 
 
@@ -120,12 +121,12 @@ class TrainJob:
     tag: dict[str, Any] = field(default_factory=dict)  # what the caller needs to know the job by
 
     def done(self) -> bool:
-        return (self.run_dir / "result.json").is_file()
+        return RunDir(self.run_dir).finished()
 
     def command(self, threads: int = -1, nproc: int = 1) -> list[str]:
         """The `slowrun train` command line; with nproc > 1 launched by torchrun, nproc ranks."""
         launch = [sys.executable, "-m", "slowrun"] if nproc == 1 else [*torchrun(nproc), "-m", "slowrun"]
-        if (self.run_dir / "config.toml").is_file():  # interrupted earlier: continue it exactly
+        if RunDir(self.run_dir).config.is_file():  # interrupted earlier: continue it exactly
             return launch + ["train", "--resume", str(self.run_dir), "--quiet"]
         over = {**self.overrides, "train.progress": False}
         if threads > 0:
@@ -221,7 +222,7 @@ def job_status(job: TrainJob) -> str | None:
     """`4x/depth=9_seed=1 194/1024 ETA 1h38m27s`: a running job's last step line in its log.txt,
     or None before its first step."""
     try:
-        with open(job.run_dir / "log.txt", "rb") as f:
+        with open(RunDir(job.run_dir).log, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 4096))
             tail = f.read().decode(errors="replace")

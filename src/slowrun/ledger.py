@@ -33,6 +33,7 @@ from typing import Any
 from . import SlowrunError
 from .config import section_defaults
 from .formats import LEDGER_FORMAT as FORMAT, LEDGER_LINE, read_checked_lines
+from .rundir import RunDir
 
 # config keys that cannot change a run's losses: paths, parallelism, logging and saving
 NON_RESULT_KEYS = {
@@ -215,7 +216,7 @@ def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str
         cmd = [sys.executable, "-m", "slowrun", "train", "--recipe", str(recipe), "--data", data, "--run-dir", run_dir,
                "--quiet", *overrides]
         if subprocess.run(cmd).returncode != 0:
-            raise LedgerError(f"the rerun of {entry['key']} failed: see {run_dir}/log.txt")
+            raise LedgerError(f"the rerun of {entry['key']} failed: see {RunDir(run_dir).log}")
     result = read_result(run_dir)
     here = entry_from_result(result)
     rows = {v: {f"{split}_loss": {"ledger": entry["variants"][v][f"{split}_loss"], "here": here["variants"][v][f"{split}_loss"],

@@ -59,6 +59,7 @@ from .config import ConfigError, RunConfig, build_config
 from .gpt import GPT, has_value_proj
 from .losses import FUSED_CHUNK
 from .optim import split_params
+from .rundir import METRICS, RunDir
 from .runlog import fmt_time, read_metrics
 from .steps import step_plan
 
@@ -158,12 +159,11 @@ def autocast_copy_bytes(model: GPT, cfg: RunConfig) -> int:
 def median_step_s(run_dir: str | Path) -> float:
     """Median `step_s` of a run's training steps (metrics.jsonl; the first step, with its
     compilation and allocation, is left out when there are others)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise PlanError(f"--run {run_dir}: no metrics.jsonl there")
-    rows = [r for r in read_metrics(path) if r.get("kind") == "train" and "step_s" in r]
+    if not RunDir(run_dir).metrics.is_file():
+        raise PlanError(f"--run {run_dir}: no {METRICS} there")
+    rows = [r for r in read_metrics(run_dir) if r.get("kind") == "train" and "step_s" in r]
     if not rows:
-        raise PlanError(f"--run {run_dir}: metrics.jsonl holds no training step")
+        raise PlanError(f"--run {run_dir}: {METRICS} holds no training step")
     times = [r["step_s"] for r in rows if r.get("step", 0) > 1] or [r["step_s"] for r in rows]
     return float(statistics.median(times))
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from . import SlowrunError
 from .efficiency import Curve, EfficiencyError, place
 from .records import track_records
-from .results import RESULT_FILE, chosen, is_ensemble, read_result
+from .results import chosen, is_ensemble, read_result
+from .rundir import CONFIG, METRICS, RESULT, RunDir
 from .runlog import fmt_time, read_metrics
 from .storage import atomic_write_text, read_json
 
@@ -37,10 +38,9 @@ def _plt():
 
 def _metrics(run: Path) -> tuple[list[dict], list[dict]]:
     train, evals = [], []
-    f = run / "metrics.jsonl"
-    if f.is_file():
+    if RunDir(run).metrics.is_file():
         seen: dict[tuple, dict] = {}
-        for rec in read_metrics(f):
+        for rec in read_metrics(run):
             if not isinstance(rec.get("step"), int):  # a foreign line
                 continue
             seen[(rec.get("kind"), rec.get("step"), rec.get("at"))] = rec  # a resumed run's repeats: keep the last
@@ -334,13 +334,14 @@ th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-widt
 
 def _open_run(p: Path) -> dict | None:
     """The run's result, or None for a run still in progress."""
-    if (p / RESULT_FILE).is_file():
+    rd = RunDir(p)
+    if rd.finished():
         result = read_result(p)
         chosen(result)  # a `best` that names no variant is refused before anything is written
         return result
-    if (p / "metrics.jsonl").is_file() or (p / "config.toml").is_file():
+    if rd.metrics.is_file() or rd.config.is_file():
         return None
-    raise ReportError(f"{p}: not a run or ensemble (no {RESULT_FILE}, metrics.jsonl or config.toml)")
+    raise ReportError(f"{p}: not a run or ensemble (no {RESULT}, {METRICS} or {CONFIG})")
 
 
 # every plot this module writes; a rebuilt report removes those it did not write again (stale)
@@ -380,7 +381,7 @@ def build_report(runs: list[str], out: str | Path, curve: str | None = None, rec
                      fmt_time(r["wall_s"]) if isinstance(r.get("wall_s"), (int, float)) else None])
     if paths:
         sections.append("<h2>Runs</h2>" + _table(["run", "variant", "val loss", "test loss", "tokens seen", "wall time"], rows)
-                        + "<p>Sources: " + ", ".join(f"<code>{html.escape(str(p / RESULT_FILE))}</code>" for p in finished) + "</p>")
+                        + "<p>Sources: " + ", ".join(f"<code>{html.escape(str(RunDir(p).result))}</code>" for p in finished) + "</p>")
 
     if singles:
         for f in loss_curves(singles, results, out):

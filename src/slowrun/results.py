@@ -1,5 +1,5 @@
-"""What a finished run leaves behind: `result.json`, the weight file of each variant, and
-the losses of the variant it chose.
+"""Reading what a finished run leaves behind: its `result.json`, the losses of the variant it
+chose, and the weights each variant is made of (their files are named in `rundir`).
 
 A single run's result.json holds `variants` (name -> val/test loss and bpb) and `best`,
 the variant with the lowest val loss. An ensemble's holds `methods` (probs, logits,
@@ -17,16 +17,7 @@ import numpy as np
 
 from . import SlowrunError
 from .formats import read_checked, result_spec
-
-RESULT_FILE = "result.json"
-# variant -> the weights file train.py writes for it in the run directory
-VARIANT_FILES = {"final": "model.safetensors", "ema": "ema.safetensors", "swa_params": "swa_avg.safetensors",
-                 "snapshot_params": "snapshot_avg.safetensors", "epochs_params_recency": "epochs_avg_recency.safetensors"}
-# probability-averaged variants have no weights of their own: their members are these snapshots
-SNAPSHOT_FILE = "swa/cycle_{cycle:03d}.safetensors"  # one per SWA / snapshot cycle end
-EPOCH_SNAPSHOT_FILE = "epochs/epoch_{epoch:03d}.safetensors"  # the last train.epoch_snapshots epoch ends
-MEMBER_SNAPSHOTS = {"swa_probs": "swa/cycle_*.safetensors", "snapshot_probs": "swa/cycle_*.safetensors",
-                    "epochs_probs": "epochs/epoch_*.safetensors", "epochs_probs_recency": "epochs/epoch_*.safetensors"}
+from .rundir import MEMBER_SNAPSHOTS, RESULT, VARIANT_FILES, RunDir
 
 
 def member_weights(variant: str, k: int) -> np.ndarray | None:
@@ -36,6 +27,8 @@ def member_weights(variant: str, k: int) -> np.ndarray | None:
         w = np.arange(1, k + 1, dtype=np.float64)
         return w / w.sum()
     return None
+
+
 ENSEMBLE_METHOD = "probs"  # an ensemble's headline losses
 
 
@@ -46,9 +39,9 @@ class ResultError(SlowrunError):
 def read_result(run: str | Path) -> dict:
     """A run's or ensemble's result.json (given the directory or the file itself)."""
     path = Path(run)
-    path = path / RESULT_FILE if path.is_dir() else path
+    path = RunDir(path).result if path.is_dir() else path
     if not path.is_file():
-        raise ResultError(f"{run}: no {RESULT_FILE} (missing or unfinished run)")
+        raise ResultError(f"{run}: no {RESULT} (missing or unfinished run)")
     return read_checked(path, result_spec, ResultError)
 
 
@@ -77,14 +70,14 @@ def chosen(result: dict, variant: str | None = None) -> tuple[str, dict]:
 def variant_weights(run_dir: str | Path, variant: str) -> list[Path]:
     """The weights a run's variant is made of: its own file, or (a probability-averaged
     variant) the snapshots whose probabilities the final evaluation averaged."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     if variant in VARIANT_FILES:
-        path = run_dir / VARIANT_FILES[variant]
+        path = run.weights(variant)
         if not path.is_file():
             raise ResultError(f"{run_dir}: variant {variant} has no weights ({path.name} is missing)")
         return [path]
     if variant in MEMBER_SNAPSHOTS:
-        snaps = sorted(run_dir.glob(MEMBER_SNAPSHOTS[variant]))
+        snaps = run.snapshots(variant)
         if len(snaps) < 2:
             raise ResultError(f"{run_dir}: variant {variant} needs the snapshots {MEMBER_SNAPSHOTS[variant]}, found {len(snaps)}")
         return snaps

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import SlowrunError, __version__
+from .rundir import RunDir
 from .storage import read_json_lines
 
 
@@ -65,10 +66,10 @@ def fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl in file order; a torn line (the last one of a killed run) or
-    one that is not a JSON object is passed over."""
-    return [r for _, r in read_json_lines(path, skip_corrupt=True) if isinstance(r, dict)]
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl in file order; a torn line (the last one of a killed
+    run) or one that is not a JSON object is passed over."""
+    return [r for _, r in read_json_lines(RunDir(run_dir).metrics, skip_corrupt=True) if isinstance(r, dict)]
 
 
 class LoggingError(SlowrunError):
@@ -93,8 +94,9 @@ class RunLogger:
         self.main = enabled  # rank 0
         self.enabled = enabled and run_dir is not None
         self.echo = echo and enabled
-        self.log_f = open(run_dir / "log.txt", "a") if self.enabled else None
-        self.metrics_f = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
+        rd = RunDir(run_dir) if run_dir is not None else None
+        self.log_f = open(rd.log, "a") if self.enabled else None
+        self.metrics_f = open(rd.metrics, "a") if self.enabled else None
         self.bar = None
         if enabled and progress and progress_total and sys.stderr.isatty():
             self.bar = tqdm(total=progress_total, unit="step", dynamic_ncols=True, leave=False)
@@ -106,7 +108,7 @@ class RunLogger:
         if self.enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(rd.tensorboard))
 
     def line(self, text: str, echo: bool = True) -> None:
         """Append to log.txt; also print it (rank 0, unless quiet) when `echo`."""

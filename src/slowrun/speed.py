@@ -136,7 +136,7 @@ def _trainer_step_times(cfg, steps: int, warmup: int) -> tuple[list[float], int,
                 fit(run)
             finally:
                 run.log.close()
-            rows = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
+            rows = read_metrics(Path(tmp) / "run")
     finally:
         distributed.shutdown(env)
     times = [r["step_s"] for r in rows if r.get("kind") == "train"][warmup:]

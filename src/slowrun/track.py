@@ -43,7 +43,8 @@ from .efficiency import Curve, curve_fit, describe_efficiency, efficiency_on
 from .formats import CURVE, read_checked
 from .ledger import config_key
 from .prepare import PrepareConfig, prepare
-from .results import RESULT_FILE, chosen, is_ensemble, read_result
+from .results import chosen, is_ensemble, read_result
+from .rundir import RunDir
 from .storage import atomic_write_json, read_json
 
 
@@ -222,19 +223,21 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
 
     run_dir = _entry_dir(work, kind, e, data)
     if e.members == 1:
-        if shared is not None and (shared / RESULT_FILE).is_file():
+        if shared is not None and RunDir(shared).finished():
             return shared, read_result(shared)
         job = TrainJob(run_dir, e.recipe, data.path, e.overrides)
         failures = run_jobs([job], 1, -1, desc=kind)
         if failures:
             raise JobsFailed(failures, f"the {kind} entry")
         return run_dir, job.result()
-    if e.distill and shared is not None and (shared / RESULT_FILE).is_file() and not (run_dir / "member_0").exists():
+    first = RunDir(run_dir).member(0)
+    if e.distill and shared is not None and RunDir(shared).finished() and not first.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(run_dir / "member_0.tmp", ignore_errors=True)  # left by an interrupted copy
-        shutil.copytree(shared, run_dir / "member_0.tmp")
-        (run_dir / "member_0.tmp").rename(run_dir / "member_0")
-    result = read_result(run_dir) if (run_dir / RESULT_FILE).is_file() else \
+        copy = first.with_name(first.name + ".tmp")
+        shutil.rmtree(copy, ignore_errors=True)  # left by an interrupted copy
+        shutil.copytree(shared, copy)
+        copy.rename(first)
+    result = read_result(run_dir) if RunDir(run_dir).finished() else \
         train_ensemble(e.recipe, str(data.path), e.members, run_dir, e.overrides, e.distill, e.alpha, e.temperature,
                        jobs if not e.distill else 1, threads if not e.distill or jobs == 1 else -1)
     return run_dir, result
@@ -368,7 +371,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
         results["gpt2_curve"] = {"file": t.gpt2_curve, "name": second.name, "tokens": second.tokens, "losses": second.losses,
                                  "fit": curve_fit(second)}
     runs = []
-    first_member = _entry_dir(work, "ensemble", t.ensemble, data) / "member_0"
+    first_member = RunDir(_entry_dir(work, "ensemble", t.ensemble, data)).member(0)
     for kind, entry in (("ensemble", t.ensemble), ("single", t.single), ("distill", t.distill)):
         same = (entry.recipe, entry.overrides) == (t.ensemble.recipe, t.ensemble.overrides)
         if kind in parts:

@@ -7,7 +7,7 @@ the loop is the step, the loader position, the optimizer and EMA state: all of i
 checkpointed, and the random state is a pure function of (seed, rank, step), so a resumed
 run repeats the uninterrupted one exactly.
 
-A run directory is locked (`flock` on RUN_DIR/.lock) for the whole run, so a second
+A run directory (its files: `rundir`) is locked (`flock` on RUN_DIR/.lock) for the whole run, so a second
 `--resume` of it is refused. SIGINT and SIGTERM finish the current step, write a
 checkpoint and stop with the command that resumes it.
 """
@@ -29,8 +29,8 @@ import torch
 
 from . import SlowrunError, distributed
 from .averaging import EMA
-from .checkpoint import (CKPT_DIR, Checkpoint, latest_good_checkpoint, list_checkpoints, load_model, save_checkpoint,
-                         save_weights, sidecar)
+from .checkpoint import (Checkpoint, latest_good_checkpoint, list_checkpoints, load_model, save_checkpoint, save_weights,
+                         sidecar)
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, section_defaults, tomllib
 from .dataset import Dataset, require_comparable
 from .evaluate import autocast, evaluate, split_tokens
@@ -39,8 +39,8 @@ from .losses import DistillTarget
 from .loader import TrainLoader, document_scores
 from .optim import Optimizers, build_optimizers, store_bf16
 from .prepare import PrepareConfig, prepare
-from .results import (EPOCH_SNAPSHOT_FILE, MEMBER_SNAPSHOTS, RESULT_FILE, SNAPSHOT_FILE, VARIANT_FILES, ResultError,
-                      read_result)
+from .results import ResultError, read_result
+from .rundir import CONFIG, LOCK, START_FILES, RunDir
 from .runlog import RunLogger, StepTimer, environment, fmt_time, require_backends
 from .variants import final_evaluation, result_table
 from .schedules import Schedule
@@ -48,7 +48,6 @@ from .steps import seqs_per_step, step_plan
 from .storage import atomic_write_json, atomic_write_text, exclusive_lock
 
 DEFAULT_DATA = "data/builtin"
-LOCK_FILE = ".lock"  # in the run directory; not a sign of a run (a failed start may leave it)
 
 
 class TrainingError(SlowrunError):
@@ -160,7 +159,7 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, echo
         raise TrainingError(f"--run-dir {run_dir}: exists and is not a directory")
     if resume:
         cfg = _read_run_config(run_dir)
-        if (run_dir / RESULT_FILE).is_file():
+        if RunDir(run_dir).finished():
             try:
                 result = read_result(run_dir)
             except ResultError as e:
@@ -175,7 +174,7 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, echo
     try:
         if not env.is_main:
             return _train(cfg, run_dir, resume, force, echo, env)
-        with exclusive_lock(run_dir / LOCK_FILE, f"run directory {run_dir}"):
+        with exclusive_lock(RunDir(run_dir).lock, f"run directory {run_dir}"):
             return _train(cfg, run_dir, resume, force, echo, env)
     finally:
         torch.set_num_threads(threads)
@@ -183,9 +182,9 @@ def train(cfg: RunConfig | None, run_dir: str | Path, resume: bool = False, echo
 
 
 def _read_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.toml"
+    path = RunDir(run_dir).config
     if not path.is_file():
-        raise TrainingError(f"--resume {run_dir}: no run there (config.toml missing)")
+        raise TrainingError(f"--resume {run_dir}: no run there ({CONFIG} missing)")
     try:
         return config_from_dict(tomllib.loads(path.read_text()))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -236,14 +235,10 @@ class Run:
         return self.cfg.train.batch_tokens
 
 
-# what a start that stopped before its first checkpoint leaves (a failed start): a new start replaces it
-START_FILES = ("config.toml", "log.txt", "metrics.jsonl")
-
-
 def _failed_start(run_dir: Path) -> bool:
     """config.toml but no checkpoint, no final weights and no result: nothing a new start would lose."""
-    return ((run_dir / "config.toml").is_file() and not list_checkpoints(run_dir) and not (run_dir / RESULT_FILE).exists()
-            and not (run_dir / "model.safetensors").exists())
+    rd = RunDir(run_dir)
+    return rd.config.is_file() and not list_checkpoints(run_dir) and not rd.result.exists() and not rd.weights().exists()
 
 
 def _check_fresh_run_dir(run_dir: Path, echo: bool) -> None:
@@ -252,11 +247,11 @@ def _check_fresh_run_dir(run_dir: Path, echo: bool) -> None:
         for name in START_FILES:
             (run_dir / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
-            (run_dir / CKPT_DIR).rmdir()  # only when empty
+            RunDir(run_dir).checkpoints.rmdir()  # only when empty
         print(f"note: {run_dir} held a start that stopped before its first checkpoint; starting it anew", file=sys.stderr, flush=True)
-    if (run_dir / "config.toml").exists():
+    if RunDir(run_dir).config.exists():
         raise TrainingError(f"--run-dir {run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
-    others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
+    others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
     if others:
         raise TrainingError(f"--run-dir {run_dir}: not empty and not a slowrun run (holds {', '.join(others[:3])}"
                             f"{', ...' if len(others) > 3 else ''}); choose an empty or new directory")
@@ -334,7 +329,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     if ck is not None:
         changes = config_changes(ck.state["config"], config_to_dict(cfg))
         if changes and not force:
-            raise TrainingError(f"{run_dir / 'config.toml'} differs from the config of {ck.path.name}: "
+            raise TrainingError(f"{RunDir(run_dir).config} differs from the config of {ck.path.name}: "
                                 f"{'; '.join(changes)}; undo the edit, or pass --force to continue with config.toml")
         if changes:
             warnings.append(f"warning: --force: continuing with the edited config.toml ({'; '.join(changes)})")
@@ -354,7 +349,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
-            atomic_write_text(run_dir / "config.toml", config_to_toml(cfg))
+            atomic_write_text(RunDir(run_dir).config, config_to_toml(cfg))
     log = RunLogger(run_dir, env.is_main, echo, total_steps, cfg.train.progress, cfg.train.wandb, cfg.train.tensorboard,
                     config_to_dict(cfg))
     for text in warnings:
@@ -398,9 +393,10 @@ def write_checkpoint(run: Run, elapsed_s: float) -> Path | None:
 
 def save_epoch_snapshot(run: Run, epoch: int) -> None:
     """The weights at an epoch's end, the last `train.epoch_snapshots` kept (rank 0)."""
-    save_weights(run.run_dir / EPOCH_SNAPSHOT_FILE.format(epoch=epoch), run.model.state_dict(), run.cfg,
+    rd = RunDir(run.run_dir)
+    save_weights(rd.epoch_snapshot(epoch), run.model.state_dict(), run.cfg,
                  {"dataset": run.ds.fingerprint, "step": run.step, "epoch": epoch, "loop_active": run.model.loop_active})
-    for old in sorted(run.run_dir.glob(MEMBER_SNAPSHOTS["epochs_probs"]))[:-run.cfg.train.epoch_snapshots]:
+    for old in rd.snapshots("epochs_probs")[:-run.cfg.train.epoch_snapshots]:
         old.unlink()
         sidecar(old).unlink(missing_ok=True)
 
@@ -531,7 +527,7 @@ def fit(run: Run) -> FitStats:
             cycle = sched.cycle_end(step - 1)
             if cycle is not None:
                 if env.is_main:
-                    save_weights(run.run_dir / SNAPSHOT_FILE.format(cycle=cycle), model.state_dict(), cfg,
+                    save_weights(RunDir(run.run_dir).snapshot(cycle), model.state_dict(), cfg,
                                  {"dataset": run.ds.fingerprint, "step": step, "cycle": cycle})
                 if cfg.train.snapshot_cycles and cfg.train.snapshot_noise > 0 and step < total_steps:
                     perturb(model, cfg.train.snapshot_noise, _step_seed(cfg.train.seed, 0, step))
@@ -569,12 +565,13 @@ def finish(run: Run, stats: FitStats, t_start: float) -> dict:
     ema = run.ema if run.ema is not None and run.ema.started else None  # an EMA that never started holds nothing
     # the network of the last step (also after a resume at the final evaluation, where no step ran)
     model.loop_active = _loop_active(cfg, max(0, math.ceil(loader.epochs_done) - 1))
+    rd = RunDir(run.run_dir)
     if env.is_main:
         fp = {"dataset": ds.fingerprint, "step": run.step, "loop_active": model.loop_active}
         if cfg.train.save_final:
-            save_weights(run.run_dir / VARIANT_FILES["final"], model.state_dict(), cfg, fp)
+            save_weights(rd.weights("final"), model.state_dict(), cfg, fp)
         if ema is not None:
-            save_weights(run.run_dir / VARIANT_FILES["ema"], ema.state_dict(), cfg, fp)
+            save_weights(rd.weights("ema"), ema.state_dict(), cfg, fp)
     distributed.barrier(env)  # rank 0 has written the last SWA snapshot: every rank reads them
     result = final_evaluation(model, cfg, ds, run.run_dir, ema, log, env)
     if env.is_main:
@@ -593,7 +590,7 @@ def finish(run: Run, stats: FitStats, t_start: float) -> dict:
                         "fitness_tokens": cfg.data.fitness_tokens},
             "seed": cfg.train.seed, "environment": run.env_info, "config": config_to_dict(cfg),
         })
-        atomic_write_json(run.run_dir / "result.json", result)
+        atomic_write_json(rd.result, result)
         log.line(result_table(result))
     distributed.barrier(env)
     return result if env.is_main else {}

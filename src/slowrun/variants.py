@@ -17,7 +17,8 @@ from .config import RunConfig
 from .dataset import Dataset
 from .evaluate import EvalResult, prob_average, split_tokens, summarize, target_byte_counts, target_logprobs
 from .gpt import GPT
-from .results import MEMBER_SNAPSHOTS, VARIANT_FILES, member_weights
+from .results import member_weights
+from .rundir import RunDir
 from .runlog import RunLogger, fmt_time
 
 
@@ -36,8 +37,9 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
     tokens = {s: split_tokens(ds, s, T, cfg.eval.reference_batch) for s in splits}  # built once, scored by every pass
     tb = {s: target_byte_counts(tokens[s], T, ds.token_bytes) for s in splits}
     variants: dict[str, dict] = {}
-    snaps = sorted(run_dir.glob(MEMBER_SNAPSHOTS["swa_probs"]))
-    epochs = sorted(run_dir.glob(MEMBER_SNAPSHOTS["epochs_probs"])) if cfg.train.epoch_snapshots else []
+    rd = RunDir(run_dir)
+    snaps = rd.snapshots("swa_probs")
+    epochs = rd.snapshots("epochs_probs") if cfg.train.epoch_snapshots else []
     epochs = epochs if len(epochs) > 1 else []
     # one line as each pass starts: after the loop's ETA reaches 0 this can take minutes
     members_needed = len(snaps) > 1  # for the probability average; one snapshot is its own parameter average
@@ -83,7 +85,7 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
         model.load_state_dict(avg)
         record("epochs_params_recency", logprobs_of(model, "the epoch ends' recency-weighted parameter average"))
         if cfg.train.save_final and env.is_main:
-            save_weights(run_dir / VARIANT_FILES["epochs_params_recency"], avg, cfg, {"dataset": ds.fingerprint})
+            save_weights(rd.weights("epochs_params_recency"), avg, cfg, {"dataset": ds.fingerprint})
     if snaps:
         label = "snapshot" if cfg.train.snapshot_cycles else "swa"
         if members_needed:
@@ -92,7 +94,7 @@ def final_evaluation(model: GPT, cfg: RunConfig, ds: Dataset, run_dir: Path, ema
         model.load_state_dict(avg)
         record(f"{label}_params", logprobs_of(model, "the snapshots' parameter average"))
         if cfg.train.save_final and env.is_main:
-            save_weights(run_dir / VARIANT_FILES[f"{label}_params"], avg, cfg, {"dataset": ds.fingerprint})
+            save_weights(rd.weights(f"{label}_params"), avg, cfg, {"dataset": ds.fingerprint})
     model.load_state_dict(saved)
     best = min(variants, key=lambda k: variants[k]["val_loss"])
     return {"variants": variants, "best": best, **{k: v for k, v in variants[best].items()}}
