@@ -118,7 +118,7 @@ def test_curriculum_off_is_todays_order(gpt2_ds):
 
 @pytest.mark.parametrize("schedule", ["easy_to_hard", "hard_to_easy", "mixed"])
 def test_curriculum_orders_documents_by_score(gpt2_ds, schedule):
-    from slowrun.loader import document_scores
+    from slowrun.curriculum import document_scores
 
     ds = Dataset.open(gpt2_ds)
     scores = document_scores(ds, "length", 32)
@@ -144,7 +144,7 @@ def test_curriculum_blocks_shuffle_within_each_block_only(gpt2_ds):
     a permutation of each consecutive block's own (so the order by difficulty holds from block to
     block), drawn again each epoch, the same for the same (seed, epoch)."""
     from slowrun.config import ConfigError, build_config
-    from slowrun.loader import document_scores
+    from slowrun.curriculum import document_scores
 
     ds = Dataset.open(gpt2_ds)
     scores = document_scores(ds, "length", 32)
@@ -177,7 +177,7 @@ def test_curriculum_blocks_shuffle_within_each_block_only(gpt2_ds):
 def test_document_scores_by_a_model_are_cached(gpt2_ds, tmp_path, smoke_cfg, monkeypatch):
     import torch
 
-    from slowrun import loader as loader_mod
+    from slowrun import curriculum
     from slowrun.checkpoint import save_weights
     from slowrun.gpt import GPT
 
@@ -186,20 +186,20 @@ def test_document_scores_by_a_model_are_cached(gpt2_ds, tmp_path, smoke_cfg, mon
     torch.manual_seed(0)
     model = GPT(cfg.model).eval()
     save_weights(tmp_path / "model.safetensors", model.state_dict(), cfg, {"dataset": ds.fingerprint})
-    scores = loader_mod.document_scores(ds, str(tmp_path), 16)
+    scores = curriculum.document_scores(ds, str(tmp_path), 16)
     starts = ds.doc_starts("train")
     doc = torch.from_numpy(np.asarray(ds.tokens("train")[starts[0]:starts[0] + 17], dtype=np.int64))[None]
     with torch.no_grad():
         want = torch.nn.functional.cross_entropy(model(doc[:, :-1])[0][0], doc[0, 1:]).item()
     assert scores[0] == pytest.approx(want, rel=1e-5) and np.isfinite(scores).all()
-    monkeypatch.setattr("slowrun.checkpoint.load_model", lambda *a, **k: pytest.fail("the cache was not used"))
-    assert np.array_equal(loader_mod.document_scores(ds, str(tmp_path), 16), scores)
+    monkeypatch.setattr("slowrun.curriculum.load_model", lambda *a, **k: pytest.fail("the cache was not used"))
+    assert np.array_equal(curriculum.document_scores(ds, str(tmp_path), 16), scores)
     monkeypatch.undo()
     # a cache file replaced (other scores, or a pickled object array) is not its hash: scored again
     (npy,) = tmp_path.glob("doc_scores-*.npy")
     for bad in (np.zeros_like(scores), np.array([{"x": 1}], dtype=object)):
         np.save(npy, bad, allow_pickle=True)
-        assert np.array_equal(loader_mod.document_scores(ds, str(tmp_path), 16), scores)
+        assert np.array_equal(curriculum.document_scores(ds, str(tmp_path), 16), scores)
 
 
 def test_disjoint_chunks_as_the_reference_loader(gpt2_ds):

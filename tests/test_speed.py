@@ -13,7 +13,8 @@ def test_recipes_are_timed_through_the_trainer(bpe_ds, monkeypatch):
         fitted.append(run.total_steps)
         return real_fit(run)
 
-    monkeypatch.setattr(train, "fit", spy)
+    assert speed.fit is train.fit  # the trainer's own loop
+    monkeypatch.setattr(speed, "fit", spy)
     row = speed.measure_one("smoke", "fp32", 3, 1, str(bpe_ds), [])
     assert fitted == [4]  # warmup + timed steps, run by train.fit
     assert row["step_s_median"] > 0 and row["tokens_per_s"] == pytest.approx(1024 / row["step_s_median"], rel=1e-3)

@@ -42,10 +42,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import SlowrunError
-from .config import RunConfig, build_config, config_to_dict
+from .config import RunConfig, build_config, config_to_dict, parse_value
+from .dataset import Dataset
+from .efficiency import Curve, check_same_data, efficiency_on
 from .jobs import JobsFailed
 from .ledger import config_key
+from .speed import SpeedError, measure_in_process
+from .steps import step_plan
 from .storage import atomic_write_json, read_json
+from .sweep import Runs, SweepConfig
 from .techniques import Ablation, ablations
 
 FORMAT = "slowrun-ablation/1"
@@ -92,8 +97,6 @@ class AblateConfig:
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """`NAME:key=value,key=value` (values as TOML literals) -> (name, overrides)."""
-    from .config import parse_value
-
     name, sep, body = text.partition(":")
     pairs = [x for x in body.split(",") if x.strip()]
     if not sep or not name.strip() or not pairs or any("=" not in x for x in pairs):
@@ -137,8 +140,6 @@ def welch_hurts(without: list[float], full: list[float]) -> float | None:
 
 def step_time(recipe: str, data: str, overrides: dict[str, Any], dtype: str, threads: int) -> float:
     """Median step time (s) of the trainer on `recipe` + `overrides` (`speed.measure_in_process`)."""
-    from .speed import SpeedError, measure_in_process
-
     over = {**overrides, **({"train.num_threads": threads} if threads > 0 else {})}
     try:
         row = measure_in_process(recipe, dtype, EQUAL_TIME_STEPS, EQUAL_TIME_WARMUP, data,
@@ -192,9 +193,6 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16], {**shown, **what}
 
     def epoch_steps(over: dict[str, Any]) -> float:  # optimizer steps per epoch, as the trainer counts them
-        from .dataset import Dataset
-        from .steps import step_plan
-
         c = build_config(cfg.recipe, {**cfg.fixed, **over})
         return step_plan(c, Dataset.open(cfg.data).num_tokens("train")).steps_per_epoch
 
@@ -241,9 +239,6 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
 
 
 def ablate(cfg: AblateConfig) -> dict:
-    from .efficiency import Curve, check_same_data, efficiency_on
-    from .sweep import Runs, SweepConfig
-
     if cfg.seeds < 1:
         raise AblateError(f"--seeds: must be >= 1, got {cfg.seeds}")
     t0 = time.time()

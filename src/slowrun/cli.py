@@ -1,7 +1,8 @@
 """The `slowrun` command line: a table of subcommands, each a thin layer over an importable function.
 
-Heavy imports (torch, tokenizers) happen inside the commands, so `slowrun --help` is fast
-and importing this module does nothing.
+This module holds the table, the commands on files (`prepare`, `data`) and the
+one-line errors; the training-side commands are in `commands`. torch is imported only by the
+commands that run it, so `slowrun --help` is fast; importing this module does nothing.
 """
 
 from __future__ import annotations
@@ -10,30 +11,15 @@ import argparse
 import os
 import re
 import sys
-from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import Callable
+import time
 
 from . import SlowrunError, __version__
-
-
-_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9}
-
-
-def count(text: str) -> int:
-    """A token count: 262144, 262_144, 256k, 1.001k, 10M or 1.5B (decimal suffixes, exact)."""
-    t = text.strip().replace("_", "").lower()
-    mult = _SUFFIXES.get(t[-1:], 1)
-    digits = t[:-1] if t[-1:] in _SUFFIXES else t
-    try:
-        value = Decimal(digits) * mult  # exact: 1.001k is 1001, where a float gives 1000.9999...
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 262144, 256k, 10M, 1.5B)") from None
-    if not value.is_finite() or value < 0:
-        raise argparse.ArgumentTypeError(f"not a non-negative token count: {text!r}")
-    if value != value.to_integral_value():
-        raise argparse.ArgumentTypeError(f"{text!r} is {value.normalize():f} tokens, not a whole number")
-    return int(value)
+from .commands import Command, count
+from .commands import table as training_commands
+from .dataset import Dataset
+from .prepare import PrepareConfig, prepare
+from .sources import require_source
+from .tokenizer import parse_tokenizer_spec
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,13 +60,6 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
 
 
 def _run_prepare(a: argparse.Namespace) -> int:
-    import time
-
-    from .dataset import Dataset
-    from .prepare import PrepareConfig, prepare
-    from .sources import require_source
-    from .tokenizer import parse_tokenizer_spec
-
     if a.test_tokens == 0:  # the reference's own data (train + val) has none; runs then report val only
         print("note: --test-tokens 0: no test split; runs on this dataset report val losses only, and records "
               "(scored on test) cannot be made from them", file=sys.stderr)
@@ -110,8 +89,6 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def _run_data(a: argparse.Namespace) -> int:
-    from .dataset import Dataset
-
     ds = Dataset.open(a.dir, verify=True)
     print(ds.describe())
     print(f"verified  all {len(ds.manifest['files'])} files match their sha256")
@@ -122,22 +99,11 @@ def _run_data(a: argparse.Namespace) -> int:
 # the table
 
 
-@dataclass
-class Command:
-    name: str
-    help: str
-    add_args: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-    passthrough: bool = False  # accepts --section.key=value config overrides
-
-
 def _commands() -> list[Command]:
-    from . import commands  # the training-side commands live in their own module
-
     return [
         Command("prepare", "tokenize a source into a fixed, hashed dataset (the token budget)", _add_prepare, _run_prepare),
         Command("data", "inspect prepared datasets (data info DIR)", _add_data, _run_data),
-        *commands.table(),
+        *training_commands(),
     ]
 
 

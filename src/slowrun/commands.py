@@ -1,24 +1,68 @@
 """Command-line layer of the training-side commands: train, eval, sample, ensemble, sweep,
-efficiency, record, report, bench, plan. Each parses its flags and calls an importable function."""
+efficiency, record, report, bench, plan. Each parses its flags and calls an importable function.
+
+A module that imports torch (~3 s) is imported inside the command that runs it, marked
+`# imports torch`: the command line is built, and every usage error answered, without it
+(tests/test_cli.py). The rest is imported here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Callable
 
+from .config import ConfigError, build_config, describe_options, parse_overrides, parse_value, recipe_names
+from .dataset import Dataset, require_comparable
+from .efficiency import Curve, EfficiencyError, check_same_data, place, run_loss
+from .prepare import default_dataset
+from .records import ALPHA, make_record
+from .records import check as check_record
+from .results import ResultError, chosen, member_weights, read_result, variant_weights
 from .rundir import MEMBER_SNAPSHOTS, RESULT, VARIANT_FILES, RunDir
+from .storage import atomic_write_json
+from .track import TRACK, TRACK_PARTS, TrackError, plan_curve, run_track
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    passthrough: bool = False  # accepts --section.key=value config overrides
+
+
+_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9}
+
+
+def count(text: str) -> int:
+    """A token count: 262144, 262_144, 256k, 1.001k, 10M or 1.5B (decimal suffixes, exact)."""
+    t = text.strip().replace("_", "").lower()
+    mult = _SUFFIXES.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in _SUFFIXES else t
+    try:
+        value = Decimal(digits) * mult  # exact: 1.001k is 1001, where a float gives 1000.9999...
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 262144, 256k, 10M, 1.5B)") from None
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError(f"not a non-negative token count: {text!r}")
+    if value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"{text!r} is {value.normalize():f} tokens, not a whole number")
+    return int(value)
 
 
 def _run_dir(path: str) -> str:
     """An ensemble's --run-dir that names an existing file is refused here, in one line
     (`train` refuses its own)."""
     if Path(path).exists() and not Path(path).is_dir():
-        from .config import ConfigError
-
         raise ConfigError(f"--run-dir {path}: exists and is not a directory")
     return path
 
@@ -36,8 +80,6 @@ def config_args(p: argparse.ArgumentParser, recipe_default: str = "slowrun") -> 
 
 
 def build_run_config(a: argparse.Namespace):
-    from .config import build_config, parse_overrides
-
     overrides = parse_overrides(getattr(a, "overrides", []) or [])
     if a.data:
         overrides["data.path"] = a.data
@@ -45,8 +87,6 @@ def build_run_config(a: argparse.Namespace):
 
 
 def _print_config_help() -> int:
-    from .config import describe_options, recipe_names
-
     print(f"recipes: {', '.join(recipe_names())}\n")
     print(describe_options())
     return 0
@@ -67,18 +107,16 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def _run_train(a: argparse.Namespace) -> int:
     if a.help_config:
         return _print_config_help()
-    from .train import train
+    from .train import train  # imports torch
 
     if a.resume:
         if getattr(a, "overrides", None):
-            from .config import ConfigError
-
             raise ConfigError("--resume takes the run's own config.toml; config overrides are not allowed")
         result = train(None, a.resume, resume=True, echo=not a.quiet, force=a.force)
     else:
         result = train(build_run_config(a), a.run_dir or _run_dir_default(a.recipe), echo=not a.quiet)
     if a.quiet and result:  # quiet hides the per-step lines, never the answer
-        from .variants import result_table
+        from .final_eval import result_table  # imports torch
 
         print(result_table(result))
     return 0
@@ -91,8 +129,6 @@ def _run_train(a: argparse.Namespace) -> int:
 def _open_dataset(weights_extra: dict, cfg, data: str | None, ref: str):
     """The dataset to score on (default: the one the model was trained on), refusing one whose
     tokenizer or val/test differ from those the weights were trained with."""
-    from .dataset import Dataset, require_comparable
-
     ds = Dataset.open(data or cfg.data.path, verify=True)
     trained_on = weights_extra.get("dataset", {})
     if trained_on:
@@ -101,8 +137,6 @@ def _open_dataset(weights_extra: dict, cfg, data: str | None, ref: str):
 
 
 def _max_tokens(text: str) -> int:
-    from .cli import count
-
     return -1 if text.strip() == "-1" else count(text)
 
 
@@ -123,8 +157,7 @@ def _eval_target(ref: str, variant: str | None) -> tuple[list[Path], object, str
     """(weights files, their probability weights or None for equal, what is scored): a finished
     run's variant (default: its best on val), or the single weights of a checkpoint, a weights
     file or a run still in progress."""
-    from .checkpoint import weights_path
-    from .results import chosen, member_weights, read_result, variant_weights
+    from .checkpoint import weights_path  # imports torch
 
     run = Path(ref)
     if run.is_dir() and RunDir(run).finished():
@@ -132,20 +165,15 @@ def _eval_target(ref: str, variant: str | None) -> tuple[list[Path], object, str
         paths = variant_weights(run, name)
         return paths, member_weights(name, len(paths)), f"variant {name}" + ("" if variant else " (the run's best on val)")
     if variant:
-        from .results import ResultError
-
         raise ResultError(f"--variant {variant}: {ref} is not a finished run directory (no {RESULT})")
     path = weights_path(ref)
     return [path], None, str(path)
 
 
 def _run_eval(a: argparse.Namespace) -> int:
-    import json
-
-    from .checkpoint import load_model
-    from .config import ConfigError
-    from .distributed import resolve_device
-    from .evaluate import evaluate_averaged, split_tokens
+    from .checkpoint import load_model  # imports torch
+    from .distributed import resolve_device  # imports torch
+    from .evaluate import evaluate_averaged, split_tokens  # imports torch
 
     if a.max_tokens != -1 and a.max_tokens <= 0:
         raise ConfigError(f"--max-tokens: must be -1 (the whole split) or > 0, got {a.max_tokens}")
@@ -187,8 +215,6 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
 
 
 def _check_sampling(a: argparse.Namespace) -> None:
-    from .config import ConfigError
-
     if a.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be >= 1, got {a.max_new_tokens}")
     if not math.isfinite(a.temperature) or a.temperature < 0:
@@ -201,12 +227,11 @@ def _check_sampling(a: argparse.Namespace) -> None:
 
 def _run_sample(a: argparse.Namespace) -> int:
     _check_sampling(a)  # before the model is loaded
-    import torch
+    import torch  # only when sampling (see the module docstring)
 
-    from .sample import generate
-
-    from .checkpoint import load_model
-    from .distributed import resolve_device
+    from .checkpoint import load_model  # imports torch
+    from .distributed import resolve_device  # imports torch
+    from .sample import generate  # imports torch
 
     dev = resolve_device(a.device)
     model, cfg, extra = load_model(a.ref, dev)
@@ -227,8 +252,6 @@ def _run_sample(a: argparse.Namespace) -> int:
 
 
 def _grid_arg(text: str) -> tuple[str, list]:
-    from .config import ConfigError, parse_value
-
     key, sep, values = text.partition("=")
     if not sep or "." not in key or not values:
         raise ConfigError(f"--grid {text}: expected section.key=v1,v2,...")
@@ -280,8 +303,6 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
 
 
 def _budget_axis(flag: str, item: str) -> tuple[float, str, list]:
-    from .config import ConfigError
-
     b, _, axis = item.partition(":")
     try:
         key, values = _grid_arg(axis)
@@ -291,9 +312,8 @@ def _budget_axis(flag: str, item: str) -> tuple[float, str, list]:
 
 
 def _run_sweep(a: argparse.Namespace) -> int:
-    from .config import parse_value
-    from .jobs import JobsFailed
-    from .sweep import SweepConfig, describe, describe_plan, plan, sweep
+    from .jobs import JobsFailed  # imports torch
+    from .sweep import SweepConfig, describe, describe_plan, plan, sweep  # imports torch
 
     grid = dict(_grid_arg(g) for g in a.grid)
     by_budget: dict[float, dict] = {}
@@ -309,8 +329,6 @@ def _run_sweep(a: argparse.Namespace) -> int:
         key, _, value = item.partition("=")
         fixed[key] = parse_value(value)
     if a.seeds < 1:
-        from .config import ConfigError
-
         raise ConfigError(f"--seeds: must be >= 1, got {a.seeds}")
     cfg = SweepConfig(a.recipe, a.data, a.out, a.budgets, grid, fixed, by_budget, a.jobs, a.threads, a.fit_params,
                       a.name, not a.no_progress, a.ledger, a.expand, refine=refine, seeds=a.seeds, gpus_per_job=a.gpus_per_job)
@@ -342,10 +360,6 @@ def _add_efficiency(p: argparse.ArgumentParser) -> None:
 
 
 def _run_efficiency(a: argparse.Namespace) -> int:
-    import json
-
-    from .efficiency import Curve, EfficiencyError, check_same_data, place, run_loss
-
     if a.loss is not None and not math.isfinite(a.loss):
         raise EfficiencyError(f"--loss {a.loss}: not a finite number")
     if a.budget is not None and a.budget <= 0:
@@ -394,9 +408,8 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_ablate(a: argparse.Namespace) -> int:
-    from .ablate import AblateConfig, ablate, describe, parse_variant
-    from .config import parse_value
-    from .jobs import JobsFailed
+    from .ablate import AblateConfig, ablate, describe, parse_variant  # imports torch
+    from .jobs import JobsFailed  # imports torch
 
     fixed = {}
     for item in a.set:
@@ -444,9 +457,7 @@ def _add_ensemble(p: argparse.ArgumentParser) -> None:
 def _run_ensemble(a: argparse.Namespace) -> int:
     if a.help_config:
         return _print_config_help()
-    from .config import parse_overrides
-    from .ensemble import describe, evaluate_ensemble, train_ensemble
-    from .storage import atomic_write_json
+    from .ensemble import describe, evaluate_ensemble, train_ensemble  # imports torch
 
     if a.eval:
         result = evaluate_ensemble(a.eval, a.data, fitness_tokens=a.fitness_tokens, select=a.select)
@@ -455,8 +466,6 @@ def _run_ensemble(a: argparse.Namespace) -> int:
             atomic_write_json(a.out, result)
             print(f"wrote {a.out}")
         return 0
-    from .train import default_dataset
-
     data = a.data or str(default_dataset())
     run_dir = _run_dir(a.run_dir or _run_dir_default(a.recipe) + f"-ens{a.members}")
     result = train_ensemble(a.recipe, data, a.members, run_dir, parse_overrides(getattr(a, "overrides", []) or []),
@@ -483,10 +492,8 @@ def _add_record(p: argparse.ArgumentParser) -> None:
 
 
 def _run_record(a: argparse.Namespace) -> int:
-    from .records import ALPHA, check, make_record
-
     if a.check:
-        c = check(a.runs, a.track, a.records)
+        c = check_record(a.runs, a.track, a.records)
         if c["record"] is None:
             print(f"{c['note']}: the candidate (mean val loss {c['candidate_mean']:.4f}, test {c['candidate_test_mean']:.4f}) "
                   "would be the first record")
@@ -522,7 +529,7 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(a: argparse.Namespace) -> int:
-    from .report import ReportError, build_report
+    from .report import ReportError, build_report  # imports torch
 
     if not a.runs and not a.ablation and not a.track_results:
         raise ReportError("give run directories, --ablation FILE, --track-results FILE, or several")
@@ -537,8 +544,6 @@ def _run_report(a: argparse.Namespace) -> int:
 
 
 def _add_plan(p: argparse.ArgumentParser) -> None:
-    from .cli import count
-
     p.add_argument("recipe", metavar="RECIPE", help="recipe name or path to a TOML file")
     p.add_argument("--gpus", type=int, default=1, help="ranks the global batch is split over (default 1)")
     p.add_argument("--micro-batch-tokens", type=count, default=-1, metavar="T",
@@ -555,15 +560,12 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
 
 
 def _run_plan(a: argparse.Namespace) -> int:
-    from .config import parse_value
-    from .plan import as_json, describe, median_step_s, plan
+    from .plan import as_json, describe, median_step_s, plan  # imports torch
 
     over = {}
     for item in a.set:
         key, sep, value = item.partition("=")
         if not sep:
-            from .config import ConfigError
-
             raise ConfigError(f"--set {item}: expected section.key=value")
         over[key] = parse_value(value)
     step_s = median_step_s(a.run) if a.run else a.step_s
@@ -590,8 +592,6 @@ def _add_throughput_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
-    from .track import TRACK_PARTS
-
     sub = p.add_subparsers(dest="bench", required=True, metavar="{cpu-track,throughput}")
     track = sub.add_parser("cpu-track", help="the CPU track: baseline curve, single and ensemble entries, speed, memory")
     track.add_argument("--work", default="benchmarks/work/cpu-track", help="runs and datasets (cached; rerunning continues)")
@@ -617,12 +617,10 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 
 def _run_bench(a: argparse.Namespace) -> int:
     if a.bench == "throughput":
-        from .speed import run
+        from .speed import run  # imports torch
 
         run(a)
         return 0
-    from .track import TRACK, TRACK_PARTS, TrackError, plan_curve, run_track
-
     parts = a.parts or (["baseline"] if a.no_train else list(TRACK_PARTS))
     if a.no_train and set(parts) - {"baseline", "curve"}:
         raise TrackError(f"--no-train trains nothing: --parts {' '.join(parts)} would train entries or measure speed; "
@@ -636,8 +634,6 @@ def _run_bench(a: argparse.Namespace) -> int:
 
 def table():
     """This module's rows of the CLI's command table."""
-    from .cli import Command
-
     return [
         Command("train", "train a model from a recipe (no arguments: the slowrun recipe on the builtin data)", _add_train, _run_train, passthrough=True),
         Command("eval", "held-out loss and bits-per-byte of a run or checkpoint", _add_eval, _run_eval),

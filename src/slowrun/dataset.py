@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from . import SlowrunError
-from .prepare import FORMAT, SPLITS
 from .storage import read_json, sha256_file, sha256_json
 from .tokenizer import Tokenizer, load_tokenizer
+
+SPLITS = ("val", "test", "train")  # the order in which `slowrun prepare` assigns documents
+FORMAT = "slowrun-dataset/1"
 
 
 class DatasetError(SlowrunError):

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from . import SlowrunError
+from .dataset import require_comparable
 from .formats import CURVE, check, read_checked
+from .results import chosen, read_result
 from .storage import parse_json
 
 
@@ -238,16 +240,12 @@ def describe_fit(fit: dict) -> str:
 def check_same_data(curve: Curve, run_dataset: dict) -> None:
     """Refuse a run and a curve whose tokenizer or val/test files differ (an external curve
     that records no dataset is taken as given)."""
-    from .dataset import require_comparable
-
     if curve.dataset:
         require_comparable(run_dataset, curve.dataset, f"the run and the curve {curve.name}")
 
 
 def run_loss(run: str | Path, metric: str, variant: str | None = None) -> tuple[float, dict, dict]:
     """(loss, dataset fingerprint, result) of a run's result.json (its best-on-val variant by default)."""
-    from .results import chosen, read_result
-
     result = read_result(run)
     name, losses = chosen(result, variant)
     key = f"{metric}_loss"

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from . import SlowrunError
 from .averaging import average_weights
 from .checkpoint import load_model, read_weights, weights_path
+from .config import build_config
 from .dataset import COMPARABLE, Dataset, DatasetError, read_manifest, require_comparable, training_fingerprint
 from .distributed import resolve_device
 from .evaluate import autocast, chunk_batches, prob_average, split_tokens, summarize, target_byte_counts, target_logprobs
@@ -289,8 +290,6 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
     """Train (or continue) K members, then evaluate the ensemble; writes run_dir/result.json.
     On a CUDA machine the members run one per device (`gpus_per_job` devices each, through
     torchrun when > 1): see `jobs.run_jobs`. `alpha`, `temperature`: None = the recipe's."""
-    from .config import build_config
-
     if members < 1:
         raise EnsembleError(f"--members must be >= 1, got {members}")
     t0 = time.time()

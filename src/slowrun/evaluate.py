@@ -22,6 +22,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .distributed import DistEnv
 
@@ -110,8 +111,6 @@ def target_logprobs(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, ba
     finally:
         model.train(was_training)
     if world > 1:
-        import torch.distributed as dist
-
         t = torch.from_numpy(out).to(device)  # nccl reduces device tensors, gloo CPU ones
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         out = t.cpu().numpy()

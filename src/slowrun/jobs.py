@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from tqdm import tqdm
 
 from . import SlowrunError
@@ -77,8 +78,6 @@ def device_ids(num_devices: int | None = None) -> list[str]:
     visible list when that is set (so a job never lands outside it), else 0..N-1.
     `num_devices` (default torch.cuda.device_count()) can be given, e.g. to fake devices."""
     if num_devices is None:
-        import torch
-
         num_devices = torch.cuda.device_count()
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return visible[:num_devices] if visible else [str(i) for i in range(num_devices)]

@@ -22,17 +22,25 @@ guessed at.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from . import SlowrunError
-from .config import section_defaults
+from .config import parse_overrides, section_defaults
+from .dataset import Dataset
 from .formats import LEDGER_FORMAT as FORMAT, LEDGER_LINE, read_checked_lines
+from .results import read_result
 from .rundir import RunDir
 
 # config keys that cannot change a run's losses: paths, parallelism, logging and saving
@@ -183,16 +191,6 @@ def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str
     split hashes). `overrides` (--section.key=value) may only set
     what cannot change the losses (NON_RESULT_KEYS: device, threads, logging), so the rerun is
     the line's config exactly."""
-    import subprocess
-    import sys
-    import tempfile
-
-    import tomli_w
-
-    from .config import parse_overrides
-    from .dataset import Dataset
-    from .results import read_result
-
     for k, v in parse_overrides(overrides).items():
         sec, _, name = k.partition(".")
         if name not in NON_RESULT_KEYS.get(sec, ()):
@@ -229,8 +227,6 @@ def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str
 
 def main(argv: list[str] | None = None) -> None:
     """python -m slowrun.ledger merge SRC DST | rerun LEDGER KEY --data DIR --run-dir DIR [--out F] [overrides]"""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m slowrun.ledger")
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="append a ledger brought back from another machine (only lines DST lacks)")

@@ -12,8 +12,8 @@ epoch is a pure function of (seed, epoch), so a resumed run reads exactly what t
 uninterrupted one would have. Tokens stay memory-mapped: memory does not grow with the
 dataset, only with the document count (one int64 per document).
 
-A curriculum (`curriculum` != "off", with a difficulty score per training document from
-`document_scores`) sorts that epoch's shuffled document order by the score (a stable sort,
+A curriculum (`curriculum` != "off", with a difficulty score per training document, given by
+the caller: `curriculum.document_scores`) sorts that epoch's shuffled document order by the score (a stable sort,
 so equal scores keep the epoch's random order): easy_to_hard ascending, hard_to_easy
 descending, mixed alternating (easy to hard on even epochs, hard to easy on odd ones, so
 every epoch boundary joins documents of like difficulty). Sequences are then served in
@@ -25,8 +25,6 @@ a run of adjacent sequences). Off, nothing changes: the same random draws, the s
 
 from __future__ import annotations
 
-import io
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,56 +42,12 @@ def fitness_slice(dataset: Dataset, tokens: int) -> np.ndarray:
     return train[trained_tokens(len(train), tokens):]
 
 
-def _doc_bounds(dataset: Dataset, fitness_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def doc_bounds(dataset: Dataset, fitness_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(start, length) of every training document the loader serves (the fitness slice cut off)."""
     n = trained_tokens(len(dataset.tokens("train")), fitness_tokens)
     starts = dataset.doc_starts("train")
     starts = starts[starts < n].astype(np.int64)
     return starts, np.diff(np.append(starts, n))
-
-
-def document_scores(dataset: Dataset, score: str, seq_len: int, fitness_tokens: int = 0, device: str = "cpu") -> np.ndarray:
-    """A difficulty per training document, from the training split only: `length` (tokens), or
-    the path of a run (or weights file) whose model scores each document by its mean loss on
-    the document's first seq_len+1 tokens. Model scores are cached beside the weights, keyed
-    by the weights' and the training split's sha256."""
-    starts, lens = _doc_bounds(dataset, fitness_tokens)
-    if score == "length":
-        return lens.astype(np.float64)
-    from .checkpoint import load_model, weights_path
-    from .dataset import load_array, require_comparable
-    from .storage import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
-
-    weights = weights_path(score)
-    key = {"weights": sha256_file(weights), "train": dataset.manifest["files"].get("train.bin"), "docs": len(starts),
-           "seq_len": seq_len}
-    cache = weights.with_name(f"doc_scores-{key['weights'][:12]}-{str(key['train'])[:12]}-{len(starts)}-{seq_len}")
-    npy, meta = cache.with_suffix(".npy"), cache.with_suffix(".json")
-    try:  # the cache is used only when its key matches and the scores are the file it hashed
-        stored = json.loads(meta.read_text()) if meta.is_file() else None
-        if isinstance(stored, dict) and {k: stored.get(k) for k in key} == key and npy.is_file() \
-                and stored.get("scores") == sha256_file(npy):
-            return load_array(npy)
-    except (ValueError, OSError):
-        pass  # an unreadable cache is computed again
-    model, cfg, extra = load_model(weights, device)
-    if extra.get("dataset"):
-        require_comparable(extra["dataset"], dataset.fingerprint, f"the scoring model {score} and {dataset.path}")
-    tokens, T = dataset.tokens("train"), min(seq_len, cfg.model.seq_len)
-    out = np.full(len(starts), np.nan)
-    with torch.no_grad():
-        for i, (a, n) in enumerate(zip(starts, lens)):
-            if n < 2:
-                continue
-            doc = torch.from_numpy(np.asarray(tokens[a:a + min(int(n), T + 1)], dtype=np.int64)).to(device)[None]
-            logits, _ = model(doc[:, :-1])
-            out[i] = torch.nn.functional.cross_entropy(logits[0].float(), doc[0, 1:]).item()
-    out[np.isnan(out)] = np.nanmedian(out) if np.isfinite(out).any() else 0.0  # one-token documents: middling
-    buf = io.BytesIO()
-    np.save(buf, out)
-    atomic_write_bytes(npy, buf.getvalue())
-    atomic_write_json(meta, {**key, "scores": sha256_bytes(buf.getvalue())})
-    return out
 
 
 @dataclass
@@ -114,7 +68,7 @@ class TrainLoader:
         if batch_seqs % world_size:
             raise ValueError(f"global batch of {batch_seqs} sequences does not split over {world_size} ranks")
         self.tokens = dataset.tokens("train")
-        self.doc_starts, self.doc_lens = _doc_bounds(dataset, fitness_tokens)
+        self.doc_starts, self.doc_lens = doc_bounds(dataset, fitness_tokens)
         n = trained_tokens(len(self.tokens), fitness_tokens)
         self.num_tokens = n
         if curriculum not in CURRICULA:

@@ -56,6 +56,7 @@ import torch
 
 from . import SlowrunError
 from .config import ConfigError, RunConfig, build_config
+from .dataset import Dataset, DatasetError
 from .gpt import GPT, has_value_proj
 from .losses import FUSED_CHUNK
 from .optim import split_params
@@ -181,8 +182,6 @@ def plan(recipe: str, overrides: dict | None = None, gpus: int = 1, micro_batch_
     notes: list[str] = []
     ds_tokens = -1
     if data:
-        from .dataset import Dataset, DatasetError
-
         try:
             ds = Dataset.open(data, verify=False)
         except (DatasetError, OSError) as e:

@@ -31,13 +31,13 @@ import numpy as np
 from tqdm import tqdm
 
 from . import SlowrunError, __version__
+from .dataset import FORMAT, SPLITS, verify_dataset
 from .sources import Corpus, SourceError, check_encoding, open_source
 from .storage import (atomic_directory, atomic_write_text, exclusive_lock, read_json, remove_leftovers, sha256_file,
                       sha256_json)
 from .tokenizer import GPT2Tokenizer, HFTokenizer, Tokenizer, parse_tokenizer_spec, token_byte_lengths, tokenizer_fingerprint
 
-SPLITS = ("val", "test", "train")  # the order in which documents are assigned
-FORMAT = "slowrun-dataset/1"
+DEFAULT_DATA = "data/builtin"  # the dataset of a run whose data.path is empty
 
 
 class PrepareError(SlowrunError):
@@ -193,6 +193,14 @@ def _existing_manifest(out: Path) -> dict | None:
         return None
 
 
+def default_dataset(path: str = DEFAULT_DATA, progress: bool = True) -> Path:
+    """The builtin default dataset (CPU-track 1x: bpe:8192, 262,144 train tokens), prepared if absent."""
+    if not (Path(path) / "manifest.json").is_file():
+        print(f"preparing the builtin dataset in {path} (once)", flush=True)
+        prepare(PrepareConfig(out=path, progress=progress))
+    return Path(path)
+
+
 def prepare(cfg: PrepareConfig) -> Path:
     """Prepare a dataset; returns its directory. Idempotent for the same parameters.
 
@@ -233,8 +241,6 @@ def _prepare_locked(cfg: PrepareConfig, out: Path) -> Path:
             raise PrepareError(f"--out {out}: exists and is not a directory")
         old = _existing_manifest(out)
         if old is not None and old.get("params") == cfg.creation_params() and not cfg.force:
-            from .dataset import verify_dataset
-
             verify_dataset(out)  # same parameters: the dataset is already there, if intact
             return out
         if any(out.iterdir()) and not cfg.force:

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from . import SlowrunError
-from .efficiency import Curve, EfficiencyError, place
+from .efficiency import Curve, EfficiencyError, describe_efficiency, describe_fit, place
 from .records import track_records
 from .results import chosen, is_ensemble, read_result
 from .rundir import CONFIG, METRICS, RESULT, RunDir
@@ -28,7 +28,7 @@ class ReportError(SlowrunError):
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # ~1 s, and only a report with plots needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -231,8 +231,6 @@ def ablation_section(path: str | Path, out: Path) -> str:
         raise ReportError(f"--ablation {path}: not readable ({e.strerror or e})") from None
     if not isinstance(ab, dict) or ab.get("format") != "slowrun-ablation/1":
         raise ReportError(f"--ablation {path}: not an ablation.json of `slowrun ablate`")
-    from .efficiency import describe_efficiency
-
     def eff(v: dict) -> str:
         return describe_efficiency(v) if v.get("efficiency") is not None or "efficiency_error" in v else "-"
 
@@ -284,9 +282,6 @@ def track_section(path: str | Path, out: Path) -> str:
     """The CPU track from its results file (`slowrun bench cpu-track`): the baseline curve, what
     is still pending of it, and every entry placed on it and on the second comparator. Needs
     no run directory: everything is read from the results file."""
-    from .efficiency import describe_efficiency as eff
-    from .efficiency import describe_fit
-
     path = Path(path)
     try:
         res = read_json(path, ReportError, what="--track-results")
@@ -304,10 +299,10 @@ def track_section(path: str | Path, out: Path) -> str:
         e = res.get(kind)
         if not e:
             continue
-        erows.append([label, e.get("members", 1), e.get("variant"), e["test_loss"], e.get("test_bpb"), eff(e),
-                      eff(e.get("efficiency_second", {})), fmt_time(e["wall_s"]) if "wall_s" in e else None])
+        erows.append([label, e.get("members", 1), e.get("variant"), e["test_loss"], e.get("test_bpb"), describe_efficiency(e),
+                      describe_efficiency(e.get("efficiency_second", {})), fmt_time(e["wall_s"]) if "wall_s" in e else None])
         for row, pk in zip(e.get("per_k", []), e.get("efficiency_by_k", [])):
-            krows.append([label, row["k"], row.get("probs_test_loss"), eff(pk), row.get("logits_test_loss")])
+            krows.append([label, row["k"], row.get("probs_test_loss"), describe_efficiency(pk), row.get("logits_test_loss")])
     html_out = (f"<h2>CPU track: the {html.escape(str(bc.get('recipe')))} curve and the entries on it</h2>"
                 + f'<img src="{track_plot(res, out)}" alt="track curves">'
                 + _table(["entry", "members", "variant", "test loss", "test bpb", "efficiency",

@@ -3,6 +3,7 @@ step, a structured `metrics.jsonl`, a progress bar, and optional wandb / TensorB
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import re
@@ -78,8 +79,6 @@ class LoggingError(SlowrunError):
 
 def require_backends(wandb: bool, tensorboard: bool) -> None:
     """Refuse, before the run directory gets any file, a logging backend that is not installed."""
-    import importlib.util
-
     if wandb and importlib.util.find_spec("wandb") is None:
         raise LoggingError("train.wandb=true needs the wandb package: pip install 'slowrun[wandb]'")
     if tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -102,11 +101,11 @@ class RunLogger:
             self.bar = tqdm(total=progress_total, unit="step", dynamic_ncols=True, leave=False)
         self.wandb = self.tb = None
         if self.enabled and wandb:  # installed: train.setup checked it before any file was written
-            import wandb as _wandb
+            import wandb as _wandb  # optional (the wandb extra)
 
             self.wandb = _wandb.init(project="slowrun", dir=str(run_dir), config=config, name=run_dir.name, resume="allow")
         if self.enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional (the tensorboard extra)
 
             self.tb = SummaryWriter(str(rd.tensorboard))
 

@@ -8,6 +8,7 @@ stream order, as the reference benchmark does (val = the first tokens streamed).
 
 from __future__ import annotations
 
+import codecs
 import importlib.metadata
 import importlib.util
 import json
@@ -178,8 +179,6 @@ BINARY_MAGIC = {b"\x93NUMPY": "a numpy array", b"PK\x03\x04": "a zip archive (.n
 
 def check_encoding(encoding: str) -> str:
     """The name of a text encoding Python knows (`--encoding`), or an error naming the flag."""
-    import codecs
-
     try:
         codecs.lookup(encoding)
     except LookupError:
@@ -244,7 +243,7 @@ def _read_jsonl(path: Path, text_field: str, encoding: str = "utf-8") -> Iterato
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional (the parquet extra)
     except ImportError:
         raise SourceError("reading .parquet needs pyarrow: pip install 'slowrun[parquet]'") from None
     try:
@@ -287,7 +286,7 @@ def local_corpus(path: Path, separator: str | None = None, text_field: str = "te
 def hf_corpus(spec: str, data_files: list[str] | None = None, text_field: str = "text", split: str = "train") -> Corpus:
     """`hf:DATASET[:CONFIG]`, e.g. hf:HuggingFaceFW/fineweb:sample-10BT, read in stream order."""
     try:
-        import datasets
+        import datasets  # optional (the hf extra)
     except ImportError:
         raise SourceError(f"--source {spec} needs the datasets package: pip install 'slowrun[hf]'") from None
     name, _, config = spec[3:].partition(":")
@@ -318,7 +317,7 @@ def hf_corpus(spec: str, data_files: list[str] | None = None, text_field: str = 
 
 
 def _pt_documents(path: Path) -> tuple[list[np.ndarray], int]:
-    import torch
+    import torch  # only a .pt source needs it: `slowrun prepare` of text runs without torch
 
     try:
         with warnings.catch_warnings():

@@ -21,6 +21,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,8 +29,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import SlowrunError
+from . import SlowrunError, distributed
+from .config import build_config, parse_overrides
+from .dataset import Dataset
+from .evaluate import autocast
+from .gpt import GPT
+from .loader import TrainLoader
+from .prepare import default_dataset
 from .runlog import read_metrics
+from .steps import step_plan
+from .train import fit, setup
 
 
 
@@ -89,11 +98,6 @@ class MinimalGPT(nn.Module):
 
 def _minimal_step_times(cfg, ds, dtype: str, steps: int, warmup: int) -> tuple[list[float], int, int]:
     """Step times of the plain loop at the baseline's size: (times of the timed steps, params, FLOPs/token)."""
-    from .evaluate import autocast
-    from .gpt import GPT
-    from .loader import TrainLoader
-    from .steps import step_plan
-
     T = cfg.model.seq_len
     loader = TrainLoader(ds, T, step_plan(cfg, ds.num_tokens("train")).seqs_per_step, seed=0)
     torch.manual_seed(0)
@@ -123,11 +127,6 @@ def _minimal_step_times(cfg, ds, dtype: str, steps: int, warmup: int) -> tuple[l
 def _trainer_step_times(cfg, steps: int, warmup: int) -> tuple[list[float], int, int]:
     """Step times of the trainer itself (`train.setup` + `train.fit`, what `slowrun train` runs),
     read from the `step_s` of its metrics.jsonl: (times of the timed steps, params, FLOPs/token)."""
-    import tempfile
-
-    from . import distributed
-    from .train import fit, setup
-
     env = distributed.init(cfg.train.device, cfg.train.dist_timeout_min)
     try:
         with tempfile.TemporaryDirectory(prefix="slowrun-speed-") as tmp:
@@ -144,9 +143,6 @@ def _trainer_step_times(cfg, steps: int, warmup: int) -> tuple[list[float], int,
 
 
 def measure_one(recipe: str, dtype: str, steps: int, warmup: int, data: str, overrides: list[str]) -> dict:
-    from .config import build_config, parse_overrides
-    from .dataset import Dataset
-
     torch.set_flush_denormal(True)
     ds = Dataset.open(data)
     name = "baseline" if recipe == "minimal" else recipe
@@ -184,8 +180,6 @@ def measure_in_process(recipe: str, dtype: str, steps: int, warmup: int, data: s
 
 def run(a: argparse.Namespace) -> dict:
     """Measure every (recipe, dtype) in its own process; print a table; write the JSON."""
-    from .train import default_dataset
-
     if a.data == "data/builtin":
         default_dataset(progress=False)
     overrides = [f"--{kv}" for kv in a.set]

@@ -36,15 +36,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import SlowrunError
 from .checkpoint import checkpoint_step, list_checkpoints
 from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import fit_power_law
+from .gpt import GPT
 from .jobs import JobsFailed, TrainJob, run_jobs
 from .ledger import Ledger, config_key, dataset_identity, entry_from_result
 from .prepare import PrepareConfig, prepare
+from .steps import step_plan
 from .storage import atomic_write_json
+from .train import resolve
 
 
 class SweepError(SlowrunError):
@@ -129,7 +134,6 @@ class Runs:
     def job(self, budget: float, point: dict[str, Any], phase: str = "grid") -> TrainJob:
         """The job of a point at a budget (the same object when asked twice); `phase` says
         which step of the tuning asked for it first (grid, expand, refine, seeds)."""
-        from .train import resolve  # imports torch: only when a sweep plans runs
         for j in self.jobs:
             if j.tag["budget"] == budget and j.tag["point"] == point:
                 return j
@@ -296,11 +300,6 @@ def _next_phase(runs: Runs, b: float) -> tuple[str, list[TrainJob]]:
 def run_size(runs: Runs, job: TrainJob) -> tuple[int, int, int]:
     """(parameters, tokens it will train on, tokens per step) of a planned run, from its config
     (the trainer's steps, `steps.step_plan`); no weights allocated."""
-    import torch
-
-    from .gpt import GPT
-    from .steps import step_plan
-
     ds, cfg = runs.datasets[job.tag["budget"]], runs.configs[job.run_dir]
     with torch.device("meta"):
         params = GPT(cfg.model).num_params()

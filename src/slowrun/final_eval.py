@@ -1,7 +1,7 @@
-"""A finished run's weights variants scored on val and test: the final weights, the EMA, the
-SWA (or snapshot) parameter and probability averages, and the probability and parameter
-averages of the last epoch ends. `best` is the variant with the lowest val loss; the table
-`slowrun train` prints at the end."""
+"""The final evaluation: a finished run's weights variants scored on val and test (the final
+weights, the EMA, the SWA (or snapshot) parameter and probability averages, and the probability
+and parameter averages of the last epoch ends). `best` is the variant with the lowest val loss;
+`result_table` is the table `slowrun train` prints at the end."""
 
 from __future__ import annotations
 
