@@ -14,7 +14,8 @@ def run(*args, **kw):
 def test_help_lists_the_commands():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ("prepare", "data", "train", "eval", "sample", "ensemble", "sweep", "efficiency", "record", "report", "bench"):
+    for cmd in ("prepare", "data", "train", "eval", "sample", "ensemble", "sweep", "efficiency", "record", "report", "bench",
+                "ledger"):
         assert cmd in r.stdout
 
 
@@ -27,7 +28,7 @@ def test_the_command_line_is_built_without_torch():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("cmd", ["prepare", "data", "train", "eval", "sample", "ensemble", "sweep", "efficiency",
+@pytest.mark.parametrize("cmd", ["prepare", "data", "train", "eval", "sample", "ensemble", "sweep", "efficiency", "ledger",
                                  "record", "report", "bench"])
 def test_each_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:

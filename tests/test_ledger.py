@@ -126,7 +126,8 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 def test_a_ledger_from_another_machine_merges_in_without_repeats(tmp_path):
     """Points run elsewhere (a lent GPU) come back as that machine's copy of the ledger: the
-    entries this one lacks are appended once, in order; merging again adds nothing."""
+    entries this one lacks are appended once, in order; merging again adds nothing. `slowrun ledger
+    merge`, and its older spelling `python -m slowrun.ledger merge`."""
     here = Ledger(tmp_path / "here.jsonl")
     here.append(entry("k1"))
     there = Ledger(tmp_path / "there.jsonl")
@@ -141,15 +142,18 @@ def test_a_ledger_from_another_machine_merges_in_without_repeats(tmp_path):
     assert merged.entries[0].get("device") is None and merged.entries[1]["device"] == "cuda"
     assert Ledger.open(here.path).merge(Ledger.open(there.path)) == 0
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    r = subprocess.run([sys.executable, "-m", "slowrun.ledger", "merge", str(tmp_path / "bad.jsonl"), str(here.path)],
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ledger", "merge", str(tmp_path / "bad.jsonl"), str(here.path)],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "bad.jsonl:1: corrupt, not valid JSON" in r.stderr
     # a mistyped source is not an empty ledger: nothing merged, the destination untouched
     before = here.path.read_bytes()
-    r = subprocess.run([sys.executable, "-m", "slowrun.ledger", "merge", str(tmp_path / "typo.jsonl"), str(here.path)],
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ledger", "merge", str(tmp_path / "typo.jsonl"), str(here.path)],
                        capture_output=True, text=True)
-    assert r.returncode != 0 and r.stderr.strip() == f"error: {tmp_path / 'typo.jsonl'}: no such ledger file"
+    assert r.returncode == 2 and r.stderr.strip() == f"slowrun ledger: error: {tmp_path / 'typo.jsonl'}: no such ledger file"
     assert here.path.read_bytes() == before
+    r = subprocess.run([sys.executable, "-m", "slowrun", "ledger", "merge", str(there.path), str(here.path), "--x=1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "slowrun ledger: error: unrecognized arguments: --x=1"
 
 
 def test_a_tree_exported_by_git_archive_still_names_its_commit(tmp_path):
@@ -182,7 +186,7 @@ def test_a_tree_exported_by_git_archive_still_names_its_commit(tmp_path):
 
 
 def test_rerun_trains_a_line_again_and_compares(tmp_path, bpe_ds):
-    """`python -m slowrun.ledger rerun` (a CPU point trained again on a lent GPU) runs the line's
+    """`slowrun ledger rerun` (a CPU point trained again on a lent GPU) runs the line's
     own config: on this CPU the losses come out identical. Overrides that could change the
     result, an unknown key and another dataset are refused in one line before any training."""
     from slowrun.ledger import entry_from_result
@@ -198,7 +202,7 @@ def test_rerun_trains_a_line_again_and_compares(tmp_path, bpe_ds):
     key = led.entries[0]["key"]
 
     def rerun(*args):
-        return subprocess.run([sys.executable, "-m", "slowrun.ledger", "rerun", str(led.path), *args],
+        return subprocess.run([sys.executable, "-m", "slowrun", "ledger", "rerun", str(led.path), *args],
                               capture_output=True, text=True, env=env)
 
     r = rerun(key[:8], "--data", str(bpe_ds), "--run-dir", str(tmp_path / "again"), "--out", str(tmp_path / "cmp.json"),

@@ -1,6 +1,6 @@
 """The `slowrun` command line: a table of subcommands, each a thin layer over an importable function.
 
-This module holds the table, the commands on files (`prepare`, `data`) and the
+This module holds the table, the commands on files (`prepare`, `data`, `ledger`) and the
 one-line errors; the training-side commands are in `commands`. torch is imported only by the
 commands that run it, so `slowrun --help` is fast; importing this module does nothing.
 """
@@ -12,13 +12,16 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 from . import SlowrunError, __version__
 from .commands import Command, count
 from .commands import table as training_commands
 from .dataset import Dataset
+from .ledger import Ledger, LedgerError, rerun
 from .prepare import PrepareConfig, prepare
 from .sources import require_source
+from .storage import atomic_write_json
 from .tokenizer import parse_tokenizer_spec
 
 
@@ -96,6 +99,50 @@ def _run_data(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# ledger
+
+
+def _add_ledger(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="ledger_cmd", required=True, metavar="{merge,rerun}")
+    m = sub.add_parser("merge", help="append a ledger brought back from another machine (only the lines DST lacks)",
+                       description="append a ledger brought back from another machine (only the lines DST lacks)")
+    m.add_argument("src", metavar="SRC", help="the ledger to read (JSON Lines)")
+    m.add_argument("dst", metavar="DST", help="the ledger to append to (created if absent)")
+    r = sub.add_parser("rerun", help="train one line's config again here and compare its losses with the line's",
+                       description="train one line's config again here and compare its losses with the line's; "
+                                   "--train.KEY=VALUE overrides may set only what cannot change the losses "
+                                   "(device, threads, logging)")
+    r.add_argument("ledger", metavar="LEDGER", help="the ledger (JSON Lines)")
+    r.add_argument("key", metavar="KEY", help="the line's config key, a unique prefix of it, or @N for line N")
+    r.add_argument("--data", required=True, help="the line's dataset, prepared here")
+    r.add_argument("--run-dir", required=True, help="where the rerun trains")
+    r.add_argument("--out", default=None, help="write the comparison as JSON here too")
+
+
+def _run_ledger(a: argparse.Namespace) -> int:
+    overrides = getattr(a, "overrides", []) or []
+    bad = [o for o in overrides if a.ledger_cmd == "merge" or not o.startswith("--") or "=" not in o]
+    if bad:
+        raise SlowrunError(f"unrecognized arguments: {' '.join(bad)}")
+    read = a.src if a.ledger_cmd == "merge" else a.ledger
+    if not Path(read).is_file():  # Ledger.open reads a missing file as empty: right for a destination only
+        raise LedgerError(f"{read}: no such ledger file")
+    if a.ledger_cmd == "merge":
+        src, dst = Ledger.open(a.src), Ledger.open(a.dst)
+        n = dst.merge(src)
+        print(f"merged {n} of {len(src.entries)} entries of {src.path} into {dst.path} ({len(dst.entries)} now)")
+        return 0
+    cmp = rerun(Ledger.open(a.ledger), a.key, a.data, a.run_dir, overrides)
+    print(f"{cmp['key']} ({a.ledger}:{cmp['line']}): {cmp['ledger_device']} -> {cmp['device']}")
+    for v, splits in cmp["variants"].items():
+        print(f"  {v:<12}" + "  ".join(f"{k} {d['ledger']:.4f} -> {d['here']:.4f} ({d['diff']:+.4f})"
+                                       for k, d in splits.items()))
+    if a.out:
+        atomic_write_json(a.out, cmp)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
 # the table
 
 
@@ -104,6 +151,8 @@ def _commands() -> list[Command]:
         Command("prepare", "tokenize a source into a fixed, hashed dataset (the token budget)", _add_prepare, _run_prepare),
         Command("data", "inspect prepared datasets (data info DIR)", _add_data, _run_data),
         *training_commands(),
+        Command("ledger", "the results ledger: merge one brought back from another machine, or rerun one of its lines here",
+                _add_ledger, _run_ledger, passthrough=True),
     ]
 
 

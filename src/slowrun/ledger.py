@@ -22,11 +22,11 @@ guessed at.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -225,42 +225,6 @@ def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str
             "device": here["device"], "ledger_wall_s": entry["wall_s"], "wall_s": here["wall_s"], "variants": rows}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """python -m slowrun.ledger merge SRC DST | rerun LEDGER KEY --data DIR --run-dir DIR [--out F] [overrides]"""
-    ap = argparse.ArgumentParser(prog="python -m slowrun.ledger")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("merge", help="append a ledger brought back from another machine (only lines DST lacks)")
-    m.add_argument("src")
-    m.add_argument("dst")
-    r = sub.add_parser("rerun", help="train one line's config again here and compare its losses with the line's")
-    r.add_argument("ledger")
-    r.add_argument("key", help="the line's config key, a unique prefix of it, or @N for line N")
-    r.add_argument("--data", required=True, help="the line's dataset, prepared here")
-    r.add_argument("--run-dir", required=True)
-    r.add_argument("--out", help="write the comparison as JSON here too")
-    a, overrides = ap.parse_known_args(argv)
-    bad = [o for o in overrides if a.cmd == "merge" or not o.startswith("--") or "=" not in o]
-    if bad:
-        ap.error(f"unrecognized arguments: {' '.join(bad)}")
-    try:
-        read = a.src if a.cmd == "merge" else a.ledger
-        if not Path(read).is_file():  # Ledger.open reads a missing file as empty: right for a destination only
-            raise LedgerError(f"{read}: no such ledger file")
-        if a.cmd == "merge":
-            src, dst = Ledger.open(a.src), Ledger.open(a.dst)
-            n = dst.merge(src)
-            print(f"merged {n} of {len(src.entries)} entries of {src.path} into {dst.path} ({len(dst.entries)} now)")
-            return
-        cmp = rerun(Ledger.open(a.ledger), a.key, a.data, a.run_dir, overrides)
-        print(f"{cmp['key']} ({a.ledger}:{cmp['line']}): {cmp['ledger_device']} -> {cmp['device']}")
-        for v, splits in cmp["variants"].items():
-            print(f"  {v:<12}" + "  ".join(f"{k} {d['ledger']:.4f} -> {d['here']:.4f} ({d['diff']:+.4f})"
-                                           for k, d in splits.items()))
-        if a.out:
-            Path(a.out).write_text(json.dumps(cmp, indent=2) + "\n", encoding="utf-8")
-    except (SlowrunError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m slowrun.ledger merge|rerun ...`, the older spelling of `slowrun ledger`: run that
+    sys.argv.insert(1, "ledger")
+    runpy.run_module("slowrun", run_name="__main__", alter_sys=True)
