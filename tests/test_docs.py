@@ -128,3 +128,17 @@ def test_every_relative_link_in_the_docs_points_to_a_file():
                 broken.append(f"{path.relative_to(ROOT)}: {target}")
     assert not broken, "links to no file:\n" + "\n".join(broken)
     assert LINK.findall("see [the data](docs/data.md) and ![a plot](../p.png \"title\")") == ["docs/data.md", "../p.png"]
+
+
+def test_the_readmes_module_map_is_the_layers_the_layer_test_enforces():
+    """README.md's "Modules by layer" table names, layer by layer, the modules of
+    tests/test_layers.py's LAYERS (the map the import check uses), in the same order."""
+    from tests.test_layers import LAYERS
+
+    text = Path("README.md").read_text()
+    table = text[text.index("| layer | modules |"):].split("\n\n")[0].splitlines()[2:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table]
+    readme = [{m.strip(" `") for m in mods.split(",")} for _, mods in rows]
+    assert len(rows) == len(LAYERS)
+    for (name, mods), (layer, got) in zip(LAYERS, zip([r[0] for r in rows], readme)):
+        assert got == mods - {"__init__", "__main__"}, (name, layer, sorted(got ^ (mods - {"__init__", "__main__"})))
