@@ -312,3 +312,22 @@ def test_sigint_stops_a_torchrun_job_and_its_ranks(tmp_path, bpe_ds):
     for rank in (0, 1):
         assert (tmp_path / "ens" / "member_0" / f"stopped{rank}").read_text() == str(int(signal.SIGINT))
     assert not any(_alive(pid) for pid in pids)  # the ranks and torchrun
+
+
+@pytest.mark.skipif(not os.access("/proc/self/autogroup", os.W_OK), reason="no writable autogroup (kernel option or permissions)")
+def test_a_job_keeps_the_runners_autogroup_nice_value():
+    """A job starts in a session of its own, which the kernel's autogroup scheduling makes a new
+    group at nice 0: a runner started at nice 19 then gave its jobs full weight against the
+    test suite beside it. The runner (here in a session of its own at autogroup nice 7) copies
+    its value to each job."""
+    script = (
+        "import os, subprocess, sys\n"
+        "from pathlib import Path\n"
+        "from slowrun.jobs import Children\n"
+        "Path('/proc/self/autogroup').write_text('7')\n"
+        "p = Children().start([sys.executable, '-c', 'import time; time.sleep(2)'], None)\n"
+        "print(Path(f'/proc/{p.pid}/autogroup').read_text().split()[-1])\n"
+        "p.kill()\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "7"
