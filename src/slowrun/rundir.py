@@ -41,42 +41,32 @@ MEMBER_SNAPSHOTS = {"swa_probs": "swa/cycle_*.safetensors", "snapshot_probs": "s
                     "epochs_probs": "epochs/epoch_*.safetensors", "epochs_probs_recency": "epochs/epoch_*.safetensors"}
 
 
+class _File:
+    """A RunDir attribute: the path of one of the run directory's fixed names."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, run: "RunDir | None", owner: type):
+        return self if run is None else run.path / self.name
+
+
 class RunDir:
     """The paths of one run directory (nothing is read or created): `RunDir(d).result`, ..."""
+
+    config = _File(CONFIG)
+    log = _File(LOG)
+    metrics = _File(METRICS)
+    checkpoints = _File(CHECKPOINTS)
+    result = _File(RESULT)
+    lock = _File(LOCK)
+    tensorboard = _File(TENSORBOARD)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def log(self) -> Path:
-        return self.path / LOG
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / CHECKPOINTS
-
-    @property
-    def result(self) -> Path:
-        return self.path / RESULT
-
-    @property
-    def lock(self) -> Path:
-        return self.path / LOCK
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / TENSORBOARD
 
     def finished(self) -> bool:
         """The run (or ensemble) wrote its result.json."""
