@@ -211,7 +211,7 @@ class ShardedStep:
         # every gradient at its end (all sent, ~0% left); blocks compiled apart hand them over block
         # by block (train.compile_scope)
         end = time.perf_counter()
-        self.overlapped = len(self.works)
+        self.overlapped = len(self.sent_at)
         span = max(end - self.armed_at, 1e-9)
         self.overlap_left = sum((end - t) / span for t in self.sent_at.values()) / max(len(self.sent_at), 1)
         for k in range(len(self.buckets)):

@@ -32,18 +32,18 @@ from .averaging import EMA
 from .checkpoint import (Checkpoint, latest_good_checkpoint, list_checkpoints, load_model, save_checkpoint, save_weights,
                          sidecar)
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, section_defaults, tomllib
+from .curriculum import document_scores
 from .dataset import Dataset, require_comparable
 from .evaluate import autocast, evaluate, split_tokens
+from .final_eval import final_evaluation, result_table
 from .gpt import GPT, loop_active_at, stoch_depth_scales, window_stage_of
-from .losses import DistillTarget
-from .curriculum import document_scores
 from .loader import TrainLoader
+from .losses import DistillTarget
 from .optim import Optimizers, build_optimizers, store_bf16
 from .prepare import DEFAULT_DATA, default_dataset
 from .results import ResultError, read_result
 from .rundir import CONFIG, LOCK, START_FILES, RunDir
 from .runlog import RunLogger, StepTimer, environment, fmt_time, require_backends
-from .final_eval import final_evaluation, result_table
 from .schedules import Schedule
 from .steps import seqs_per_step, step_plan
 from .storage import atomic_write_json, atomic_write_text, exclusive_lock
