@@ -406,8 +406,12 @@ class GPT(nn.Module):
             attn.masks = self.attn_masks
         self.init_weights()
 
+    def all_blocks(self) -> list[Block]:
+        """The trunk's blocks, then the MTP block if there is one (index n_layer)."""
+        return [*self.blocks, *([self.mtp_block] if self.mtp_block is not None else [])]
+
     def attentions(self) -> list[Attention]:
-        return [b.attn for b in self.blocks] + ([self.mtp_block.attn] if self.mtp_block is not None else [])
+        return [b.attn for b in self.all_blocks()]
 
     def compile_blocks(self, backend: str = "inductor") -> None:
         """torch.compile each block apart for training (train.compile_scope = blocks); the rest
@@ -425,8 +429,7 @@ class GPT(nn.Module):
         stages = max(1, len(window_stages(self.cfg)))
         calls = len(self.block_order(True)) + 1
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, stages * calls)
-        blocks = [*self.blocks, *([self.mtp_block] if self.mtp_block is not None else [])]
-        self.compiled_blocks = [torch.compile(b, backend=backend, dynamic=False) for b in blocks]
+        self.compiled_blocks = [torch.compile(b, backend=backend, dynamic=False) for b in self.all_blocks()]
 
     def _block(self, i: int):
         """Block i (n_layer: the MTP block), or its compiled form in a training forward with
@@ -465,7 +468,7 @@ class GPT(nn.Module):
         scale = None if factor == 1.0 else factor / math.sqrt(cfg.n_embd // cfg.n_head)
         for i, block in enumerate(self.blocks):
             block.attn.window = layer_window(cfg, i, short, long)
-        for block in [*self.blocks, *([self.mtp_block] if self.mtp_block is not None else [])]:
+        for block in self.all_blocks():
             block.attn.attn_scale = scale
         if cfg.pos == "rope":
             cos, sin = rotary_from(cfg.seq_len * self.rope_stride, inv_freq)
