@@ -24,7 +24,6 @@ no paths but the results' own). `benchmarks/summary.py --ledger` and `--ablation
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import fields
@@ -34,6 +33,7 @@ from typing import Any, Iterator
 import tomli_w
 
 from . import SlowrunError
+from .storage import read_json
 
 LEDGER = "benchmarks/results/ledger.jsonl"
 DOCS = ("README.md", "docs/*.md")
@@ -42,8 +42,9 @@ START = re.compile(r"^<!-- generated: (?P<name>.+?) \(python -m slowrun\.docgen\
 END = "<!-- end generated -->"
 
 
-class DocgenError(SlowrunError):
-    """A generated region that cannot be made: an unknown kind, a missing end marker, a missing file."""
+class DocgenError(SlowrunError, ValueError):
+    """A generated region that cannot be made: an unknown kind, a missing end marker, a missing or
+    malformed results file (a ValueError too, which benchmarks/summary.py prints in one line)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,12 +158,9 @@ def ablation_table(path: str | Path) -> str:
     from .ablate import FORMAT, pm
     from .efficiency import describe_efficiency as eff
 
-    try:
-        ab = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+    ab = read_json(path, DocgenError)
     if not isinstance(ab, dict) or ab.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an ablation.json of `slowrun ablate`")
+        raise DocgenError(f"{path}: not an ablation.json of `slowrun ablate`")
 
     out = []
     if "recipe" in ab:
