@@ -337,3 +337,33 @@ def test_step_time_is_the_trainers_median(bpe_ds):
     assert 0 < t < 60
     with pytest.raises(AblateError, match="timing a step of smoke"):
         step_time("smoke", str(bpe_ds), {"model.no_such_key": 1}, "fp32", 1)
+
+
+def test_a_recipe_swap_trains_the_other_recipe_at_its_own_length(bpe_ds, tmp_path, monkeypatch):
+    """`recipe=OTHER` in a swap: its runs are OTHER's config (with the swap's and the fixed
+    overrides), not timed by --equal-time (its length is its own), and in the ledger under
+    OTHER; a rerun finds them there."""
+    other = tmp_path / "wider.toml"
+    other.write_text('extends = "smoke"\n[model]\nn_embd = 48\n[optim]\nweight_decay = 0.0\n')
+    timed = []
+    monkeypatch.setattr("slowrun.ablate.step_time", lambda r, d, over, dtype, th: timed.append(r) or 0.1)
+    cfg = AblateConfig("smoke", str(bpe_ds), str(tmp_path / "ab"), seeds=2, only=["none"], fixed={"train.max_steps": 2},
+                       progress=False, ledger=str(tmp_path / "ledger.jsonl"), equal_time=True,
+                       variants={"wider": {"recipe": str(other), "optim.lr": 0.02}})
+    ab = ablate(cfg)
+    assert timed == []  # nothing to time: the only swap is a recipe of its own length
+    swap = ab["variants"][0]
+    assert swap["technique"] == "wider" and swap["swap"] and swap["seeds"] == 2 and swap["off"]["recipe"] == str(other)
+    for d in swap["run_dirs"]:
+        c = json.loads((Path(d) / "result.json").read_text())["config"]
+        assert (c["model"]["n_embd"], c["optim"]["weight_decay"], c["optim"]["lr"], c["train"]["max_steps"]) == (48, 0.0, 0.02, 2)
+        assert Path(d).name.startswith("wider_")
+    for d in ab["full"]["run_dirs"]:
+        assert json.loads((Path(d) / "result.json").read_text())["config"]["model"]["n_embd"] == 32
+    lines = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert sorted(x["tag"]["recipe"] for x in lines) == [str(other)] * 2 + ["smoke"] * 2
+    again = ablate(dataclasses.replace(cfg, out=str(tmp_path / "elsewhere")))  # from the ledger: no run trained
+    assert again["variants"][0]["test_losses"] == swap["test_losses"]
+    assert not list((tmp_path / "elsewhere" / "runs").rglob("result.json"))
+    with pytest.raises(Exception, match="unknown recipe 'nosuch'"):
+        ablate(dataclasses.replace(cfg, variants={"x": {"recipe": "nosuch"}}))

@@ -92,3 +92,37 @@ def test_attention_options_are_validated():
             build_config("slowrun", {key: value})
     cfg = build_config("slowrun", {"model.window_pattern": "SSSL", "model.xsa": "learnable", "model.iha": True})
     assert (cfg.model.short_window, cfg.model.xsa_layers, cfg.model.iha_pseudo, cfg.optim.iha_lr) == (-1, -1, 1, 0.02)
+
+
+def test_a_recipe_that_extends_another_is_its_values_with_its_own_over_them(tmp_path):
+    (tmp_path / "small.toml").write_text('extends = "limited"\n[model]\nn_layer = 4\nn_embd = 128\n[train]\nmax_steps = 7\n')
+    (tmp_path / "smaller.toml").write_text('extends = "small.toml"\n[model]\nn_embd = 64\nn_head = 2\n')  # relative to its own file
+    limited = load_recipe("limited")
+    small = load_recipe(str(tmp_path / "small.toml"))
+    smaller = load_recipe(str(tmp_path / "smaller.toml"))
+    assert (small["model"]["n_layer"], small["model"]["n_embd"], small["train"]["max_steps"]) == (4, 128, 7)
+    assert (smaller["model"]["n_layer"], smaller["model"]["n_embd"], smaller["train"]["max_steps"]) == (4, 64, 7)
+    # everything else is the parent's, key by key within each section
+    for sec in limited:
+        for k, v in limited[sec].items():
+            if (sec, k) not in {("model", "n_layer"), ("model", "n_embd"), ("model", "n_head"), ("train", "max_steps")}:
+                assert smaller[sec][k] == v, (sec, k)
+    assert "extends" not in smaller
+    built = build_config(str(tmp_path / "smaller.toml"), {"model.loop_start": 1, "model.loop_end": 2})
+    assert (built.model.window_pattern, built.model.n_embd, built.optim.weight_decay) == ("SSSL", 64, 1.3)
+
+
+def test_extends_errors_name_the_recipe(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match="extends itself in a loop"):
+        load_recipe(str(tmp_path / "a.toml"))
+    (tmp_path / "c.toml").write_text('extends = "nosuch"\n')
+    with pytest.raises(ConfigError, match="unknown recipe 'nosuch'"):
+        load_recipe(str(tmp_path / "c.toml"))
+    (tmp_path / "d.toml").write_text('extends = 3\n')
+    with pytest.raises(ConfigError, match="extends = 3"):
+        load_recipe(str(tmp_path / "d.toml"))
+    (tmp_path / "e.toml").write_text('extends = "limited"\nepochs = 3\n')
+    with pytest.raises(ConfigError, match="outside a section"):
+        load_recipe(str(tmp_path / "e.toml"))

@@ -14,9 +14,12 @@ data efficiency on a baseline curve if one is given, and wall time. Written as
 
 Swaps (`variants`, `--variant NAME:key=value,...`) sit in the same table: the recipe with
 something changed rather than removed (another matrix optimizer, a curriculum), over the
-same seeds, with the one-sided Welch p of "the swap lowers the test loss" (`p_better`).
-With `equal_time` (`--equal-time`) each swap trains for the full recipe's wall time rather
-than its steps: the trainer's step times of the full recipe and of the swap are measured
+same seeds, with the one-sided Welch p of "the swap lowers the test loss" (`p_better`). A
+swap's `recipe=OTHER` trains another recipe instead (with the swap's other overrides and the
+fixed ones): a whole recipe against this one, e.g. a reference track's recipe at this scale.
+With `equal_time` (`--equal-time`) each swap (but a recipe swap, which is sized to its own
+length: its schedule may count epochs) trains for the full recipe's wall time rather than its
+steps: the trainer's step times of the full recipe and of the swap are measured
 (`slowrun.speed`, each in its own process, median of a few steps), round-robin beside each
 other so that both see the same load, and the swap's `train.epochs` (or `train.max_steps`,
 when the runs set it) is scaled by their ratio (a swap that changes the steps an epoch takes,
@@ -64,6 +67,8 @@ ORDER_KEYS = ("data.curriculum", "data.curriculum_score", "data.curriculum_block
 # keys that change how many steps an epoch takes: a swap of these at equal time scales its epochs by
 # wall time per epoch (step time x steps per epoch), not by step time alone
 EPOCH_KEYS = ("train.batch_tokens", "model.seq_len", "data.fitness_tokens")
+# a swap's key that names another recipe to train (not a config key)
+RECIPE_KEY = "recipe"
 
 
 class AblateError(SlowrunError):
@@ -102,6 +107,16 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     if not sep or not name.strip() or not pairs or any("=" not in x for x in pairs):
         raise AblateError(f"--variant {text!r}: expected NAME:key=value[,key=value...]")
     return name.strip(), {k.strip(): parse_value(v.strip()) for k, v in (x.split("=", 1) for x in pairs)}
+
+
+def swap_recipe(cfg: AblateConfig, over: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(the recipe a swap trains, its config overrides): `recipe=OTHER` in a swap names another
+    recipe (a name or a .toml path); without it, the ablated recipe."""
+    rest = {k: v for k, v in over.items() if k != RECIPE_KEY}
+    recipe = over.get(RECIPE_KEY, cfg.recipe)
+    if not isinstance(recipe, str) or not recipe:
+        raise AblateError(f"--variant ...:recipe={recipe!r}: expected a recipe's name or path")
+    return recipe, rest
 
 
 def techniques_on(cfg: RunConfig, only: list[str] | None = None) -> list[Ablation]:
@@ -198,6 +213,8 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
 
     timed, keys = {}, {}
     for name, over in cfg.variants.items():
+        if RECIPE_KEY in over:  # another recipe, of its own length
+            continue
         if length_key in over:
             raise AblateError(f"--variant {name}: sets {length_key}, which --equal-time sets from the measured step times")
         if not all(k in ORDER_KEYS for k in over):  # a swap of the data order alone keeps the recipe's length untimed
@@ -258,12 +275,18 @@ def ablate(cfg: AblateConfig) -> dict:
     for name, over in cfg.variants.items():
         if name in {v[0] for v in variants}:
             raise AblateError(f"--variant {name}: the name of a technique or another variant")
-        build_config(cfg.recipe, {**cfg.fixed, **over, "data.path": cfg.data})  # a wrong key fails before any run
+        recipe, rest = swap_recipe(cfg, over)
+        build_config(recipe, {**cfg.fixed, **rest, "data.path": cfg.data})  # a wrong key fails before any run
     swap_overrides, times = equal_time_overrides(cfg, base) if cfg.equal_time else (cfg.variants, {})
     for name, over in swap_overrides.items():
         variants.append((name, "swap: " + ", ".join(f"{k}={v}" for k, v in over.items()), over))
     swaps = set(cfg.variants)
-    jobs = {name: [runs.job(1.0, {**off, "train.seed": s}, name) for s in range(cfg.seeds)] for name, _, off in variants}
+
+    def job(name: str, over: dict[str, Any], seed: int):
+        recipe, rest = swap_recipe(cfg, over)
+        return runs.job(1.0, {**rest, "train.seed": seed}, name, recipe)
+
+    jobs = {name: [job(name, off, s) for s in range(cfg.seeds)] for name, _, off in variants}
     print(f"ablate: {len(variants) - 1} technique(s) and swap(s) x {cfg.seeds} seed(s) + the full recipe = {len(runs.jobs)} runs "
           f"({len(runs.results)} already finished, {runs.from_ledger} of them found in the ledger) in {cfg.out}", flush=True)
     if cfg.train:

@@ -391,7 +391,8 @@ def _add_ablate(p: argparse.ArgumentParser) -> None:
                    "none: only the --variant swaps)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="a swap measured beside the ablations, e.g. soap:optim.matrix_optimizer=soap (repeatable); "
-                        "its p is that it lowers the test loss")
+                        "its p is that it lowers the test loss; recipe=OTHER trains another recipe (e.g. "
+                        "ref:recipe=limited_cpu), of its own length even with --equal-time")
     p.add_argument("--equal-time", action="store_true",
                    help="swaps train for the full recipe's wall time: their epochs scaled by measured step times")
     p.add_argument("--no-train", action="store_true",

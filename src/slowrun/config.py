@@ -518,22 +518,51 @@ def recipe_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("slowrun.recipes").iterdir() if p.name.endswith(".toml"))
 
 
-def load_recipe(name_or_path: str) -> dict[str, Any]:
-    """A recipe by name (shipped in `slowrun/recipes/`) or by path to a TOML file."""
+def _recipe_text(name_or_path: str, relative_to: Path | None = None) -> tuple[str, Path | None]:
+    """(a recipe's TOML text, its file when it is one): by path to a .toml file (relative to
+    `relative_to`, the folder of the recipe that extends it, where given) or by name among the
+    shipped ones."""
     path = Path(name_or_path)
+    if relative_to is not None and not path.is_absolute() and path.suffix == ".toml":
+        path = relative_to / path
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
-        text = path.read_text()
-    else:
-        res = resources.files("slowrun.recipes") / f"{name_or_path}.toml"
-        if not res.is_file():
-            raise ConfigError(f"unknown recipe '{name_or_path}' (shipped: {', '.join(recipe_names())}; or give a path to a .toml file)")
-        text = res.read_text()
+        return path.read_text(), path
+    res = resources.files("slowrun.recipes") / f"{name_or_path}.toml"
+    if not res.is_file():
+        raise ConfigError(f"unknown recipe '{name_or_path}' (shipped: {', '.join(recipe_names())}; or give a path to a .toml file)")
+    return res.read_text(), None
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A recipe by name (shipped in `slowrun/recipes/`) or by path to a TOML file. A recipe
+    whose first key is `extends = "OTHER"` (a shipped name, or a .toml path relative to its own
+    file) is OTHER's values with its own over them, key by key within each section: a scaled
+    copy of a recipe names only what it changes."""
+    return _load_recipe(name_or_path, None, ())
+
+
+def _load_recipe(name_or_path: str, relative_to: Path | None, chain: tuple[str, ...]) -> dict[str, Any]:
+    text, path = _recipe_text(name_or_path, relative_to)
+    me = str(path.resolve()) if path is not None else f"{name_or_path} (shipped)"
+    if me in chain:
+        raise ConfigError(f"recipe {chain[0]}: extends itself in a loop ({' -> '.join((*chain, me))})")
     try:
-        return tomllib.loads(text)
+        recipe = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"recipe {name_or_path}: invalid TOML: {e}") from None
+    parent = recipe.pop("extends", None)
+    if parent is None:
+        return recipe
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"recipe {name_or_path}: extends = {parent!r}: expected the name or path of another recipe")
+    base = _load_recipe(parent, path.parent if path is not None else None, (*chain, me))
+    for sec, values in recipe.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"recipe {name_or_path}: {sec} = {values!r} outside a section (only `extends` may be)")
+        base.setdefault(sec, {}).update(values)
+    return base
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -131,21 +131,24 @@ class Runs:
         self.failures: dict[Path, str] = {}
         self.from_ledger = 0
 
-    def job(self, budget: float, point: dict[str, Any], phase: str = "grid") -> TrainJob:
+    def job(self, budget: float, point: dict[str, Any], phase: str = "grid", recipe: str | None = None) -> TrainJob:
         """The job of a point at a budget (the same object when asked twice); `phase` says
-        which step of the tuning asked for it first (grid, expand, refine, seeds)."""
+        which step of the tuning asked for it first (grid, expand, refine, seeds); `recipe`, where
+        given, trains the point on another recipe than the sweep's (an ablation's recipe swap)."""
+        recipe = recipe or self.cfg.recipe
         for j in self.jobs:
-            if j.tag["budget"] == budget and j.tag["point"] == point:
+            if j.tag["budget"] == budget and j.tag["point"] == point and j.recipe == recipe:
                 return j
         ds = self.datasets[budget]
         overrides = {**self.cfg.fixed, **point}
-        planned = build_config(self.cfg.recipe, {**overrides, "data.path": str(ds.path)})  # validates every key
+        planned = build_config(recipe, {**overrides, "data.path": str(ds.path)})  # validates every key
         resolved = resolve(planned, ds)  # as the run will record it (vocabulary from the dataset)
         # names the run directory: the config as the ledger keys it (defaults left out), so that a config
         # field added later does not move a run in flight away from its checkpoints
         full = {"config": config_key(config_to_dict(planned)), "dataset": ds.manifest["files"]}
-        run_dir = Path(self.cfg.out) / "runs" / budget_name(budget) / point_id(point, full)
-        job = TrainJob(run_dir, self.cfg.recipe, ds.path, overrides,
+        name = point_id(point, full) if recipe == self.cfg.recipe else f"{Path(recipe).stem}_{point_id(point, full)}"
+        run_dir = Path(self.cfg.out) / "runs" / budget_name(budget) / name
+        job = TrainJob(run_dir, recipe, ds.path, overrides,
                        {"budget": budget, "point": point, "phase": phase, "key": config_key(config_to_dict(resolved)),
                         "dataset": dataset_identity(ds.manifest)})
         self.jobs.append(job)
@@ -166,7 +169,7 @@ class Runs:
         if result["dataset"].get("train") is None:  # written before results carried the train hash: the run
             result["dataset"]["train"] = job.tag["dataset"]["train"]  # directory's name pins this job's dataset
         entry = entry_from_result(result, {"budget": job.tag["budget"], "point": job.tag["point"],
-                                           "recipe": self.cfg.recipe, "sweep": self.cfg.name})
+                                           "recipe": job.recipe, "sweep": self.cfg.name})
         if entry["key"] != job.tag["key"] or entry["dataset"] != job.tag["dataset"]:
             raise SweepError(f"{job.run_dir}: its result.json is of another config or dataset than the sweep plans")
         if self.ledger is not None:
