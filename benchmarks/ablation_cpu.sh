@@ -16,11 +16,15 @@
 #    choose; the full recipe's runs are the leave-one-out's tied ones, found in the ledger);
 #  - both: the tied recipe without the two that looked harmful tied too (the SWA cycles and the RMSNorm
 #    after the lookup), against it with each put back and with both (the tied part's runs): a 2x2 of
-#    which only the full recipe's 3 runs are new.
+#    which only the full recipe's 3 runs are new;
+#  - ref: the reference tracks' own recipes at this scale (limited_cpu, tiny_cpu: each sized to the
+#    slowrun recipe's wall time in its file) against the recipe as it is, and the techniques of theirs
+#    (and of the nanochat_ref baseline: value embeddings, SSSL windows) that ours lacks, each added to it
+#    alone at its wall time.
 # Each over 3 seeds. The CPU track's settings: builtin data, bpe:8192, 262,144 training tokens,
 # periodic evals on 32k val tokens.
 #
-#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo, tied or both: one); JOBS=2 THREADS=1
+#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo, tied, both or ref: one); JOBS=2 THREADS=1
 #   ONLY=muon,swa PART=loo bash benchmarks/ablation_cpu.sh   # some techniques only
 #   NO_TRAIN=1 bash benchmarks/ablation_cpu.sh      # the tables of the runs finished so far, nothing trained
 #
@@ -44,19 +48,23 @@ JOBS="${JOBS:-2}"
 THREADS="${THREADS:-1}"
 PART="${PART:-all}"
 ONLY="${ONLY:-}"  # the leave-one-out parts' techniques, e.g. "muon,swa" (tied: embed_norm,swa when empty)
-case "$PART" in all|swaps|steps|loo|tied|both) ;; *) echo "PART: all, swaps, steps, loo, tied or both, got '$PART'" >&2; exit 2;; esac
+case "$PART" in all|swaps|steps|loo|tied|both|ref) ;; *) echo "PART: all, swaps, steps, loo, tied, both or ref, got '$PART'" >&2; exit 2;; esac
 if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
 LEDGER=benchmarks/results/ablation_ledger.jsonl
 # shellcheck source=benchmarks/out_copies.sh
 . benchmarks/out_copies.sh
 keep_copies "$LEDGER" benchmarks/results/ablation_cpu_swaps.json benchmarks/results/ablation_cpu_steps.json \
-  benchmarks/results/ablation_cpu.json benchmarks/results/ablation_cpu_tied.json benchmarks/results/ablation_cpu_both.json
+  benchmarks/results/ablation_cpu.json benchmarks/results/ablation_cpu_tied.json benchmarks/results/ablation_cpu_both.json \
+  benchmarks/results/ablation_cpu_ref.json
 DATA=benchmarks/work/cpu-track/data/1x
 [ -f "$DATA/manifest.json" ] || "${SLOWRUN[@]}" prepare --source builtin --tokenizer bpe:8192 --train-tokens 262144 \
   --val-tokens 131072 --test-tokens 131072 --out "$DATA" --no-progress
-# every variant placed on the track's nanochat curve once it is committed (the table only: no run changes)
+# every variant placed on the track's baseline curve once it is committed (the table only: no run changes):
+# nanochat_ref's, else the earlier nanochat one
 CURVE=()
-[ -f benchmarks/results/curves/cpu_nanochat.json ] && CURVE=(--curve benchmarks/results/curves/cpu_nanochat.json)
+for c in benchmarks/results/curves/cpu_nanochat_ref.json benchmarks/results/curves/cpu_nanochat.json; do
+  if [ -f "$c" ]; then CURVE=(--curve "$c"); break; fi
+done
 # every part measures the recipe as it was when that part began, so that its runs keep their configs
 # as the recipe changes: with 2 SWA cycles (the leave-one-out and `tied` found them harmful; the recipe has
 # none since), and but for `tied` and `both` with untied embeddings (the leave-one-out found tying better)
@@ -122,6 +130,20 @@ if wants both; then
     "${RECIPE[@]}" --set optim.swa_epochs=0 --set model.embed_norm=false --only none \
     --variant embed_norm:model.embed_norm=true --variant swa:optim.swa_epochs=2 \
     --variant both:model.embed_norm=true,optim.swa_epochs=2
+fi
+if wants ref; then
+  # the loop: the first decoder block three times from the 5th of 8 epochs (the 1-hour track loops the first
+  # six of its decoder's 15 blocks from the 7th of 11 epochs); the windows: half the context, the last block full
+  run_part ablation-cpu-ref ablation_cpu_ref "CPU track: the reference's recipes at this scale, and their techniques added to ours" \
+    "${RECIPE[@]}" --only none \
+    --variant limited_cpu:recipe=limited_cpu --variant tiny_cpu:recipe=tiny_cpu \
+    --variant xsa:model.xsa=tanh --variant iha:model.iha=true \
+    --variant windows:model.window_pattern=SSSL,model.short_window=128 \
+    --variant mtp:model.mtp_weight=0.3,model.mtp_style=reference \
+    --variant loop:model.loop_start=2,model.loop_end=2,model.loop_repeats=3,model.loop_from_epoch=4,model.loop_skips=every \
+    --variant stoch_depth:model.stoch_depth=0.05,model.stoch_depth_per_call=true,model.stoch_depth_rescale=false \
+    --variant value_embed:model.value_embed=true \
+    --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json
 fi
 exit
 }

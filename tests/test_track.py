@@ -112,6 +112,35 @@ def test_track_pipeline_end_to_end(tmp_path):
     (tmp_path / "curves" / "cpu_nanochat.json").write_text(json.dumps(around))
     placed = run_track(t, tmp_path / "fresh-work", out, tmp_path / "report", parts=(), jobs=2, threads=1)
     assert placed["single"]["efficiency"] == pytest.approx(1.5) and not placed["single"]["efficiency_extrapolated"]
+    # a fresh clone asked for the entries: each is in the committed results under its key, so none is trained
+    kept = run_track(t, tmp_path / "clone-work", out, tmp_path / "report", parts=("single", "ensemble", "distill"))
+    assert not (tmp_path / "clone-work" / "ensemble").exists() and not (tmp_path / "clone-work" / "distill").exists()
+    assert [kept[k]["test_loss"] for k in ("single", "ensemble", "distill")] == [res[k]["test_loss"] for k in
+                                                                                ("single", "ensemble", "distill")]
+    # a single entry whose run another ledger beside the results holds (an ablation's run of the same config)
+    # is read from it: not trained, and the summary says which line
+    from slowrun.ledger import entry_from_result
+    from slowrun.results import read_result
+
+    other = tmp_path / "other"
+    (other / "curves").mkdir(parents=True)
+    (other / "curves" / "cpu_nanochat.json").write_text(json.dumps(around))
+    line = entry_from_result(read_result(saved["single"]["run_dir"]), {"sweep": "ablate-smoke"})
+    (other / "ablation_ledger.jsonl").write_text(json.dumps(line) + "\n")
+    read = run_track(t, tmp_path / "other-work", other / "cpu_track.json", other / "report", parts=("single",))
+    assert read["single"]["test_loss"] == res["single"]["test_loss"] and not (tmp_path / "other-work" / "single").exists()
+    assert read["single"]["ledger"] == f"{other / 'ablation_ledger.jsonl'}:1"
+    # a single entry in no ledger is trained and appended to the track's ledger, where the next machine finds it
+    import dataclasses
+
+    t5 = dataclasses.replace(t, single=Entry("smoke", {"train.max_steps": 5, "eval.max_tokens": 512}))
+    trained = run_track(t5, tmp_path / "other-work", other / "cpu_track.json", other / "report", parts=("single",))
+    assert "ledger" not in trained["single"] and (tmp_path / "other-work" / "single").is_dir()
+    assert [json.loads(x)["steps"] for x in (other / "ledger.jsonl").read_text().splitlines()] == [5]
+    (other / "cpu_track.json").unlink()  # no stored entry: only the ledger can answer
+    again5 = run_track(t5, tmp_path / "other-work-2", other / "cpu_track.json", other / "report", parts=("single",))
+    assert again5["single"]["test_loss"] == trained["single"]["test_loss"] and again5["single"]["ledger"].endswith("ledger.jsonl:1")
+    assert not (tmp_path / "other-work-2" / "single").exists()
 
 
 def test_an_entry_outlives_a_config_field_added_later(bpe_ds, tmp_path, monkeypatch):

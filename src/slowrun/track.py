@@ -45,7 +45,7 @@ from .config import build_config, config_to_dict
 from .dataset import Dataset
 from .efficiency import Curve, curve_fit, describe_efficiency, efficiency_on
 from .formats import CURVE, read_checked
-from .ledger import config_key
+from .ledger import Ledger, config_key, dataset_identity, entry_from_result
 from .prepare import PrepareConfig, prepare
 from .results import chosen, is_ensemble, read_result
 from .rundir import RunDir
@@ -67,11 +67,13 @@ class Entry:
     limit_s: int = 1800  # the track's wall-time allowance for this kind of entry
 
 
-# the entries as they were trained (2026-11-26): batch 4,096, untied embeddings and 2 SWA cycles, which the
-# recipe has changed since (batch 2,048, tied, no SWA: each won at the CPU track's 1x, README); dropped when
-# they are trained again
-ENTRY_OVERRIDES = {"eval.max_tokens": 32768, "train.batch_tokens": 4096, "model.tie_embeddings": False,
-                   "optim.swa_epochs": 2}
+# the entries are the slowrun recipe as it is, with periodic evaluations on 32k val tokens (the final one
+# reads the whole split), as the ablations' runs: the single entry is then the config of their full
+# recipe's seed 0, read from the ablation ledger rather than trained again (ENTRY_LEDGERS)
+ENTRY_OVERRIDES = {"eval.max_tokens": 32768}
+# the committed ledgers (beside the results file) a single-model entry's run is looked up in before it
+# is trained: the track's own, then the ablations'
+ENTRY_LEDGERS = ("ledger.jsonl", "ablation_ledger.jsonl")
 # (optim.lr_scale, train.batch_tokens) that won each curve recipe's 1x tuning grid (dev/LOG.md), held
 # fixed at 2x-16x; a recipe not in it is measured at 1x only, until its winner is written here
 # nanochat_ref (2026-12-07): lr 2, batch 2,048 at depth 6, inside on every axis (depth 7, lr 1 and 4, batch
@@ -122,9 +124,6 @@ class TrackDef:
     curve_seeds: int = 2
     # the GPT-2-style curve of 2026-11-26 (committed data; its runs are not redone)
     gpt2_curve: str = "benchmarks/results/curves/cpu_gpt2.json"
-    # Periodic evals on 32k val tokens only (the final eval always reads the whole split).
-    # Batch 4096, not the recipe's 2048: the 2048 result (-0.11 test loss at 1x, one seed, ~1.4x the
-    # time per token) came in after these entries had been trained; see dev/LOG.md.
     single: Entry = field(default_factory=lambda: Entry("slowrun", dict(ENTRY_OVERRIDES), limit_s=1800))
 
     def __post_init__(self) -> None:
@@ -218,23 +217,51 @@ def _entry_dir(work: Path, kind: str, e: Entry, data: Dataset) -> Path:
     return work / kind / f"{Path(e.recipe).stem}-{_hash(key)}"
 
 
+def entry_key(kind: str, e: Entry, data: Dataset) -> str:
+    """An entry's identity (its run directory's suffix): the entry, its resolved config as the
+    ledger keys it and the dataset's files. A stored entry of the same key is not trained again."""
+    return _entry_dir(Path("."), kind, e, data).name.rsplit("-", 1)[1]
+
+
+def _single_in_ledgers(e: Entry, data: Dataset, ledgers: list[Path]) -> tuple[dict, str] | None:
+    """(the ledger line, where it is) of a single-model entry's config on `data`, from the first
+    ledger that has it, or None."""
+    from .train import resolve  # imports torch
+
+    planned = build_config(e.recipe, {**e.overrides, "data.path": str(data.path)})
+    key = config_key(config_to_dict(resolve(planned, data)))
+    for path in ledgers:
+        hit = Ledger.open(path).find(key, dataset_identity(data.manifest)) if path.is_file() else None
+        if hit is not None:
+            return hit, f"{path}:{hit['_line']}"
+    return None
+
+
 def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads: int,
-              shared: Path | None = None) -> tuple[Path, dict]:
-    """Train (or reuse) an entry. A single-model entry whose recipe and overrides equal the
-    ensemble's is the ensemble's first member (`shared`): same config, same seed, one run.
-    Likewise a chain-distilled ensemble's first member has no teacher, so it is copied from
-    the plain ensemble's first member when that one is finished."""
+              shared: Path | None = None, ledgers: list[Path] | tuple[Path, ...] = ()) -> tuple[Path, dict]:
+    """Train (or reuse) an entry. A single-model entry is read from the first of `ledgers` that
+    holds its config's run (on any machine), else it is the ensemble's first member (`shared`)
+    when that has the same recipe and overrides (same config, same seed, one run), else trained
+    and appended to the first ledger. A chain-distilled ensemble's first member has no teacher,
+    so it is copied from the plain ensemble's first member when that one is finished."""
     from .ensemble import train_ensemble  # imports torch
     from .jobs import JobsFailed, TrainJob, run_jobs  # imports torch
 
     run_dir = _entry_dir(work, kind, e, data)
     if e.members == 1:
+        found = _single_in_ledgers(e, data, list(ledgers))
+        if found is not None:
+            line, where = found
+            print(f"{kind}: its run is in the ledger ({where}): not trained again", flush=True)
+            return Path(line.get("run_dir") or run_dir), {**line, "ledger": where}
         if shared is not None and RunDir(shared).finished():
             return shared, read_result(shared)
         job = TrainJob(run_dir, e.recipe, data.path, e.overrides)
         failures = run_jobs([job], 1, -1, desc=kind)
         if failures:
             raise JobsFailed(failures, f"the {kind} entry")
+        if ledgers:
+            Ledger.open(ledgers[0]).append(entry_from_result(job.result(), {"entry": kind, "recipe": e.recipe}))
         return run_dir, job.result()
     first = RunDir(run_dir).member(0)
     if e.distill and shared is not None and RunDir(shared).finished() and not first.exists():
@@ -266,6 +293,8 @@ def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict) -> dict:
            "limit_basis": "elapsed" if elapsed is not None else ("sum of member walls" if ensemble else "wall"),
            "tokens_per_s": result.get("tokens_per_s"), "peak_rss_mb": result.get("peak_rss_mb"),
            "tokens_seen": result.get("tokens_seen"), "resolved_recipe": result["config"]}
+    if "ledger" in result:  # read from a ledger line, not a run directory here
+        out["ledger"] = result["ledger"]
     if ensemble:
         out["per_k"] = result["per_k"]
         out["methods"] = result["methods"]
@@ -380,10 +409,14 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
     first_member = RunDir(_entry_dir(work, "ensemble", t.ensemble, data)).member(0)
     for kind, entry in (("ensemble", t.ensemble), ("single", t.single), ("distill", t.distill)):
         same = (entry.recipe, entry.overrides) == (t.ensemble.recipe, t.ensemble.overrides)
-        if kind in parts:
+        key = entry_key(kind, entry, data)
+        if kind in parts and results.get(kind, {}).get("entry_key") == key:
+            print(f"{kind}: entry {key} is in {out_path} already: not trained again", flush=True)
+        elif kind in parts:
             run_dir, res = run_entry(kind, entry, work, data, jobs, threads,
-                                     first_member if same and kind != "ensemble" else None)
-            results[kind] = summarize_entry(kind, entry, run_dir, res)
+                                     first_member if same and kind != "ensemble" else None,
+                                     [out_path.parent / name for name in ENTRY_LEDGERS])
+            results[kind] = {**summarize_entry(kind, entry, run_dir, res), "entry_key": key}
         if kind in results:  # trained now or earlier: placed on the current curves from its stored losses
             s = place_entry(results[kind], curve, second)
             second_eff = f", {describe_efficiency(s['efficiency_second'])} on {second.name}" if second else ""
