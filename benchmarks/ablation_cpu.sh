@@ -20,11 +20,14 @@
 #  - ref: the reference tracks' own recipes at this scale (limited_cpu, tiny_cpu: each sized to the
 #    slowrun recipe's wall time in its file) against the recipe as it is, and the techniques of theirs
 #    (and of the nanochat_ref baseline: value embeddings, SSSL windows) that ours lacks, each added to it
-#    alone at its wall time.
+#    alone at its wall time;
+#  - size: the recipe given the single entry's whole allowance. It takes ~11.5 of its 30 minutes on 2
+#    cores, so each swap takes ~2.35x its compute (step times at 1 thread, 2026-12-07: depth 5 1.63x,
+#    depth 6 2.33x, depth 8 5.43x depth 4's): depth 4 for 19 epochs, depth 5 for 12, depth 6 for 8.
 # Each over 3 seeds. The CPU track's settings: builtin data, bpe:8192, 262,144 training tokens,
 # periodic evals on 32k val tokens.
 #
-#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo, tied, both or ref: one); JOBS=2 THREADS=1
+#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo, tied, both, ref or size: one); JOBS=2 THREADS=1
 #   ONLY=muon,swa PART=loo bash benchmarks/ablation_cpu.sh   # some techniques only
 #   NO_TRAIN=1 bash benchmarks/ablation_cpu.sh      # the tables of the runs finished so far, nothing trained
 #
@@ -48,14 +51,14 @@ JOBS="${JOBS:-2}"
 THREADS="${THREADS:-1}"
 PART="${PART:-all}"
 ONLY="${ONLY:-}"  # the leave-one-out parts' techniques, e.g. "muon,swa" (tied: embed_norm,swa when empty)
-case "$PART" in all|swaps|steps|loo|tied|both|ref) ;; *) echo "PART: all, swaps, steps, loo, tied, both or ref, got '$PART'" >&2; exit 2;; esac
+case "$PART" in all|swaps|steps|loo|tied|both|ref|size) ;; *) echo "PART: all, swaps, steps, loo, tied, both, ref or size, got '$PART'" >&2; exit 2;; esac
 if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
 LEDGER=benchmarks/results/ablation_ledger.jsonl
 # shellcheck source=benchmarks/out_copies.sh
 . benchmarks/out_copies.sh
 keep_copies "$LEDGER" benchmarks/results/ablation_cpu_swaps.json benchmarks/results/ablation_cpu_steps.json \
   benchmarks/results/ablation_cpu.json benchmarks/results/ablation_cpu_tied.json benchmarks/results/ablation_cpu_both.json \
-  benchmarks/results/ablation_cpu_ref.json
+  benchmarks/results/ablation_cpu_ref.json benchmarks/results/ablation_cpu_size.json
 DATA=benchmarks/work/cpu-track/data/1x
 [ -f "$DATA/manifest.json" ] || "${SLOWRUN[@]}" prepare --source builtin --tokenizer bpe:8192 --train-tokens 262144 \
   --val-tokens 131072 --test-tokens 131072 --out "$DATA" --no-progress
@@ -144,6 +147,11 @@ if wants ref; then
     --variant stoch_depth:model.stoch_depth=0.05,model.stoch_depth_per_call=true,model.stoch_depth_rescale=false \
     --variant value_embed:model.value_embed=true \
     --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json
+fi
+if wants size; then
+  run_part ablation-cpu-size ablation_cpu_size "CPU track: the slowrun recipe given the single entry's 30 minutes" \
+    "${RECIPE[@]}" --only none \
+    --variant d4_e19:train.epochs=19 --variant d5_e12:model.depth=5,train.epochs=12 --variant d6_e8:model.depth=6
 fi
 exit
 }
