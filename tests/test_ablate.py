@@ -58,6 +58,8 @@ def test_ablate_smoke_two_techniques(bpe_ds, tmp_path, monkeypatch):
 
     want_p = stats.ttest_ind([t for t, _ in full], swap["test_losses"], equal_var=False, alternative="greater").pvalue
     assert swap["p_better"] == pytest.approx(want_p, rel=1e-9)
+    want_p_val = stats.ttest_ind([v for _, v in full], swap["val_losses"], equal_var=False, alternative="greater").pvalue
+    assert swap["p_better_val"] == pytest.approx(want_p_val, rel=1e-9)  # the track decides on val
     for v in saved["variants"][:2]:
         assert v["seeds"] == 2 and len(v["test_losses"]) == 2
         losses = [_test_loss(d) for d in v["run_dirs"]]
@@ -71,6 +73,8 @@ def test_ablate_smoke_two_techniques(bpe_ds, tmp_path, monkeypatch):
         assert v["delta_test"] == pytest.approx(want, abs=1e-12)
         assert v["delta_val"] == pytest.approx(statistics.fmean(x for _, x in losses) - statistics.fmean(x for _, x in full), abs=1e-12)
         assert 0.0 <= v["p_hurts"] <= 1.0
+        assert v["p_hurts_val"] == pytest.approx(stats.ttest_ind([x for _, x in losses], [x for _, x in full], equal_var=False,
+                                                                 alternative="greater").pvalue, rel=1e-9)
         assert v["wall_s"] > 0
     assert len((tmp_path / "ledger.jsonl").read_text().splitlines()) == 8
     # a rerun through the CLI trains nothing and prints the same table

@@ -83,17 +83,17 @@ def test_summary_of_an_ablation_is_its_json_row_by_row(tmp_path):
                 "test_std": 0.01, "val_mean": m + 0.02, "val_std": None, "wall_s": 90.0, "efficiency": None, **kw}
 
     ab = {"format": "slowrun-ablation/1", "runs": 6, "finished": 5, "full": rec("full", [5.0, 5.1]),
-          "variants": [rec("unet", [5.2, 5.3], off={"model.unet": False}, delta_test=0.2, p_hurts=0.04),
+          "variants": [rec("unet", [5.2, 5.3], off={"model.unet": False}, delta_test=0.2, p_hurts=0.04, p_hurts_val=0.07),
                        rec("soap", [5.0], off={"optim.matrix_optimizer": "soap", "train.epochs": 6.4}, swap=True,
                            delta_test=-0.05, p_better=None, efficiency=1.5, efficiency_extrapolated=False)]}
     (tmp_path / "ab.json").write_text(json.dumps(ab))
     r = summary("--ablation", str(tmp_path / "ab.json"))
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| technique")]
-    assert rows == ["| the recipe | - | 2 | 5.0000, 5.1000 | 5.0500 +- 0.0100 | - | - | 5.0700 | - | 1.5 |",
-                    "| unet | model.unet=False | 2 | 5.2000, 5.3000 | 5.2500 +- 0.0100 | +0.2000 | 0.040 | 5.2700 | - | 1.5 |",
+    assert rows == ["| the recipe | - | 2 | 5.0000, 5.1000 | 5.0500 +- 0.0100 | - | - | 5.0700 | - | - | 1.5 |",
+                    "| unet | model.unet=False | 2 | 5.2000, 5.3000 | 5.2500 +- 0.0100 | +0.2000 | 0.040 | 5.2700 | 0.070 | - | 1.5 |",
                     "| soap (swap) | optim.matrix_optimizer=soap, train.epochs=6.4 | 1 | 5.0000 | 5.0000 +- 0.0100 | -0.0500 | - | "
-                    "5.0200 | 1.50x | 1.5 |"]
+                    "5.0200 | - | 1.50x | 1.5 |"]
     assert "partial: 5 of 6 runs finished" in r.stdout
     (tmp_path / "other.json").write_text(json.dumps({"format": "other"}))
     r = summary("--ablation", str(tmp_path / "other.json"))

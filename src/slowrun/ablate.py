@@ -323,11 +323,14 @@ def ablate(cfg: AblateConfig) -> dict:
         for split in ("test", "val"):
             m, f = rec[f"{split}_mean"], full[f"{split}_mean"]
             rec[f"delta_{split}"] = m - f if m is not None and f is not None else None
+        # on test (the figure reported) and on val (what the track decides on)
         if rec["technique"] in swaps:
             rec["swap"] = True
             rec["p_better"] = welch_hurts(full["test_losses"], rec["test_losses"])
+            rec["p_better_val"] = welch_hurts(full["val_losses"], rec["val_losses"])
         else:
             rec["p_hurts"] = welch_hurts(rec["test_losses"], full["test_losses"])
+            rec["p_hurts_val"] = welch_hurts(rec["val_losses"], full["val_losses"])
     out = {
         "format": FORMAT, "recipe": cfg.recipe, "data": str(cfg.data), "dataset": runs.base.fingerprint, "seeds": cfg.seeds,
         "fixed": cfg.fixed, "curve": curve.name if curve is not None else None, "efficiency_metric": metric,
@@ -350,6 +353,12 @@ def pm(mean: float | None, std: float | None) -> str:
     return f"{mean:.4f}" + (f" +- {std:.4f}" if std is not None else "")
 
 
+def _p(rec: dict, split: str = "") -> float | None:
+    """A row's one-sided Welch p on test (`split` "") or val ("_val"): that a swap lowers the loss,
+    or that leaving a technique out raises it."""
+    return rec.get(("p_better" if rec.get("swap") else "p_hurts") + split)
+
+
 def _eff(rec: dict) -> str:
     eff = rec.get("efficiency")
     return "-" if eff is None else f"{eff:.2f}x" + ("~" if rec.get("efficiency_extrapolated") else "")
@@ -359,15 +368,15 @@ def describe(ab: dict) -> str:
     """The ablation as a table: one line per technique, the full recipe first."""
     recs = [ab["full"]] + ab["variants"]
     w = max(15, *(len(r["technique"]) for r in recs))
-    lines = [f"{'technique':<{w}} {'test loss without':>19} {'delta':>8} {'p':>8} {'val loss':>19} {'eff':>7} "
+    lines = [f"{'technique':<{w}} {'test loss without':>19} {'delta':>8} {'p':>8} {'val loss':>19} {'p val':>8} {'eff':>7} "
              f"{'wall':>7}  off / swap"]
     for rec in recs:
         delta = rec.get("delta_test")
-        p = rec.get("p_better") if rec.get("swap") else rec.get("p_hurts")
+        p, p_val = _p(rec), _p(rec, "_val")
         wall = rec.get("wall_s")
         lines.append(f"{rec['technique']:<{w}} {pm(rec['test_mean'], rec['test_std']):>19} "
                      f"{(f'{delta:+.4f}' if delta is not None else '-'):>8} {(f'{p:.3f}' if p is not None else '-'):>8} "
-                     f"{pm(rec['val_mean'], rec['val_std']):>19} {_eff(rec):>7} "
+                     f"{pm(rec['val_mean'], rec['val_std']):>19} {(f'{p_val:.3f}' if p_val is not None else '-'):>8} {_eff(rec):>7} "
                      f"{(f'{wall:.0f}s' if wall is not None else '-'):>7}  "
                      + (", ".join(f"{k}={v}" for k, v in rec["off"].items()) or "-")
                      + (f" [{len(rec['errors'])} failed: {rec['errors'][0]}]" if rec.get("errors") else ""))
@@ -375,7 +384,7 @@ def describe(ab: dict) -> str:
         lines.append(f"partial: {ab['finished']} of {ab['runs']} runs finished; means over the seeds that finished")
     lines.append(f"delta = mean test loss without the technique (or with the swap) - the full recipe's (> 0: the "
                  f"technique helps, the swap hurts); p = one-sided Welch p that removing a technique raises the test "
-                 f"loss, or that a swap lowers it; {ab['seeds']} seed(s) each"
+                 f"loss, or that a swap lowers it (p val: the same on the val losses); {ab['seeds']} seed(s) each"
                  + ("; swaps at the full recipe's wall time (run length scaled by measured step times)"
                     if ab.get("equal_time") else "")
                  + (f"; eff = data efficiency on {ab['curve']} (~: extrapolated on its power-law fit)" if ab.get("curve") else ""))

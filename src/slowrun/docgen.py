@@ -171,18 +171,19 @@ def ablation_table(path: str | Path) -> str:
                 + ("; swaps at the recipe's wall time" if ab.get("equal_time") else "")
                 + (f"; efficiency on the curve `{ab['curve']}`" if ab.get("curve") else "") + ".", ""]
     out += ["| technique left out, or swap | overrides | seeds | test loss by seed | test loss | delta | p | val loss | "
-            "efficiency | wall (min) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "p (val) | efficiency | wall (min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec in [ab["full"]] + ab["variants"]:
         name = ("the recipe" if rec is ab["full"] else f"{rec['technique']} (swap)" if rec.get("swap")
                 else rec["technique"] + (f": {rec['what']}" if rec.get("what") else ""))
         over = ", ".join(f"{k}={v}" for k, v in rec["off"].items()) or "-"
-        delta, p = rec.get("delta_test"), rec.get("p_better" if rec.get("swap") else "p_hurts")
+        delta = rec.get("delta_test")
+        p, p_val = (rec.get(("p_better" if rec.get("swap") else "p_hurts") + split) for split in ("", "_val"))
         e = eff(rec) if rec.get("efficiency") is not None else "-"
         wall = f"{rec['wall_s'] / 60:.1f}" if rec.get("wall_s") is not None else "-"
         by_seed = ", ".join(f"{x:.4f}" for x in rec.get("test_losses", [])) or "-"
         out.append(f"| {name} | {over} | {rec['seeds']} | {by_seed} | {pm(rec['test_mean'], rec['test_std'])} | "
                    f"{'-' if delta is None else f'{delta:+.4f}'} | {'-' if p is None else f'{p:.3f}'} | "
-                   f"{pm(rec['val_mean'], rec['val_std'])} | {e} | {wall} |")
+                   f"{pm(rec['val_mean'], rec['val_std'])} | {'-' if p_val is None else f'{p_val:.3f}'} | {e} | {wall} |")
     if ab.get("finished") != ab.get("runs"):
         out += ["", f"partial: {ab['finished']} of {ab['runs']} runs finished; means over the seeds that finished"]
     return "\n".join(out)
