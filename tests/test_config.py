@@ -118,7 +118,7 @@ def test_extends_errors_name_the_recipe(tmp_path):
     with pytest.raises(ConfigError, match="extends itself in a loop"):
         load_recipe(str(tmp_path / "a.toml"))
     (tmp_path / "c.toml").write_text('extends = "nosuch"\n')
-    with pytest.raises(ConfigError, match="unknown recipe 'nosuch'"):
+    with pytest.raises(ConfigError, match=r"c.toml: extends = 'nosuch': unknown recipe 'nosuch'"):
         load_recipe(str(tmp_path / "c.toml"))
     (tmp_path / "d.toml").write_text('extends = 3\n')
     with pytest.raises(ConfigError, match="extends = 3"):

@@ -544,7 +544,12 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
 
 
 def _load_recipe(name_or_path: str, relative_to: Path | None, chain: tuple[str, ...]) -> dict[str, Any]:
-    text, path = _recipe_text(name_or_path, relative_to)
+    try:
+        text, path = _recipe_text(name_or_path, relative_to)
+    except ConfigError as e:
+        if not chain:
+            raise
+        raise ConfigError(f"recipe {chain[-1]}: extends = {name_or_path!r}: {e}") from None
     me = str(path.resolve()) if path is not None else f"{name_or_path} (shipped)"
     if me in chain:
         raise ConfigError(f"recipe {chain[0]}: extends itself in a loop ({' -> '.join((*chain, me))})")
