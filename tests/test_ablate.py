@@ -371,3 +371,40 @@ def test_a_recipe_swap_trains_the_other_recipe_at_its_own_length(bpe_ds, tmp_pat
     assert not list((tmp_path / "elsewhere" / "runs").rglob("result.json"))
     with pytest.raises(Exception, match="unknown recipe 'nosuch'"):
         ablate(dataclasses.replace(cfg, variants={"x": {"recipe": "nosuch"}}))
+
+
+def test_equal_time_of_a_loop_that_starts_late_counts_its_looped_epochs(tmp_path):
+    """A swap looping from epoch 4 runs its first steps unlooped, the ones timed: it is timed looped
+    too, and gets the epochs whose unlooped and looped parts take the full recipe's time. Here the
+    full recipe's 8 epochs at 1.0 s a step; the swap 1.0 s unlooped, 2.0 s looped: 4 + 4 / 2 = 6."""
+    from slowrun import ablate as ab_mod
+
+    calls = []
+
+    def fake(recipe, data, overrides, dtype, threads):
+        calls.append(dict(overrides))
+        looped_now = overrides.get("model.loop_start", -1) >= 0 and overrides.get("model.loop_from_epoch") == 0
+        return 2.0 if looped_now else 1.0
+
+    loop = {"model.loop_start": 2, "model.loop_end": 2, "model.loop_repeats": 3, "model.loop_from_epoch": 4}
+    base = build_config("slowrun", {})
+    cfg = AblateConfig("slowrun", "unused", str(tmp_path / "ab"), variants={"loop": loop, "wd": {"optim.weight_decay": 0.4}},
+                       equal_time=True)
+    over, times = ab_mod.equal_time_overrides(cfg, base, fake)
+    assert base.train.epochs == 8 and over["loop"]["train.epochs"] == 6.0 and over["wd"]["train.epochs"] == 8.0
+    assert times["loop"] == {"step_s": 1.0, "full_step_s": 1.0, "looped_step_s": 2.0}
+    assert {**loop, "model.loop_from_epoch": 0} in calls  # timed looped from the first step
+    n = len(calls)
+    assert ab_mod.equal_time_overrides(cfg, base, fake) == (over, times) and len(calls) == n  # kept
+    # a time kept without the looped step (an earlier version's) is timed again
+    saved = json.loads((tmp_path / "ab" / "equal_time.json").read_text())
+    for e in saved["step_s"].values():
+        e.pop("looped_step_s", None)
+    (tmp_path / "ab" / "equal_time.json").write_text(json.dumps(saved))
+    assert ab_mod.equal_time_overrides(cfg, base, fake)[0] == over and len(calls) > n
+    # a loop switched on after the swap's whole time: never reached, all epochs unlooped
+    assert ab_mod._epochs_at_equal_time(8, {"step_s": 2.0, "full_step_s": 1.0, "looped_step_s": 3.0}, 0, 5, 10, 10) == 4.0
+    # the full recipe loops late too: its time summed the same way (4 x 1 + 4 x 2 = 12 epochs' worth at 1.0 s)
+    assert ab_mod._epochs_at_equal_time(8, {"step_s": 1.0, "full_step_s": 1.0, "full_looped_step_s": 2.0}, 4, 0, 10, 10) == 12.0
+    with pytest.raises(AblateError, match="train.max_steps are not"):
+        ab_mod.equal_time_overrides(dataclasses.replace(cfg, fixed={"train.max_steps": 8}), build_config("slowrun", {"train.max_steps": 8}), fake)

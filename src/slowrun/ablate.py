@@ -23,7 +23,9 @@ steps: the trainer's step times of the full recipe and of the swap are measured
 (`slowrun.speed`, each in its own process, median of a few steps), round-robin beside each
 other so that both see the same load, and the swap's `train.epochs` (or `train.max_steps`,
 when the runs set it) is scaled by their ratio (a swap that changes the steps an epoch takes,
-e.g. the batch size, by the ratio of wall time per epoch); a swap of the data order alone
+e.g. the batch size, by the ratio of wall time per epoch; a loop that switches on after the
+first epoch, whose timed first steps run unlooped, is timed looped as well, and the swap gets
+the epochs whose unlooped and looped parts together take the full recipe's time); a swap of the data order alone
 (`ORDER_KEYS`, e.g. a curriculum) computes the recipe's steps and keeps its length untimed.
 The measurements are kept in `equal_time.json` in the output directory (or
 `equal_time_file`, e.g. a committed one), so a rerun, on any machine, plans the same runs
@@ -69,6 +71,8 @@ ORDER_KEYS = ("data.curriculum", "data.curriculum_score", "data.curriculum_block
 EPOCH_KEYS = ("train.batch_tokens", "model.seq_len", "data.fitness_tokens")
 # a swap's key that names another recipe to train (not a config key)
 RECIPE_KEY = "recipe"
+# a loop that starts after the first epoch is also timed with these overrides: looped from the first step
+LOOPED_FROM_START = {"model.loop_from_epoch": 0}
 
 
 class AblateError(SlowrunError):
@@ -211,6 +215,16 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
         c = build_config(cfg.recipe, {**cfg.fixed, **over})
         return step_plan(c, Dataset.open(cfg.data).num_tokens("train")).steps_per_epoch
 
+    def late_loop(over: dict[str, Any]) -> int:
+        """The epoch a config's loop switches on at, where that is after the first (its first steps, the
+        ones timed, then run unlooped: it is timed looped too); 0 = no loop, or one from the start."""
+        m = build_config(cfg.recipe, {**cfg.fixed, **over}).model
+        return m.loop_from_epoch if m.loop_start >= 0 and m.loop_from_epoch > 0 else 0
+
+    if by_steps and (late_loop({}) or any(late_loop(o) for o in cfg.variants.values() if RECIPE_KEY not in o)):
+        raise AblateError("--equal-time: a loop that starts after the first epoch is timed per epoch; runs of "
+                          "train.max_steps are not (set train.epochs instead)")
+
     timed, keys = {}, {}
     for name, over in cfg.variants.items():
         if RECIPE_KEY in over:  # another recipe, of its own length
@@ -219,7 +233,10 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
             raise AblateError(f"--variant {name}: sets {length_key}, which --equal-time sets from the measured step times")
         if not all(k in ORDER_KEYS for k in over):  # a swap of the data order alone keeps the recipe's length untimed
             timed[name], keys[name] = over, key(over)
-    todo = {name: over for name, over in timed.items() if keys[name][0] not in cache}
+    # a late loop's swap timed before without its looped step (or beside a full recipe timed without it) is timed again
+    todo = {name: over for name, over in timed.items() if keys[name][0] not in cache
+            or (late_loop(over) and "looped_step_s" not in cache[keys[name][0]])
+            or (late_loop({}) and "full_looped_step_s" not in cache[keys[name][0]])}
     if todo and not cfg.train:  # timing runs the model: --no-train plans only from times already kept
         held = sorted({f"--threads {e.get('threads')}, {e.get('dtype')}" for e in cache.values()})
         raise AblateError(f"--no-train: {path} has no step times of {', '.join(todo)} at --threads {cfg.threads}, "
@@ -229,16 +246,22 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
         def time_of(over: dict[str, Any]) -> float:
             return measure(cfg.recipe, cfg.data, {**cfg.fixed, **over}, base.train.dtype, cfg.threads)
 
-        full_times: list[float] = []
-        swap_times: dict[str, list[float]] = {name: [] for name in todo}
+        # (name, overrides, looped): the full recipe first (None), each swap, and each late loop looped as well
+        timings = [(None, {}, False)] + [(None, {}, True)] * bool(late_loop({}))
+        for name, over in todo.items():
+            timings += [(name, over, False)] + [(name, over, True)] * bool(late_loop(over))
+        got: dict[tuple[str | None, bool], list[float]] = {(n, lp): [] for n, _, lp in timings}
         for _ in range(EQUAL_TIME_ROUNDS):
-            full_times.append(time_of({}))
-            for name, over in todo.items():
-                swap_times[name].append(time_of(over))
-        full = statistics.median(full_times)
+            for name, over, lp in timings:
+                got[(name, lp)].append(time_of({**over, **(LOOPED_FROM_START if lp else {})}))
+        med = {k: statistics.median(v) for k, v in got.items()}
         for name in todo:
             k, what = keys[name]
-            cache[k] = {**what, "step_s": statistics.median(swap_times[name]), "full_step_s": full, "rounds": EQUAL_TIME_ROUNDS}
+            cache[k] = {**what, "step_s": med[(name, False)], "full_step_s": med[(None, False)], "rounds": EQUAL_TIME_ROUNDS}
+            if (name, True) in med:
+                cache[k]["looped_step_s"] = med[(name, True)]
+            if (None, True) in med:
+                cache[k]["full_looped_step_s"] = med[(None, True)]
         atomic_write_json(path, {"format": EQUAL_TIME_FORMAT, "step_s": cache})
     out, times = {}, {}
     for name, over in cfg.variants.items():
@@ -246,13 +269,34 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
             out[name] = dict(over)
             continue
         entry = cache[keys[name][0]]
-        times[name] = {"step_s": entry["step_s"], "full_step_s": entry["full_step_s"]}
+        times[name] = {k: entry[k] for k in ("step_s", "full_step_s", "looped_step_s", "full_looped_step_s") if k in entry}
+        if late_loop(over) or late_loop({}):
+            steps = (epoch_steps({}), epoch_steps(over)) if any(k in EPOCH_KEYS for k in over) else (1.0, 1.0)
+            out[name] = {**over, length_key: _epochs_at_equal_time(base.train.epochs, entry, late_loop({}), late_loop(over),
+                                                                  *steps)}
+            continue
         scale = entry["full_step_s"] / entry["step_s"]
         if not by_steps and any(k in EPOCH_KEYS for k in over):  # an epoch of the swap takes another number of steps
             scale *= epoch_steps({}) / epoch_steps(over)
         length = max(1, round(base.train.max_steps * scale)) if by_steps else round(base.train.epochs * scale, 3)
         out[name] = {**over, length_key: length}
     return out, times
+
+
+def _epochs_at_equal_time(full_epochs: float, t: dict[str, float], full_loop: int, swap_loop: int,
+                          full_steps: float, swap_steps: float) -> float:
+    """The swap's epochs whose time equals the full recipe's, where either loops from a later epoch
+    (its epochs before that at the unlooped step time `step_s`, those after at `looped_step_s`):
+    the full recipe's time summed epoch by epoch, then the swap's epochs filled up to it."""
+    def per_epoch(step: str, looped: str, loop: int, steps: float) -> tuple[float, float, int]:
+        return t[step] * steps, (t[looped] if loop else t[step]) * steps, loop
+
+    off, on, loop = per_epoch("full_step_s", "full_looped_step_s", full_loop, full_steps)
+    total = min(full_epochs, loop) * off + max(0.0, full_epochs - loop) * on if loop else full_epochs * off
+    off, on, loop = per_epoch("step_s", "looped_step_s", swap_loop, swap_steps)
+    if not loop or total <= loop * off:
+        return round(total / off, 3)
+    return round(loop + (total - loop * off) / on, 3)
 
 
 def ablate(cfg: AblateConfig) -> dict:
