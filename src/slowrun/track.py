@@ -208,19 +208,18 @@ def plan_curve(t: TrackDef, work: str | Path, out_json: str | Path, jobs: int, t
     return describe_plan(*plan(curve_sweep(t, work, track_data(t, work), jobs, threads, ledger_of(out_json), budgets)))
 
 
-def _entry_dir(work: Path, kind: str, e: Entry, data: Dataset) -> Path:
-    """Where an entry trains: named by the entry, its resolved config as the ledger keys it (values
-    at their defaults left out, so a config field added later does not orphan a finished entry) and
-    the dataset's files."""
+def entry_key(e: Entry, data: Dataset) -> str:
+    """An entry's identity: the entry, its resolved config as the ledger keys it (values at their
+    defaults left out, so a config field added later does not orphan a finished entry) and the
+    dataset's files. It names the entry's run directory, and a stored entry of the same key is not
+    trained again."""
     resolved = config_to_dict(build_config(e.recipe, {**e.overrides, "data.path": str(data.path)}))
-    key = {"entry": asdict(e), "config": config_key(resolved), "dataset": data.manifest["files"]}
-    return work / kind / f"{Path(e.recipe).stem}-{_hash(key)}"
+    return _hash({"entry": asdict(e), "config": config_key(resolved), "dataset": data.manifest["files"]})
 
 
-def entry_key(kind: str, e: Entry, data: Dataset) -> str:
-    """An entry's identity (its run directory's suffix): the entry, its resolved config as the
-    ledger keys it and the dataset's files. A stored entry of the same key is not trained again."""
-    return _entry_dir(Path("."), kind, e, data).name.rsplit("-", 1)[1]
+def _entry_dir(work: Path, kind: str, e: Entry, data: Dataset) -> Path:
+    """Where an entry trains: named by its kind, its recipe and its key."""
+    return work / kind / f"{Path(e.recipe).stem}-{entry_key(e, data)}"
 
 
 def _single_in_ledgers(e: Entry, data: Dataset, ledgers: list[Path]) -> tuple[dict, str] | None:
@@ -409,7 +408,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
     first_member = RunDir(_entry_dir(work, "ensemble", t.ensemble, data)).member(0)
     for kind, entry in (("ensemble", t.ensemble), ("single", t.single), ("distill", t.distill)):
         same = (entry.recipe, entry.overrides) == (t.ensemble.recipe, t.ensemble.overrides)
-        key = entry_key(kind, entry, data)
+        key = entry_key(entry, data)
         if kind in parts and results.get(kind, {}).get("entry_key") == key:
             print(f"{kind}: entry {key} is in {out_path} already: not trained again", flush=True)
         elif kind in parts:
