@@ -270,7 +270,10 @@ def _stop_runner(tmp_path, bpe_ds, args, signum, ranks):
     run_dir = tmp_path / "ens"
     cmd = [sys.executable, "-c", RUNNER, str(trainer), "ensemble", "--recipe", "smoke", "--data", str(bpe_ds),
            "--run-dir", str(run_dir), "--no-progress", *args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the runner as a terminal starts it, SIGINT at its default: under a shell's `cmd &` (a CI harness, `nohup
+    # ... &`) it is inherited ignored, and a runner rightly leaves an ignored signal ignored
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pids: list[int] = []
     try:
         pid_files = [run_dir / f"member_{m}" / f"pid{r}" for m, r in ranks]
