@@ -221,7 +221,9 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
         m = build_config(cfg.recipe, {**cfg.fixed, **over}).model
         return m.loop_from_epoch if m.loop_start >= 0 and m.loop_from_epoch > 0 else 0
 
-    if by_steps and (late_loop({}) or any(late_loop(o) for o in cfg.variants.values() if RECIPE_KEY not in o)):
+    # each config's late loop, built once: {} (None) is the full recipe's
+    loops = {None: late_loop({}), **{n: late_loop(o) for n, o in cfg.variants.items() if RECIPE_KEY not in o}}
+    if by_steps and any(loops.values()):
         raise AblateError("--equal-time: a loop that starts after the first epoch is timed per epoch; runs of "
                           "train.max_steps are not (set train.epochs instead)")
 
@@ -235,8 +237,8 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
             timed[name], keys[name] = over, key(over)
     # a late loop's swap timed before without its looped step (or beside a full recipe timed without it) is timed again
     todo = {name: over for name, over in timed.items() if keys[name][0] not in cache
-            or (late_loop(over) and "looped_step_s" not in cache[keys[name][0]])
-            or (late_loop({}) and "full_looped_step_s" not in cache[keys[name][0]])}
+            or (loops[name] and "looped_step_s" not in cache[keys[name][0]])
+            or (loops[None] and "full_looped_step_s" not in cache[keys[name][0]])}
     if todo and not cfg.train:  # timing runs the model: --no-train plans only from times already kept
         held = sorted({f"--threads {e.get('threads')}, {e.get('dtype')}" for e in cache.values()})
         raise AblateError(f"--no-train: {path} has no step times of {', '.join(todo)} at --threads {cfg.threads}, "
@@ -247,9 +249,9 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
             return measure(cfg.recipe, cfg.data, {**cfg.fixed, **over}, base.train.dtype, cfg.threads)
 
         # (name, overrides, looped): the full recipe first (None), each swap, and each late loop looped as well
-        timings = [(None, {}, False)] + [(None, {}, True)] * bool(late_loop({}))
+        timings = [(None, {}, False)] + [(None, {}, True)] * bool(loops[None])
         for name, over in todo.items():
-            timings += [(name, over, False)] + [(name, over, True)] * bool(late_loop(over))
+            timings += [(name, over, False)] + [(name, over, True)] * bool(loops[name])
         got: dict[tuple[str | None, bool], list[float]] = {(n, lp): [] for n, _, lp in timings}
         for _ in range(EQUAL_TIME_ROUNDS):
             for name, over, lp in timings:
@@ -270,9 +272,9 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
             continue
         entry = cache[keys[name][0]]
         times[name] = {k: entry[k] for k in ("step_s", "full_step_s", "looped_step_s", "full_looped_step_s") if k in entry}
-        if late_loop(over) or late_loop({}):
+        if loops[name] or loops[None]:
             steps = (epoch_steps({}), epoch_steps(over)) if any(k in EPOCH_KEYS for k in over) else (1.0, 1.0)
-            out[name] = {**over, length_key: _epochs_at_equal_time(base.train.epochs, entry, late_loop({}), late_loop(over),
+            out[name] = {**over, length_key: _epochs_at_equal_time(base.train.epochs, entry, loops[None], loops[name],
                                                                   *steps)}
             continue
         scale = entry["full_step_s"] / entry["step_s"]
