@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -229,6 +230,61 @@ def test_rerun_trains_a_line_again_and_compares(tmp_path, bpe_ds):
     r = rerun(key, "--data", str(other_ds), "--run-dir", str(tmp_path / "x"))
     assert r.returncode != 0 and "is not the dataset of" in r.stderr
     assert not (tmp_path / "x").exists() and "Traceback" not in r.stderr
+
+
+def test_sigterm_to_a_rerun_stops_its_run_and_the_same_command_resumes_it(tmp_path, bpe_ds):
+    """`slowrun ledger rerun` trains through the job runner: SIGTERM to the command alone (not
+    its process group, as `kill PID` or a batch system sends it) reaches the run, which
+    checkpoints; the command exits 143 in one line, no training process outlives it, and the
+    same command resumes the run to the line's losses exactly. (It ran the run as a plain child:
+    the child was orphaned and trained on.)"""
+    import signal
+    import time
+
+    from slowrun.ledger import entry_from_result
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = tmp_path / "first"
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--recipe", "smoke", "--data", str(bpe_ds), "--run-dir",
+                        str(first), "--quiet", "--train.max_steps=400", "--eval.max_tokens=2048", "--train.num_threads=1"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    led = Ledger(tmp_path / "ledger.jsonl")
+    led.append(entry_from_result(json.loads((first / "result.json").read_text())))
+    again = tmp_path / "again"
+    cmd = [sys.executable, "-m", "slowrun", "ledger", "rerun", str(led.path), "@1", "--data", str(bpe_ds),
+           "--run-dir", str(again), "--train.num_threads=1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        t0 = time.time()  # until the run has taken a step
+        while "step " not in ((again / "log.txt").read_text() if (again / "log.txt").is_file() else ""):
+            assert p.poll() is None and time.time() - t0 < 120, p.communicate()
+            time.sleep(0.05)
+        os.kill(p.pid, signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 143, err
+    last = err.strip().splitlines()[-1]  # after the bar
+    assert "SIGTERM" in last and last.endswith("run the same command again to resume") and "Traceback" not in err
+    assert not (again / "result.json").exists() and list((again / "checkpoints").glob("step_*"))
+
+    def trainers():  # processes training in `again` (none may outlive the command)
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and str(again).encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+        return found
+
+    assert trainers() == []
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "(+0.0000)" in r.stdout and "(-" not in r.stdout and "(+0.0001" not in r.stdout, r.stdout
 
 
 def _prepare_other(out):

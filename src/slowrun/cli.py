@@ -11,15 +11,18 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from . import SlowrunError, __version__
 from .commands import Command, count
 from .commands import table as training_commands
+from .config import parse_overrides
 from .dataset import Dataset
-from .ledger import Ledger, LedgerError, rerun
+from .ledger import Ledger, LedgerError, compare_rerun, rerun_line, rerun_recipe
 from .prepare import PrepareConfig, prepare
+from .rundir import RunDir
 from .sources import require_source
 from .storage import atomic_write_json
 from .tokenizer import parse_tokenizer_spec
@@ -132,7 +135,18 @@ def _run_ledger(a: argparse.Namespace) -> int:
         n = dst.merge(src)
         print(f"merged {n} of {len(src.entries)} entries of {src.path} into {dst.path} ({len(dst.entries)} now)")
         return 0
-    cmp = rerun(Ledger.open(a.ledger), a.key, a.data, a.run_dir, overrides)
+    entry = rerun_line(Ledger.open(a.ledger), a.key, a.data, overrides)
+    # through the job runner: a signal to this command reaches the run (which checkpoints) and
+    # the same command resumes it; the recipe file is needed only until the run has its config.toml
+    from .jobs import JobsFailed, TrainJob, run_jobs  # imports torch
+
+    with tempfile.TemporaryDirectory(prefix="slowrun-rerun-") as tmp:
+        job = TrainJob(Path(a.run_dir), str(rerun_recipe(entry, Path(tmp) / "recipe.toml")), a.data,
+                       parse_overrides(overrides))
+        failures = run_jobs([job], desc="rerun")
+    if failures:
+        raise JobsFailed(failures, f"the rerun of {entry['key']} (its log: {RunDir(a.run_dir).log})")
+    cmp = compare_rerun(entry, a.run_dir)
     print(f"{cmp['key']} ({a.ledger}:{cmp['line']}): {cmp['ledger_device']} -> {cmp['device']}")
     for v, splits in cmp["variants"].items():
         print(f"  {v:<12}" + "  ".join(f"{k} {d['ledger']:.4f} -> {d['here']:.4f} ({d['diff']:+.4f})"

@@ -320,7 +320,8 @@ def run_jobs(jobs: list[TrainJob], parallel: int = 1, threads: int = -1, progres
             running.remove(job)
             if returncode != 0 and children.signum is not None:
                 stopped += 1  # by the signal (a run writes a checkpoint): the next call resumes it, no failure
-            elif returncode != 0:
+                return  # and not finished: the bar does not count it
+            if returncode != 0:
                 failures[job.run_dir] = failure_line(returncode, err, out)
                 bar.write(f"failed: {job.run_dir}: {failures[job.run_dir]}")
             elif on_done is not None:

@@ -27,9 +27,7 @@ import hashlib
 import json
 import os
 import runpy
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,6 @@ from .config import parse_overrides, section_defaults
 from .dataset import Dataset
 from .formats import LEDGER_FORMAT as FORMAT, LEDGER_LINE, read_checked_lines
 from .results import read_result
-from .rundir import RunDir
 
 # config keys that cannot change a run's losses: paths, parallelism, logging and saving
 NON_RESULT_KEYS = {
@@ -181,16 +178,16 @@ class Ledger:
         return added
 
 
-def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str]) -> dict[str, Any]:
-    """Train a ledger line's config again on this machine (e.g. a CPU point on a GPU, to learn
-    how far points from the two devices may be mixed) and compare every variant's losses.
+def rerun_line(ledger: Ledger, key: str, data: str, overrides: list[str]) -> dict[str, Any]:
+    """The ledger line `slowrun ledger rerun` trains again on this machine (e.g. a CPU point on a
+    GPU, to learn how far points from the two devices may be mixed), checked before any training.
 
     `key` is a line's config key (as this version computes it) or a unique prefix of one, or
     "@N" for the ledger's line N (lines are only ever appended, so N stays the same point while
     keys follow the version); the dataset in `data` must be the line's own (same tokenizer and
     split hashes). `overrides` (--section.key=value) may only set
     what cannot change the losses (NON_RESULT_KEYS: device, threads, logging), so the rerun is
-    the line's config exactly."""
+    the line's config exactly (`rerun_recipe`); `compare_rerun` then reads the run."""
     for k, v in parse_overrides(overrides).items():
         sec, _, name = k.partition(".")
         if name not in NON_RESULT_KEYS.get(sec, ()):
@@ -208,15 +205,18 @@ def rerun(ledger: Ledger, key: str, data: str, run_dir: str, overrides: list[str
     entry = next((e for e in hits if e["dataset"] == ds), None)
     if entry is None:
         raise LedgerError(f"{data} is not the dataset of {ledger.path}:{hits[0]['_line']} (tokenizer or split hashes differ)")
-    with tempfile.TemporaryDirectory(prefix="slowrun-rerun-") as tmp:
-        recipe = Path(tmp) / "recipe.toml"
-        recipe.write_text(tomli_w.dumps(entry["config"]), encoding="utf-8")
-        cmd = [sys.executable, "-m", "slowrun", "train", "--recipe", str(recipe), "--data", data, "--run-dir", run_dir,
-               "--quiet", *overrides]
-        if subprocess.run(cmd).returncode != 0:
-            raise LedgerError(f"the rerun of {entry['key']} failed: see {RunDir(run_dir).log}")
-    result = read_result(run_dir)
-    here = entry_from_result(result)
+    return entry
+
+
+def rerun_recipe(entry: dict[str, Any], path: Path) -> Path:
+    """A ledger line's whole config written as a recipe file at `path`."""
+    path.write_text(tomli_w.dumps(entry["config"]), encoding="utf-8")
+    return path
+
+
+def compare_rerun(entry: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Every weights variant's val and test loss of a ledger line beside its rerun's in `run_dir`."""
+    here = entry_from_result(read_result(run_dir))
     rows = {v: {f"{split}_loss": {"ledger": entry["variants"][v][f"{split}_loss"], "here": here["variants"][v][f"{split}_loss"],
                                   "diff": here["variants"][v][f"{split}_loss"] - entry["variants"][v][f"{split}_loss"]}
                 for split in ("val", "test") if f"{split}_loss" in here["variants"][v]}
