@@ -96,6 +96,43 @@ def test_truncated_checkpoint_is_refused_and_resume_falls_back(bpe_ds, reference
         assert got[step] == pytest.approx(ref[step], abs=1e-6), step
 
 
+def test_what_a_kill_mid_checkpoint_leaves_is_cleared_by_the_resume(bpe_ds, reference_run, tmp_path, monkeypatch):
+    """A run killed while writing a checkpoint leaves its build directory in checkpoints/
+    (`.step_N.XXXXXXXX.partial`); one killed between a replace's two renames leaves the old copy
+    (`.step_N.old-PID`) and no step_N. The resume removes the first and puts the second back
+    (then resumes from it, repeating the reference run)."""
+    from slowrun.config import build_config, parse_overrides
+    from slowrun.loader import TrainLoader
+
+    run = tmp_path / "run"
+    over = parse_overrides([a for a in ARGS if a.startswith("--") and "=" in a])
+    cfg = build_config("smoke", {**over, "data.path": str(bpe_ds)})
+    real, calls = TrainLoader.next_batch, {"n": 0}
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == 14:
+            raise KeyboardInterrupt  # as if killed during step 14: checkpoints at 6, 9, 12
+        return real(self)
+
+    monkeypatch.setattr(TrainLoader, "next_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, echo=False)
+    monkeypatch.setattr(TrainLoader, "next_batch", real)
+    ck = run / "checkpoints"
+    partial = ck / ".step_0000015.k3y9a_0z.partial"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half a file")
+    (ck / "step_0000012").rename(ck / ".step_0000012.old-4242")
+    train(None, run, resume=True, echo=False)
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith(".")) == []
+    log = (run / "log.txt").read_text()
+    assert "resumed from" in log and "step_0000012" in log
+    ref, got = losses(reference_run), losses(run)
+    for step in range(1, 41):
+        assert got[step] == pytest.approx(ref[step], abs=1e-6), step
+
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker

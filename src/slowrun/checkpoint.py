@@ -37,9 +37,11 @@ from . import SlowrunError
 from .config import RunConfig, config_from_dict, config_to_dict
 from .gpt import GPT, loop_active_at
 from .rundir import RunDir
-from .storage import atomic_directory, atomic_write_text, read_json, sha256_file, sha256_json, umask_mode
+from .storage import (atomic_directory, atomic_write_text, read_json, remove_leftovers, sha256_file, sha256_json,
+                      umask_mode)
 
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
+_LEFTOVER_RE = re.compile(r"^\.(step_\d{7,})\.")  # what atomic_directory leaves beside step_NNNNNNN
 CKPT_FORMAT = "slowrun-checkpoint/2"  # /2: state.json holds a sha256 of its own content
 
 
@@ -195,6 +197,18 @@ def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model_state: dict[
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_checkpoint_leftovers(run_dir: Path) -> list[str]:
+    """Remove what a run killed while writing a checkpoint left in checkpoints/: the checkpoint's
+    build directory (`.step_NNNNNNN.XXXXXXXX.partial`), or a replaced one's old copy (put back
+    where the new one never took its place). Call it only holding the run's lock. Returns the
+    names removed."""
+    ckdir = RunDir(run_dir).checkpoints
+    if not ckdir.is_dir():
+        return []
+    names = sorted({m.group(1) for p in ckdir.iterdir() if (m := _LEFTOVER_RE.match(p.name))})
+    return [gone for name in names for gone in remove_leftovers(ckdir / name)]
 
 
 def checkpoint_step(path: Path) -> int:

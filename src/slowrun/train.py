@@ -29,8 +29,8 @@ import torch
 
 from . import SlowrunError, distributed
 from .averaging import EMA
-from .checkpoint import (Checkpoint, latest_good_checkpoint, list_checkpoints, load_model, save_checkpoint, save_weights,
-                         sidecar)
+from .checkpoint import (Checkpoint, latest_good_checkpoint, list_checkpoints, load_model, remove_checkpoint_leftovers,
+                         save_checkpoint, save_weights, sidecar)
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, section_defaults, tomllib
 from .curriculum import document_scores
 from .dataset import Dataset, require_comparable
@@ -184,6 +184,8 @@ def _read_run_config(run_dir: Path) -> RunConfig:
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, env: distributed.DistEnv) -> dict:
     t_start = time.time()
+    if env.is_main:  # under the run's lock: no live writer of them
+        remove_checkpoint_leftovers(run_dir)
     run = setup(cfg, run_dir, resume, force, echo, env)
     try:
         stats = fit(run)
