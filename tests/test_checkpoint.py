@@ -63,7 +63,9 @@ def test_sigkill_mid_epoch_then_resume_repeats_the_run(bpe_ds, reference_run, tm
     assert "resumed from" in (run / "log.txt").read_text()
 
 
-def test_truncated_checkpoint_is_refused_and_resume_falls_back(bpe_ds, reference_run, tmp_path, monkeypatch):
+def _interrupted_at_step_14(bpe_ds, tmp_path, monkeypatch):
+    """The reference run's config trained in tmp_path/run until it is stopped during step 14
+    (checkpoints at 6, 9 and 12); returns the run directory."""
     from slowrun.config import build_config, parse_overrides
     from slowrun.loader import TrainLoader
 
@@ -75,13 +77,18 @@ def test_truncated_checkpoint_is_refused_and_resume_falls_back(bpe_ds, reference
     def interrupted(self):
         calls["n"] += 1
         if calls["n"] == 14:
-            raise KeyboardInterrupt  # as if killed during step 14: checkpoints at 6, 9, 12
+            raise KeyboardInterrupt
         return real(self)
 
     monkeypatch.setattr(TrainLoader, "next_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, run, echo=False)
     monkeypatch.setattr(TrainLoader, "next_batch", real)
+    return run
+
+
+def test_truncated_checkpoint_is_refused_and_resume_falls_back(bpe_ds, reference_run, tmp_path, monkeypatch):
+    run = _interrupted_at_step_14(bpe_ds, tmp_path, monkeypatch)
     newest = list_checkpoints(run)[-1]
     assert newest.name == "step_0000012"
     data = (newest / "model.safetensors").read_bytes()
@@ -101,24 +108,7 @@ def test_what_a_kill_mid_checkpoint_leaves_is_cleared_by_the_resume(bpe_ds, refe
     (`.step_N.XXXXXXXX.partial`); one killed between a replace's two renames leaves the old copy
     (`.step_N.old-PID`) and no step_N. The resume removes the first and puts the second back
     (then resumes from it, repeating the reference run)."""
-    from slowrun.config import build_config, parse_overrides
-    from slowrun.loader import TrainLoader
-
-    run = tmp_path / "run"
-    over = parse_overrides([a for a in ARGS if a.startswith("--") and "=" in a])
-    cfg = build_config("smoke", {**over, "data.path": str(bpe_ds)})
-    real, calls = TrainLoader.next_batch, {"n": 0}
-
-    def interrupted(self):
-        calls["n"] += 1
-        if calls["n"] == 14:
-            raise KeyboardInterrupt  # as if killed during step 14: checkpoints at 6, 9, 12
-        return real(self)
-
-    monkeypatch.setattr(TrainLoader, "next_batch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, run, echo=False)
-    monkeypatch.setattr(TrainLoader, "next_batch", real)
+    run = _interrupted_at_step_14(bpe_ds, tmp_path, monkeypatch)
     ck = run / "checkpoints"
     partial = ck / ".step_0000015.k3y9a_0z.partial"
     partial.mkdir()

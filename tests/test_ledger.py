@@ -186,20 +186,26 @@ def test_a_tree_exported_by_git_archive_still_names_its_commit(tmp_path):
     assert exported_commit(tmp_path / "absent") == "unknown"
 
 
+def _ledger_of_one_run(tmp_path, bpe_ds, steps, env):
+    """tmp_path/ledger.jsonl holding one `smoke` run of `steps` steps, trained in tmp_path/first."""
+    from slowrun.ledger import entry_from_result
+
+    first = tmp_path / "first"
+    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--recipe", "smoke", "--data", str(bpe_ds), "--run-dir",
+                        str(first), "--quiet", f"--train.max_steps={steps}", "--eval.max_tokens=2048",
+                        "--train.num_threads=1"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    led = Ledger(tmp_path / "ledger.jsonl")
+    led.append(entry_from_result(json.loads((first / "result.json").read_text()), {"budget": 1.0}))
+    return led
+
+
 def test_rerun_trains_a_line_again_and_compares(tmp_path, bpe_ds):
     """`slowrun ledger rerun` (a CPU point trained again on a lent GPU) runs the line's
     own config: on this CPU the losses come out identical. Overrides that could change the
     result, an unknown key and another dataset are refused in one line before any training."""
-    from slowrun.ledger import entry_from_result
-
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = tmp_path / "first"
-    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--recipe", "smoke", "--data", str(bpe_ds), "--run-dir",
-                        str(first), "--quiet", "--train.max_steps=3", "--eval.max_tokens=2048", "--train.num_threads=1"],
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    led = Ledger(tmp_path / "ledger.jsonl")
-    led.append(entry_from_result(json.loads((first / "result.json").read_text()), {"budget": 1.0}))
+    led = _ledger_of_one_run(tmp_path, bpe_ds, 3, env)
     key = led.entries[0]["key"]
 
     def rerun(*args):
@@ -241,16 +247,8 @@ def test_sigterm_to_a_rerun_stops_its_run_and_the_same_command_resumes_it(tmp_pa
     import signal
     import time
 
-    from slowrun.ledger import entry_from_result
-
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = tmp_path / "first"
-    r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--recipe", "smoke", "--data", str(bpe_ds), "--run-dir",
-                        str(first), "--quiet", "--train.max_steps=400", "--eval.max_tokens=2048", "--train.num_threads=1"],
-                       capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    led = Ledger(tmp_path / "ledger.jsonl")
-    led.append(entry_from_result(json.loads((first / "result.json").read_text())))
+    led = _ledger_of_one_run(tmp_path, bpe_ds, 400, env)
     again = tmp_path / "again"
     cmd = [sys.executable, "-m", "slowrun", "ledger", "rerun", str(led.path), "@1", "--data", str(bpe_ds),
            "--run-dir", str(again), "--train.num_threads=1"]
