@@ -24,7 +24,6 @@ from slowrun.track import CURVE_TUNED, TRACK, curve_sweep, ledger_of, track_data
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or any("=" not in a for a in argv[1:]):
-        print(__doc__.strip().splitlines()[-4], file=sys.stderr)
         print("usage: dev/curve_point.py BUDGET KEY=VALUE [KEY=VALUE ...]", file=sys.stderr)
         return 2
     budget = float(argv[0])
