@@ -29,6 +29,7 @@
 #
 #   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo, tied, both, ref or size: one); JOBS=2 THREADS=1
 #   ONLY=muon,swa PART=loo bash benchmarks/ablation_cpu.sh   # some techniques only
+#   VARIANTS=value_embed PART=ref bash benchmarks/ablation_cpu.sh   # some variants only (ref, size)
 #   NO_TRAIN=1 bash benchmarks/ablation_cpu.sh      # the tables of the runs finished so far, nothing trained
 #
 # Needs the second-order extra (pip install -e ".[second-order]") for the optimizer swaps.
@@ -51,6 +52,7 @@ JOBS="${JOBS:-2}"
 THREADS="${THREADS:-1}"
 PART="${PART:-all}"
 ONLY="${ONLY:-}"  # the leave-one-out parts' techniques, e.g. "muon,swa" (tied: embed_norm,swa when empty)
+VARIANTS="${VARIANTS:-}"  # the ref and size parts' variants, e.g. "value_embed,windows" (every one when empty)
 case "$PART" in all|swaps|steps|loo|tied|both|ref|size) ;; *) echo "PART: all, swaps, steps, loo, tied, both, ref or size, got '$PART'" >&2; exit 2;; esac
 if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
 LEDGER=benchmarks/results/ablation_ledger.jsonl
@@ -80,6 +82,14 @@ COMMON=("${TIED[@]}" --set model.tie_embeddings=false)
 AGAINST_ENTRY=(--only none --set train.batch_tokens=4096)
 
 wants() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+# variants NAME:KEY=VALUE,...: each as `--variant` arguments, but only those VARIANTS names (all when
+# it is empty); their runs are the same as in the whole part, so a later run of all of it trains the rest
+variants() {
+  local v
+  for v in "$@"; do
+    if [ -z "$VARIANTS" ] || [[ ",$VARIANTS," == *",${v%%:*},"* ]]; then printf -- '--variant\n%s\n' "$v"; fi
+  done
+}
 # run_part WORK RESULT TITLE ABLATE_ARGS...: the ablation in benchmarks/work/WORK, its table into
 # benchmarks/results/RESULT.json and its report into the folder of that name
 run_part() {
@@ -139,19 +149,19 @@ if wants ref; then
   # six of its decoder's 15 blocks from the 7th of 11 epochs); the windows: half the context, the last block full
   run_part ablation-cpu-ref ablation_cpu_ref "CPU track: the reference's recipes at this scale, and their techniques added to ours" \
     "${RECIPE[@]}" --only none \
-    --variant limited_cpu:recipe=limited_cpu --variant tiny_cpu:recipe=tiny_cpu \
-    --variant xsa:model.xsa=tanh --variant iha:model.iha=true \
-    --variant windows:model.window_pattern=SSSL,model.short_window=128 \
-    --variant mtp:model.mtp_weight=0.3,model.mtp_style=reference \
-    --variant loop:model.loop_start=2,model.loop_end=2,model.loop_repeats=3,model.loop_from_epoch=4,model.loop_skips=every \
-    --variant stoch_depth:model.stoch_depth=0.05,model.stoch_depth_per_call=true,model.stoch_depth_rescale=false \
-    --variant value_embed:model.value_embed=true \
+    $(variants limited_cpu:recipe=limited_cpu tiny_cpu:recipe=tiny_cpu \
+      xsa:model.xsa=tanh iha:model.iha=true \
+      windows:model.window_pattern=SSSL,model.short_window=128 \
+      mtp:model.mtp_weight=0.3,model.mtp_style=reference \
+      loop:model.loop_start=2,model.loop_end=2,model.loop_repeats=3,model.loop_from_epoch=4,model.loop_skips=every \
+      stoch_depth:model.stoch_depth=0.05,model.stoch_depth_per_call=true,model.stoch_depth_rescale=false \
+      value_embed:model.value_embed=true) \
     --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json
 fi
 if wants size; then
   run_part ablation-cpu-size ablation_cpu_size "CPU track: the slowrun recipe given the single entry's 30 minutes" \
     "${RECIPE[@]}" --only none \
-    --variant d4_e19:train.epochs=19 --variant d5_e12:model.depth=5,train.epochs=12 --variant d6_e8:model.depth=6
+    $(variants d4_e19:train.epochs=19 d5_e12:model.depth=5,train.epochs=12 d6_e8:model.depth=6)
 fi
 exit
 }
