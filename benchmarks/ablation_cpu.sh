@@ -23,13 +23,16 @@
 #    alone at its wall time;
 #  - size: the recipe given the single entry's whole allowance. It takes ~11.5 of its 30 minutes on 2
 #    cores, so each swap takes ~2.35x its compute (step times at 1 thread, 2026-12-07: depth 5 1.63x,
-#    depth 6 2.33x, depth 8 5.43x depth 4's): depth 4 for 19 epochs, depth 5 for 12, depth 6 for 8.
+#    depth 6 2.33x, depth 8 5.43x depth 4's): depth 4 for 19 epochs, depth 5 for 12, depth 6 for 8;
+#    and a snapshot ensemble inside the run: 16 epochs in 2 cosine cycles from the peak LR, the
+#    probabilities of both cycle ends averaged (the reference's own figures average epoch snapshots).
 # Each over 3 seeds. The CPU track's settings: builtin data, bpe:8192, 262,144 training tokens,
 # periodic evals on 32k val tokens.
 #
 #   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo, tied, both, ref or size: one); JOBS=2 THREADS=1
 #   ONLY=muon,swa PART=loo bash benchmarks/ablation_cpu.sh   # some techniques only
 #   VARIANTS=value_embed PART=ref bash benchmarks/ablation_cpu.sh   # some variants only (ref, size)
+#   SEEDS=1 PART=size bash benchmarks/ablation_cpu.sh   # seed 0 only, to screen (3 decide; the same runs)
 #   NO_TRAIN=1 bash benchmarks/ablation_cpu.sh      # the tables of the runs finished so far, nothing trained
 #
 # Needs the second-order extra (pip install -e ".[second-order]") for the optimizer swaps.
@@ -73,7 +76,7 @@ done
 # every part measures the recipe as it was when that part began, so that its runs keep their configs
 # as the recipe changes: with 2 SWA cycles (the leave-one-out and `tied` found them harmful; the recipe has
 # none since), and but for `tied` and `both` with untied embeddings (the leave-one-out found tying better)
-RECIPE=(--recipe slowrun --data "$DATA" --seeds 3 --set eval.max_tokens=32768
+RECIPE=(--recipe slowrun --data "$DATA" --seeds "${SEEDS:-3}" --set eval.max_tokens=32768
         --ledger "$LEDGER" "${CURVE[@]}"
         --jobs "$JOBS" --threads "$THREADS" --no-progress ${NO_TRAIN:+--no-train})
 TIED=("${RECIPE[@]}" --set optim.swa_epochs=2)
@@ -161,7 +164,8 @@ fi
 if wants size; then
   run_part ablation-cpu-size ablation_cpu_size "CPU track: the slowrun recipe given the single entry's 30 minutes" \
     "${RECIPE[@]}" --only none \
-    $(variants d4_e19:train.epochs=19 d5_e12:model.depth=5,train.epochs=12 d6_e8:model.depth=6)
+    $(variants d4_e19:train.epochs=19 d5_e12:model.depth=5,train.epochs=12 d6_e8:model.depth=6 \
+      snap2_e16:train.epochs=16,train.snapshot_cycles=2)
 fi
 exit
 }
