@@ -3,15 +3,16 @@
 Rules (also in the README):
 - data: the builtin corpus; tokenizer bpe:8192 trained on the 1x training text and shared
   by every budget; val 131,072 and test 131,072 tokens; budget 262,144 training tokens;
-- baseline curve, measured the way the reference benchmark measures its own: the `nanochat`
-  recipe (nanochat's defaults at CPU scale), one epoch, at 1x, 2x, 4x, 8x and 16x the budget
+- baseline curve, measured the way the reference benchmark measures its own: the
+  `nanochat_ref` recipe (nanochat at commit 1076f97, as the reference ran it, at CPU scale),
+  one epoch, at 1x, 2x, 4x, 8x and 16x the budget
   (nested datasets sharing val/test); at every budget the best on val of at least four model
   sizes, the chosen size never the smallest or largest tried (the next size is added until
   it is not); learning rate and batch tuned once at 1x (3 x 2 values around nanochat's
   defaults) and then fixed; at 16x the chosen size also at 0.5x and 2x that learning rate;
   each chosen point run with 2 seeds, the curve being their mean;
 - metric: test loss (val only for selection and tuning), bits per byte beside it, and
-  data efficiency on the measured `nanochat` curve; the earlier GPT-2-style curve
+  data efficiency on the measured `nanochat_ref` curve; the GPT-2-style curve
   (`benchmarks/results/curves/cpu_gpt2.json`) is kept as a second comparator;
 - compute: unlimited in principle; the reference entries are a single model in at most
   30 minutes and an ensemble in at most 2 hours on 2 cores.
