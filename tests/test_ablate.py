@@ -127,11 +127,16 @@ def test_no_train_writes_the_table_of_what_finished(bpe_ds, tmp_path):
     placed = ablate(AblateConfig("smoke", str(bpe_ds), str(out), train=False, curve=str(curve), **common))
     assert placed["full"]["efficiency"] == pytest.approx(1.5) and not placed["full"]["efficiency_extrapolated"]
     assert placed["variants"][0]["efficiency"] is None and placed["variants"][0]["efficiency_error"] == "no finished run"
-    curve.write_text(json.dumps({"name": "mini", "budget": 1000, "tokens": [1000, 2000, 4000],
-                                 "losses": {"test": [x - 1 + 4 / d**0.5 for d in (1, 2, 4)]}}))  # reaches x at 16x
+    curve.write_text(json.dumps({"name": "mini", "budget": 1000, "tokens": [1000, 2000, 4000, 8000],
+                                 "losses": {"test": [x - 1 + 4 / d**0.5 for d in (1, 2, 4, 8)]}}))  # reaches x at 16x
     beyond = ablate(AblateConfig("smoke", str(bpe_ds), str(out), train=False, curve=str(curve), **common))["full"]
     assert beyond["efficiency_extrapolated"] and beyond["efficiency_fit"]["status"] == "ok"
     assert beyond["efficiency"] == pytest.approx(16, rel=0.05)
+    # with three points the fit would pass through each exactly: no estimate, and the reason
+    curve.write_text(json.dumps({"name": "mini", "budget": 1000, "tokens": [1000, 2000, 4000],
+                                 "losses": {"test": [x - 1 + 4 / d**0.5 for d in (1, 2, 4)]}}))
+    three = ablate(AblateConfig("smoke", str(bpe_ds), str(out), train=False, curve=str(curve), **common))["full"]
+    assert three["efficiency"] is None and "at least 4 points" in three["efficiency_error"]
 
 
 def test_bad_only_is_one_line(bpe_ds, tmp_path):

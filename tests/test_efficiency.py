@@ -102,6 +102,17 @@ def test_cli_prints_the_efficiency():
     assert r.returncode == 2 and "--extrapolate" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_power_law_fit_needs_a_point_to_spare():
+    # any three points have an exact fit (three parameters): it would extrapolate with an rms residual of 0
+    D = np.array([1e5, 2e5, 4e5])
+    with pytest.raises(EfficiencyError, match="at least 4 points"):
+        fit_power_law(D, 50.0 / D**0.3 + 2.5)
+    c = Curve("three", 100_000, [int(d) for d in D], {"test": [5.24, 4.77, 4.45]})
+    with pytest.raises(EfficiencyError, match="at least 4 points"):
+        place(c, 5.5, extrapolate=True)
+    assert place(c, 5.0).efficiency == pytest.approx(1.0 + (5.24 - 5.0) / (5.24 - 4.77))  # inside: interpolated
+
+
 def test_power_law_fit_reports_its_bound_and_residuals():
     D = np.array([1e5, 2e5, 4e5, 8e5, 1.6e6])
     f = fit_power_law(D, 50.0 / D**0.3 + 2.5)

@@ -191,7 +191,7 @@ def _track_results():
            "efficiency_by_k": [{"efficiency": 1.5, "efficiency_extrapolated": False},
                                {"efficiency": 2.1234, "efficiency_extrapolated": True}]}
     return {"baseline_curve": {"recipe": "nanochat", "tokens": [1000, 2000], "chosen": chosen,
-                               "fit": {"metric": "test", "status": "no fit: a power-law fit needs at least 3 points, got 2"},
+                               "fit": {"metric": "test", "status": "no fit: a power-law fit needs at least 4 points (3 parameters and one to check them), got 2"},
                                "losses": {"val": [5.4, 5.05], "test": [5.38, 5.0]}, "pending": {"4x": "seeds, 1 run(s) to train"}},
             "gpt2_curve": {"name": "gpt2", "tokens": [1000, 2000], "losses": {"test": [6.0, 5.5]},
                            "fit": {"metric": "test", "status": "hit its bound E = 0: no estimate", "rms_residual": 0.0607}},
@@ -218,7 +218,7 @@ def test_report_of_the_cpu_track_from_its_results_file(tmp_path):
     assert "|4x|-|pending: seeds, 1 run(s) to train|" in text
     assert "|1x|1000|depth 8|1000|2|5.4000|5.3800|0.0040|" in text
     assert "|ensemble|2|4.9500|2.12x (extrapolated)|4.9700|" in text  # by ensemble size
-    assert "Power-law fit of the nanochat curve: no fit: a power-law fit needs at least 3 points, got 2" in text
+    assert "Power-law fit of the nanochat curve: no fit: a power-law fit needs at least 4 points (3 parameters and one to check them), got 2" in text
     assert "Power-law fit of gpt2: hit its bound E = 0: no estimate (rms residual 0.0607)" in text
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"single": {}}))

@@ -121,8 +121,10 @@ def fit_power_law(x, y) -> PowerLaw:
     callers must not report its numbers as estimates.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 3:
-        raise EfficiencyError(f"a power-law fit needs at least 3 points, got {len(x)}")
+    # three parameters go through any three points exactly (an rms residual of ~0 that says
+    # nothing): a fit is an estimate only where one point or more is left over to check it
+    if len(x) < 4:
+        raise EfficiencyError(f"a power-law fit needs at least 4 points (3 parameters and one to check them), got {len(x)}")
     lo = float(y.min())
     if lo <= 0:
         raise EfficiencyError("a power-law fit with E >= 0 needs positive losses")
