@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from slowrun.config import ModelConfig, build_config
 from slowrun.gpt import GPT, apply_rotary, stoch_depth_scales
 from slowrun.optim import build_optimizers
-from slowrun.losses import DistillTarget, distill_loss, hidden_cross_entropy, linear_cross_entropy
+from slowrun.losses import DistillTarget, distill_loss, hidden_cross_entropy, linear_cross_entropy, linear_distillation
 
 V = 97
 
@@ -114,6 +114,48 @@ def test_linear_cross_entropy_against_plain_torch():
     oh, ow = torch.autograd.grad(ours * 3.0, (h, W))  # upstream gradient other than 1 is applied
     assert torch.allclose(ours, ref, atol=1e-6)
     assert torch.allclose(oh, 3 * gh, atol=1e-6) and torch.allclose(ow, 3 * gw, atol=1e-6)
+
+
+@pytest.mark.parametrize("cap, t_cap, alpha, T", [(7.0, 5.0, 0.5, 1.2), (-1.0, -1.0, 0.9, 2.0), (7.0, -1.0, 0.0, 1.0),
+                                                (-1.0, 5.0, 1.0, 0.7)])
+def test_linear_distillation_against_plain_torch(cap, t_cap, alpha, T):
+    torch.manual_seed(0)
+    h = torch.randn(300, 24, requires_grad=True)
+    W = torch.randn(50, 24, requires_grad=True)
+    th, tW = torch.randn(300, 40), torch.randn(50, 40)  # a teacher of another width
+    y = torch.randint(0, 50, (300,))
+
+    def capped(z, c):
+        return c * torch.tanh(z / c) if c > 0 else z
+
+    ref = distill_loss(capped(h @ W.T, cap), capped(th @ tW.T, t_cap), y, alpha, T)
+    gh, gw = torch.autograd.grad(ref, (h, W))
+    ours = linear_distillation(h, W, y, cap, th, tW, t_cap, alpha, T, chunk=64)  # 64 does not divide 300
+    oh, ow = torch.autograd.grad(ours * 3.0, (h, W))  # upstream gradient other than 1 is applied
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-6)
+    assert torch.allclose(oh, 3 * gh, atol=1e-6, rtol=1e-4) and torch.allclose(ow, 3 * gw, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mtp_inside", [False, True])
+def test_fused_distillation_matches_the_teacher_logits_path(mtp_inside):
+    """The trainer's form (the teacher's normed hidden states and head, fused loss) against
+    its logits and the unfused loss: equal loss and gradients, the MTP term placed alike."""
+    m, teacher = model_of(mtp_weight=0.3), model_of(n_embd=48, n_layer=2, logit_softcap=10.0).eval()
+    x, y = batch()
+    with torch.no_grad():
+        t_logits, _ = teacher(x)
+        t_hidden = teacher.norm_f(teacher.hidden(x))
+    _, ref = m(x, y, return_logits=True, distill=DistillTarget(t_logits, 0.6, 1.5, mtp_inside))
+    ref.backward()
+    g_ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    target = DistillTarget(None, 0.6, 1.5, mtp_inside, hidden=t_hidden, head=teacher.head_weight, softcap=10.0)
+    logits, fused = m(x, y, return_logits=False, distill=target)
+    fused.backward()
+    assert logits is None and torch.allclose(ref, fused, atol=1e-5)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, g_ref[n], atol=1e-5, rtol=1e-4), n
+    assert torch.allclose(target.teacher_logits(), t_logits, atol=1e-5)  # the unfused path's teacher logits
 
 
 def test_layer_looping_order():

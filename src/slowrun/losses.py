@@ -64,6 +64,75 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor
         return _LinearCrossEntropy.apply(h, W, targets, softcap, chunk, dtype)
 
 
+class _LinearDistillation(torch.autograd.Function):
+    """mean_i [(1-a) CE(z_i, y_i) + a T^2 KL(softmax(zt_i/T) || softmax(z_i/T))] with
+    z = softcap(h W^T) the student's logits and zt = softcap_t(ht Wt^T) the teacher's, both
+    computed a chunk of rows at a time; gradients (for h and W only) in the forward pass.
+
+    d/dz of the row's loss: (1-a) (softmax(z) - onehot(y)) + a T (softmax(z/T) - softmax(zt/T)).
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, targets, softcap: float, chunk: int, compute_dtype, th, tW, t_softcap: float,
+                alpha: float, temperature: float):
+        N = h.size(0)
+        hc_all, Wc = h.to(compute_dtype), W.to(compute_dtype)
+        thc_all, tWc = th.to(compute_dtype), tW.to(compute_dtype)
+        grad_h = torch.empty_like(hc_all)
+        grad_W = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        ce_total = torch.zeros((), dtype=torch.float32, device=h.device)
+        kl_total = torch.zeros((), dtype=torch.float32, device=h.device)
+        a, T = alpha, temperature
+        for i in range(0, N, chunk):
+            hc, y = hc_all[i:i + chunk], targets[i:i + chunk]
+            rows = torch.arange(len(y), device=y.device)
+            z = (hc @ Wc.T).float()  # (n, V)
+            if softcap > 0:
+                t = torch.tanh(z / softcap)
+                z = t * softcap
+            zt = (thc_all[i:i + chunk] @ tWc.T).float()
+            if t_softcap > 0:
+                zt = t_softcap * torch.tanh(zt / t_softcap)
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            ce_total += (lse.squeeze(-1) - z[rows, y]).sum()
+            log_pt = torch.log_softmax(zt.div_(T), dim=-1)
+            log_q = torch.log_softmax(z / T, dim=-1)
+            pt = log_pt.exp()
+            kl_total += (pt * (log_pt - log_q)).sum()
+            g = torch.exp_(z.sub_(lse)).mul_(1 - a)  # (1-a) softmax(z), in place
+            g[rows, y] -= 1 - a
+            g.add_(torch.exp_(log_q).sub_(pt), alpha=a * T)
+            if softcap > 0:
+                g.mul_(1.0 - t * t)
+            g = g.div_(N).to(compute_dtype)
+            grad_h[i:i + chunk] = g @ Wc
+            grad_W += g.T @ hc
+        ctx.save_for_backward(grad_h.to(h.dtype), grad_W.to(W.dtype))
+        return ((1 - a) * ce_total + a * T**2 * kl_total) / N
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_W = ctx.saved_tensors
+        return grad_h * grad_out, grad_W * grad_out, *([None] * 9)
+
+
+def linear_distillation(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, softcap: float,
+                        teacher_h: torch.Tensor, teacher_W: torch.Tensor, teacher_softcap: float,
+                        alpha: float, temperature: float, chunk: int = 256) -> torch.Tensor:
+    """(1-alpha) CE + alpha T^2 KL(teacher || student), each a mean over the N rows, of the student's
+    softcap(h @ W^T) (h (N, C), W (V, C)) against targets (N,) and the teacher's
+    softcap_t(teacher_h @ teacher_W^T) (teacher_h (N, Ct): its final hidden states after its
+    output norm): `distill_loss` on logits that are never materialised whole. Gradients flow to h
+    and W only (the teacher is fixed). Under autocast the matmuls run in its dtype and the
+    softmaxes in float32, as the unfused path does.
+    """
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with torch.autocast(dev, enabled=False):
+        return _LinearDistillation.apply(h, W, targets, softcap, chunk, dtype, teacher_h.detach(), teacher_W.detach(),
+                                         teacher_softcap, alpha, temperature)
+
+
 def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE(student, y), KL(softmax(teacher/T) || softmax(student/T))), each a mean over tokens."""
@@ -84,12 +153,23 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
 
 
 class DistillTarget(NamedTuple):
-    """What a teacher contributes to a student's loss."""
+    """What a teacher contributes to a student's loss: its logits, or (as the trainer passes it)
+    its output layer's input and weights, so that the fused loss computes the teacher's logits a
+    chunk at a time beside the student's (`linear_distillation`)."""
 
-    logits: torch.Tensor  # (B, T, V) teacher logits
+    logits: torch.Tensor | None  # (B, T, V) teacher logits, or None with `hidden`
     alpha: float  # weight of the KL term
     temperature: float
     mtp_inside: bool = False  # distill.mtp_inside: the MTP term inside the (1-alpha) side
+    hidden: torch.Tensor | None = None  # (B, T, Ct) the teacher's final hidden states after its output norm
+    head: torch.Tensor | None = None  # (V, Ct) the teacher's output weights
+    softcap: float = -1.0  # the teacher's logit softcap
+
+    def teacher_logits(self) -> torch.Tensor:
+        if self.logits is not None:
+            return self.logits
+        z = F.linear(self.hidden, self.head).float()
+        return self.softcap * torch.tanh(z / self.softcap) if self.softcap > 0 else z
 
 
 # tokens per chunk of the fused output layer: on CPU a (256, V) block stays in cache; on a GPU
@@ -123,9 +203,15 @@ def training_loss(model, h: torch.Tensor, idx: torch.Tensor, targets: torch.Tens
     (model.mtp_style = reference: the true next token's embedding).
     """
     ce = kl = None
-    if distill is not None:
+    if distill is not None and fused and distill.hidden is not None:
+        C = h.size(-1)
+        logits, loss = None, linear_distillation(
+            model.norm_f(h).reshape(-1, C), model.head_weight, targets.reshape(-1), model.cfg.logit_softcap,
+            distill.hidden.reshape(-1, distill.hidden.size(-1)), distill.head, distill.softcap,
+            distill.alpha, distill.temperature, FUSED_CHUNK.get(h.device.type, 4096))
+    elif distill is not None:
         logits = model.logits(h)
-        ce, kl = distill_terms(logits, distill.logits, targets, distill.temperature)
+        ce, kl = distill_terms(logits, distill.teacher_logits(), targets, distill.temperature)
     elif fused:
         logits, loss = None, hidden_cross_entropy(model, h, targets)
     else:
@@ -136,9 +222,10 @@ def training_loss(model, h: torch.Tensor, idx: torch.Tensor, targets: torch.Tens
         mtp = model.cfg.mtp_weight * hidden_cross_entropy(model, model.mtp_hidden(h, idx, targets), targets[:, 1:])
     if distill is not None:
         a, T = distill.alpha, distill.temperature
+        if ce is not None:
+            loss = (1 - a) * ce + a * T**2 * kl  # as distill_loss; fused: already so
         if distill.mtp_inside and mtp is not None:
-            return logits, (1 - a) * (ce + mtp) + a * T**2 * kl
-        loss = (1 - a) * ce + a * T**2 * kl  # as distill_loss
+            return logits, loss + (1 - a) * mtp  # (1-a) (CE + MTP) + a T^2 KL
     if mtp is not None:
         loss = loss + mtp
     return logits, loss

@@ -455,10 +455,12 @@ def fit(run: Run) -> FitStats:
                 y = y_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
                 with autocast(device, cfg.train.dtype):
                     distill = None
-                    if run.teacher is not None:
+                    if run.teacher is not None:  # its output layer's input: the loss computes its logits by chunks
                         with torch.no_grad():
-                            t_logits, _ = run.teacher(x)
-                        distill = DistillTarget(t_logits, cfg.distill.alpha, cfg.distill.temperature, cfg.distill.mtp_inside)
+                            t_hidden = run.teacher.norm_f(run.teacher.hidden(x))
+                        distill = DistillTarget(None, cfg.distill.alpha, cfg.distill.temperature, cfg.distill.mtp_inside,
+                                                hidden=t_hidden, head=run.teacher.head_weight,
+                                                softcap=run.teacher.cfg.logit_softcap)
                     _, loss = run.fwd_model(x, y, return_logits=False, loop_active=loop_active, distill=distill,
                                             depth_scales=depth_scales)
                 if run.shard is not None and i == run.accum - 1:
