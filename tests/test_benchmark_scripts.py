@@ -143,3 +143,15 @@ def test_gpu_session_rehearses_offline_on_the_cpu(tmp_path):
     assert not any("error" in v for v in files.values())
     assert files["limited_loop_off.json"]["graph_breaks"] == 0 and files["limited_loop_off.json"]["graphs"] == 1
     assert files["limited_loop_on.json"]["graph_breaks"] == 0 and files["limited_loop_on.json"]["graphs"] == 1
+
+
+def test_distill_step_benchmark_times_both_losses_and_finds_them_equal(tmp_path):
+    out = tmp_path / "distill_step.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_step.py"), "--recipe", "smoke", "--vocab-size", "97",
+                        "--batch-tokens", "128", "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert set(result["median_step_s"]) == {"plain", "distill_unfused", "distill_fused"}
+    assert all(v > 0 for v in result["median_step_s"].values())
+    assert result["loss_difference"] < 1e-4  # the two losses compute one function
+    assert "fused distillation:" in r.stdout
