@@ -54,8 +54,8 @@ def main(argv=None) -> int:
                 if kind == "distill_unfused":
                     distill = DistillTarget(teacher(x)[0], a, temp)
                 elif kind == "distill_fused":
-                    distill = DistillTarget(None, a, temp, hidden=teacher.norm_f(teacher.hidden(x)),
-                                            head=teacher.head_weight, softcap=teacher.cfg.logit_softcap)
+                    distill = DistillTarget(None, a, temp, hidden=(teacher.norm_f(teacher.hidden(x)),),
+                                            head=(teacher.head_weight,), softcap=(teacher.cfg.logit_softcap,))
             _, loss = student(x, y, return_logits=False, distill=distill)
         loss.backward()
         student.zero_grad()

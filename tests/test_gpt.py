@@ -136,6 +136,32 @@ def test_linear_distillation_against_plain_torch(cap, t_cap, alpha, T):
     assert torch.allclose(oh, 3 * gh, atol=1e-6, rtol=1e-4) and torch.allclose(ow, 3 * gw, atol=1e-6, rtol=1e-4)
 
 
+def test_linear_distillation_from_an_ensemble_of_teachers():
+    """Several teachers: KL to their average probability at the temperature, against plain torch."""
+    torch.manual_seed(0)
+    h = torch.randn(200, 24, requires_grad=True)
+    W = torch.randn(50, 24, requires_grad=True)
+    teachers = [(torch.randn(200, 40), torch.randn(50, 40), 5.0), (torch.randn(200, 16), torch.randn(50, 16), -1.0),
+                (torch.randn(200, 24), torch.randn(50, 24), 9.0)]
+    y = torch.randint(0, 50, (200,))
+    a, T = 0.7, 1.5
+    student = 7 * torch.tanh(h @ W.T / 7)
+    probs = [torch.softmax((c * torch.tanh(th @ tW.T / c) if c > 0 else th @ tW.T) / T, -1) for th, tW, c in teachers]
+    pt = torch.stack(probs).mean(0)
+    ref = (1 - a) * F.cross_entropy(student, y) + a * T**2 * (pt * (pt.log() - torch.log_softmax(student / T, -1))).sum(-1).mean()
+    gh, gw = torch.autograd.grad(ref, (h, W))
+    ths, tWs, caps = zip(*teachers)
+    ours = linear_distillation(h, W, y, 7.0, ths, tWs, caps, a, T, chunk=64)
+    oh, ow = torch.autograd.grad(ours, (h, W))
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-6)
+    assert torch.allclose(oh, gh, atol=1e-6, rtol=1e-4) and torch.allclose(ow, gw, atol=1e-6, rtol=1e-4)
+    # the unfused path's teacher "logits": their softmax at T is the average probability
+    target = DistillTarget(None, a, T, hidden=ths, head=tWs, softcap=caps)
+    assert torch.allclose(torch.softmax(target.teacher_logits() / T, -1), pt, atol=1e-6)
+    with pytest.raises(ValueError, match="2 teacher hidden states, 3 heads"):
+        linear_distillation(h, W, y, 7.0, ths[:2], tWs, caps, a, T)
+
+
 @pytest.mark.parametrize("mtp_inside", [False, True])
 def test_fused_distillation_matches_the_teacher_logits_path(mtp_inside):
     """The trainer's form (the teacher's normed hidden states and head, fused loss) against
@@ -149,7 +175,7 @@ def test_fused_distillation_matches_the_teacher_logits_path(mtp_inside):
     ref.backward()
     g_ref = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
-    target = DistillTarget(None, 0.6, 1.5, mtp_inside, hidden=t_hidden, head=teacher.head_weight, softcap=10.0)
+    target = DistillTarget(None, 0.6, 1.5, mtp_inside, hidden=(t_hidden,), head=(teacher.head_weight,), softcap=(10.0,))
     logits, fused = m(x, y, return_logits=False, distill=target)
     fused.backward()
     assert logits is None and torch.allclose(ref, fused, atol=1e-5)
@@ -486,6 +512,23 @@ def test_compile_traces_the_fused_loss_into_the_graph():
     assert torch.allclose(loss, ref, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, ref_grads))
     assert len(graphs) == 1 and "autograd_function_apply" in graphs[0].code  # one graph, the loss inside
+    torch._dynamo.reset()
+
+
+def test_compile_traces_the_fused_distillation_into_the_graph():
+    """The fused distillation loss from two teachers under torch.compile: one graph, the eager loss."""
+    m, teachers = model_of().train(), [model_of(n_embd=48, n_layer=2).eval(), model_of(logit_softcap=10.0).eval()]
+    x, y = batch()
+    with torch.no_grad():
+        hidden = tuple(t.norm_f(t.hidden(x)) for t in teachers)
+    target = DistillTarget(None, 0.5, 1.2, hidden=hidden, head=tuple(t.head_weight.detach() for t in teachers),
+                           softcap=tuple(t.cfg.logit_softcap for t in teachers))
+    compiled, graphs = compile_counting_graphs(m)
+    _, loss = compiled(x, y, return_logits=False, distill=target)
+    grad = torch.autograd.grad(loss, m.wte.weight)[0]
+    _, ref = m(x, y, return_logits=False, distill=target)
+    assert torch.allclose(loss, ref, atol=1e-6) and torch.allclose(grad, torch.autograd.grad(ref, m.wte.weight)[0], atol=1e-6)
+    assert len(graphs) == 1 and "autograd_function_apply" in graphs[0].code
     torch._dynamo.reset()
 
 

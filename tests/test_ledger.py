@@ -81,6 +81,11 @@ def test_paths_inside_the_working_directory_are_written_relative(tmp_path, monke
     assert was["config"]["data"]["path"] == str(tmp_path / "data" / "1x") and was["run_dir"] == str(tmp_path / "runs" / "old")
     assert was["key"] == now["key"] == config_key(cfg)  # no path is part of a key
     assert '"/' not in (tmp_path / "l.jsonl").read_text().splitlines()[1].replace('"/elsewhere/teacher"', "")
+    # several teachers (an ensemble): each path inside the working directory made relative
+    from slowrun.ledger import portable_paths
+    both = f"{tmp_path / 'runs' / 'm0'},{tmp_path / 'runs' / 'm1'}"
+    assert portable_paths({"teacher": both}, tmp_path) == {"teacher": "runs/m0,runs/m1"}
+    assert portable_paths("a,b", tmp_path) == "a,b" and portable_paths("/x/a,b", tmp_path) == "/x/a,b"
 
 
 def test_foreign_dataset_is_ignored_with_one_line(tmp_path):

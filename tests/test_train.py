@@ -166,6 +166,15 @@ def test_distillation_is_used_and_keeps_the_mtp_term(bpe_ds, tmp_path):
                                        "model.mtp_weight": 0.5}}.items():
         train(smoke_config(bpe_ds, **{"train.max_steps": 1, "eval.test": False, **over}), tmp_path / name, echo=False)
         first[name] = losses(tmp_path / name)[1]
+    # two teachers are an ensemble: the same teacher twice teaches what it teaches alone; with the
+    # 1-step "plain" run beside it, the average probability (and so the loss) differs
+    for name, pair in {"twice": "teacher,teacher", "pair": "teacher,plain"}.items():
+        teachers = ",".join(str(tmp_path / t) for t in pair.split(","))
+        train(smoke_config(bpe_ds, **{"train.max_steps": 1, "eval.test": False, "distill.teacher": teachers,
+                                      "distill.alpha": 0.9}), tmp_path / name, echo=False)
+        first[name] = losses(tmp_path / name)[1]
+    assert first["twice"] == pytest.approx(first["distill"], abs=1e-5)
+    assert abs(first["pair"] - first["distill"]) > 0.05
     # at init CE is about ln(512) = 6.2; KL from a trained teacher is smaller, so the mix is lower
     assert first["distill"] < first["plain"] - 0.5
     # the MTP term (0.5 x about 6.2) is added on top of the distillation loss, not dropped

@@ -422,7 +422,7 @@ class EvalConfig:
 class DistillConfig:
     """Knowledge distillation from a teacher run (chain distillation in ensembles)."""
 
-    teacher: str = opt("", "teacher run directory or checkpoint; empty disables distillation")
+    teacher: str = opt("", "teacher run directory or checkpoint (several separated by commas: an ensemble, its probabilities at the temperature averaged); empty disables distillation")
     alpha: float = opt(0.5, "loss = (1-alpha)*CE + alpha*T^2*KL(teacher/T || student/T)")
     temperature: float = opt(1.2, "distillation temperature T")
     mtp_inside: bool = opt(False, "with an MTP head: loss = (1-alpha)*(CE + mtp_weight*MTP) + alpha*T^2*KL (the reference's); false adds the MTP term outside the mix")
@@ -430,6 +430,13 @@ class DistillConfig:
     def __post_init__(self) -> None:
         _check(0 <= self.alpha <= 1, "distill.alpha", "must be in [0, 1]", self.alpha)
         _check(self.temperature > 0, "distill.temperature", "must be > 0", self.temperature)
+        _check(all(distill_teachers(self)) if self.teacher else True, "distill.teacher",
+               "has an empty name (separate several with single commas)", self.teacher)
+
+
+def distill_teachers(cfg: DistillConfig) -> list[str]:
+    """distill.teacher's runs or checkpoints, in order (none when distillation is off)."""
+    return [p.strip() for p in cfg.teacher.split(",")] if cfg.teacher else []
 
 
 @dataclass

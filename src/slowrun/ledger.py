@@ -81,11 +81,14 @@ def dataset_identity(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def portable_paths(value: Any, root: Path) -> Any:
     """`value` (JSON data) with every string that is an absolute path inside `root` made
-    relative to it ("." for `root` itself); other strings, outside paths included, unchanged."""
+    relative to it ("." for `root` itself), each of a comma-separated list of absolute paths
+    too (distill.teacher's ensemble); other strings, outside paths included, unchanged."""
     if isinstance(value, dict):
         return {k: portable_paths(v, root) for k, v in value.items()}
     if isinstance(value, list):
         return [portable_paths(v, root) for v in value]
+    if isinstance(value, str) and "," in value and all(os.path.isabs(p) for p in value.split(",")):
+        return ",".join(portable_paths(p, root) for p in value.split(","))  # several teachers
     if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(root):
         return str(Path(value).relative_to(root))
     return value

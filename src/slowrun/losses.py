@@ -65,24 +65,26 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor
 
 
 class _LinearDistillation(torch.autograd.Function):
-    """mean_i [(1-a) CE(z_i, y_i) + a T^2 KL(softmax(zt_i/T) || softmax(z_i/T))] with
-    z = softcap(h W^T) the student's logits and zt = softcap_t(ht Wt^T) the teacher's, both
-    computed a chunk of rows at a time; gradients (for h and W only) in the forward pass.
+    """mean_i [(1-a) CE(z_i, y_i) + a T^2 KL(pt_i || softmax(z_i/T))] with z = softcap(h W^T)
+    the student's logits and pt the teachers' probabilities at temperature T, averaged over the
+    teachers (zt_k = softcap_k(ht_k Wt_k^T)); every logit computed a chunk of rows at a time;
+    gradients (for h and W only) in the forward pass. The teachers' tensors come last, flat
+    (ht_1, Wt_1, ht_2, Wt_2, ...), so that torch.compile sees only tensors and constants.
 
-    d/dz of the row's loss: (1-a) (softmax(z) - onehot(y)) + a T (softmax(z/T) - softmax(zt/T)).
+    d/dz of the row's loss: (1-a) (softmax(z) - onehot(y)) + a T (softmax(z/T) - pt).
     """
 
     @staticmethod
-    def forward(ctx, h, W, targets, softcap: float, chunk: int, compute_dtype, th, tW, t_softcap: float,
-                alpha: float, temperature: float):
+    def forward(ctx, h, W, targets, softcap: float, chunk: int, compute_dtype, alpha: float, temperature: float,
+                t_softcaps: tuple[float, ...], *teachers):
         N = h.size(0)
         hc_all, Wc = h.to(compute_dtype), W.to(compute_dtype)
-        thc_all, tWc = th.to(compute_dtype), tW.to(compute_dtype)
+        tc = [t.to(compute_dtype) for t in teachers]
         grad_h = torch.empty_like(hc_all)
         grad_W = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
         ce_total = torch.zeros((), dtype=torch.float32, device=h.device)
         kl_total = torch.zeros((), dtype=torch.float32, device=h.device)
-        a, T = alpha, temperature
+        a, T, K = alpha, temperature, len(t_softcaps)
         for i in range(0, N, chunk):
             hc, y = hc_all[i:i + chunk], targets[i:i + chunk]
             rows = torch.arange(len(y), device=y.device)
@@ -90,15 +92,19 @@ class _LinearDistillation(torch.autograd.Function):
             if softcap > 0:
                 t = torch.tanh(z / softcap)
                 z = t * softcap
-            zt = (thc_all[i:i + chunk] @ tWc.T).float()
-            if t_softcap > 0:
-                zt = t_softcap * torch.tanh(zt / t_softcap)
+            pt = None
+            for k, cap in enumerate(t_softcaps):
+                zt = (tc[2 * k][i:i + chunk] @ tc[2 * k + 1].T).float()
+                if cap > 0:
+                    zt = cap * torch.tanh(zt / cap)
+                p_k = torch.softmax(zt.div_(T), dim=-1)
+                pt = p_k if pt is None else pt.add_(p_k)
+            if K > 1:
+                pt.div_(K)
             lse = torch.logsumexp(z, dim=-1, keepdim=True)
             ce_total += (lse.squeeze(-1) - z[rows, y]).sum()
-            log_pt = torch.log_softmax(zt.div_(T), dim=-1)
             log_q = torch.log_softmax(z / T, dim=-1)
-            pt = log_pt.exp()
-            kl_total += (pt * (log_pt - log_q)).sum()
+            kl_total += (torch.xlogy(pt, pt) - pt * log_q).sum()  # xlogy: 0 log 0 = 0
             g = torch.exp_(z.sub_(lse)).mul_(1 - a)  # (1-a) softmax(z), in place
             g[rows, y] -= 1 - a
             g.add_(torch.exp_(log_q).sub_(pt), alpha=a * T)
@@ -113,24 +119,31 @@ class _LinearDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_W = ctx.saved_tensors
-        return grad_h * grad_out, grad_W * grad_out, *([None] * 9)
+        return grad_h * grad_out, grad_W * grad_out, *([None] * (len(ctx.needs_input_grad) - 2))
 
 
 def linear_distillation(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, softcap: float,
-                        teacher_h: torch.Tensor, teacher_W: torch.Tensor, teacher_softcap: float,
-                        alpha: float, temperature: float, chunk: int = 256) -> torch.Tensor:
-    """(1-alpha) CE + alpha T^2 KL(teacher || student), each a mean over the N rows, of the student's
-    softcap(h @ W^T) (h (N, C), W (V, C)) against targets (N,) and the teacher's
+                        teacher_h, teacher_W, teacher_softcap, alpha: float, temperature: float,
+                        chunk: int = 256) -> torch.Tensor:
+    """(1-alpha) CE + alpha T^2 KL(teachers || student), each a mean over the N rows, of the
+    student's softcap(h @ W^T) (h (N, C), W (V, C)) against targets (N,) and the teacher's
     softcap_t(teacher_h @ teacher_W^T) (teacher_h (N, Ct): its final hidden states after its
-    output norm): `distill_loss` on logits that are never materialised whole. Gradients flow to h
-    and W only (the teacher is fixed). Under autocast the matmuls run in its dtype and the
-    softmaxes in float32, as the unfused path does.
+    output norm): `distill_loss` on logits that are never materialised whole. Several teachers
+    (a tuple each of teacher_h, teacher_W, teacher_softcap): their probabilities at temperature T
+    averaged, an ensemble's. Gradients flow to h and W only (the teachers are fixed). Under
+    autocast the matmuls run in its dtype and the softmaxes in float32, as the unfused path does.
     """
+    if isinstance(teacher_h, torch.Tensor):
+        teacher_h, teacher_W, teacher_softcap = (teacher_h,), (teacher_W,), (teacher_softcap,)
+    if not (len(teacher_h) == len(teacher_W) == len(teacher_softcap) >= 1):
+        raise ValueError(f"linear_distillation: {len(teacher_h)} teacher hidden states, {len(teacher_W)} heads, "
+                         f"{len(teacher_softcap)} softcaps")
+    flat = [t.detach() for pair in zip(teacher_h, teacher_W) for t in pair]
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     with torch.autocast(dev, enabled=False):
-        return _LinearDistillation.apply(h, W, targets, softcap, chunk, dtype, teacher_h.detach(), teacher_W.detach(),
-                                         teacher_softcap, alpha, temperature)
+        return _LinearDistillation.apply(h, W, targets, softcap, chunk, dtype, alpha, temperature,
+                                         tuple(float(c) for c in teacher_softcap), *flat)
 
 
 def distill_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
@@ -153,23 +166,33 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
 
 
 class DistillTarget(NamedTuple):
-    """What a teacher contributes to a student's loss: its logits, or (as the trainer passes it)
-    its output layer's input and weights, so that the fused loss computes the teacher's logits a
-    chunk at a time beside the student's (`linear_distillation`)."""
+    """What the teachers contribute to a student's loss: a teacher's logits, or (as the trainer
+    passes them) each teacher's output-layer input and weights, so that the fused loss computes
+    their logits a chunk at a time beside the student's (`linear_distillation`). Several
+    teachers are an ensemble: their probabilities at the temperature averaged."""
 
-    logits: torch.Tensor | None  # (B, T, V) teacher logits, or None with `hidden`
+    logits: torch.Tensor | None  # (B, T, V) a teacher's logits, or None with `hidden`
     alpha: float  # weight of the KL term
     temperature: float
     mtp_inside: bool = False  # distill.mtp_inside: the MTP term inside the (1-alpha) side
-    hidden: torch.Tensor | None = None  # (B, T, Ct) the teacher's final hidden states after its output norm
-    head: torch.Tensor | None = None  # (V, Ct) the teacher's output weights
-    softcap: float = -1.0  # the teacher's logit softcap
+    hidden: tuple[torch.Tensor, ...] = ()  # each teacher's final hidden states (B, T, Ct) after its output norm
+    head: tuple[torch.Tensor, ...] = ()  # each teacher's output weights (V, Ct)
+    softcap: tuple[float, ...] = ()  # each teacher's logit softcap
 
     def teacher_logits(self) -> torch.Tensor:
+        """Logits whose softmax at the temperature is the teachers' average probability there:
+        T log(mean_k softmax(z_k / T)) (a single teacher's own logits)."""
         if self.logits is not None:
             return self.logits
-        z = F.linear(self.hidden, self.head).float()
-        return self.softcap * torch.tanh(z / self.softcap) if self.softcap > 0 else z
+        zs = []
+        for hidden, head, cap in zip(self.hidden, self.head, self.softcap):
+            z = F.linear(hidden, head).float()
+            zs.append(cap * torch.tanh(z / cap) if cap > 0 else z)
+        if len(zs) == 1:
+            return zs[0]
+        T = self.temperature
+        avg = torch.stack([torch.softmax(z / T, dim=-1) for z in zs]).mean(0)
+        return T * torch.log(avg)
 
 
 # tokens per chunk of the fused output layer: on CPU a (256, V) block stays in cache; on a GPU
@@ -203,11 +226,11 @@ def training_loss(model, h: torch.Tensor, idx: torch.Tensor, targets: torch.Tens
     (model.mtp_style = reference: the true next token's embedding).
     """
     ce = kl = None
-    if distill is not None and fused and distill.hidden is not None:
+    if distill is not None and fused and distill.hidden:
         C = h.size(-1)
         logits, loss = None, linear_distillation(
             model.norm_f(h).reshape(-1, C), model.head_weight, targets.reshape(-1), model.cfg.logit_softcap,
-            distill.hidden.reshape(-1, distill.hidden.size(-1)), distill.head, distill.softcap,
+            tuple(t.reshape(-1, t.size(-1)) for t in distill.hidden), distill.head, distill.softcap,
             distill.alpha, distill.temperature, FUSED_CHUNK.get(h.device.type, 4096))
     elif distill is not None:
         logits = model.logits(h)

@@ -31,7 +31,7 @@ from . import SlowrunError, distributed
 from .averaging import EMA
 from .checkpoint import (Checkpoint, latest_good_checkpoint, list_checkpoints, load_model, remove_checkpoint_leftovers,
                          save_checkpoint, save_weights, sidecar)
-from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, section_defaults, tomllib
+from .config import ConfigError, RunConfig, config_from_dict, config_to_dict, config_to_toml, distill_teachers, section_defaults, tomllib
 from .curriculum import document_scores
 from .dataset import Dataset, require_comparable
 from .evaluate import autocast, evaluate, split_tokens
@@ -212,7 +212,7 @@ class Run:
     fwd_model: torch.nn.Module  # the model, compiled if train.compile
     opt: Optimizers
     ema: EMA | None
-    teacher: GPT | None
+    teachers: list[GPT]  # distill.teacher: one, or an ensemble's members
     log: RunLogger
     total_steps: int
     micro_seqs: int  # sequences per micro-batch
@@ -308,11 +308,12 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     shard = distributed.ShardedStep(list(model.parameters()), env) if cfg.train.shard_optimizer else None
     ema_start = round(cfg.optim.ema_start_frac * total_steps) if cfg.optim.ema_start_frac > 0 else None  # None: from step 0
     ema = EMA(model, cfg.optim.ema_decay, cfg.optim.ema_every, ema_start) if cfg.optim.ema_decay > 0 else None
-    teacher = None
-    if cfg.distill.teacher:
-        teacher, _, textra = load_model(cfg.distill.teacher, device)
+    teachers = []
+    for path in distill_teachers(cfg.distill):
+        teacher, _, textra = load_model(path, device)
         if textra.get("dataset"):
-            require_comparable(textra["dataset"], ds.fingerprint, f"distill.teacher {cfg.distill.teacher} and the dataset {ds.path}")
+            require_comparable(textra["dataset"], ds.fingerprint, f"distill.teacher {path} and the dataset {ds.path}")
+        teachers.append(teacher.eval())
 
     warnings: list[str] = []
     ck: Checkpoint | None = latest_good_checkpoint(run_dir, log=warnings.append) if resume else None
@@ -353,7 +354,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
     elif cfg.train.compile:
         fwd_model = torch.compile(model, backend=cfg.train.compile_backend)
     run = Run(cfg, run_dir, env, ds, loader, sched, model, fwd_model, opt, ema,
-              teacher, log, total_steps, steps.micro_seqs, steps.accum, shard, env_info=environment(device))
+              teachers, log, total_steps, steps.micro_seqs, steps.accum, shard, env_info=environment(device))
     if ck is not None:
         run.step, run.elapsed_before_s = ck.step, float(ck.state["extra"].get("elapsed_s", 0.0))
         run.timed = tuple(ck.state["extra"].get("timed", (0, 0.0)))
@@ -427,8 +428,8 @@ def fit(run: Run) -> FitStats:
     first_step = run.step  # where this process starts (resume)
     last_ckpt: Path | None = (list_checkpoints(run.run_dir) or [None])[-1] if env.is_main else None
     model.train()
-    if run.teacher is not None:
-        run.teacher.eval()
+    for teacher in run.teachers:
+        teacher.eval()
     with StopSignals() as signals:
         timer = StepTimer(device)
         while run.step < total_steps:
@@ -455,12 +456,12 @@ def fit(run: Run) -> FitStats:
                 y = y_all[i * micro:(i + 1) * micro].to(device, non_blocking=True)
                 with autocast(device, cfg.train.dtype):
                     distill = None
-                    if run.teacher is not None:  # its output layer's input: the loss computes its logits by chunks
+                    if run.teachers:  # their output layers' input: the loss computes their logits by chunks
                         with torch.no_grad():
-                            t_hidden = run.teacher.norm_f(run.teacher.hidden(x))
+                            t_hidden = tuple(t.norm_f(t.hidden(x)) for t in run.teachers)
                         distill = DistillTarget(None, cfg.distill.alpha, cfg.distill.temperature, cfg.distill.mtp_inside,
-                                                hidden=t_hidden, head=run.teacher.head_weight,
-                                                softcap=run.teacher.cfg.logit_softcap)
+                                                hidden=t_hidden, head=tuple(t.head_weight for t in run.teachers),
+                                                softcap=tuple(t.cfg.logit_softcap for t in run.teachers))
                     _, loss = run.fwd_model(x, y, return_logits=False, loop_active=loop_active, distill=distill,
                                             depth_scales=depth_scales)
                 if run.shard is not None and i == run.accum - 1:
