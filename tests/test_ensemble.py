@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,7 +85,24 @@ def test_chain_distillation(bpe_ds, tmp_path):
     cfg1 = json.loads((tmp_path / "d" / "member_1" / "result.json").read_text())["config"]
     assert cfg1["distill"]["teacher"].startswith(str(tmp_path / "d" / "member_0"))
     assert json.loads((tmp_path / "d" / "member_0" / "result.json").read_text())["config"]["distill"]["teacher"] == ""
-    assert result["distill"]["enabled"]
+    assert result["distill"]["enabled"] and result["distill"]["mode"] == "chain"
+
+
+def test_an_ensemble_distilled_into_its_last_member(bpe_ds, tmp_path):
+    """--distill ensemble: members 0 and 1 train side by side as a plain ensemble, then member 2
+    learns from both (their weights files, in order); the three are evaluated together."""
+    result = train_ensemble("smoke", str(bpe_ds), 3, tmp_path / "s", OVER, distill="ensemble", alpha=0.5,
+                            temperature=1.2, parallel=2, threads=1, progress=False, log=lambda *_: None)
+    configs = [json.loads((tmp_path / "s" / f"member_{k}" / "result.json").read_text())["config"] for k in range(3)]
+    assert [c["distill"]["teacher"] for c in configs[:2]] == ["", ""]
+    teachers = configs[2]["distill"]["teacher"].split(",")
+    assert [Path(t).parent for t in teachers] == [tmp_path / "s" / "member_0", tmp_path / "s" / "member_1"]
+    assert all(Path(t).is_file() for t in teachers)
+    assert result["distill"]["mode"] == "ensemble" and len(result["members"]) == 3
+    with pytest.raises(EnsembleError, match="must be >= 2 .teachers and a student., got 1"):
+        train_ensemble("smoke", str(bpe_ds), 1, tmp_path / "one", OVER, distill="ensemble", progress=False)
+    with pytest.raises(EnsembleError, match="chain or ensemble, got 'tree'"):
+        train_ensemble("smoke", str(bpe_ds), 2, tmp_path / "tree", OVER, distill="tree", progress=False)
 
 
 def test_failed_members_are_named_one_line_each(bpe_ds, tmp_path):

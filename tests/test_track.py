@@ -29,9 +29,10 @@ def test_track_pipeline_end_to_end(tmp_path):
     assert {"baseline_curve", "gpt2_curve", "single", "ensemble", "machine", "track"} <= set(saved)
     bc = saved["baseline_curve"]
     assert bc["tokens"] == [20_000, 40_000, 60_000] and bc["recipe"] == "nanochat"
-    # each curve's power-law fit is reported, with its residuals (or the bound it hit), needed or not
+    # each curve's power-law fit is reported, needed or not: with 3 budgets, no fit (3 parameters pass
+    # through any 3 points), and why
     for fit in (bc["fit"], saved["gpt2_curve"]["fit"]):
-        assert fit["metric"] == "test" and len(fit["residuals"]) == 3 and (fit["status"] == "ok") == ("E" in fit)
+        assert fit["metric"] == "test" and fit["status"].startswith("no fit") and "at least 4 points" in fit["status"]
     for c in bc["chosen"]:  # each curve point is the mean of 2 seeds
         assert c["seeds"] == 2 and c["test_loss"] == pytest.approx(sum(c["test_losses"]) / 2)
     assert any(p["phase"] == "refine" and p["budget"] == 3 for p in bc["points"])
@@ -45,8 +46,8 @@ def test_track_pipeline_end_to_end(tmp_path):
         for key in ("test_loss", "test_bpb", "val_loss", "efficiency", "members", "wall_s", "tokens_per_s", "peak_rss_mb",
                     "resolved_recipe"):
             assert key in s, (kind, key)
-        # placed on the curve, or (outside its range with a fit on its bound) refused with the reason, never clamped
-        assert (isinstance(s["efficiency"], float) and s["efficiency"] > 0) or "hit its bound" in s["efficiency_error"]
+        # placed on the curve, or (outside its range, where 3 budgets give no fit) refused with the reason, never clamped
+        assert (isinstance(s["efficiency"], float) and s["efficiency"] > 0) or "at least 4 points" in s["efficiency_error"]
         assert s["efficiency_second"]["curve"] == "mini gpt2" and "efficiency" in s["efficiency_second"]
     assert saved["ensemble"]["members"] == 2 and len(saved["ensemble"]["per_k"]) == 2
     # the allowance is clock time: the members all trained in this call, so their elapsed time is known and counts

@@ -440,14 +440,18 @@ def _add_ensemble(p: argparse.ArgumentParser) -> None:
     config_args(p)
     p.add_argument("--members", type=int, default=4, help="ensemble size K (default 4); member k uses seed train.seed + k")
     p.add_argument("--run-dir", default=None, help="ensemble directory: member_0 ... member_{K-1} and result.json")
-    p.add_argument("--distill", action="store_true", help="chain distillation: member k learns from member k-1")
+    p.add_argument("--distill", nargs="?", const="chain", default="", choices=("chain", "ensemble"),
+                   help="chain (the default with --distill alone): member k learns from member k-1; ensemble: "
+                        "the last member learns from all the others, trained first as a plain ensemble")
     p.add_argument("--alpha", type=float, default=None, help="distillation weight a in (1-a)*CE + a*T^2*KL (default: the recipe's distill.alpha)")
     p.add_argument("--temperature", type=float, default=None, help="distillation temperature T (default: the recipe's distill.temperature)")
-    p.add_argument("--jobs", type=int, default=1, help="members trained at a time without --distill on CPU (default 1); "
+    p.add_argument("--jobs", type=int, default=1, help="members trained at a time (not a chain's) on CPU (default 1); "
                    "with CUDA, members sharing each device (or one member per --gpus-per-job devices)")
     p.add_argument("--gpus-per-job", type=int, default=1, metavar="K",
                    help="CUDA devices per member, launched with torchrun when K > 1 (default 1)")
     p.add_argument("--threads", type=int, default=-1, help="torch threads per member (default: torch's choice)")
+    p.add_argument("--student-threads", type=int, default=None,
+                   help="torch threads of a distilled member, trained alone (default: --threads)")
     p.add_argument("--fitness-tokens", type=int, default=0, help="carve this many tokens from the end of the training split for member selection (never trained on)")
     p.add_argument("--select", type=int, default=0, help="keep the K' members with the largest fitted mixture weights (default: all)")
     p.add_argument("--eval", nargs="+", default=None, metavar="REF", help="only evaluate these runs/checkpoints/weight files as an ensemble")
@@ -471,7 +475,7 @@ def _run_ensemble(a: argparse.Namespace) -> int:
     run_dir = _run_dir(a.run_dir or _run_dir_default(a.recipe) + f"-ens{a.members}")
     result = train_ensemble(a.recipe, data, a.members, run_dir, parse_overrides(getattr(a, "overrides", []) or []),
                             a.distill, a.alpha, a.temperature, a.jobs, a.threads, a.fitness_tokens, a.select,
-                            not a.no_progress, gpus_per_job=a.gpus_per_job)
+                            not a.no_progress, gpus_per_job=a.gpus_per_job, student_threads=a.student_threads)
     print(describe(result))
     print(f"wrote {RunDir(run_dir).result}")
     return 0

@@ -1,9 +1,11 @@
 """Ensembles: K members of a recipe, chain distillation, and ensemble evaluation.
 
-Training: member k is a normal run directory (seed = train.seed + k); with `distill`,
-member k >= 1 is trained on (1-a)*CE + a*T^2*KL with member k-1 as its teacher (one
-teacher in memory at a time, whatever K is). An interrupted ensemble continues with the
-member it was on.
+Training: member k is a normal run directory (seed = train.seed + k). With `distill`
+"chain", member k >= 1 is trained on (1-a)*CE + a*T^2*KL with member k-1 as its teacher (one
+teacher in memory at a time, whatever K is); with "ensemble", members 0..K-2 train as a plain
+ensemble (side by side) and the last, the student, learns from all of them (their probabilities
+at T averaged: Kim et al.'s distillation of an ensemble into one model). An interrupted
+ensemble continues with the member it was on.
 
 Evaluation (of any runs, checkpoints or weight files sharing tokenizer and val/test):
 probability averaging, logit averaging and parameter averaging (when shapes match), a
@@ -283,15 +285,25 @@ def describe(result: dict) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+DISTILL_MODES = ("chain", "ensemble")
+
+
 def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, overrides: dict | None = None,
-                   distill: bool = False, alpha: float | None = None, temperature: float | None = None, parallel: int = 1,
-                   threads: int = -1, fitness_tokens: int = 0, select: int = 0, progress: bool = True,
-                   log=print, gpus_per_job: int = 1) -> dict:
+                   distill: bool | str = False, alpha: float | None = None, temperature: float | None = None,
+                   parallel: int = 1, threads: int = -1, fitness_tokens: int = 0, select: int = 0, progress: bool = True,
+                   log=print, gpus_per_job: int = 1, student_threads: int | None = None) -> dict:
     """Train (or continue) K members, then evaluate the ensemble; writes run_dir/result.json.
     On a CUDA machine the members run one per device (`gpus_per_job` devices each, through
-    torchrun when > 1): see `jobs.run_jobs`. `alpha`, `temperature`: None = the recipe's."""
-    if members < 1:
-        raise EnsembleError(f"--members must be >= 1, got {members}")
+    torchrun when > 1): see `jobs.run_jobs`. `distill`: False, "chain" (or True) or "ensemble"
+    (see the module's docstring). `alpha`, `temperature`: None = the recipe's. `student_threads`:
+    torch threads of a distilled member trained alone (default `threads`)."""
+    mode = "chain" if distill is True else (distill or "")
+    if mode and mode not in DISTILL_MODES:
+        raise EnsembleError(f"--distill: chain or ensemble, got {distill!r}")
+    if members < 1 or (mode == "ensemble" and members < 2):
+        raise EnsembleError(f"--members must be >= {2 if mode == 'ensemble' else 1}"
+                            f"{' (teachers and a student)' if mode == 'ensemble' else ''}, got {members}")
+    student_threads = threads if student_threads is None else student_threads
     t0 = time.time()
     run_dir = Path(run_dir)
     over = dict(overrides or {})
@@ -307,14 +319,24 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
     # the members' elapsed time is known only when this call trains every one of them from scratch
     fresh = not any(j.run_dir.exists() for j in jobs)
     t_members = time.time()
-    if distill:
+    teach = {"distill.alpha": alpha, "distill.temperature": temperature}
+    if mode == "chain":
         for k, job in enumerate(jobs):
             if k > 0:
-                job.overrides.update({"distill.teacher": str(best_weights(jobs[k - 1].run_dir)),
-                                      "distill.alpha": alpha, "distill.temperature": temperature})
-            failures = run_jobs([job], 1, threads, progress, desc=f"member {k}", gpus_per_job=gpus_per_job)
+                job.overrides.update({"distill.teacher": str(best_weights(jobs[k - 1].run_dir)), **teach})
+            failures = run_jobs([job], 1, threads if k == 0 else student_threads, progress, desc=f"member {k}",
+                                gpus_per_job=gpus_per_job)
             if failures:
                 raise JobsFailed(failures, f"member {k} teaches the next: no later member was trained")
+    elif mode == "ensemble":
+        *teachers, student = jobs
+        failures = run_jobs(teachers, parallel, threads, progress, desc="teachers", gpus_per_job=gpus_per_job)
+        if failures:
+            raise JobsFailed(failures, "the members teach the student: it was not trained")
+        student.overrides.update({"distill.teacher": ",".join(str(best_weights(j.run_dir)) for j in teachers), **teach})
+        failures = run_jobs([student], 1, student_threads, progress, desc="student", gpus_per_job=gpus_per_job)
+        if failures:
+            raise JobsFailed(failures, "the student: the ensemble was not evaluated")
     else:
         failures = run_jobs(jobs, parallel, threads, progress, desc="members", gpus_per_job=gpus_per_job)
         if failures:
@@ -326,7 +348,7 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
     member_results = [j.result() for j in jobs]
     probs = result["methods"]["probs"]
     result.update({
-        "recipe": recipe, "overrides": overrides or {}, "distill": {"enabled": distill, "alpha": alpha, "temperature": temperature},
+        "recipe": recipe, "overrides": overrides or {}, "distill": {"enabled": bool(mode), "mode": mode or None, "alpha": alpha, "temperature": temperature},
         **{f"{k}": v for k, v in probs.items()},
         "wall_s": round(sum(r["wall_s"] for r in member_results) + eval_wall, 2),
         "tokens_seen": sum(r["tokens_seen"] for r in member_results),

@@ -62,7 +62,7 @@ class Entry:
     recipe: str
     overrides: dict[str, Any] = field(default_factory=dict)
     members: int = 1
-    distill: bool = False
+    distill: bool | str = False  # True (or "chain"): chain distillation; "ensemble": the last member learns from the others
     alpha: float = 0.5
     temperature: float = 1.2
     limit_s: int = 1800  # the track's wall-time allowance for this kind of entry
@@ -135,9 +135,9 @@ class TrackDef:
                 for b, d in CURVE_DEPTHS[self.curve_recipe].items()}
     ensemble: Entry = field(default_factory=lambda: Entry("slowrun", dict(ENTRY_OVERRIDES), members=4, limit_s=7200))
     # The same members, each after the first distilled from the one before it. K = 2: a distilled
-    # member costs ~2.5x a plain one on this CPU (full logits of student and teacher instead of the
-    # fused loss), so a chain of 4 did not fit the session that measured the track; compare it with
-    # the plain ensemble's K = 2 row.
+    # member cost ~2x a plain one on this CPU when the track measured it (full logits of student and
+    # teacher; the fused distillation loss since takes 1.48x), so a chain of 4 did not fit that
+    # session; compare it with the plain ensemble's K = 2 row.
     distill: Entry = field(default_factory=lambda: Entry("slowrun", dict(ENTRY_OVERRIDES), members=2, distill=True,
                                                          limit_s=7200))
 
@@ -263,8 +263,9 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
         if ledgers:
             Ledger.open(ledgers[0]).append(entry_from_result(job.result(), {"entry": kind, "recipe": e.recipe}))
         return run_dir, job.result()
+    chain = e.distill is True or e.distill == "chain"
     first = RunDir(run_dir).member(0)
-    if e.distill and shared is not None and RunDir(shared).finished() and not first.exists():
+    if chain and shared is not None and RunDir(shared).finished() and not first.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         copy = first.with_name(first.name + ".tmp")
         shutil.rmtree(copy, ignore_errors=True)  # left by an interrupted copy
@@ -272,7 +273,8 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
         copy.rename(first)
     result = read_result(run_dir) if RunDir(run_dir).finished() else \
         train_ensemble(e.recipe, str(data.path), e.members, run_dir, e.overrides, e.distill, e.alpha, e.temperature,
-                       jobs if not e.distill else 1, threads if not e.distill or jobs == 1 else -1)
+                       1 if chain else jobs, threads if not chain or jobs == 1 else -1,
+                       student_threads=-1 if jobs > 1 else threads)  # a member trained alone takes every core
     return run_dir, result
 
 
