@@ -420,7 +420,7 @@ class EvalConfig:
 
 @dataclass
 class DistillConfig:
-    """Knowledge distillation from a teacher run (chain distillation in ensembles)."""
+    """Knowledge distillation from a teacher run, or from an ensemble of them (chain or ensemble distillation in ensembles)."""
 
     teacher: str = opt("", "teacher run directory or checkpoint (several separated by commas: an ensemble, its probabilities at the temperature averaged); empty disables distillation")
     alpha: float = opt(0.5, "loss = (1-alpha)*CE + alpha*T^2*KL(teacher/T || student/T)")
