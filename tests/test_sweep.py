@@ -45,7 +45,7 @@ def test_sweep_makes_a_resumable_curve(bpe_ds, tmp_path):
 
 def test_parameter_scaling_fit(bpe_ds, tmp_path):
     r = subprocess.run([sys.executable, "-m", "slowrun", "sweep", "--recipe", "smoke", "--data", str(bpe_ds),
-                        "--out", str(tmp_path / "sc"), "--grid", "model.n_embd=16,32,64", "--fit-params",
+                        "--out", str(tmp_path / "sc"), "--grid", "model.n_embd=16,32,48,64", "--fit-params",
                         "--set", "train.max_steps=15", "--set", "eval.max_tokens=512", "--jobs", "2", "--threads", "1",
                         "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -53,11 +53,16 @@ def test_parameter_scaling_fit(bpe_ds, tmp_path):
     scaling = curve["scaling"]
     assert [p["params"] for p in scaling["points"]] == sorted(p["params"] for p in scaling["points"])
     fit = scaling["fit"]
-    assert len(fit["residuals"]) == 3
+    assert len(fit["residuals"]) == 4
     if fit["status"] == "ok":  # a real estimate: E >= 0 and printed as such
         assert fit["E"] >= 0 and f"infinite compute E = {fit['E']:.4f}" in r.stdout
     else:  # a fit on its bound is said to be one, with no number
         assert "E" not in fit and "hit its bound" in r.stdout
+    # three sizes: three parameters through three points, no fit, and why
+    from slowrun.sweep import describe, fit_scaling
+    three = fit_scaling(scaling["points"][:3])
+    assert "E" not in three["fit"] and three["fit"]["status"].startswith("no fit") and "at least 4 points" in three["fit"]["status"]
+    assert "at least 4 points" in describe({**curve, "scaling": three})
 
 
 def test_sweep_rejects_bad_grid_keys(bpe_ds, tmp_path):

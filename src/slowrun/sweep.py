@@ -42,7 +42,7 @@ from . import SlowrunError
 from .checkpoint import checkpoint_step, list_checkpoints
 from .config import build_config, config_to_dict
 from .dataset import Dataset
-from .efficiency import fit_power_law
+from .efficiency import EfficiencyError, fit_power_law
 from .gpt import GPT
 from .jobs import JobsFailed, TrainJob, run_jobs
 from .ledger import Ledger, config_key, dataset_identity, entry_from_result
@@ -470,9 +470,10 @@ def fit_scaling(points: list[dict]) -> dict:
     ns = sorted(by_n)
     rows = [{"params": n, "val_loss": by_n[n]["val_loss"], "test_loss": by_n[n]["test_loss"], "point": by_n[n]["point"]} for n in ns]
     out: dict[str, Any] = {"points": rows}
-    if len(ns) >= 3:
-        fit = fit_power_law([float(n) for n in ns], [by_n[n]["val_loss"] for n in ns])
-        out["fit"] = fit.as_dict()
+    try:
+        out["fit"] = fit_power_law([float(n) for n in ns], [by_n[n]["val_loss"] for n in ns]).as_dict()
+    except EfficiencyError as e:  # too few sizes to fit and check a fit
+        out["fit"] = {"status": f"no fit: {e}"}
     return out
 
 
@@ -493,6 +494,8 @@ def describe(curve: dict) -> str:
         if f["status"] == "ok":
             lines.append(f"L(N) = {f['A']:.4g} / N^{f['alpha']:.4f} + {f['E']:.4f} (rms residual {f['rms_residual']:.4f}): "
                          f"estimated loss at infinite compute E = {f['E']:.4f}")
-        else:
+        elif "rms_residual" in f:
             lines.append(f"L(N) = A / N^alpha + E: the fit {f['status']} (rms residual {f['rms_residual']:.4f})")
+        else:
+            lines.append(f"L(N) = A / N^alpha + E: {f['status']}")
     return "\n".join(lines)
