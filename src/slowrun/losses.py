@@ -16,6 +16,26 @@ import torch
 import torch.nn.functional as F
 
 
+def _capped_logits(hc: torch.Tensor, Wc: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's float32 logits softcap(hc @ Wc^T), and tanh(z / softcap) for the backward (None uncapped)."""
+    z = (hc @ Wc.T).float()  # (n, V)
+    if softcap <= 0:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, t
+
+
+def _chunk_backward(g: torch.Tensor, t: torch.Tensor | None, N: int, compute_dtype, Wc: torch.Tensor, hc: torch.Tensor,
+                    grad_W: torch.Tensor) -> torch.Tensor:
+    """From dLoss/dz of a chunk's capped logits (times N; overwritten): its rows of dL/dh, returned,
+    and its share of dL/dW, added to grad_W."""
+    if t is not None:
+        g.mul_(1.0 - t * t)
+    g = g.div_(N).to(compute_dtype)
+    grad_W += g.T @ hc
+    return g @ Wc
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """mean_i CE(softcap(h_i W^T), y_i); gradients are computed in the forward pass."""
 
@@ -29,19 +49,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, N, chunk):
             hc, y = hc_all[i:i + chunk], targets[i:i + chunk]
-            z = (hc @ Wc.T).float()  # (n, V)
-            if softcap > 0:
-                t = torch.tanh(z / softcap)
-                z = t * softcap
+            z, t = _capped_logits(hc, Wc, softcap)
             lse = torch.logsumexp(z, dim=-1, keepdim=True)
             total += (lse.squeeze(-1) - z.gather(1, y[:, None]).squeeze(-1)).sum()
             g = torch.exp_(z.sub_(lse))  # softmax, in place
             g[torch.arange(len(y), device=y.device), y] -= 1.0
-            if softcap > 0:
-                g.mul_(1.0 - t * t)
-            g = g.div_(N).to(compute_dtype)
-            grad_h[i:i + chunk] = g @ Wc
-            grad_W += g.T @ hc
+            grad_h[i:i + chunk] = _chunk_backward(g, t, N, compute_dtype, Wc, hc, grad_W)
         ctx.save_for_backward(grad_h.to(h.dtype), grad_W.to(W.dtype))
         return total / N
 
@@ -88,15 +101,10 @@ class _LinearDistillation(torch.autograd.Function):
         for i in range(0, N, chunk):
             hc, y = hc_all[i:i + chunk], targets[i:i + chunk]
             rows = torch.arange(len(y), device=y.device)
-            z = (hc @ Wc.T).float()  # (n, V)
-            if softcap > 0:
-                t = torch.tanh(z / softcap)
-                z = t * softcap
+            z, t = _capped_logits(hc, Wc, softcap)
             pt = None
             for k, cap in enumerate(t_softcaps):
-                zt = (tc[2 * k][i:i + chunk] @ tc[2 * k + 1].T).float()
-                if cap > 0:
-                    zt = cap * torch.tanh(zt / cap)
+                zt, _ = _capped_logits(tc[2 * k][i:i + chunk], tc[2 * k + 1], cap)
                 p_k = torch.softmax(zt.div_(T), dim=-1)
                 pt = p_k if pt is None else pt.add_(p_k)
             if K > 1:
@@ -108,11 +116,7 @@ class _LinearDistillation(torch.autograd.Function):
             g = torch.exp_(z.sub_(lse)).mul_(1 - a)  # (1-a) softmax(z), in place
             g[rows, y] -= 1 - a
             g.add_(torch.exp_(log_q).sub_(pt), alpha=a * T)
-            if softcap > 0:
-                g.mul_(1.0 - t * t)
-            g = g.div_(N).to(compute_dtype)
-            grad_h[i:i + chunk] = g @ Wc
-            grad_W += g.T @ hc
+            grad_h[i:i + chunk] = _chunk_backward(g, t, N, compute_dtype, Wc, hc, grad_W)
         ctx.save_for_backward(grad_h.to(h.dtype), grad_W.to(W.dtype))
         return ((1 - a) * ce_total + a * T**2 * kl_total) / N
 
