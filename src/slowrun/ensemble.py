@@ -288,6 +288,14 @@ def describe(result: dict) -> str:
 DISTILL_MODES = ("chain", "ensemble")
 
 
+def distill_mode(distill: bool | str) -> str:
+    """The mode of `distill`: "" (none), "chain" (also for True) or "ensemble"; anything else is refused."""
+    mode = "chain" if distill is True else (distill or "")
+    if mode and mode not in DISTILL_MODES:
+        raise EnsembleError(f"--distill: chain or ensemble, got {distill!r}")
+    return mode
+
+
 def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, overrides: dict | None = None,
                    distill: bool | str = False, alpha: float | None = None, temperature: float | None = None,
                    parallel: int = 1, threads: int = -1, fitness_tokens: int = 0, select: int = 0, progress: bool = True,
@@ -297,9 +305,7 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
     torchrun when > 1): see `jobs.run_jobs`. `distill`: False, "chain" (or True) or "ensemble"
     (see the module's docstring). `alpha`, `temperature`: None = the recipe's. `student_threads`:
     torch threads of a distilled member trained alone (default `threads`)."""
-    mode = "chain" if distill is True else (distill or "")
-    if mode and mode not in DISTILL_MODES:
-        raise EnsembleError(f"--distill: chain or ensemble, got {distill!r}")
+    mode = distill_mode(distill)
     if members < 1 or (mode == "ensemble" and members < 2):
         raise EnsembleError(f"--members must be >= {2 if mode == 'ensemble' else 1}"
                             f"{' (teachers and a student)' if mode == 'ensemble' else ''}, got {members}")

@@ -244,7 +244,7 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
     when that has the same recipe and overrides (same config, same seed, one run), else trained
     and appended to the first ledger. A chain-distilled ensemble's first member has no teacher,
     so it is copied from the plain ensemble's first member when that one is finished."""
-    from .ensemble import train_ensemble  # imports torch
+    from .ensemble import distill_mode, train_ensemble  # imports torch
     from .jobs import JobsFailed, TrainJob, run_jobs  # imports torch
 
     run_dir = _entry_dir(work, kind, e, data)
@@ -263,7 +263,7 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
         if ledgers:
             Ledger.open(ledgers[0]).append(entry_from_result(job.result(), {"entry": kind, "recipe": e.recipe}))
         return run_dir, job.result()
-    chain = e.distill is True or e.distill == "chain"
+    chain = distill_mode(e.distill) == "chain"
     first = RunDir(run_dir).member(0)
     if chain and shared is not None and RunDir(shared).finished() and not first.exists():
         run_dir.mkdir(parents=True, exist_ok=True)

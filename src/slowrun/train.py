@@ -313,7 +313,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
         teacher, _, textra = load_model(path, device)
         if textra.get("dataset"):
             require_comparable(textra["dataset"], ds.fingerprint, f"distill.teacher {path} and the dataset {ds.path}")
-        teachers.append(teacher.eval())
+        teachers.append(teacher)  # in eval mode from the training loop's start
 
     warnings: list[str] = []
     ck: Checkpoint | None = latest_good_checkpoint(run_dir, log=warnings.append) if resume else None
