@@ -22,7 +22,11 @@ cd "$(dirname "$0")/.."
 commit=$(git rev-parse --short=12 HEAD)
 snap="${SNAPSHOTS:-/tmp/slowrun-snapshots}/$commit"
 if [ ! -f "$snap/src/slowrun/COMMIT" ]; then
-  mkdir -p "$snap.tmp" && git archive HEAD | tar -x -C "$snap.tmp" && mv "$snap.tmp" "$snap"
+  # a temporary folder of this job's own: two jobs started together both make the snapshot, and the
+  # second's rename fails on the first's folder, which is the same code
+  mkdir -p "$(dirname "$snap")" && tmp=$(mktemp -d "$snap.tmp.XXXXXX")
+  git archive HEAD | tar -x -C "$tmp"
+  mv -T "$tmp" "$snap" 2>/dev/null || rm -rf "$tmp"
 fi
 # the repository's virtual environment first (a script's `slowrun` and `python3` are its own); the
 # snapshot's src on PYTHONPATH comes before the editable install's finder
