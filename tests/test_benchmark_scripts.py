@@ -155,3 +155,18 @@ def test_distill_step_benchmark_times_both_losses_and_finds_them_equal(tmp_path)
     assert all(v > 0 for v in result["median_step_s"].values())
     assert result["loss_difference"] < 1e-4  # the two losses compute one function
     assert "fused distillation:" in r.stdout
+
+
+def test_loss_kernel_benchmark_times_both_settings_and_finds_them_equal(tmp_path):
+    out = tmp_path / "loss_kernel.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loss_kernel.py"), "--recipe", "smoke", "--vocab-size", "97",
+                        "--batch-tokens", "128", "--depths", "1", "--threads", "1", "--steps", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    at = json.loads(out.read_text())["threads"]["1"]
+    assert at["chunk_256"]["eager_ms"] > 0 and at["chunk_256"]["compiled_ms"] > 0
+    for kind in ("plain", "distill"):
+        row = at["depths"]["1"][kind]
+        assert row["eager_ms"] > 0 and row["compiled_ms"] > 0
+        first = row["first_loss"]
+        assert abs(first["compiled"] - first["eager"]) < 1e-5  # one function, built or not

@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -160,6 +163,44 @@ def test_linear_distillation_from_an_ensemble_of_teachers():
     assert torch.allclose(torch.softmax(target.teacher_logits() / T, -1), pt, atol=1e-6)
     with pytest.raises(ValueError, match="2 teacher hidden states, 3 heads"):
         linear_distillation(h, W, y, 7.0, ths[:2], tWs, caps, a, T)
+
+
+def test_loss_kernels_built_by_inductor_equal_them_run_eagerly():
+    """The fused output layer's elementwise kernels, as training runs them (compiled, the
+    default), equal the same functions run eagerly; one build serves other shapes and dtypes."""
+    from slowrun import losses
+    torch.manual_seed(0)
+    for n, V, cap, dtype in ((64, 50, 7.0, torch.float32), (44, 70, 7.0, torch.bfloat16), (64, 50, -1.0, torch.float32)):
+        z, zt = (torch.randn(n, V) * 4).to(dtype), (torch.randn(n, V) * 4).to(dtype)
+        y = torch.randint(0, V, (n,))
+        for fn, args in ((losses._ce_rows, (z, y, cap)), (losses._distill_rows, (z, y, cap, 0.3, 1.5, (5.0, -1.0), zt, 2 * zt))):
+            built = losses._run_kernel(fn, *args)
+            assert callable(losses._COMPILED[fn]), "the kernel was not built"
+            for a, b in zip(built, fn(*args)):
+                assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5), (fn.__name__, n, V)
+
+
+def test_a_loss_kernel_that_cannot_be_built_runs_eagerly_with_one_warning(tmp_path):
+    """No C++ compiler for inductor: the fused loss warns once (through the run's log) and gives
+    the eager result; the process goes on."""
+    script = tmp_path / "no_cxx.py"
+    script.write_text(
+        "import torch\n"
+        "from slowrun import losses\n"
+        "got = []\n"
+        "losses.compile_kernels(True, got.append)\n"
+        "torch.manual_seed(0)\n"
+        "h, W, y = torch.randn(300, 16), torch.randn(50, 16), torch.randint(0, 50, (300,))\n"
+        "a = [losses.linear_cross_entropy(h, W, y, 7.0, 64).item() for _ in range(2)]\n"
+        "losses.compile_kernels(False)\n"
+        "b = losses.linear_cross_entropy(h, W, y, 7.0, 64).item()\n"
+        "print(a[0] == a[1] == b, len(got), got[0] if got else '')\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("True 1 warning: the fused output layer's compiled kernel could not be built"), last
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("mtp_inside", [False, True])

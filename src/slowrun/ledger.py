@@ -44,7 +44,7 @@ from .results import read_result
 NON_RESULT_KEYS = {
     "data": ("path",),
     "train": ("num_threads", "progress", "log_every", "wandb", "tensorboard", "checkpoint_every", "keep_checkpoints",
-              "save_final", "device", "compile", "compile_scope", "compile_backend", "dist_timeout_min"),
+              "save_final", "device", "compile", "compile_scope", "compile_backend", "compile_loss", "dist_timeout_min"),
 }
 DATASET_KEYS = ("tokenizer", "val", "test", "train", "train_tokens")
 

@@ -5,33 +5,110 @@ The output layer dominates small models with large vocabularies (on a 4-layer, 2
 model with 8k tokens, the logits' softcap, log-softmax and their backward took about 45%
 of a CPU step when done as separate full-size passes). `linear_cross_entropy` computes the
 loss and both gradients chunk by chunk in one sweep, so each (chunk, V) block is touched
-while it is still in cache and the full (N, V) logits never exist.
+while it is still in cache and the full (N, V) logits never exist. The elementwise part of a
+chunk (softcap, softmax, their gradient) is a function of its own, built by inductor
+(train.compile_loss) into a few loops instead of a dozen passes.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
-def _capped_logits(hc: torch.Tensor, Wc: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A chunk's float32 logits softcap(hc @ Wc^T), and tanh(z / softcap) for the backward (None uncapped)."""
-    z = (hc @ Wc.T).float()  # (n, V)
+def _capped(z: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 softcap(z) of a chunk's raw logits z (a copy), and tanh(z / softcap) (None uncapped)."""
+    z = z.to(torch.float32, copy=True)
     if softcap <= 0:
         return z, None
-    t = torch.tanh(z / softcap)
+    t = torch.tanh(z.div_(softcap))
     return t * softcap, t
 
 
-def _chunk_backward(g: torch.Tensor, t: torch.Tensor | None, N: int, compute_dtype, Wc: torch.Tensor, hc: torch.Tensor,
-                    grad_W: torch.Tensor) -> torch.Tensor:
-    """From dLoss/dz of a chunk's capped logits (times N; overwritten): its rows of dL/dh, returned,
-    and its share of dL/dW, added to grad_W."""
+def _ce_rows(z: torch.Tensor, y: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elementwise part of the fused output layer on a chunk of raw logits z (n, V): the summed
+    CE of softcap(z) against y, and its gradient with respect to z, in z's dtype. In place where
+    it can be, so that it runs fast eagerly too; inductor builds it as a few loops over the chunk
+    (`_run_kernel`)."""
+    zc, t = _capped(z, softcap)
+    lse = torch.logsumexp(zc, dim=-1, keepdim=True)
+    loss = (lse - zc.gather(1, y[:, None])).sum()
+    g = torch.exp_(zc.sub_(lse))  # softmax, in place
+    g[torch.arange(len(y), device=y.device), y] -= 1.0
     if t is not None:
         g.mul_(1.0 - t * t)
-    g = g.div_(N).to(compute_dtype)
+    return loss, g.to(z.dtype)
+
+
+def _distill_rows(z: torch.Tensor, y: torch.Tensor, softcap: float, alpha: float, temperature: float,
+                  t_softcaps: tuple[float, ...], *teacher_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_ce_rows` for distillation: the chunk's summed CE and KL(teachers || student at T), and the
+    gradient of (1-a) CE + a T^2 KL with respect to the student's raw logits z:
+    (1-a) (softmax(zc) - onehot(y)) + a T (softmax(zc/T) - pt), times d softcap/dz, with pt the
+    teachers' probabilities at T (of their capped raw logits teacher_z) averaged."""
+    a, T = alpha, temperature
+    rows = torch.arange(len(y), device=y.device)
+    zc, t = _capped(z, softcap)
+    pt = None
+    for zt, cap in zip(teacher_z, t_softcaps):
+        p_k = torch.softmax(_capped(zt, cap)[0].div_(T), dim=-1)
+        pt = p_k if pt is None else pt.add_(p_k)
+    if len(t_softcaps) > 1:
+        pt.div_(len(t_softcaps))
+    lse = torch.logsumexp(zc, dim=-1, keepdim=True)
+    ce = (lse.squeeze(-1) - zc[rows, y]).sum()
+    log_q = torch.log_softmax(zc / T, dim=-1)
+    kl = (torch.xlogy(pt, pt) - pt * log_q).sum()  # xlogy: 0 log 0 = 0
+    g = torch.exp_(zc.sub_(lse)).mul_(1 - a)  # (1-a) softmax(zc), in place
+    g[rows, y] -= 1 - a
+    g.add_(torch.exp_(log_q).sub_(pt), alpha=a * T)
+    if t is not None:
+        g.mul_(1.0 - t * t)
+    return ce, kl, g.to(z.dtype)
+
+
+# the elementwise kernels as inductor builds them (dynamic shapes: one build serves every chunk
+# size and vocabulary), None after a build failed; and whether to build them (train.compile_loss)
+_COMPILED: dict = {}
+_COMPILE: dict = {"on": True, "warn": None}
+
+
+def compile_kernels(on: bool, warn=None) -> None:
+    """Whether the fused output layer runs its elementwise kernels compiled (train.compile_loss),
+    and where a failed build is reported (a run's log; None: Python's warnings)."""
+    _COMPILE.update(on=bool(on), warn=warn)
+
+
+def _run_kernel(fn, *args):
+    """fn(*args), compiled by inductor where it can be built: a (256, 8,192) chunk's CE and gradient
+    took 30 ms eagerly on one CPU core and 6.3 ms compiled, and the CPU track's step 6-14% less time
+    (distillation's 10-34%; benchmarks/results/loss_kernel.json).
+    Inside a compiled model the model's own graph takes fn in; where inductor cannot build it (no C++
+    compiler, say) it runs eagerly from then on, with one warning."""
+    if not _COMPILE["on"] or torch.compiler.is_compiling():
+        return fn(*args)
+    compiled = _COMPILED.get(fn, False)
+    if compiled is False:
+        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    if compiled is None:
+        return fn(*args)
+    try:
+        return compiled(*args)
+    except Exception as e:  # a failed build: the same math, eagerly (fn is pure, so nothing ran half)
+        _COMPILED[fn] = None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        msg = (f"the fused output layer's compiled kernel could not be built ({type(e).__name__}: {first}); "
+               "it runs eagerly, slower (train.compile_loss=false skips the build)")
+        _COMPILE["warn"](f"warning: {msg}") if _COMPILE["warn"] else warnings.warn(msg)
+        return fn(*args)
+
+
+def _chunk_backward(g: torch.Tensor, Wc: torch.Tensor, hc: torch.Tensor, grad_W: torch.Tensor) -> torch.Tensor:
+    """From dLoss/dz of a chunk's raw logits z = hc @ Wc^T: its rows of dL/dh, returned, and its
+    share of dL/dW, added to grad_W (both unscaled: the caller divides by the rows)."""
     grad_W += g.T @ hc
     return g @ Wc
 
@@ -49,13 +126,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, N, chunk):
             hc, y = hc_all[i:i + chunk], targets[i:i + chunk]
-            z, t = _capped_logits(hc, Wc, softcap)
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            total += (lse.squeeze(-1) - z.gather(1, y[:, None]).squeeze(-1)).sum()
-            g = torch.exp_(z.sub_(lse))  # softmax, in place
-            g[torch.arange(len(y), device=y.device), y] -= 1.0
-            grad_h[i:i + chunk] = _chunk_backward(g, t, N, compute_dtype, Wc, hc, grad_W)
-        ctx.save_for_backward(grad_h.to(h.dtype), grad_W.to(W.dtype))
+            loss, g = _run_kernel(_ce_rows, hc @ Wc.T, y, softcap)
+            total += loss
+            grad_h[i:i + chunk] = _chunk_backward(g, Wc, hc, grad_W)
+        ctx.save_for_backward(grad_h.to(h.dtype).div_(N), grad_W.div_(N).to(W.dtype))
         return total / N
 
     @staticmethod
@@ -97,27 +171,15 @@ class _LinearDistillation(torch.autograd.Function):
         grad_W = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
         ce_total = torch.zeros((), dtype=torch.float32, device=h.device)
         kl_total = torch.zeros((), dtype=torch.float32, device=h.device)
-        a, T, K = alpha, temperature, len(t_softcaps)
         for i in range(0, N, chunk):
             hc, y = hc_all[i:i + chunk], targets[i:i + chunk]
-            rows = torch.arange(len(y), device=y.device)
-            z, t = _capped_logits(hc, Wc, softcap)
-            pt = None
-            for k, cap in enumerate(t_softcaps):
-                zt, _ = _capped_logits(tc[2 * k][i:i + chunk], tc[2 * k + 1], cap)
-                p_k = torch.softmax(zt.div_(T), dim=-1)
-                pt = p_k if pt is None else pt.add_(p_k)
-            if K > 1:
-                pt.div_(K)
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            ce_total += (lse.squeeze(-1) - z[rows, y]).sum()
-            log_q = torch.log_softmax(z / T, dim=-1)
-            kl_total += (torch.xlogy(pt, pt) - pt * log_q).sum()  # xlogy: 0 log 0 = 0
-            g = torch.exp_(z.sub_(lse)).mul_(1 - a)  # (1-a) softmax(z), in place
-            g[rows, y] -= 1 - a
-            g.add_(torch.exp_(log_q).sub_(pt), alpha=a * T)
-            grad_h[i:i + chunk] = _chunk_backward(g, t, N, compute_dtype, Wc, hc, grad_W)
-        ctx.save_for_backward(grad_h.to(h.dtype), grad_W.to(W.dtype))
+            teacher_z = [tc[2 * k][i:i + chunk] @ tc[2 * k + 1].T for k in range(len(t_softcaps))]
+            ce, kl, g = _run_kernel(_distill_rows, hc @ Wc.T, y, softcap, alpha, temperature, t_softcaps, *teacher_z)
+            ce_total += ce
+            kl_total += kl
+            grad_h[i:i + chunk] = _chunk_backward(g, Wc, hc, grad_W)
+        ctx.save_for_backward(grad_h.to(h.dtype).div_(N), grad_W.div_(N).to(W.dtype))
+        a, T = alpha, temperature
         return ((1 - a) * ce_total + a * T**2 * kl_total) / N
 
     @staticmethod

@@ -38,7 +38,7 @@ from .evaluate import autocast, evaluate, split_tokens
 from .final_eval import final_evaluation, result_table
 from .gpt import GPT, loop_active_at, stoch_depth_scales, window_stage_of
 from .loader import TrainLoader
-from .losses import DistillTarget
+from .losses import DistillTarget, compile_kernels
 from .optim import Optimizers, build_optimizers, store_bf16
 from .prepare import DEFAULT_DATA, default_dataset
 from .results import ResultError, read_result
@@ -348,6 +348,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
                     config_to_dict(cfg))
     for text in warnings:
         log.warn(text)
+    compile_kernels(cfg.train.compile_loss, log.warn)
     fwd_model = model
     if cfg.train.compile and cfg.train.compile_scope == "blocks":
         model.compile_blocks(cfg.train.compile_backend)
