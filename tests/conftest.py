@@ -60,3 +60,16 @@ def with_field_added_later(monkeypatch, module, value):
     monkeypatch.setattr(module, "config_to_dict", lambda c: {**real_dict(c), "data": {**real_dict(c)["data"], "future_knob": value}})
     monkeypatch.setattr(ledger, "section_defaults",
                         lambda sec: {**real_defaults(sec), **({"future_knob": 0} if sec == "data" else {})})
+
+
+@pytest.fixture
+def eager_loss_kernels():
+    """The fused output layer's elementwise kernels run eagerly, for the parity tests against the
+    reference's and nanochat's own (eager) code: the compiled kernel's exp and tanh differ from
+    eager ones in the last bit, and Muon turns the near-zero early gradients of zero-initialised
+    matrices into full-size updates, so ten steps apart by an ulp end ~1e-1 apart. The kernel's
+    equality to its eager run is tested apart (test_gpt.py)."""
+    from slowrun import losses
+    losses.compile_kernels(False)
+    yield
+    losses.compile_kernels(True)

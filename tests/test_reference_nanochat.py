@@ -21,8 +21,9 @@ from slowrun.schedules import Schedule
 
 REF = Path(os.environ.get("SLOWRUN_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 NANOCHAT = REF / "nanochat-1076f97"
-pytestmark = pytest.mark.skipif(not (NANOCHAT / "nanochat" / "gpt.py").is_file(),
-                                reason=f"nanochat's reference code not found at {NANOCHAT}")
+pytestmark = [pytest.mark.skipif(not (NANOCHAT / "nanochat" / "gpt.py").is_file(),
+                                 reason=f"nanochat's reference code not found at {NANOCHAT}"),
+              pytest.mark.usefixtures("eager_loss_kernels")]  # nanochat's loss runs eagerly (conftest.py)
 
 V, T, L, C, H = 128, 32, 4, 64, 2  # V a multiple of 64: nanochat pads nothing
 
