@@ -76,7 +76,9 @@ done
 # every part measures the recipe as it was when that part began, so that its runs keep their configs
 # as the recipe changes: with 2 SWA cycles (the leave-one-out and `tied` found them harmful; the recipe has
 # none since), and but for `tied` and `both` with untied embeddings (the leave-one-out found tying better)
+# Every part so far measured the depth-4 recipe (4 layers of 256), pinned here since the recipe took depth 6
 RECIPE=(--recipe slowrun --data "$DATA" --seeds "${SEEDS:-3}" --set eval.max_tokens=32768
+        --set model.depth=-1 --set model.n_layer=4 --set model.n_head=4 --set model.n_embd=256
         --ledger "$LEDGER" "${CURVE[@]}"
         --jobs "$JOBS" --threads "$THREADS" --no-progress ${NO_TRAIN:+--no-train})
 TIED=("${RECIPE[@]}" --set optim.swa_epochs=2)
@@ -148,11 +150,12 @@ if wants both; then
     --variant both:model.embed_norm=true,optim.swa_epochs=2
 fi
 if wants ref; then
+  # (the recipe swaps get the depth-4 pin too: limited_cpu's own 3 heads of 64 are restated; tiny_cpu is 4 x 256)
   # the loop: the first decoder block three times from the 5th of 8 epochs (the 1-hour track loops the first
   # six of its decoder's 15 blocks from the 7th of 11 epochs); the windows: half the context, the last block full
   run_part ablation-cpu-ref ablation_cpu_ref "CPU track: the reference's recipes at this scale, and their techniques added to ours" \
     "${RECIPE[@]}" --only none \
-    $(variants limited_cpu:recipe=limited_cpu tiny_cpu:recipe=tiny_cpu \
+    $(variants limited_cpu:recipe=limited_cpu,model.n_head=3,model.n_embd=192 tiny_cpu:recipe=tiny_cpu \
       xsa:model.xsa=tanh iha:model.iha=true \
       windows:model.window_pattern=SSSL,model.short_window=128 \
       mtp:model.mtp_weight=0.3,model.mtp_style=reference \

@@ -53,8 +53,7 @@ def chunk_kernel(vocab: int, steps: int) -> dict:
 
 
 def steps_at(depth: int, args) -> dict:
-    cfg = build_config(args.recipe, {"model.vocab_size": args.vocab_size, "model.n_layer": depth,
-                                     "model.n_head": depth, "model.n_embd": 64 * depth})
+    cfg = build_config(args.recipe, {"model.vocab_size": args.vocab_size, "model.depth": depth})
     torch.manual_seed(0)
     model, teacher = GPT(cfg.model), GPT(cfg.model).eval()
     opt = build_optimizers(model, cfg.optim, torch.device("cpu"))

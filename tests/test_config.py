@@ -38,7 +38,7 @@ def test_validation_names_the_option():
     with pytest.raises(ConfigError, match=r"optim.weight_decay: must be >= 0, got -1"):
         build_config("slowrun", {"optim.weight_decay": -1})
     with pytest.raises(ConfigError, match=r"model.n_embd: must be divisible by model.n_head=3"):
-        build_config("slowrun", {"model.n_head": 3})
+        build_config("slowrun", {"model.depth": -1, "model.n_embd": 256, "model.n_head": 3})
     with pytest.raises(ConfigError, match=r"model.norm: must be one of layernorm, rmsnorm"):
         build_config("slowrun", {"model.norm": "batchnorm"})
     with pytest.raises(ConfigError, match=r"train.epochs: expected a number"):
@@ -51,6 +51,21 @@ def test_resolved_config_round_trips_through_toml():
     cfg = build_config("slowrun", {"optim.weight_decay": 1.6, "model.depth": 6})
     again = config_from_dict(tomllib.loads(config_to_toml(cfg)))
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_a_size_the_recipes_depth_would_overwrite_is_refused():
+    """The slowrun recipe is sized by model.depth; an n_layer, n_embd or n_head given alone would be
+    overwritten by it without a word, so it is refused, naming the way out; with --model.depth=-1
+    it is taken, and a depth given beside it wins (the ablations' size variants)."""
+    assert build_config("slowrun").model.depth == 6
+    for key in ("model.n_layer", "model.n_embd", "model.n_head"):
+        with pytest.raises(ConfigError, match=rf"--{key}: this recipe sizes the model by model.depth=6.*--model.depth=-1"):
+            build_config("slowrun", {key: 2})
+    m = build_config("slowrun", {"model.depth": -1, "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256}).model
+    assert (m.n_layer, m.n_head, m.n_embd) == (4, 4, 256)
+    m = build_config("slowrun", {"model.depth": 5, "model.n_layer": 4}).model
+    assert (m.n_layer, m.n_embd) == (5, 320)
+    assert build_config("baseline", {"model.n_layer": 2}).model.n_layer == 2  # no depth: as given
 
 
 def test_depth_knob_scales_width():

@@ -140,7 +140,7 @@ def test_reference_val_protocol_equals_the_reference_loader(bpe_ds):
     T, B, world = 32, 2, 3
     val = np.asarray(ds.tokens("val"), dtype=np.int64)
     torch.manual_seed(0)
-    model = GPT(build_config("slowrun", {"model.vocab_size": ds.vocab_size, "model.seq_len": T, "model.n_layer": 2,
+    model = GPT(build_config("slowrun", {"model.vocab_size": ds.vocab_size, "model.seq_len": T, "model.depth": -1, "model.n_layer": 2,
                                          "model.n_head": 2, "model.n_embd": 32, "model.dropout": 0.0}).model).eval()
     n = len(val) // (T + 1)
     chunks = val[: n * (T + 1)].reshape(n, T + 1)

@@ -82,7 +82,7 @@ def test_activation_estimate_is_near_the_bytes_autograd_saves(recipe, dtype):
 
 
 def test_meta_model_costs_no_memory():
-    cfg = build_config("slowrun", {"model.vocab_size": 50257, "model.n_layer": 30, "model.n_embd": 1792, "model.n_head": 14})
+    cfg = build_config("slowrun", {"model.vocab_size": 50257, "model.depth": -1, "model.n_layer": 30, "model.n_embd": 1792, "model.n_head": 14})
     m = meta_model(cfg)
     assert all(p.device.type == "meta" for p in m.parameters())
     assert m.num_params() > 1.3e9

@@ -131,6 +131,26 @@ def test_track_pipeline_end_to_end(tmp_path):
     read = run_track(t, tmp_path / "other-work", other / "cpu_track.json", other / "report", parts=("single",))
     assert read["single"]["test_loss"] == res["single"]["test_loss"] and not (tmp_path / "other-work" / "single").exists()
     assert read["single"]["ledger"] == f"{other / 'ablation_ledger.jsonl'}:1"
+    # its run trained on one thread beside other jobs (an ablation's): the allowance is checked on a run of
+    # the same config but its seed on the track's 2 threads; without one, on its own wall
+    from slowrun.ledger import config_key
+
+    slow = {**line, "threads": 1, "wall_s": 10_000.0}
+    timed = {**line, "threads": 2, "wall_s": 100.0, "seed": 1,
+             "config": {**line["config"], "train": {**line["config"]["train"], "seed": 1}}}
+    timed["key"] = config_key(timed["config"])
+    other_seed = {**timed, "wall_s": 5.0, "config": {**timed["config"], "model": {**timed["config"]["model"], "n_layer": 9}}}
+    other_seed["key"] = config_key(other_seed["config"])  # another config: never the timing
+    (other / "cpu_track.json").unlink()
+    (other / "ablation_ledger.jsonl").write_text("".join(json.dumps(x) + "\n" for x in (slow, other_seed, timed)))
+    read = run_track(t, tmp_path / "other-work", other / "cpu_track.json", other / "report", parts=("single",))
+    s1 = read["single"]
+    assert s1["within_limit"] and s1["wall_s"] == 10_000.0 and s1["limit_basis"].startswith("wall of seed 1's run on 2 threads")
+    assert s1["limit_basis"].endswith("ablation_ledger.jsonl:3): 1.7 min")
+    (other / "cpu_track.json").unlink()
+    (other / "ablation_ledger.jsonl").write_text(json.dumps(slow) + "\n")
+    alone = run_track(t, tmp_path / "other-work", other / "cpu_track.json", other / "report", parts=("single",))["single"]
+    assert not alone["within_limit"] and alone["limit_basis"] == "wall"
     # a single entry in no ledger is trained and appended to the track's ledger, where the next machine finds it
     import dataclasses
 

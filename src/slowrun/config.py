@@ -616,9 +616,18 @@ def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return out
 
 
+SIZE_KEYS = ("model.n_layer", "model.n_embd", "model.n_head")
+
+
 def build_config(recipe: str | dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
     base = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    return config_from_dict(merge_overrides(base, overrides or {}))
+    cfg = config_from_dict(merge_overrides(base, overrides or {}))
+    given = [k for k in SIZE_KEYS if k in (overrides or {})]
+    if given and "model.depth" not in (overrides or {}) and cfg.model.depth > 0:
+        # the recipe's model.depth overwrote them without a word (a depth given beside them wins)
+        raise ConfigError(f"--{given[0]}: this recipe sizes the model by model.depth={cfg.model.depth}, which sets "
+                          f"n_layer, n_embd and n_head; pass --model.depth=-1 with it, or --model.depth=D alone")
+    return cfg
 
 
 def describe_options() -> str:

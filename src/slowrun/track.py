@@ -15,7 +15,9 @@ Rules (also in the README):
   data efficiency on the measured `nanochat_ref` curve; the GPT-2-style curve
   (`benchmarks/results/curves/cpu_gpt2.json`) is kept as a second comparator;
 - compute: unlimited in principle; the reference entries are a single model in at most
-  30 minutes and an ensemble in at most 2 hours on 2 cores.
+  30 minutes and an ensemble in at most 2 hours on 2 cores (a single entry read from a
+  ledger, trained on fewer threads beside other jobs, is timed by a run of its config on
+  2 threads, another seed's where its own did not run so).
 
 `run_track` runs (resumably: every finished curve run is in the committed ledger
 `benchmarks/results/ledger.jsonl`, entries are cached by config and dataset hash) the
@@ -126,6 +128,7 @@ class TrackDef:
     # the GPT-2-style curve of 2026-11-26 (committed data; its runs are not redone)
     gpt2_curve: str = "benchmarks/results/curves/cpu_gpt2.json"
     single: Entry = field(default_factory=lambda: Entry("slowrun", dict(ENTRY_OVERRIDES), limit_s=1800))
+    entry_threads: int = 2  # the threads (the track's two cores) an entry's wall time is checked at
 
     def __post_init__(self) -> None:
         if self.curve_grid_by_budget is None:
@@ -237,8 +240,29 @@ def _single_in_ledgers(e: Entry, data: Dataset, ledgers: list[Path]) -> tuple[di
     return None
 
 
+def _seedless_key(config: dict) -> str:
+    return config_key({**config, "train": {**config.get("train", {}), "seed": 0}})
+
+
+def _timed_in_ledgers(line: dict, threads: int, ledgers: list[Path]) -> tuple[dict, str] | None:
+    """(the ledger line, where it is) of a run on `threads` threads of the config of `line` (a
+    ledger line), its own seed first, then any other; or None. A single entry read from an
+    ablation ledger may have trained on one thread beside another job: its wall time then says
+    nothing of the allowance, which such a run of the same config (alone on the track's cores)
+    does."""
+    want, found = _seedless_key(line["config"]), []
+    for path in ledgers:
+        if path.is_file():
+            found += [(o, f"{path}:{o['_line']}") for o in Ledger.open(path).entries
+                      if o.get("threads") == threads and o["dataset"] == line["dataset"]
+                      and _seedless_key(o["config"]) == want]
+    found.sort(key=lambda f: f[0].get("seed") != line.get("seed"))  # its own run first
+    return found[0] if found else None
+
+
 def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads: int,
-              shared: Path | None = None, ledgers: list[Path] | tuple[Path, ...] = ()) -> tuple[Path, dict]:
+              shared: Path | None = None, ledgers: list[Path] | tuple[Path, ...] = (),
+              entry_threads: int = 2) -> tuple[Path, dict]:
     """Train (or reuse) an entry. A single-model entry is read from the first of `ledgers` that
     holds its config's run (on any machine), else it is the ensemble's first member (`shared`)
     when that has the same recipe and overrides (same config, same seed, one run), else trained
@@ -253,7 +277,12 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
         if found is not None:
             line, where = found
             print(f"{kind}: its run is in the ledger ({where}): not trained again", flush=True)
-            return Path(line.get("run_dir") or run_dir), {**line, "ledger": where}
+            out = {**line, "ledger": where}
+            timed = _timed_in_ledgers(line, entry_threads, list(ledgers))
+            if timed is not None and timed[1] != where:
+                out["timed_by"] = {"ledger": timed[1], "seed": timed[0].get("seed"), "threads": entry_threads,
+                                   "wall_s": timed[0]["wall_s"]}
+            return Path(line.get("run_dir") or run_dir), out
         if shared is not None and RunDir(shared).finished():
             return shared, read_result(shared)
         job = TrainJob(run_dir, e.recipe, data.path, e.overrides)
@@ -287,12 +316,15 @@ def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict) -> dict:
     # the allowance is clock time: an ensemble's members trained side by side take less than the sum of
     # their walls; where that elapsed time is unknown (members trained by earlier calls), the sum counts
     elapsed = result.get("members_elapsed_s") if ensemble else None
-    spent = elapsed if elapsed is not None else member_walls
+    timed = result.get("timed_by")
+    spent = elapsed if elapsed is not None else (timed["wall_s"] if timed else member_walls)
     out = {"run_dir": str(run_dir), "recipe": e.recipe, "overrides": e.overrides, "members": members,
            "distill": e.distill, "variant": variant, "test_loss": best["test_loss"], "test_bpb": best["test_bpb"],
            "val_loss": best["val_loss"], "val_bpb": best["val_bpb"], "wall_s": member_walls,
            "members_elapsed_s": elapsed, "within_limit": spent <= e.limit_s, "limit_s": e.limit_s,
-           "limit_basis": "elapsed" if elapsed is not None else ("sum of member walls" if ensemble else "wall"),
+           "limit_basis": "elapsed" if elapsed is not None else ("sum of member walls" if ensemble else
+                          f"wall of seed {timed['seed']}'s run on {timed['threads']} threads ({timed['ledger']}): "
+                          f"{timed['wall_s'] / 60:.1f} min" if timed else "wall"),
            "tokens_per_s": result.get("tokens_per_s"), "peak_rss_mb": result.get("peak_rss_mb"),
            "tokens_seen": result.get("tokens_seen"), "resolved_recipe": result["config"]}
     if "ledger" in result:  # read from a ledger line, not a run directory here
@@ -417,7 +449,7 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
         elif kind in parts:
             run_dir, res = run_entry(kind, entry, work, data, jobs, threads,
                                      first_member if same and kind != "ensemble" else None,
-                                     [out_path.parent / name for name in ENTRY_LEDGERS])
+                                     [out_path.parent / name for name in ENTRY_LEDGERS], t.entry_threads)
             results[kind] = {**summarize_entry(kind, entry, run_dir, res), "entry_key": key}
         if kind in results:  # trained now or earlier: placed on the current curves from its stored losses
             s = place_entry(results[kind], curve, second)
