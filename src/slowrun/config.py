@@ -621,9 +621,10 @@ SIZE_KEYS = ("model.n_layer", "model.n_embd", "model.n_head")
 
 def build_config(recipe: str | dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
     base = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    cfg = config_from_dict(merge_overrides(base, overrides or {}))
-    given = [k for k in SIZE_KEYS if k in (overrides or {})]
-    if given and "model.depth" not in (overrides or {}) and cfg.model.depth > 0:
+    overrides = overrides or {}
+    cfg = config_from_dict(merge_overrides(base, overrides))
+    given = [k for k in SIZE_KEYS if k in overrides]
+    if given and "model.depth" not in overrides and cfg.model.depth > 0:
         # the recipe's model.depth overwrote them without a word (a depth given beside them wins)
         raise ConfigError(f"--{given[0]}: this recipe sizes the model by model.depth={cfg.model.depth}, which sets "
                           f"n_layer, n_embd and n_head; pass --model.depth=-1 with it, or --model.depth=D alone")

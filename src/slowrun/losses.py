@@ -179,8 +179,7 @@ class _LinearDistillation(torch.autograd.Function):
             kl_total += kl
             grad_h[i:i + chunk] = _chunk_backward(g, Wc, hc, grad_W)
         ctx.save_for_backward(grad_h.to(h.dtype).div_(N), grad_W.div_(N).to(W.dtype))
-        a, T = alpha, temperature
-        return ((1 - a) * ce_total + a * T**2 * kl_total) / N
+        return ((1 - alpha) * ce_total + alpha * temperature**2 * kl_total) / N
 
     @staticmethod
     def backward(ctx, grad_out):

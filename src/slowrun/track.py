@@ -316,15 +316,22 @@ def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict) -> dict:
     # the allowance is clock time: an ensemble's members trained side by side take less than the sum of
     # their walls; where that elapsed time is unknown (members trained by earlier calls), the sum counts
     elapsed = result.get("members_elapsed_s") if ensemble else None
-    timed = result.get("timed_by")
-    spent = elapsed if elapsed is not None else (timed["wall_s"] if timed else member_walls)
+    timed = result.get("timed_by")  # a single entry's run on fewer threads: timed by another run of its config
+    if elapsed is not None:
+        spent, basis = elapsed, "elapsed"
+    elif ensemble:
+        spent, basis = member_walls, "sum of member walls"
+    elif timed:
+        spent = timed["wall_s"]
+        basis = (f"wall of seed {timed['seed']}'s run on {timed['threads']} threads ({timed['ledger']}): "
+                 f"{spent / 60:.1f} min")
+    else:
+        spent, basis = member_walls, "wall"
     out = {"run_dir": str(run_dir), "recipe": e.recipe, "overrides": e.overrides, "members": members,
            "distill": e.distill, "variant": variant, "test_loss": best["test_loss"], "test_bpb": best["test_bpb"],
            "val_loss": best["val_loss"], "val_bpb": best["val_bpb"], "wall_s": member_walls,
            "members_elapsed_s": elapsed, "within_limit": spent <= e.limit_s, "limit_s": e.limit_s,
-           "limit_basis": "elapsed" if elapsed is not None else ("sum of member walls" if ensemble else
-                          f"wall of seed {timed['seed']}'s run on {timed['threads']} threads ({timed['ledger']}): "
-                          f"{timed['wall_s'] / 60:.1f} min" if timed else "wall"),
+           "limit_basis": basis,
            "tokens_per_s": result.get("tokens_per_s"), "peak_rss_mb": result.get("peak_rss_mb"),
            "tokens_seen": result.get("tokens_seen"), "resolved_recipe": result["config"]}
     if "ledger" in result:  # read from a ledger line, not a run directory here
