@@ -25,11 +25,14 @@
 #    cores, so each swap takes ~2.35x its compute (step times at 1 thread, 2026-12-07: depth 5 1.63x,
 #    depth 6 2.33x, depth 8 5.43x depth 4's): depth 4 for 19 epochs, depth 5 for 12, depth 6 for 8;
 #    and a snapshot ensemble inside the run: 16 epochs in 2 cosine cycles from the peak LR, the
-#    probabilities of both cycle ends averaged (the reference's own figures average epoch snapshots).
+#    probabilities of both cycle ends averaged (the reference's own figures average epoch snapshots);
+#  - size6: the same question asked of the depth-6 recipe (23.7 of its 30 minutes alone on 2 cores,
+#    2026-12-07): its 8 epochs' compute spent on depth 7 for 5 epochs (~1.55x depth 6's per-token
+#    FLOPs) or depth 8 for 3 (2.33x its step time at 1 thread), and depth 6 for 9 epochs (~27 min).
 # Each over 3 seeds. The CPU track's settings: builtin data, bpe:8192, 262,144 training tokens,
 # periodic evals on 32k val tokens.
 #
-#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo, tied, both, ref or size: one); JOBS=2 THREADS=1
+#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo, tied, both, ref, size or size6: one); JOBS=2 THREADS=1
 #   ONLY=muon,swa PART=loo bash benchmarks/ablation_cpu.sh   # some techniques only
 #   VARIANTS=value_embed PART=ref bash benchmarks/ablation_cpu.sh   # some variants only (ref, size)
 #   SEEDS=1 PART=size bash benchmarks/ablation_cpu.sh   # seed 0 only, to screen (3 decide; the same runs)
@@ -56,14 +59,14 @@ THREADS="${THREADS:-1}"
 PART="${PART:-all}"
 ONLY="${ONLY:-}"  # the leave-one-out parts' techniques, e.g. "muon,swa" (tied: embed_norm,swa when empty)
 VARIANTS="${VARIANTS:-}"  # the ref and size parts' variants, e.g. "value_embed,windows" (every one when empty)
-case "$PART" in all|swaps|steps|loo|tied|both|ref|size) ;; *) echo "PART: all, swaps, steps, loo, tied, both, ref or size, got '$PART'" >&2; exit 2;; esac
+case "$PART" in all|swaps|steps|loo|tied|both|ref|size|size6) ;; *) echo "PART: all, swaps, steps, loo, tied, both, ref, size or size6, got '$PART'" >&2; exit 2;; esac
 if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
 LEDGER=benchmarks/results/ablation_ledger.jsonl
 # shellcheck source=benchmarks/out_copies.sh
 . benchmarks/out_copies.sh
 keep_copies "$LEDGER" benchmarks/results/ablation_cpu_swaps.json benchmarks/results/ablation_cpu_steps.json \
   benchmarks/results/ablation_cpu.json benchmarks/results/ablation_cpu_tied.json benchmarks/results/ablation_cpu_both.json \
-  benchmarks/results/ablation_cpu_ref.json benchmarks/results/ablation_cpu_size.json
+  benchmarks/results/ablation_cpu_ref.json benchmarks/results/ablation_cpu_size.json benchmarks/results/ablation_cpu_size6.json
 DATA=benchmarks/work/cpu-track/data/1x
 [ -f "$DATA/manifest.json" ] || "${SLOWRUN[@]}" prepare --source builtin --tokenizer bpe:8192 --train-tokens 262144 \
   --val-tokens 131072 --test-tokens 131072 --out "$DATA" --no-progress
@@ -81,6 +84,8 @@ RECIPE=(--recipe slowrun --data "$DATA" --seeds "${SEEDS:-3}" --set eval.max_tok
         --set model.depth=-1 --set model.n_layer=4 --set model.n_head=4 --set model.n_embd=256
         --ledger "$LEDGER" "${CURVE[@]}"
         --jobs "$JOBS" --threads "$THREADS" --no-progress ${NO_TRAIN:+--no-train})
+# the depth-6 recipe (the recipe since 2026-12-07), pinned as well: its runs are the size part's d6_e8
+RECIPE6=("${RECIPE[@]}" --set model.depth=6)
 TIED=("${RECIPE[@]}" --set optim.swa_epochs=2)
 COMMON=("${TIED[@]}" --set model.tie_embeddings=false)
 # the swaps' and the steps' baseline: the track's single entry as it was trained
@@ -169,6 +174,11 @@ if wants size; then
     "${RECIPE[@]}" --only none \
     $(variants d4_e19:train.epochs=19 d5_e12:model.depth=5,train.epochs=12 d6_e8:model.depth=6 \
       snap2_e16:train.epochs=16,train.snapshot_cycles=2)
+fi
+if wants size6; then
+  run_part ablation-cpu-size6 ablation_cpu_size6 "CPU track: the depth-6 recipe's 30 minutes spent on other sizes" \
+    "${RECIPE6[@]}" --only none \
+    $(variants d7_e5:model.depth=7,train.epochs=5 d8_e3:model.depth=8,train.epochs=3 d6_e9:train.epochs=9)
 fi
 exit
 }

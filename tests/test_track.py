@@ -180,3 +180,46 @@ def test_an_entry_outlives_a_config_field_added_later(bpe_ds, tmp_path, monkeypa
 
     assert later(0) == before and later(3) != before
     assert before != track._entry_dir(tmp_path, "single", Entry("smoke", {"train.max_steps": 7}), data)
+
+
+def test_ensemble_members_read_from_a_ledger(tmp_path):
+    """An ensemble's members that an ablation trained (ledger lines, their run directories still
+    here) are copied in, not trained again; one that trained on one thread is timed by a run of
+    its config on the track's two threads."""
+    from slowrun.jobs import TrainJob, run_jobs
+    from slowrun.ledger import Ledger, entry_from_result
+    from slowrun.results import read_result
+    from slowrun.rundir import RunDir
+    from slowrun.track import run_entry, summarize_entry, track_data
+
+    t = TrackDef(name="mini", tokenizer="bpe:400", budget=20_000, val_tokens=4_000, test_tokens=4_000, budgets=[1])
+    data = track_data(t, tmp_path / "work")
+    over = {"train.max_steps": 4, "eval.max_tokens": 512}
+    ledger = tmp_path / "ablation_ledger.jsonl"
+    seeds = [TrainJob(tmp_path / "ablation" / f"seed{s}", "smoke", data.path, {**over, "train.seed": s}) for s in (0, 1)]
+    for job, threads in zip(seeds, (1, 2)):
+        assert not run_jobs([job], 1, threads, progress=False)
+        Ledger.open(ledger).append(entry_from_result(job.result(), {"sweep": "ablate-smoke"}))
+    ens = Entry("smoke", over, members=3)
+    run_dir, res = run_entry("ensemble", ens, tmp_path / "work", data, 1, 1, None, [ledger], 2)
+    members = [RunDir(run_dir).member(k) for k in range(3)]
+    for k in (0, 1):  # copied whole but for the checkpoints: the same losses, the same weights
+        assert read_result(members[k])["variants"] == seeds[k].result()["variants"]
+        assert (members[k] / "model.safetensors").read_bytes() == (seeds[k].run_dir / "model.safetensors").read_bytes()
+        assert not (members[k] / "checkpoints").exists() and (seeds[k].run_dir / "checkpoints").exists()
+    assert read_result(members[2])["seed"] == 2 and res["members_elapsed_s"] is None  # trained here, after the copies
+    by = res["members_timed_by"]
+    assert by[1] is None and by[0]["seed"] == by[2]["seed"] == 1 and by[0]["ledger"] == f"{ledger}:2"
+    s = summarize_entry("ensemble", ens, run_dir, res)
+    walls = [read_result(m)["wall_s"] for m in members]
+    one = seeds[1].result()["wall_s"]
+    assert s["wall_s"] == res["wall_s"] and s["limit_basis"].startswith("sum of member walls; member 0's on 2 threads")
+    assert "member 2's on 2 threads: seed 1's run" in s["limit_basis"]
+    # what the allowance counts: member 1's own wall and seed 1's for members 0 and 2 (the members'
+    # training, as the elapsed time counts it: the ensemble's evaluation left out)
+    assert s["limit_spent_s"] == pytest.approx(walls[1] + 2 * one, abs=0.02)
+    # a chain's first member (no teacher) is read from the ledger too; the student is trained
+    chain = Entry("smoke", over, members=2, distill=True)
+    run_dir, res = run_entry("distill", chain, tmp_path / "work", data, 1, 1, None, [ledger], 2)
+    assert read_result(RunDir(run_dir).member(0))["variants"] == seeds[0].result()["variants"]
+    assert read_result(RunDir(run_dir).member(1))["config"]["distill"]["teacher"]

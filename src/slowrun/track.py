@@ -15,9 +15,9 @@ Rules (also in the README):
   data efficiency on the measured `nanochat_ref` curve; the GPT-2-style curve
   (`benchmarks/results/curves/cpu_gpt2.json`) is kept as a second comparator;
 - compute: unlimited in principle; the reference entries are a single model in at most
-  30 minutes and an ensemble in at most 2 hours on 2 cores (a single entry read from a
-  ledger, trained on fewer threads beside other jobs, is timed by a run of its config on
-  2 threads, another seed's where its own did not run so).
+  30 minutes and an ensemble in at most 2 hours on 2 cores (a single entry or an ensemble's
+  member read from a ledger, trained on fewer threads beside other jobs, is timed by a run of
+  its config on 2 threads, another seed's where its own did not run so).
 
 `run_track` runs (resumably: every finished curve run is in the committed ledger
 `benchmarks/results/ledger.jsonl`, entries are cached by config and dataset hash) the
@@ -226,18 +226,58 @@ def _entry_dir(work: Path, kind: str, e: Entry, data: Dataset) -> Path:
     return work / kind / f"{Path(e.recipe).stem}-{entry_key(e, data)}"
 
 
-def _single_in_ledgers(e: Entry, data: Dataset, ledgers: list[Path]) -> tuple[dict, str] | None:
-    """(the ledger line, where it is) of a single-model entry's config on `data`, from the first
-    ledger that has it, or None."""
+def _run_in_ledgers(recipe: str, overrides: dict, data: Dataset, ledgers: list[Path]) -> tuple[dict, str] | None:
+    """(the ledger line, where it is) of the run of `recipe` with `overrides` on `data`, from the
+    first ledger that has it, or None."""
     from .train import resolve  # imports torch
 
-    planned = build_config(e.recipe, {**e.overrides, "data.path": str(data.path)})
+    planned = build_config(recipe, {**overrides, "data.path": str(data.path)})
     key = config_key(config_to_dict(resolve(planned, data)))
     for path in ledgers:
         hit = Ledger.open(path).find(key, dataset_identity(data.manifest)) if path.is_file() else None
         if hit is not None:
             return hit, f"{path}:{hit['_line']}"
     return None
+
+
+def _copy_run(src: Path, dest: Path) -> None:
+    """A finished run copied to `dest` whole or not at all (its checkpoints left out: it trains no more)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted copy
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints"))
+    tmp.rename(dest)
+
+
+def _adopt_members(e: Entry, run_dir: Path, data: Dataset, ledgers: list[Path]) -> None:
+    """Each member an ensemble trains without a teacher (every one of a plain ensemble, the
+    teachers of an "ensemble" distillation, the first of a chain) whose run a ledger holds with
+    its run directory finished on this machine (an ablation's seeds of the same config) is copied
+    in rather than trained again."""
+    from .ensemble import distill_mode  # imports torch
+
+    mode = distill_mode(e.distill)
+    untaught = {"": e.members, "ensemble": e.members - 1, "chain": 1}[mode]
+    seed = build_config(e.recipe, {**e.overrides, "data.path": str(data.path)}).train.seed
+    for k in range(untaught):
+        dest = RunDir(run_dir).member(k)
+        found = None if dest.exists() else _run_in_ledgers(e.recipe, {**e.overrides, "train.seed": seed + k}, data, ledgers)
+        if found is not None and found[0].get("run_dir") and RunDir(found[0]["run_dir"]).finished():
+            print(f"member {k}: its run is in the ledger ({found[1]}): copied from {found[0]['run_dir']}", flush=True)
+            _copy_run(Path(found[0]["run_dir"]), dest)
+
+
+def _members_timed(result: dict, threads: int, ledgers: list[Path]) -> list[dict | None]:
+    """Per member of an ensemble's result: None where it trained on `threads` threads, else the
+    run of its config on `threads` threads that times it (_timed_in_ledgers), else None."""
+    timed = []
+    for member in result["members"]:
+        r = read_result(member)
+        line = entry_from_result(r, {})
+        hit = None if line.get("threads") == threads else _timed_in_ledgers(line, threads, ledgers)
+        timed.append(None if hit is None else {"ledger": hit[1], "seed": hit[0].get("seed"), "threads": threads,
+                                               "wall_s": hit[0]["wall_s"], "own_wall_s": r["wall_s"]})
+    return timed
 
 
 def _seedless_key(config: dict) -> str:
@@ -273,7 +313,7 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
 
     run_dir = _entry_dir(work, kind, e, data)
     if e.members == 1:
-        found = _single_in_ledgers(e, data, list(ledgers))
+        found = _run_in_ledgers(e.recipe, e.overrides, data, list(ledgers))
         if found is not None:
             line, where = found
             print(f"{kind}: its run is in the ledger ({where}): not trained again", flush=True)
@@ -294,16 +334,16 @@ def run_entry(kind: str, e: Entry, work: Path, data: Dataset, jobs: int, threads
         return run_dir, job.result()
     chain = distill_mode(e.distill) == "chain"
     first = RunDir(run_dir).member(0)
-    if chain and shared is not None and RunDir(shared).finished() and not first.exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        copy = first.with_name(first.name + ".tmp")
-        shutil.rmtree(copy, ignore_errors=True)  # left by an interrupted copy
-        shutil.copytree(shared, copy)
-        copy.rename(first)
+    if not RunDir(run_dir).finished():
+        if chain and shared is not None and RunDir(shared).finished() and not first.exists():
+            _copy_run(shared, first)
+        _adopt_members(e, run_dir, data, list(ledgers))
     result = read_result(run_dir) if RunDir(run_dir).finished() else \
         train_ensemble(e.recipe, str(data.path), e.members, run_dir, e.overrides, e.distill, e.alpha, e.temperature,
                        1 if chain else jobs, threads if not chain or jobs == 1 else -1,
                        student_threads=-1 if jobs > 1 else threads)  # a member trained alone takes every core
+    if result.get("members_elapsed_s") is None:  # its members' walls are summed: each on the track's threads
+        result = {**result, "members_timed_by": _members_timed(result, entry_threads, list(ledgers))}
     return run_dir, result
 
 
@@ -320,7 +360,12 @@ def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict) -> dict:
     if elapsed is not None:
         spent, basis = elapsed, "elapsed"
     elif ensemble:
-        spent, basis = member_walls, "sum of member walls"
+        by = result.get("members_timed_by") or []
+        # the members' training, as `elapsed` counts it: the ensemble's own evaluation left out
+        spent = member_walls - result.get("eval_wall_s", 0) - sum(t["own_wall_s"] - t["wall_s"] for t in by if t)
+        basis = "sum of member walls" + "".join(
+            f"; member {k}'s on {t['threads']} threads: seed {t['seed']}'s run ({t['ledger']}), {t['wall_s'] / 60:.1f} min"
+            for k, t in enumerate(by) if t)
     elif timed:
         spent = timed["wall_s"]
         basis = (f"wall of seed {timed['seed']}'s run on {timed['threads']} threads ({timed['ledger']}): "
@@ -331,7 +376,7 @@ def summarize_entry(kind: str, e: Entry, run_dir: Path, result: dict) -> dict:
            "distill": e.distill, "variant": variant, "test_loss": best["test_loss"], "test_bpb": best["test_bpb"],
            "val_loss": best["val_loss"], "val_bpb": best["val_bpb"], "wall_s": member_walls,
            "members_elapsed_s": elapsed, "within_limit": spent <= e.limit_s, "limit_s": e.limit_s,
-           "limit_basis": basis,
+           "limit_basis": basis, "limit_spent_s": round(spent, 2),
            "tokens_per_s": result.get("tokens_per_s"), "peak_rss_mb": result.get("peak_rss_mb"),
            "tokens_seen": result.get("tokens_seen"), "resolved_recipe": result["config"]}
     if "ledger" in result:  # read from a ledger line, not a run directory here
