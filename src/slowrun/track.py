@@ -506,10 +506,11 @@ def run_track(t: TrackDef = TRACK, work: str | Path = "benchmarks/work/cpu-track
         if kind in results:  # trained now or earlier: placed on the current curves from its stored losses
             s = place_entry(results[kind], curve, second)
             second_eff = f", {describe_efficiency(s['efficiency_second'])} on {second.name}" if second else ""
-            spent = s.get("limit_spent_s", s["wall_s"])  # an entry stored before it was written: its wall
+            spent = s.get("limit_spent_s")  # None: an entry stored before it was written (its basis says)
             print(f"{kind}: test loss {s['test_loss']:.4f} (bpb {s['test_bpb']:.4f}), "
-                  f"efficiency {describe_efficiency(s)}{second_eff}, {spent / 60:.1f} of the "
-                  f"{s['limit_s'] / 60:.0f} minutes allowed ({s.get('limit_basis', 'wall')})"
+                  f"efficiency {describe_efficiency(s)}{second_eff}, "
+                  + (f"{spent / 60:.1f} of the {s['limit_s'] / 60:.0f} minutes allowed" if spent is not None
+                     else f"{s['wall_s'] / 60:.1f} min") + f" ({s.get('limit_basis', 'wall')})"
                   + ("" if s.get("within_limit", True) else ": over the allowance"), flush=True)
             if Path(s["run_dir"]).is_dir():
                 runs.append(s["run_dir"])
