@@ -296,6 +296,11 @@ def distill_mode(distill: bool | str) -> str:
     return mode
 
 
+def member_overrides(overrides: dict, base_seed: int, k: int) -> dict:
+    """Member k's overrides: the ensemble's, at seed `base_seed` + k."""
+    return {**overrides, "train.seed": base_seed + k}
+
+
 def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, overrides: dict | None = None,
                    distill: bool | str = False, alpha: float | None = None, temperature: float | None = None,
                    parallel: int = 1, threads: int = -1, fitness_tokens: int = 0, select: int = 0, progress: bool = True,
@@ -320,8 +325,8 @@ def train_ensemble(recipe: str, data: str, members: int, run_dir: str | Path, ov
         over["data.fitness_tokens"] = fitness_tokens
     jobs = []
     for k in range(members):
-        o = {**over, "train.seed": base_cfg.train.seed + k}
-        jobs.append(TrainJob(RunDir(run_dir).member(k), recipe, data, o, {"k": k}))
+        jobs.append(TrainJob(RunDir(run_dir).member(k), recipe, data, member_overrides(over, base_cfg.train.seed, k),
+                             {"k": k}))
     # the members' elapsed time is known only when this call trains every one of them from scratch
     fresh = not any(j.run_dir.exists() for j in jobs)
     t_members = time.time()

@@ -254,14 +254,14 @@ def _adopt_members(e: Entry, run_dir: Path, data: Dataset, ledgers: list[Path]) 
     teachers of an "ensemble" distillation, the first of a chain) whose run a ledger holds with
     its run directory finished on this machine (an ablation's seeds of the same config) is copied
     in rather than trained again."""
-    from .ensemble import distill_mode  # imports torch
+    from .ensemble import distill_mode, member_overrides  # imports torch
 
     mode = distill_mode(e.distill)
     untaught = {"": e.members, "ensemble": e.members - 1, "chain": 1}[mode]
     seed = build_config(e.recipe, {**e.overrides, "data.path": str(data.path)}).train.seed
     for k in range(untaught):
         dest = RunDir(run_dir).member(k)
-        found = None if dest.exists() else _run_in_ledgers(e.recipe, {**e.overrides, "train.seed": seed + k}, data, ledgers)
+        found = None if dest.exists() else _run_in_ledgers(e.recipe, member_overrides(e.overrides, seed, k), data, ledgers)
         if found is not None and found[0].get("run_dir") and RunDir(found[0]["run_dir"]).finished():
             print(f"member {k}: its run is in the ledger ({found[1]}): copied from {found[0]['run_dir']}", flush=True)
             _copy_run(Path(found[0]["run_dir"]), dest)
