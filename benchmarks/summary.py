@@ -18,6 +18,7 @@ from pathlib import Path
 from slowrun.docgen import ablation_table, curve_table, ledger_rows, runs_table
 from slowrun.efficiency import describe_efficiency as eff
 from slowrun.efficiency import describe_fit
+from slowrun.report import entry_label
 
 
 def _point(p: dict) -> str:
@@ -63,8 +64,7 @@ def main(path: str = "benchmarks/results/cpu_track.json") -> None:
         if kind not in r:
             continue
         s = r[kind]
-        name = {"single": "single model", "ensemble": "ensemble, prob. average",
-                "distill": "chain-distilled ensemble, prob. average"}[kind]
+        name = entry_label(kind, s) + (", prob. average" if kind != "single" else "")
         print(f"| {name} | {s['members']} | {s['test_loss']:.4f} | {s['test_bpb']:.4f} | {s['val_loss']:.4f} | "
               f"{eff(s)} | {eff(s.get('efficiency_second', {}))} | {s['wall_s'] / 60:.1f} |")
     for kind in ("ensemble", "distill"):

@@ -186,8 +186,10 @@ def test_ensemble_members_read_from_a_ledger(tmp_path):
     """An ensemble's members that an ablation trained (ledger lines, their run directories still
     here) are copied in, not trained again; one that trained on one thread is timed by a run of
     its config on the track's two threads."""
+    from slowrun.ensemble import best_weights
     from slowrun.jobs import TrainJob, run_jobs
     from slowrun.ledger import Ledger, entry_from_result
+    from slowrun.report import entry_label
     from slowrun.results import read_result
     from slowrun.rundir import RunDir
     from slowrun.track import run_entry, summarize_entry, track_data
@@ -223,3 +225,14 @@ def test_ensemble_members_read_from_a_ledger(tmp_path):
     run_dir, res = run_entry("distill", chain, tmp_path / "work", data, 1, 1, None, [ledger], 2)
     assert read_result(RunDir(run_dir).member(0))["variants"] == seeds[0].result()["variants"]
     assert read_result(RunDir(run_dir).member(1))["config"]["distill"]["teacher"]
+    # so are an "ensemble" distillation's teachers; its last member learns from both
+    taught = Entry("smoke", over, members=3, distill="ensemble")
+    run_dir, res = run_entry("distill", taught, tmp_path / "work", data, 1, 1, None, [ledger], 2)
+    teachers = [RunDir(run_dir).member(k) for k in (0, 1)]
+    for k, member in enumerate(teachers):
+        assert read_result(member)["variants"] == seeds[k].result()["variants"]
+    student = read_result(RunDir(run_dir).member(2))
+    assert student["seed"] == 2 and student["config"]["distill"]["teacher"].split(",") == [
+        str(best_weights(m)) for m in teachers]
+    assert entry_label("distill", summarize_entry("distill", taught, run_dir, res)) == \
+        "ensemble, its last member distilled from the others"

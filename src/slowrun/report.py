@@ -246,7 +246,15 @@ def ablation_section(path: str | Path, out: Path) -> str:
             + f"<p>Source: <code>{html.escape(str(path))}</code></p>")
 
 
-TRACK_ENTRIES = (("single", "single model"), ("ensemble", "ensemble"), ("distill", "chain-distilled ensemble"))
+TRACK_ENTRIES = ("single", "ensemble", "distill")
+
+
+def entry_label(kind: str, entry: dict) -> str:
+    """A track entry in words; a distilled one says how its members learned."""
+    if kind != "distill":
+        return {"single": "single model", "ensemble": "ensemble"}[kind]
+    return "ensemble, its last member distilled from the others" if entry.get("distill") == "ensemble" \
+        else "chain-distilled ensemble"
 
 
 def track_plot(res: dict, out: Path) -> str:
@@ -262,10 +270,11 @@ def track_plot(res: dict, out: Path) -> str:
         g = res["gpt2_curve"]
         ax.plot(g["tokens"], g["losses"]["test"], "o--", color="gray", label=f"{g['name']} (second comparator)")
     budget = bc["tokens"][0] / bc["chosen"][0]["budget"]
-    for kind, label in TRACK_ENTRIES:
+    for kind in TRACK_ENTRIES:
         e = res.get(kind)
         if not e:
             continue
+        label = entry_label(kind, e)
         ax.axhline(e["test_loss"], ls=":", lw=1, color="tab:blue")
         if e.get("efficiency") is not None:
             x, extra = e["efficiency"] * budget, e.get("efficiency_extrapolated")
@@ -295,10 +304,11 @@ def track_section(path: str | Path, out: Path) -> str:
              for c, t in zip(bc["chosen"], bc["tokens"])]
     crows += [[b, None, f"pending: {why}", None, None, None, None, None] for b, why in bc.get("pending", {}).items()]
     erows, krows = [], []
-    for kind, label in TRACK_ENTRIES:
+    for kind in TRACK_ENTRIES:
         e = res.get(kind)
         if not e:
             continue
+        label = entry_label(kind, e)
         erows.append([label, e.get("members", 1), e.get("variant"), e["test_loss"], e.get("test_bpb"), describe_efficiency(e),
                       describe_efficiency(e.get("efficiency_second", {})), fmt_time(e["wall_s"]) if "wall_s" in e else None])
         for row, pk in zip(e.get("per_k", []), e.get("efficiency_by_k", [])):
@@ -315,7 +325,7 @@ def track_section(path: str | Path, out: Path) -> str:
     html_out += "".join(f"<p>Power-law fit of {html.escape(str(name))}: {html.escape(describe_fit(fit))}</p>"
                         for name, fit in fits if fit)
     if krows:
-        ensembles = [(label, res[kind]) for kind, label in TRACK_ENTRIES if res.get(kind, {}).get("per_k")]
+        ensembles = [(entry_label(kind, res[kind]), res[kind]) for kind in TRACK_ENTRIES if res.get(kind, {}).get("per_k")]
         html_out += ("<h3>Ensembles by size (first k members)</h3>"
                      + f'<img src="{per_k_plot(ensembles, out, "test", "track_per_k.png")}" alt="per-K">'
                      + _table(["entry", "k", "prob. average test loss", "efficiency", "logit average test loss"], krows))

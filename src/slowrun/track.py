@@ -137,12 +137,14 @@ class TrackDef:
                 b: {"model.depth": d, "optim.lr_scale": [tuned[0]], "train.batch_tokens": [tuned[1]]}
                 for b, d in CURVE_DEPTHS[self.curve_recipe].items()}
     ensemble: Entry = field(default_factory=lambda: Entry("slowrun", dict(ENTRY_OVERRIDES), members=4, limit_s=7200))
-    # The same members, each after the first distilled from the one before it. K = 2: a distilled
-    # member cost ~2x a plain one on this CPU when the track measured it (full logits of student and
-    # teacher; the fused distillation loss since takes 1.48x), so a chain of 4 did not fit that
-    # session; compare it with the plain ensemble's K = 2 row.
-    distill: Entry = field(default_factory=lambda: Entry("slowrun", dict(ENTRY_OVERRIDES), members=2, distill=True,
-                                                         limit_s=7200))
+    # Three members as the plain ensemble's first three (the same configs and seeds: one run each), then
+    # a fourth that learns from all three (Kim et al.'s distillation of an ensemble), the four averaged.
+    # The chain pair it replaces (2026-12-07, depth 6: member 1 learned from member 0) scored 4.7862,
+    # below the plain pair's 4.7744: one teacher's knowledge added less than an independent member, and a
+    # depth-4 student of four members kept 73% of their gain (dev/LOG.md). Three depth-6 teachers take
+    # 3 x 23.7 min on two cores, the student ~40 (a distillation step cost 1.25x a plain one with one teacher).
+    distill: Entry = field(default_factory=lambda: Entry("slowrun", dict(ENTRY_OVERRIDES), members=4,
+                                                         distill="ensemble", limit_s=7200))
 
 
 TRACK = TrackDef()
