@@ -28,11 +28,14 @@
 #    probabilities of both cycle ends averaged (the reference's own figures average epoch snapshots);
 #  - size6: the same question asked of the depth-6 recipe (23.7 of its 30 minutes alone on 2 cores,
 #    2026-12-07): its 8 epochs' compute spent on depth 7 for 5 epochs (~1.55x depth 6's per-token
-#    FLOPs) or depth 8 for 3 (2.33x its step time at 1 thread), and depth 6 for 9 epochs (~27 min).
+#    FLOPs) or depth 8 for 3 (2.33x its step time at 1 thread), and depth 6 for 9 epochs (~27 min);
+#  - ref6: the reference's techniques that won their screen on the depth-4 recipe (PART=ref), added to
+#    the depth-6 recipe at its wall time: the loop (its first decoder block, the 4th, three times from
+#    the 5th of 8 epochs, as the depth-4 screen looped its 3rd).
 # Each over 3 seeds. The CPU track's settings: builtin data, bpe:8192, 262,144 training tokens,
 # periodic evals on 32k val tokens.
 #
-#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo, tied, both, ref, size or size6: one); JOBS=2 THREADS=1
+#   bash benchmarks/ablation_cpu.sh                 # every part (PART=swaps, steps, loo, tied, both, ref, size, size6 or ref6: one); JOBS=2 THREADS=1
 #   ONLY=muon,swa PART=loo bash benchmarks/ablation_cpu.sh   # some techniques only
 #   VARIANTS=value_embed PART=ref bash benchmarks/ablation_cpu.sh   # some variants only (ref, size)
 #   SEEDS=1 PART=size bash benchmarks/ablation_cpu.sh   # seed 0 only, to screen (3 decide; the same runs)
@@ -59,14 +62,15 @@ THREADS="${THREADS:-1}"
 PART="${PART:-all}"
 ONLY="${ONLY:-}"  # the leave-one-out parts' techniques, e.g. "muon,swa" (tied: embed_norm,swa when empty)
 VARIANTS="${VARIANTS:-}"  # the ref and size parts' variants, e.g. "value_embed,windows" (every one when empty)
-case "$PART" in all|swaps|steps|loo|tied|both|ref|size|size6) ;; *) echo "PART: all, swaps, steps, loo, tied, both, ref, size or size6, got '$PART'" >&2; exit 2;; esac
+case "$PART" in all|swaps|steps|loo|tied|both|ref|size|size6|ref6) ;; *) echo "PART: all, swaps, steps, loo, tied, both, ref, size, size6 or ref6, got '$PART'" >&2; exit 2;; esac
 if command -v slowrun >/dev/null; then SLOWRUN=(slowrun); else export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"; SLOWRUN=(python3 -m slowrun); fi
 LEDGER=benchmarks/results/ablation_ledger.jsonl
 # shellcheck source=benchmarks/out_copies.sh
 . benchmarks/out_copies.sh
 keep_copies "$LEDGER" benchmarks/results/ablation_cpu_swaps.json benchmarks/results/ablation_cpu_steps.json \
   benchmarks/results/ablation_cpu.json benchmarks/results/ablation_cpu_tied.json benchmarks/results/ablation_cpu_both.json \
-  benchmarks/results/ablation_cpu_ref.json benchmarks/results/ablation_cpu_size.json benchmarks/results/ablation_cpu_size6.json
+  benchmarks/results/ablation_cpu_ref.json benchmarks/results/ablation_cpu_size.json benchmarks/results/ablation_cpu_size6.json \
+  benchmarks/results/ablation_cpu_ref6.json
 DATA=benchmarks/work/cpu-track/data/1x
 [ -f "$DATA/manifest.json" ] || "${SLOWRUN[@]}" prepare --source builtin --tokenizer bpe:8192 --train-tokens 262144 \
   --val-tokens 131072 --test-tokens 131072 --out "$DATA" --no-progress
@@ -179,6 +183,12 @@ if wants size6; then
   run_part ablation-cpu-size6 ablation_cpu_size6 "CPU track: the depth-6 recipe's 30 minutes spent on other sizes" \
     "${RECIPE6[@]}" --only none \
     $(variants d7_e5:model.depth=7,train.epochs=5 d8_e3:model.depth=8,train.epochs=3 d6_e9:train.epochs=9)
+fi
+if wants ref6; then
+  run_part ablation-cpu-ref6 ablation_cpu_ref6 "CPU track: the reference's techniques that won on depth 4, added to the depth-6 recipe" \
+    "${RECIPE6[@]}" --only none \
+    $(variants loop:model.loop_start=3,model.loop_end=3,model.loop_repeats=3,model.loop_from_epoch=4,model.loop_skips=every) \
+    --equal-time --equal-time-file benchmarks/results/ablation_cpu_equal_time.json
 fi
 exit
 }
