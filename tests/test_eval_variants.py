@@ -15,10 +15,14 @@ from tests.conftest import smoke_config
 def snap_run(bpe_ds, tmp_path_factory):
     """A bf16 run with three snapshots and the last two epoch ends kept: variants final, ema,
     snapshot_probs, snapshot_params, epochs_probs, epochs_probs_recency."""
+    from slowrun.distributed import CPU_BF16_ENV
+
     run = tmp_path_factory.mktemp("evalv") / "run"
     cfg = smoke_config(bpe_ds, **{"train.max_steps": 12, "train.snapshot_cycles": 3, "train.dtype": "bf16",
                                   "train.epoch_snapshots": 2, "train.batch_tokens": 16384})
-    result = train(cfg, run, echo=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CPU_BF16_ENV, "1")  # bf16 on any CPU, emulated where it has no bf16 kernels
+        result = train(cfg, run, echo=False)
     return run, result
 
 

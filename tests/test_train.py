@@ -347,3 +347,72 @@ def test_quiet_still_says_a_failed_start_is_started_anew(bpe_ds, tmp_path, capsy
     assert cli.main(["train", "--recipe", "smoke", "--data", str(bpe_ds), "--run-dir", str(run), "--quiet",
                      "--train.max_steps=1", "--eval.test=false", "--eval.max_tokens=512"]) == 0
     assert "starting it anew" in capsys.readouterr().err
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def test_bf16_counts_only_where_the_device_has_it(monkeypatch):
+    """train.dtype=bf16 computes in bf16 where the hardware has bf16 arithmetic, else in fp32:
+    on x86 the CPU's flags say which (AVX512's BW and VL, or AMX: oneDNN's bf16 kernels)."""
+    from slowrun import distributed
+    from slowrun.distributed import CPU_BF16_ENV, compute_dtype, fast_bf16_available
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    flags = _cpuinfo_flags()
+    if flags is not None and ("avx2" in flags or "avx512f" in flags):  # an x86 Linux machine
+        native = {"avx512bw", "avx512vl"} <= flags or "amx_bf16" in flags
+        assert fast_bf16_available(cpu) == native
+        assert compute_dtype("bf16", cpu) == ("bf16" if native else "fp32")
+    for forced, want in (("0", "fp32"), ("1", "bf16")):
+        monkeypatch.setenv(CPU_BF16_ENV, forced)
+        assert compute_dtype("bf16", cpu) == want and compute_dtype("fp32", cpu) == "fp32"
+    # a GPU older than Ampere (bf16 only emulated): fp32 too
+    for has, want in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(distributed.torch.cuda, "is_bf16_supported", lambda including_emulation=True, has=has: has)
+        assert compute_dtype("bf16", torch.device("cuda", 0)) == want
+
+
+def test_a_bf16_run_without_bf16_hardware_trains_and_records_fp32(bpe_ds, tmp_path, monkeypatch):
+    """A bf16 run on a CPU without bf16 kernels trains in fp32, says so, and records fp32 in
+    config.toml, its result and its ledger key (which a planned run's key, resolved on the same
+    machine, finds); a resumed run keeps the precision its config.toml recorded."""
+    import slowrun.train as train_mod
+    from slowrun.config import config_to_dict
+    from slowrun.distributed import CPU_BF16_ENV
+    from slowrun.ledger import config_key, entry_from_result
+    from slowrun.train import resolve
+
+    cfg = smoke_config(bpe_ds, **{"train.max_steps": 3, "eval.max_tokens": 512, "eval.test": False, "train.dtype": "bf16"})
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    run = tmp_path / "fp32"
+    result = train(cfg, run, echo=False)
+    assert tomllib.loads((run / "config.toml").read_text())["train"]["dtype"] == "fp32"
+    assert result["config"]["train"]["dtype"] == "fp32"
+    assert "train.dtype: bf16 -> fp32: this CPU has no bf16 arithmetic" in (run / "log.txt").read_text()
+    planned = config_key(config_to_dict(resolve(cfg, Dataset.open(bpe_ds))))
+    assert entry_from_result(result, {})["key"] == planned != config_key(config_to_dict(cfg))
+
+    # started where bf16 is computed, stopped at the final evaluation, resumed where it is not: still bf16
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    real = train_mod.final_evaluation
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "final_evaluation", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "bf16", echo=False)
+    monkeypatch.setattr(train_mod, "final_evaluation", real)
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    resumed = train(None, tmp_path / "bf16", resume=True, echo=False)
+    assert resumed["config"]["train"]["dtype"] == "bf16" and "train.dtype: bf16 ->" not in (tmp_path / "bf16" / "log.txt").read_text()

@@ -336,7 +336,7 @@ class TrainConfig:
     batch_tokens: int = opt(16384, "global batch per optimizer step in tokens (all ranks, all micro-batches)")
     micro_batch_tokens: int = opt(-1, "tokens per forward/backward on one rank; gradient accumulation reaches batch_tokens; -1 = no accumulation")
     seed: int = opt(0, "seed for init, dropout and the data order")
-    dtype: str = opt("bf16", "compute precision: fp32, or bf16 autocast (CPU with AVX512-BF16/AMX, or GPU)")
+    dtype: str = opt("bf16", "compute precision: fp32, or bf16 autocast where the device has bf16 arithmetic (a GPU from Ampere on, a CPU with AVX512 or AMX) and fp32 elsewhere, recorded so in the run's config (SLOWRUN_CPU_BF16=1: bf16 on any CPU)")
     device: str = opt("auto", "auto (cuda when available), cpu or cuda")
     compile: bool = opt(False, "torch.compile the model (helps on GPU; gave nothing on CPU)")
     compile_scope: str = opt("model", "what train.compile compiles: model (the whole forward and loss, one graph per architecture: the most fusion, but every gradient is ready only when the whole backward has ended, so a torchrun run communicates after it) or blocks (each transformer block apart, the embedding, head and loss eager: a block's gradients are ready as its backward ends, so train.shard_optimizer's reduces overlap the rest of the backward)")

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .config import OptimConfig
+from .distributed import fast_bf16_available
 from .techniques import GROUPS as GROUP_KINDS
 from .techniques import TechniqueError, claim
 
@@ -116,16 +117,6 @@ def orthogonalize(G: Tensor, steps: int = 5, coeffs: str = "quintic", eps: float
     if transposed:
         X = X.mT
     return X.to(G.dtype)
-
-
-def fast_bf16_available(device: torch.device) -> bool:
-    """bf16 matmuls are fast on CUDA and on CPUs with AVX512-BF16/AMX; elsewhere use fp32."""
-    if device.type == "cuda":
-        return True
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 # ---------------------------------------------------------------------------------------

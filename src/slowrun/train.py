@@ -65,8 +65,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def resolve(cfg: RunConfig, ds: Dataset) -> RunConfig:
-    """Fill what the dataset decides (vocabulary size, the absolute data path) and check batch arithmetic."""
+def resolve(cfg: RunConfig, ds: Dataset, device: torch.device | None = None) -> RunConfig:
+    """Fill what the dataset decides (vocabulary size, the absolute data path) and what the machine
+    decides (train.dtype: fp32 where bf16 has no hardware, `distributed.compute_dtype`; `device`:
+    where the run trains, train.device's when None), and check batch arithmetic. A run records the
+    result, and a ledger looks runs up by it: on each machine, runs of the precision it trains in."""
+    dev = distributed.resolve_device(cfg.train.device) if device is None else device
+    cfg = replace(cfg, train=replace(cfg.train, dtype=distributed.compute_dtype(cfg.train.dtype, dev)))
     m = cfg.model
     if m.vocab_size == -1:
         m = replace(m, vocab_size=ds.vocab_size)
@@ -273,7 +278,12 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
         distributed.barrier(env)
         data_path = DEFAULT_DATA
     ds = Dataset.open(data_path, verify=True)
-    cfg = resolve(cfg, ds)
+    given = cfg.train.dtype
+    # a resumed run keeps the precision of its config.toml, resolved when it started (an exact resume)
+    cfg = resolve(cfg, ds, device) if not resume else replace(resolve(cfg, ds, device), train=cfg.train)
+    notes = [] if cfg.train.dtype == given else [
+        f"train.dtype: {given} -> {cfg.train.dtype}: this {device.type.upper()} has no bf16 arithmetic, where emulated "
+        f"bf16 runs ~20x slower than fp32 (on a CPU, {distributed.CPU_BF16_ENV}=1 keeps bf16)"]
     T = cfg.model.seq_len
     steps = step_plan(cfg, ds.num_tokens("train"), env.world_size)
     chunks = ds.num_tokens("val") // (T + 1)  # an evaluation scores whole chunks (eval.reference_batch: batches of them)
@@ -315,7 +325,7 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
             require_comparable(textra["dataset"], ds.fingerprint, f"distill.teacher {path} and the dataset {ds.path}")
         teachers.append(teacher)  # in eval mode from the training loop's start
 
-    warnings: list[str] = []
+    warnings: list[str] = notes
     ck: Checkpoint | None = latest_good_checkpoint(run_dir, log=warnings.append) if resume else None
     if resume and ck is None and warnings:
         # restarting from step 0 would silently throw away the run's progress
