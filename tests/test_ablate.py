@@ -246,8 +246,21 @@ def test_equal_time_scales_each_swap_by_measured_step_times(tmp_path):
     cfg2 = AblateConfig("slowrun", "unused", str(tmp_path / "ab2"), variants={"soap": swaps["soap"]}, equal_time=True)
     base2 = build_config("slowrun", {})
     assert base2.train.max_steps == -1
-    over2, _ = ab_mod.equal_time_overrides(cfg2, base2, fake)
+    from slowrun.distributed import CPU_BF16_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CPU_BF16_ENV, "1")  # the recipe's bf16 computed in bf16, on any CPU
+        over2, _ = ab_mod.equal_time_overrides(cfg2, base2, fake)
     assert over2["soap"]["train.epochs"] == pytest.approx(base2.train.epochs / 2)
+    # where bf16 has no hardware the runs train in fp32: that is what is timed, and kept apart
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CPU_BF16_ENV, "0")
+        seen = []
+        assert base2.train.dtype == "bf16"
+        ab_mod.equal_time_overrides(cfg2, base2, lambda *a: seen.append(a[3]) or fake(*a))
+        assert set(seen) == {"fp32"}
+        kept = json.loads((tmp_path / "ab2" / "equal_time.json").read_text())["step_s"]
+        assert sorted(e["dtype"] for e in kept.values()) == ["bf16", "fp32"]
     with pytest.raises(AblateError, match="sets train.epochs"):
         ab_mod.equal_time_overrides(AblateConfig("slowrun", "unused", str(tmp_path / "ab3"), variants={"x": {"train.epochs": 2.0}},
                                                  equal_time=True), base2, fake)

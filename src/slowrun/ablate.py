@@ -204,11 +204,17 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
     length_key = "train.max_steps" if by_steps else "train.epochs"
 
     full_key = equal_time_config_key(cfg.recipe, cfg.fixed)
+    from .distributed import compute_dtype, resolve_device  # imports torch
+
+    # the precision the runs train in here (fp32 for bf16 where the device has no bf16 arithmetic): what is timed
+    dtype = compute_dtype(base.train.dtype, resolve_device(base.train.device))
 
     def key(over: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         what = {"full_config": full_key, "swap_config": equal_time_config_key(cfg.recipe, {**cfg.fixed, **over}),
                 "threads": cfg.threads}
-        shown = {"recipe": cfg.recipe, "fixed": cfg.fixed, "overrides": over, "dtype": base.train.dtype}  # for a reader
+        if dtype != base.train.dtype:  # times of another precision than the config's are kept apart
+            what["computed_dtype"] = dtype
+        shown = {"recipe": cfg.recipe, "fixed": cfg.fixed, "overrides": over, "dtype": dtype}  # for a reader
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16], {**shown, **what}
 
     def epoch_steps(over: dict[str, Any]) -> float:  # optimizer steps per epoch, as the trainer counts them
@@ -242,11 +248,11 @@ def equal_time_overrides(cfg: AblateConfig, base: RunConfig, measure: Callable[.
     if todo and not cfg.train:  # timing runs the model: --no-train plans only from times already kept
         held = sorted({f"--threads {e.get('threads')}, {e.get('dtype')}" for e in cache.values()})
         raise AblateError(f"--no-train: {path} has no step times of {', '.join(todo)} at --threads {cfg.threads}, "
-                          f"{base.train.dtype} (it holds {'; '.join(held) or 'none'}); run with the same --threads and "
+                          f"{dtype} (it holds {'; '.join(held) or 'none'}); run with the same --threads and "
                           "--set as the timed runs, or without --no-train to time them")
     if todo:
         def time_of(over: dict[str, Any]) -> float:
-            return measure(cfg.recipe, cfg.data, {**cfg.fixed, **over}, base.train.dtype, cfg.threads)
+            return measure(cfg.recipe, cfg.data, {**cfg.fixed, **over}, dtype, cfg.threads)
 
         # (name, overrides, looped): the full recipe first (None), each swap, and each late loop looped as well
         timings = [(None, {}, False)] + [(None, {}, True)] * bool(loops[None])
