@@ -278,9 +278,9 @@ def setup(cfg: RunConfig, run_dir: Path, resume: bool, force: bool, echo: bool, 
         distributed.barrier(env)
         data_path = DEFAULT_DATA
     ds = Dataset.open(data_path, verify=True)
-    given = cfg.train.dtype
+    given, resolved = cfg.train.dtype, resolve(cfg, ds, device)
     # a resumed run keeps the precision of its config.toml, resolved when it started (an exact resume)
-    cfg = resolve(cfg, ds, device) if not resume else replace(resolve(cfg, ds, device), train=cfg.train)
+    cfg = replace(resolved, train=cfg.train) if resume else resolved
     notes = [] if cfg.train.dtype == given else [
         f"train.dtype: {given} -> {cfg.train.dtype}: this {device.type.upper()} has no bf16 arithmetic, where emulated "
         f"bf16 runs ~20x slower than fp32 (on a CPU, {distributed.CPU_BF16_ENV}=1 keeps bf16)"]
