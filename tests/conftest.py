@@ -62,6 +62,16 @@ def with_field_added_later(monkeypatch, module, value):
                         lambda sec: {**real_defaults(sec), **({"future_knob": 0} if sec == "data" else {})})
 
 
+@pytest.fixture(autouse=True)
+def _loss_kernel_setting_restored():
+    """A run trained in the test process sets whether the fused loss's kernels are built
+    (train.compile_loss; smoke's is off) for the whole process: each test starts from the default."""
+    from slowrun import losses
+    saved = dict(losses._COMPILE)
+    yield
+    losses._COMPILE.update(saved)
+
+
 @pytest.fixture
 def eager_loss_kernels():
     """The fused output layer's elementwise kernels run eagerly, for the parity tests against the

@@ -19,7 +19,7 @@ def snap_run(bpe_ds, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("evalv") / "run"
     cfg = smoke_config(bpe_ds, **{"train.max_steps": 12, "train.snapshot_cycles": 3, "train.dtype": "bf16",
-                                  "train.epoch_snapshots": 2, "train.batch_tokens": 16384})
+                                  "train.epoch_snapshots": 2, "train.batch_tokens": 8192})  # 2.5 epochs
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CPU_BF16_ENV, "1")  # bf16 on any CPU, emulated where it has no bf16 kernels
         result = train(cfg, run, echo=False)
@@ -69,8 +69,8 @@ def test_eval_refusals_are_one_line(snap_run, tmp_path, capsys):
 
 
 def test_epoch_snapshots_keep_the_last_ends_and_weight_them_by_recency(snap_run, capsys):
-    """12 steps of 16k tokens on 40k: 4.9 epochs; the last two ends kept (epoch 4's and the
-    final step's, in epoch 5); the recency variant is -log(1/3 p_4 + 2/3 p_5)."""
+    """12 steps of 8k tokens on 40k: 2.5 epochs; the last two ends kept (epoch 2's and the
+    final step's, in epoch 3); the recency variant is -log(1/3 p_2 + 2/3 p_3)."""
     import math
 
     import numpy as np
@@ -80,8 +80,8 @@ def test_epoch_snapshots_keep_the_last_ends_and_weight_them_by_recency(snap_run,
 
     run, result = snap_run
     kept = sorted((run / "epochs").glob("epoch_*.safetensors"))
-    assert [p.name for p in kept] == ["epoch_004.safetensors", "epoch_005.safetensors"]
-    assert [read_weights(p)[2]["epoch"] for p in kept] == [4, 5]
+    assert [p.name for p in kept] == ["epoch_002.safetensors", "epoch_003.safetensors"]
+    assert [read_weights(p)[2]["epoch"] for p in kept] == [2, 3]
     from slowrun.dataset import Dataset
     from slowrun.checkpoint import load_model
     from slowrun.evaluate import target_logprobs

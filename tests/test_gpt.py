@@ -169,6 +169,7 @@ def test_loss_kernels_built_by_inductor_equal_them_run_eagerly():
     """The fused output layer's elementwise kernels, as training runs them (compiled, the
     default), equal the same functions run eagerly; one build serves other shapes and dtypes."""
     from slowrun import losses
+    losses.compile_kernels(True)  # the default (conftest restores it after each test)
     torch.manual_seed(0)
     for n, V, cap, dtype in ((64, 50, 7.0, torch.float32), (44, 70, 7.0, torch.bfloat16), (64, 50, -1.0, torch.float32)):
         z, zt = (torch.randn(n, V) * 4).to(dtype), (torch.randn(n, V) * 4).to(dtype)

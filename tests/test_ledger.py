@@ -253,7 +253,7 @@ def test_sigterm_to_a_rerun_stops_its_run_and_the_same_command_resumes_it(tmp_pa
     import time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    led = _ledger_of_one_run(tmp_path, bpe_ds, 400, env)
+    led = _ledger_of_one_run(tmp_path, bpe_ds, 150, env)  # ~8 s of steps: the signal comes at the first
     again = tmp_path / "again"
     cmd = [sys.executable, "-m", "slowrun", "ledger", "rerun", str(led.path), "@1", "--data", str(bpe_ds),
            "--run-dir", str(again), "--train.num_threads=1"]

@@ -30,7 +30,9 @@ def test_cli_training_writes_a_complete_run(bpe_ds, tmp_path):
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "slowrun", "train", "--recipe", "smoke", "--data", str(bpe_ds),
                         "--run-dir", str(run), "--train.max_steps=12", "--optim.swa_epochs=1", "--train.epochs=0.7",
-                        "--eval.every_steps=5"], capture_output=True, text=True)
+                        "--eval.every_steps=5",
+                        "--train.compile_loss=true"],  # the built kernel, as every shipped recipe but smoke has it
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "val loss" in r.stdout and "test loss" in r.stdout  # the closing table
     for name in ("config.toml", "log.txt", "metrics.jsonl", "result.json", "model.safetensors", "ema.safetensors"):
