@@ -194,11 +194,57 @@ def test_eval_and_sample_commands(bpe_ds, tmp_path):
     r = subprocess.run([sys.executable, "-m", "slowrun", "eval", str(ck)], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("val loss")
     r = subprocess.run([sys.executable, "-m", "slowrun", "sample", str(tmp_path / "run"), "--prompt", "The king",
-                        "--max-new-tokens", "12", "--num-samples", "2"], capture_output=True, text=True)
+                        "--max-new-tokens", "12", "--num-samples", "2"], capture_output=True)
+    out = r.stdout.decode()  # as printed: a sampled "\r" stays one
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("The king") == 2 and "--- sample 2" in r.stdout
+    assert out.count("The king") == 2 and "--- sample 2" in out
+    # printed as it is sampled: the same text as the ids sampled all at once, with the same seed
+    from slowrun.sample import generate
+    model, mcfg, _ = load_model(tmp_path / "run")
+    tok = Dataset.open(bpe_ds).tokenizer
+    ids = [tok.bos_id] + tok.encode("The king")
+    g = torch.Generator().manual_seed(0)
+    want = [generate(model, ids, 12, mcfg.model.seq_len, 0.8, 50, g) for _ in range(2)]
+    expect = "".join(f"--- sample {i + 1}\nThe king{tok.decode(w)}\n" for i, w in enumerate(want))
+    assert out == expect
     r = subprocess.run([sys.executable, "-m", "slowrun", "eval", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such run" in r.stderr
+
+
+def test_sampling_scores_the_last_position_as_the_full_forward_does():
+    """`stream` runs the model on the context and takes the last position's logits alone: the
+    same logits as the full forward's last row, so greedy decoding picks the same ids; the
+    context is cut to seq_len once the text is longer."""
+    from slowrun.config import build_config
+    from slowrun.sample import stream
+
+    cfg = build_config("smoke", {"model.vocab_size": 300}).model
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    x = torch.randint(0, 300, (1, cfg.seq_len))
+    with torch.no_grad():
+        full = model(x)[0][0, -1]
+        last = model.logits(model.hidden(x)[:, -1:])[0, -1]
+    assert torch.allclose(full, last, atol=1e-5, rtol=1e-5)
+    ids, want = [1, 2, 3], [1, 2, 3]
+    with torch.no_grad():
+        for _ in range(2 * cfg.seq_len):  # past seq_len: the window slides
+            want.append(int(model(torch.tensor([want[-cfg.seq_len:]]))[0][0, -1].argmax()))
+    assert list(stream(model, ids, 2 * cfg.seq_len, cfg.seq_len, temperature=0)) == want[3:]
+
+
+def test_text_pieces_hold_back_a_split_character_until_it_is_complete():
+    from slowrun.sample import text_pieces
+
+    def decode(ids):  # a byte-level decoder: ids are bytes
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    data = list("naïve 日本".encode())  # ï: 2 bytes, 日 and 本: 3 bytes each
+    pieces = list(text_pieces(iter(data), decode))
+    assert "".join(pieces) == "naïve 日本" and "\ufffd" not in "".join(pieces)
+    assert pieces[:3] == ["n", "a", "ï"] and pieces[-2:] == ["日", "本"]  # one piece per character
+    cut = data[:-1]  # a stream that stops inside a character gives what the decoder gives at the end
+    assert "".join(text_pieces(iter(cut), decode)) == decode(cut) == "naïve 日\ufffd"
 
 
 def test_gradient_accumulation_matches_one_big_batch(bpe_ds, tmp_path):

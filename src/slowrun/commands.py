@@ -231,7 +231,7 @@ def _run_sample(a: argparse.Namespace) -> int:
 
     from .checkpoint import load_model  # imports torch
     from .distributed import resolve_device  # imports torch
-    from .sample import generate  # imports torch
+    from .sample import stream, text_pieces  # imports torch
 
     dev = resolve_device(a.device)
     model, cfg, extra = load_model(a.ref, dev)
@@ -240,10 +240,13 @@ def _run_sample(a: argparse.Namespace) -> int:
     ids = [tok.bos_id] + (tok.encode(a.prompt) if a.prompt else [])
     g = torch.Generator().manual_seed(a.seed)
     for i in range(a.num_samples):
-        out = generate(model, ids, a.max_new_tokens, cfg.model.seq_len, a.temperature, a.top_k, g, dev)
         if a.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(a.prompt + tok.decode(out))
+        print(a.prompt, end="", flush=True)  # then the text as it is sampled (Ctrl-C keeps what was shown)
+        tokens = stream(model, ids, a.max_new_tokens, cfg.model.seq_len, a.temperature, a.top_k, g, dev)
+        for piece in text_pieces(tokens, tok.decode):
+            print(piece, end="", flush=True)
+        print()
     return 0
 
 

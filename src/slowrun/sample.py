@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, ids: list[int], max_new_tokens: int, seq_len: int, temperature: float = 0.8,
-             top_k: int = 50, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> list[int]:
-    """Sample `max_new_tokens` continuations of `ids` (greedy when temperature is 0)."""
+def stream(model: torch.nn.Module, ids: list[int], max_new_tokens: int, seq_len: int, temperature: float = 0.8,
+           top_k: int = 50, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Iterator[int]:
+    """Sample up to `max_new_tokens` continuations of `ids` (greedy when temperature is 0), one id
+    at a time. Each step runs the model on the last `seq_len` tokens and scores the last position
+    only (the full (T, V) logits of every position are not needed to pick one token)."""
     model.eval()
     x = torch.tensor([ids], dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
-        logits, _ = model(x[:, -seq_len:])
-        logits = logits[0, -1]
+        logits = model.logits(model.hidden(x[:, -seq_len:])[:, -1:])[0, -1]
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
@@ -24,4 +27,27 @@ def generate(model: torch.nn.Module, ids: list[int], max_new_tokens: int, seq_le
             probs = torch.softmax(logits, dim=-1).cpu()
             nxt = int(torch.multinomial(probs, 1, generator=generator))
         x = torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
-    return x[0, len(ids):].tolist()
+        yield nxt
+
+
+def generate(model: torch.nn.Module, ids: list[int], max_new_tokens: int, seq_len: int, temperature: float = 0.8,
+             top_k: int = 50, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> list[int]:
+    """The ids `stream` samples, all at once."""
+    return list(stream(model, ids, max_new_tokens, seq_len, temperature, top_k, generator, device))
+
+
+def text_pieces(tokens: Iterator[int], decode: Callable[[list[int]], str]) -> Iterator[str]:
+    """The decoded text of a token stream, piece by piece as the tokens come: each piece is what
+    the text gained; a multi-byte character split across tokens (its decoded tail the replacement
+    character U+FFFD) is held back until it is complete, and given as it is at the end."""
+    got: list[int] = []
+    shown = ""
+    for t in tokens:
+        got.append(t)
+        text = decode(got)
+        if not text.endswith("\ufffd") and text.startswith(shown):
+            yield text[len(shown):]
+            shown = text
+    text = decode(got)  # a byte-level decoder's text only grows at its end, so shown is its prefix
+    if text != shown and text.startswith(shown):
+        yield text[len(shown):]
