@@ -40,6 +40,8 @@ def test_missing_local_source(tmp_path):
     require_source("hf:HuggingFaceFW/fineweb")
     with pytest.raises(SourceError, match="no such file or directory"):
         require_source(str(tmp_path / "nope"))
+    with pytest.raises(SourceError, match=r"--source fineweb: no such .* FineWeb is hf:HuggingFaceFW/fineweb:sample-10BT\)$"):
+        require_source("fineweb")  # a name, not a path: the message says how to name a source
 
 
 def test_a_bpe_smaller_than_asked_is_named_by_its_real_size(tmp_path):

@@ -373,7 +373,8 @@ def pt_corpus(path: Path) -> Corpus:
 def require_source(spec: str) -> None:
     """Refuse a local --source path that does not exist (checked before anything else is)."""
     if spec != "builtin" and not spec.startswith("hf:") and not Path(spec).exists():
-        raise SourceError(f"--source {spec}: no such file or directory")
+        raise SourceError(f"--source {spec}: no such file or directory (a source is builtin, a local file or "
+                          "directory, or hf:DATASET[:CONFIG]; FineWeb is hf:HuggingFaceFW/fineweb:sample-10BT)")
 
 
 def open_source(spec: str, separator: str | None = None, text_field: str = "text",
