@@ -14,9 +14,9 @@ def stream(model: torch.nn.Module, ids: list[int], max_new_tokens: int, seq_len:
     at a time. Each step runs the model on the last `seq_len` tokens and scores the last position
     only (the full (T, V) logits of every position are not needed to pick one token)."""
     model.eval()
-    x = torch.tensor([ids], dtype=torch.long, device=device)
+    x = torch.tensor([ids[-seq_len:]], dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
-        logits = model.logits(model.hidden(x[:, -seq_len:])[:, -1:])[0, -1]
+        logits = model.logits(model.hidden(x)[:, -1:])[0, -1]
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
@@ -26,7 +26,7 @@ def stream(model: torch.nn.Module, ids: list[int], max_new_tokens: int, seq_len:
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = torch.softmax(logits, dim=-1).cpu()
             nxt = int(torch.multinomial(probs, 1, generator=generator))
-        x = torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)
+        x = torch.cat([x, torch.tensor([[nxt]], device=device)], dim=1)[:, -seq_len:]  # the context only
         yield nxt
 
 
@@ -37,17 +37,16 @@ def generate(model: torch.nn.Module, ids: list[int], max_new_tokens: int, seq_le
 
 
 def text_pieces(tokens: Iterator[int], decode: Callable[[list[int]], str]) -> Iterator[str]:
-    """The decoded text of a token stream, piece by piece as the tokens come: each piece is what
-    the text gained; a multi-byte character split across tokens (its decoded tail the replacement
-    character U+FFFD) is held back until it is complete, and given as it is at the end."""
-    got: list[int] = []
-    shown = ""
+    """The decoded text of a token stream, piece by piece as the tokens come. A byte-level
+    decoder's text is the concatenation of its tokens' bytes, so each piece decodes only the
+    tokens since the last one; a multi-byte character split across tokens (its decoded tail the
+    replacement character U+FFFD) is held back until it is complete, and given as it is at the end."""
+    pending: list[int] = []
     for t in tokens:
-        got.append(t)
-        text = decode(got)
-        if not text.endswith("\ufffd") and text.startswith(shown):
-            yield text[len(shown):]
-            shown = text
-    text = decode(got)  # a byte-level decoder's text only grows at its end, so shown is its prefix
-    if text != shown and text.startswith(shown):
-        yield text[len(shown):]
+        pending.append(t)
+        text = decode(pending)
+        if not text.endswith("\ufffd"):
+            yield text
+            pending = []
+    if pending:
+        yield decode(pending)
